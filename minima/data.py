@@ -1,0 +1,381 @@
+"""Datasets as in-memory uint8 tensors, normalised and augmented per batch.
+
+Three sources share one API (:class:`Dataset`):
+
+* torchvision's ``CIFAR10`` (downloaded once into a cache directory),
+* an ``.npz`` array file with ``train_x``, ``train_y``, ``test_x``, ``test_y`` (NHWC uint8, as in
+  ``shared/data/cifar10.npz``),
+* a seeded synthetic classification problem for tests (any image shape, any number of classes).
+
+Images are kept as one ``uint8`` tensor of shape (N, C, H, W) per split. Normalisation uses the
+per-channel mean and standard deviation of the *full* training split (in units of pixel/255), is
+applied per batch by :func:`normalize`, and is recorded in every checkpoint (:meth:`Dataset.describe`)
+so a later evaluation uses exactly the statistics the model was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ENV_VAR = "MINIMA_DATA"
+DEFAULT_CACHE = Path("~/.cache/minima").expanduser()
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+NPZ_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+class DataError(ValueError):
+    """A data source is missing, malformed, or inconsistent with what the caller asked for."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"images must be a uint8 tensor (N, C, H, W); got {self.images.dtype} "
+                            f"{tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise DataError(f"labels must be int64 of shape ({self.images.shape[0]},); got "
+                            f"{self.labels.dtype} {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, indices: torch.Tensor) -> Split:
+        """The samples at ``indices`` (in that order)."""
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test splits plus everything needed to reproduce how they were loaded.
+
+    ``mean``/``std`` are per-channel statistics of the full training split in units of pixel/255.
+    ``spec`` is a JSON-able description of the source (see :func:`load_from_spec`); ``subsets`` records
+    stratified subsets taken with :meth:`subset` as ``{"train": {"n":.., "seed":..}, ...}``.
+    """
+
+    train: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    spec: dict[str, Any]
+    subsets: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.train.images.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> Dataset:
+        """Deterministic class-stratified subsets of the splits (``None`` keeps a split whole).
+
+        Normalisation statistics are *not* recomputed: they stay those of the full training split.
+        """
+        out, subsets = self, dict(self.subsets)
+        for name, n in (("train", train), ("test", test)):
+            if n is None:
+                continue
+            split: Split = getattr(out, name)
+            if n >= len(split):  # asking for everything (or more) is the whole split
+                continue
+            idx = stratified_subset(split.labels, n, seed)
+            out = replace(out, **{name: split.take(idx)})
+            subsets[name] = {"n": int(n), "seed": int(seed)}
+        return replace(out, subsets=subsets)
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata stored in checkpoints: source spec, subsets and normalisation (plain types only)."""
+        return {
+            "source": dict(self.spec),
+            "subset": {k: dict(v) for k, v in self.subsets.items()},
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "num_classes": int(self.num_classes),
+            "image_shape": list(self.image_shape),
+            "train_size": len(self.train),
+            "test_size": len(self.test),
+        }
+
+
+# --------------------------------------------------------------------------------------------- stats
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) standard deviation of uint8 images, in units of pixel/255.
+
+    Accumulated in float64 channel by channel so 50,000 CIFAR images need no float copy of the data.
+    """
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        x = images[:, c].to(torch.float64) / 255.0
+        means.append(float(x.mean()))
+        stds.append(float(x.std(unbiased=False)))
+    if any(s == 0.0 for s in stds):
+        raise DataError("a channel of the training images is constant (std 0); cannot normalise")
+    return tuple(means), tuple(stds)
+
+
+def normalize(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """``(images/255 − mean) / std`` per channel, for a uint8 batch (N, C, H, W) on any device.
+
+    With ``channels_last`` the result uses ``torch.channels_last`` memory format (faster convolutions on
+    CPU with oneDNN and on GPUs); values are identical.
+    """
+    x = images.to(dtype)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], dtype=dtype,
+                         device=x.device).view(1, -1, 1, 1)
+    x = x * scale - shift
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# -------------------------------------------------------------------------------------- augmentation
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop with ``pad`` zero pixels on each side, then random horizontal flip, on a batch.
+
+    Works on the uint8 batch (N, C, H, W) before normalisation, entirely with tensor indexing (no per-image
+    Python loop). The draws come from ``generator`` (a CPU generator), so a seed reproduces the batch.
+    """
+    n, _, h, w = images.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+    do_flip = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    dev = images.device
+    offsets, do_flip = offsets.to(dev), do_flip.to(dev)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = offsets[0][:, None] + torch.arange(h, device=dev)[None, :]  # (N, H)
+    cols = offsets[1][:, None] + torch.arange(w, device=dev)[None, :]  # (N, W)
+    # A horizontal flip is the crop read right-to-left.
+    cols = torch.where(do_flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------ subsets and ordering
+def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices of ``n`` samples whose class proportions follow those of ``labels``.
+
+    Each class gets ``floor(n · n_c / N)`` samples; the remainder goes to the classes with the largest
+    fractional parts (ties to the lower class index). Within a class, samples are chosen by a seeded
+    permutation, so the subset depends only on (labels, n, seed).
+    """
+    total = int(labels.shape[0])
+    if not 0 < n <= total:
+        raise DataError(f"subset size must be in 1..{total}; got {n}")
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.to(torch.float64) * n / total
+    quota = exact.floor().to(torch.int64)
+    remainder = n - int(quota.sum())
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - quota[i]).item(), i))
+    for i in order[:remainder]:
+        quota[i] += 1
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls, q in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = torch.nonzero(labels == cls, as_tuple=True)[0]
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:q]])
+    return torch.cat(chosen).sort().values
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of epoch ``epoch``: a permutation of ``range(n)`` that every rank computes identically."""
+    # Mix seed and epoch into one 63-bit seed so (seed, epoch) pairs never collide in practice.
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
+    return torch.randperm(n, generator=gen)
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous, disjoint part of ``indices``; the parts of all ranks cover it in order.
+
+    Sizes differ by at most one (the first ``len % world_size`` ranks take one more).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}; got {rank}")
+    base, extra = divmod(len(indices), world_size)
+    start = rank * base + min(rank, extra)
+    return indices[start : start + base + (1 if rank < extra else 0)]
+
+
+def global_batches(perm: torch.Tensor, global_batch: int) -> list[torch.Tensor]:
+    """Consecutive global batches of ``perm``; an incomplete final batch is dropped (every step sees
+    exactly ``global_batch`` samples, so every optimiser step has the same scale)."""
+    n_steps = len(perm) // global_batch
+    return [perm[i * global_batch : (i + 1) * global_batch] for i in range(n_steps)]
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) in fixed dataset order, ``batch_size`` at a time (the last may be smaller)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1; got {batch_size}")
+    for start in range(0, len(split), batch_size):
+        yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
+
+
+# ------------------------------------------------------------------------------------------ sources
+def _dataset_from_arrays(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+    num_classes: int, spec: dict[str, Any],
+) -> Dataset:
+    train, test = Split(train_x, train_y), Split(test_x, test_y)
+    mean, std = channel_stats(train.images)
+    return Dataset(train=train, test=test, num_classes=num_classes, mean=mean, std=std, spec=spec)
+
+
+def _nhwc_to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+
+
+def load_npz(path: str | os.PathLike[str], num_classes: int = 10) -> Dataset:
+    """Load an ``.npz`` file with ``train_x``/``test_x`` (N, H, W, C) uint8 and ``train_y``/``test_y``
+    (N,) integer labels in ``0..num_classes−1``. Every problem is reported with the key and the fix."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; pass the path of an .npz file with keys "
+                        f"{', '.join(NPZ_KEYS)} (for example ../shared/data/cifar10.npz)")
+    try:
+        # allow_pickle=False: an array file must never be able to run code.
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz array file ({exc}); it may be corrupt, or an "
+                        "object-array (pickled) file, which is refused") from exc
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise DataError(f"{path} lacks key(s) {missing}; expected {list(NPZ_KEYS)}, found {sorted(arrays)}")
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.dtype != np.uint8:
+            raise DataError(f"{path}: {split}_x has dtype {x.dtype}; expected uint8 pixels 0..255")
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise DataError(f"{path}: {split}_x has shape {x.shape}; expected (N, H, W, C) with C in (1, 3)")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: {split}_y has dtype {y.dtype}; expected integer class labels")
+        if y.shape != (x.shape[0],):
+            raise DataError(f"{path}: {split}_y has shape {y.shape}; expected ({x.shape[0]},) to match "
+                            f"{split}_x")
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"{path}: {split}_y has labels in {y.min()}..{y.max()}; expected "
+                            f"0..{num_classes - 1}")
+    if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
+        raise DataError(f"{path}: train images {arrays['train_x'].shape[1:]} and test images "
+                        f"{arrays['test_x'].shape[1:]} differ in shape")
+    return _dataset_from_arrays(
+        _nhwc_to_tensor(arrays["train_x"]), torch.from_numpy(arrays["train_y"].astype(np.int64)),
+        _nhwc_to_tensor(arrays["test_x"]), torch.from_numpy(arrays["test_y"].astype(np.int64)),
+        num_classes, {"kind": "npz", "path": str(path.resolve())},
+    )
+
+
+def load_torchvision_cifar10(root: str | os.PathLike[str] = DEFAULT_CACHE, download: bool = True) -> Dataset:
+    """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (downloaded into ``root`` on first use)."""
+    from torchvision.datasets import CIFAR10  # imported lazily: tests and .npz users never need it
+
+    root = Path(root).expanduser()
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as exc:  # URLError is an OSError; a missing copy is a RuntimeError
+        raise DataError(
+            f"CIFAR-10 could not be loaded from or downloaded into {root} ({exc}). On a machine without "
+            f"internet, point minima at a local copy: set {ENV_VAR}=/path/to/cifar10.npz (the format of "
+            "shared/data/cifar10.npz), or pass --data PATH (an .npz file or a directory holding "
+            "torchvision's cifar-10-batches-py)."
+        ) from exc
+    return _dataset_from_arrays(
+        _nhwc_to_tensor(np.asarray(train.data, dtype=np.uint8)),
+        torch.as_tensor(train.targets, dtype=torch.int64),
+        _nhwc_to_tensor(np.asarray(test.data, dtype=np.uint8)),
+        torch.as_tensor(test.targets, dtype=torch.int64),
+        10, {"kind": "torchvision", "root": str(root.resolve())},
+    )
+
+
+def synthetic(
+    n_train: int = 512,
+    n_test: int = 256,
+    image_shape: Sequence[int] = (3, 8, 8),
+    num_classes: int = 10,
+    seed: int = 0,
+    noise: float = 40.0,
+) -> Dataset:
+    """A seeded, learnable classification problem: each class is a random uint8 prototype image, each
+    sample its prototype plus Gaussian pixel noise of std ``noise`` (pixel units), clipped to 0..255.
+
+    Labels cycle through the classes in a shuffled order, so every class is present. The same arguments
+    always give the same tensors (the spec is stored in checkpoints and regenerates the data).
+    """
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError(f"image_shape must be (C, H, W) with positive sizes; got {image_shape}")
+    if num_classes < 2:
+        raise DataError(f"num_classes must be ≥ 2; got {num_classes}")
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand((num_classes, *shape), generator=gen) * 255.0
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=gen)]
+        x = prototypes[labels] + noise * torch.randn((n, *shape), generator=gen)
+        return x.round().clamp(0, 255).to(torch.uint8), labels.to(torch.int64)
+
+    tx, ty = make(n_train)
+    vx, vy = make(n_test)
+    spec = {"kind": "synthetic", "n_train": n_train, "n_test": n_test, "image_shape": list(shape),
+            "num_classes": num_classes, "seed": seed, "noise": float(noise)}
+    return _dataset_from_arrays(tx, ty, vx, vy, num_classes, spec)
+
+
+def load_cifar10(source: str | os.PathLike[str] | None = None, download: bool = True) -> Dataset:
+    """CIFAR-10 from, in order of precedence: ``source`` (an ``.npz`` file or a torchvision root
+    directory), the ``MINIMA_DATA`` environment variable (same meaning), or torchvision's download into
+    ``~/.cache/minima``."""
+    chosen = source if source is not None else os.environ.get(ENV_VAR) or None
+    if chosen is None:
+        return load_torchvision_cifar10(DEFAULT_CACHE, download=download)
+    path = Path(chosen).expanduser()
+    if path.suffix == ".npz" or path.is_file():
+        return load_npz(path)
+    return load_torchvision_cifar10(path, download=download)
+
+
+def load_from_spec(spec: dict[str, Any], download: bool = True) -> Dataset:
+    """Reload the data a checkpoint was trained on from its stored ``source`` spec.
+
+    An ``.npz`` or torchvision source whose recorded path no longer exists falls back to
+    :func:`load_cifar10`'s resolution (``MINIMA_DATA``, then the download), so checkpoints stay usable
+    when moved between machines.
+    """
+    kind = spec.get("kind")
+    if kind == "synthetic":
+        return synthetic(spec["n_train"], spec["n_test"], spec["image_shape"], spec["num_classes"],
+                         spec["seed"], spec["noise"])
+    if kind == "npz":
+        path = Path(spec["path"])
+        return load_npz(path) if path.is_file() else load_cifar10(download=download)
+    if kind == "torchvision":
+        root = Path(spec["root"])
+        return load_torchvision_cifar10(root, download) if root.is_dir() else load_cifar10(download=download)
+    raise DataError(f"unknown data source kind {kind!r} in {spec}; expected 'npz', 'torchvision' or "
+                    "'synthetic' (pass the data explicitly with --data)")

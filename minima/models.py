@@ -1,0 +1,184 @@
+"""The networks of Keskar et al. (2017) for CIFAR-10, VGG11-BN, and a toy MLP.
+
+Every model maps a normalised float batch (N, C, H, W) to **logits** (N, num_classes) — never
+log-probabilities; the loss is applied outside (``minima.evaluate``). Constructors have no device or
+dtype side effects. ``build_model(name, **kwargs)`` is the only entry point the rest of the toolkit uses,
+so a checkpoint can rebuild its model from the stored ``name`` and ``kwargs``.
+
+BatchNorm uses Keras' epsilon 1e-3 in ``c1``/``c2`` (the reference code is Keras 1) and PyTorch's
+default momentum 0.1 for the running averages (Keras' 0.99 ≙ PyTorch 0.01 would need far more steps to
+settle at batch 5000; the interpolation tools re-estimate running statistics anyway).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+KERAS_BN_EPS = 1e-3
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, eps: float) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout, eps=eps), nn.ReLU(True)]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _keras_same_maxpool_3x3_s2() -> nn.Sequential:
+    """Keras ``MaxPooling2D((3, 3), strides=(2, 2), padding='same')``: pads 0 before and 1 after.
+
+    Zero padding equals Keras' −inf padding here because the input follows a ReLU (all values ≥ 0).
+    """
+    return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, 2))
+
+
+class C1(nn.Module):
+    """Keskar's C1 ("shallownet"): 2 × [conv64 5×5 → BN → ReLU → maxpool 3×3/2 'same'], then
+    FC384 → BN → ReLU → Dropout(.5) → FC192 → BN → ReLU → Dropout(.5) → FC10. 1,757,834 parameters
+    at 32×32×3 input."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, 64, 5, KERAS_BN_EPS), _keras_same_maxpool_3x3_s2(),
+            *_conv_bn_relu(64, 64, 5, KERAS_BN_EPS), _keras_same_maxpool_3x3_s2(),
+        )
+        side = _ceil_div(_ceil_div(image_size, 2), 2)  # two 'same' stride-2 pools
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 384), nn.BatchNorm1d(384, eps=KERAS_BN_EPS), nn.ReLU(True),
+            nn.Dropout(dropout),
+            nn.Linear(384, 192), nn.BatchNorm1d(192, eps=KERAS_BN_EPS), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(192, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+C2_PLAN: tuple[tuple[int, ...], ...] = (
+    (64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512),
+)
+
+
+class C2(nn.Module):
+    """Keskar's C2 ("deepnet", the VGG-style CIFAR net): 13 conv3×3 → BN → ReLU in five blocks
+    [64,64 | 128,128 | 256×3 | 512×3 | 512×3], each block ending in maxpool 2×2/2; dropout 0.3 after the
+    first conv, 0.4 after every other conv except the last of each block; head Flatten → Dropout(.5) →
+    FC512 → BN → ReLU → Dropout(.5) → FC10. 14,991,946 parameters at 32×32×3 input."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin, first = in_channels, True
+        for block in C2_PLAN:
+            for j, cout in enumerate(block):
+                layers += _conv_bn_relu(cin, cout, 3, KERAS_BN_EPS)
+                if j < len(block) - 1:
+                    layers.append(nn.Dropout(0.3 if first else 0.4))
+                first, cin = False, cout
+            layers.append(nn.MaxPool2d(2, 2))
+        self.features = nn.Sequential(*layers)
+        side = image_size // 2 ** len(C2_PLAN)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.5),
+            nn.Linear(512 * side * side, 512), nn.BatchNorm1d(512, eps=KERAS_BN_EPS), nn.ReLU(True),
+            nn.Dropout(0.5), nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+VGG11_PLAN: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG11BN(nn.Module):
+    """VGG configuration A with BatchNorm for 32×32 inputs (five pools → 1×1×512), classifier
+    Dropout → 512→W → ReLU → Dropout → W→W → ReLU → W→classes. ``width=512`` is the common CIFAR
+    variant; ``width=4096`` reproduces Keskar's PyTorch script (28,149,514 parameters)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 512,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for item in VGG11_PLAN:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += _conv_bn_relu(cin, int(item), 3, 1e-5)
+                cin = int(item)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, width), nn.ReLU(True),
+            nn.Dropout(dropout), nn.Linear(width, width), nn.ReLU(True), nn.Linear(width, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    """Flatten → [Linear → (BatchNorm1d) → ReLU] per hidden width → Linear to logits. The toy model of
+    the tests, and a BN-MLP that shows the sharp/flat effect quickly on CIFAR-10."""
+
+    def __init__(self, num_classes: int = 10, input_shape: Sequence[int] = (3, 32, 32),
+                 widths: Sequence[int] = (512, 512), batchnorm: bool = False) -> None:
+        super().__init__()
+        fan_in = 1
+        for s in input_shape:
+            fan_in *= int(s)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for w in widths:
+            layers.append(nn.Linear(fan_in, int(w)))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(int(w)))
+            layers.append(nn.ReLU())
+            fan_in = int(w)
+        layers.append(nn.Linear(fan_in, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"c1": C1, "c2": C2, "vgg11_bn": VGG11BN, "mlp": MLP}
+CONVOLUTIONAL = frozenset({"c1", "c2", "vgg11_bn"})
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return sorted(MODELS)
+
+
+def build_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Module:
+    """Construct model ``name`` (see :func:`available_models`) with ``num_classes`` outputs.
+
+    Raises ``ValueError`` naming the valid choices for an unknown model or keyword argument.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {available_models()}")
+    ctor = MODELS[name]
+    params = inspect.signature(ctor).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        valid = sorted(p for p in params if p != "num_classes")
+        raise ValueError(f"model {name!r} got unknown argument(s) {unknown}; valid arguments: {valid}")
+    return ctor(num_classes=num_classes, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalar parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether any BatchNorm layer is present (decides the default BN policy along a path)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minima import models
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "count"),
+    [
+        ("c1", {}, 1_757_834),
+        ("c2", {}, 14_991_946),
+        ("vgg11_bn", {"width": 4096}, 28_149_514),
+        ("mlp", {"input_shape": (3, 4, 4), "widths": (8,)}, 48 * 8 + 8 + 8 * 10 + 10),
+    ],
+)
+def test_parameter_counts_and_logit_shapes(name: str, kwargs: dict, count: int) -> None:
+    model = models.build_model(name, **kwargs).eval()
+    assert models.count_parameters(model) == count
+    shape = kwargs.get("input_shape", (3, 32, 32))
+    with torch.no_grad():
+        out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 10)
+    # logits, not log-probabilities: rows of log_softmax output would log-sum-exp to exactly 0
+    assert not torch.allclose(torch.logsumexp(out, dim=1), torch.zeros(2), atol=1e-3)
+
+
+def test_vgg_default_width_and_num_classes() -> None:
+    model = models.build_model("vgg11_bn", num_classes=7).eval()
+    assert model.classifier[-1].out_features == 7 and model.classifier[2].out_features == 512
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_c1_pooling_is_keras_same_padding() -> None:
+    # Keras 'same' 3x3/2 pooling on 32 pixels pads 0 before and 1 after: output pixel 0 covers rows 0..2.
+    pool = models._keras_same_maxpool_3x3_s2()
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 31, 31] = 5.0  # only reachable by the last window thanks to the trailing pad
+    x[0, 0, 0, 0] = 3.0
+    out = pool(x)
+    assert out.shape == (1, 1, 16, 16)
+    assert out[0, 0, 15, 15] == 5.0 and out[0, 0, 0, 0] == 3.0 and out[0, 0, 0, 1] == 0.0
+
+
+def test_build_model_errors_list_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'resnet'.*\['c1', 'c2', 'mlp', 'vgg11_bn'\]"):
+        models.build_model("resnet")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['depth'\].*valid arguments"):
+        models.build_model("mlp", depth=3)
+
+
+def test_has_batchnorm() -> None:
+    assert models.has_batchnorm(models.build_model("c1"))
+    assert not models.has_batchnorm(models.build_model("mlp", input_shape=(1, 2, 2), widths=(3,)))
+    assert models.has_batchnorm(models.build_model("mlp", input_shape=(1, 2, 2), widths=(3,), batchnorm=True))
