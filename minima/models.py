@@ -126,11 +126,11 @@ class VGG11BN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten → [Linear → (BatchNorm1d) → ReLU] per hidden width → Linear to logits. The toy model of
+    """Flatten → [Linear → (BatchNorm1d) → ReLU → (Dropout)] per hidden width → Linear to logits. The toy model of
     the tests, and a BN-MLP that shows the sharp/flat effect quickly on CIFAR-10."""
 
     def __init__(self, num_classes: int = 10, input_shape: Sequence[int] = (3, 32, 32),
-                 widths: Sequence[int] = (512, 512), batchnorm: bool = False) -> None:
+                 widths: Sequence[int] = (512, 512), batchnorm: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         fan_in = 1
         for s in input_shape:
@@ -141,6 +141,8 @@ class MLP(nn.Module):
             if batchnorm:
                 layers.append(nn.BatchNorm1d(int(w)))
             layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
             fan_in = int(w)
         layers.append(nn.Linear(fan_in, num_classes))
         self.net = nn.Sequential(*layers)

@@ -1,0 +1,168 @@
+"""Exact dataset loss and accuracy, and BatchNorm running-statistics re-estimation.
+
+Loss per sample is ``−log_softmax(logits)[y]`` — the numerically stable form (log-sum-exp with the max
+subtracted), finite even for logits of order 1e4 where ``softmax`` then ``log`` underflows to −inf.
+Per-sample losses are summed in float64 over the whole split and divided by the exact sample count (never a
+mean of batch means). A sample whose loss is not finite is *counted* in ``nonfinite`` and left out of the
+sum, so one NaN never silently turns into an average.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minima import distributed
+from minima.data import Split, eval_batches, normalize, shard
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Sums over a split. ``loss`` is the mean over the samples whose loss was finite (NaN if none)."""
+
+    loss_sum: float
+    correct: int
+    count: int
+    nonfinite: int
+
+    @property
+    def loss(self) -> float:
+        finite = self.count - self.nonfinite
+        return self.loss_sum / finite if finite > 0 else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of all samples classified correctly, in [0, 1]."""
+        return self.correct / self.count if self.count > 0 else float("nan")
+
+
+def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``−log_softmax(logits)[y]`` per sample, in the dtype of ``logits``."""
+    return -torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+
+
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float64 tensor ``[loss_sum over finite samples, correct, count, nonfinite]`` for one batch.
+
+    Kept as a tensor (no ``.item()``) so hot loops never synchronise with the device.
+    """
+    losses = per_sample_cross_entropy(logits, labels).to(torch.float64)
+    finite = torch.isfinite(losses)
+    correct = (logits.argmax(dim=1) == labels).sum()
+    return torch.stack([
+        torch.where(finite, losses, torch.zeros_like(losses)).sum(),
+        correct.to(torch.float64),
+        torch.tensor(float(labels.numel()), dtype=torch.float64, device=logits.device),
+        (~finite).sum().to(torch.float64),
+    ])
+
+
+def sums_to_result(sums: torch.Tensor) -> EvalResult:
+    loss_sum, correct, count, nonfinite = sums.tolist()
+    return EvalResult(loss_sum=loss_sum, correct=int(correct), count=int(count), nonfinite=int(nonfinite))
+
+
+@contextlib.contextmanager
+def train_mode_for_bn_only(model: nn.Module, use_batch_stats: bool) -> Iterator[None]:
+    """Eval mode for everything (dropout off); if ``use_batch_stats``, BatchNorm layers normalise with
+    per-batch statistics *without* touching their running buffers. Restores every module's mode after."""
+    modes = {m: m.training for m in model.modules()}
+    saved: dict[nn.Module, float | None] = {}
+    model.eval()
+    try:
+        if use_batch_stats:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    # track_running_stats=False makes BN use batch statistics and leave buffers alone.
+                    saved[m] = m.track_running_stats
+                    m.track_running_stats = False
+                    m.train()
+        yield
+    finally:
+        for m, tracked in saved.items():
+            m.track_running_stats = tracked
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    mean: tuple[float, ...] | list[float],
+    std: tuple[float, ...] | list[float],
+    *,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    bn_batch_stats: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EvalResult:
+    """Exact loss and accuracy of ``model`` on ``split`` (dropout off).
+
+    With ``bn_batch_stats`` BatchNorm uses the statistics of each evaluation batch (fixed order, so the
+    result is deterministic), otherwise its running statistics. Under ``world_size > 1`` each rank
+    evaluates a contiguous shard and the sums are all-reduced, so every rank returns the full-split result.
+    The model's mode and buffers are left as they were.
+    """
+    mine = split if world_size == 1 else split.take(shard(torch.arange(len(split)), rank, world_size))
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    with train_mode_for_bn_only(model, bn_batch_stats):
+        for images, labels in eval_batches(mine, batch_size):
+            x = normalize(images.to(device, non_blocking=True), mean, std, dtype, channels_last)
+            sums += batch_sums(model(x), labels.to(device, non_blocking=True))
+    if world_size > 1:
+        sums = distributed.all_reduce_sum(sums)
+    return sums_to_result(sums.cpu())
+
+
+def reset_bn_stats(model: nn.Module) -> int:
+    """Reset every BatchNorm's running mean/var and ``num_batches_tracked``; return how many layers."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            m.reset_running_stats()
+            count += 1
+    return count
+
+
+@torch.inference_mode()
+def recompute_bn_stats(
+    model: nn.Module,
+    split: Split,
+    mean: tuple[float, ...] | list[float],
+    std: tuple[float, ...] | list[float],
+    *,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> None:
+    """Re-estimate BatchNorm running statistics on ``split`` as a *cumulative* average over its batches
+    (``momentum=None``), with dropout off; leaves the model in eval mode with momenta restored.
+
+    The running mean becomes the exact mean of the batch means, and the running variance the mean of the
+    unbiased per-batch variances — with one batch covering the split, exactly the split's statistics.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    reset_bn_stats(model)
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    try:
+        for m in bns:
+            m.momentum = None  # cumulative moving average
+            m.train()
+        for images, _ in eval_batches(split, batch_size):
+            model(normalize(images.to(device), mean, std, dtype, channels_last))
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        model.eval()
