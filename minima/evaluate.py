@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from minima import distributed
-from minima.data import Split, eval_batches, normalize, shard
+from minima.data import Dataset, Split, eval_batches, normalize, shard
 
 
 @dataclass(frozen=True)
@@ -166,3 +166,20 @@ def recompute_bn_stats(
         for m, mom in zip(bns, momenta, strict=True):
             m.momentum = mom
         model.eval()
+
+
+def check_model_accepts(model: nn.Module, ds: Dataset) -> None:
+    """One forward pass on two samples (eval mode, no grad) so a model/data shape mismatch fails now,
+    with both shapes named, rather than deep inside the first step."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(normalize(ds.train.images[:2], ds.mean, ds.std))
+    except RuntimeError as exc:
+        raise ValueError(f"the model cannot take this data's images of shape {ds.image_shape} ({exc}); "
+                         "use data of the shape the model was built for, or adjust the model arguments") from exc
+    finally:
+        model.train(was_training)
+    if out.shape[1] != ds.num_classes:
+        raise ValueError(f"the model has {out.shape[1]} outputs but the data has {ds.num_classes} classes")

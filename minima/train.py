@@ -41,7 +41,7 @@ from minima import checkpoint as ckpt_io
 from minima import config as cfg
 from minima import data as data_mod
 from minima import distributed
-from minima.evaluate import batch_sums, evaluate, sums_to_result
+from minima.evaluate import batch_sums, check_model_accepts, evaluate, sums_to_result
 from minima.models import CONVOLUTIONAL, build_model
 from minima.schedule import SCALING_RULES, SCHEDULES, build_schedule, learning_rate
 
@@ -248,23 +248,6 @@ def _initial_model(c: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[st
         ckpt_io.check_compatible(init, mine, c.init_from, "this run's model")
         model.load_state_dict(init["state_dict"])
     return model, stored_kwargs
-
-
-def check_model_accepts(model: nn.Module, ds: data_mod.Dataset) -> None:
-    """One forward pass on two samples (eval mode, no grad) so a model/data shape mismatch fails now,
-    with both shapes named, rather than deep inside the first step."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(data_mod.normalize(ds.train.images[:2], ds.mean, ds.std))
-    except RuntimeError as exc:
-        raise ValueError(f"the model cannot take this data's images of shape {ds.image_shape} ({exc}); "
-                         "use data of the shape the model was built for, or adjust the model arguments") from exc
-    finally:
-        model.train(was_training)
-    if out.shape[1] != ds.num_classes:
-        raise ValueError(f"the model has {out.shape[1]} outputs but the data has {ds.num_classes} classes")
 
 
 def train(

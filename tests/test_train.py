@@ -209,7 +209,7 @@ def test_cli_smoke_c1_one_epoch(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "config:" in proc.stdout
-    model, meta = ck.load_model(out / "final.pt")
+    _, meta = ck.load_model(out / "final.pt")
     assert meta["epoch"] == 1 and meta["step"] == 2 and meta["data"]["source"]["kind"] == "synthetic"
     assert json.loads((out / "config.json").read_text())["model"] == "c1"
     line = json.loads((out / "metrics.jsonl").read_text())

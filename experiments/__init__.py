@@ -1,0 +1,1 @@
+"""Reproducible pipelines and benchmarks built on the minima library."""
