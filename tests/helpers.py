@@ -1,0 +1,37 @@
+"""Tiny checkpoints on synthetic data for the analysis tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minima import checkpoint as ck
+from minima import data
+from minima.models import build_model
+
+SHAPE = (3, 4, 4)
+
+
+def toy_dataset(num_classes: int = 3) -> data.Dataset:
+    return data.synthetic(n_train=96, n_test=48, image_shape=SHAPE, num_classes=num_classes, seed=4)
+
+
+def toy_checkpoint(path: Path, seed: int, ds: data.Dataset, batchnorm: bool = False, widths: tuple = (6,),
+                   scale_last: float = 1.0) -> Path:
+    """An MLP checkpoint with seeded random weights (and BN running statistics perturbed away from their
+    defaults so interpolating them matters)."""
+    torch.manual_seed(seed)
+    kwargs = {"input_shape": list(SHAPE), "widths": list(widths), "batchnorm": batchnorm}
+    model = build_model("mlp", num_classes=ds.num_classes, **kwargs)
+    with torch.no_grad():
+        model.net[-1].weight.mul_(scale_last)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(seed + 1)
+    meta = ck.make_meta(epoch=1, step=1, global_batch_size=8, world_size=1, seed=seed, train_config={},
+                        data=ds.describe())
+    return ck.save_checkpoint(ck.make_checkpoint("mlp", dict(kwargs, num_classes=ds.num_classes),
+                                                 model.state_dict(), meta), path)

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from minima import data
+from minima.evaluate import evaluate, per_sample_cross_entropy, recompute_bn_stats
+from minima.fold import fold_batchnorm
+from minima.models import build_model
+
+
+class FixedLogits(nn.Module):
+    """Returns prescribed logits for consecutive samples, batch after batch."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits, self.pos = logits, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.logits[self.pos : self.pos + x.shape[0]]
+        self.pos += x.shape[0]
+        return out
+
+
+def test_cross_entropy_is_stable_at_huge_logits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 10, generator=gen) * 1e4).float()
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    ours = per_sample_cross_entropy(logits, labels)
+    ref = torch.logsumexp(logits.double(), 1) - logits.double()[torch.arange(64), labels]
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-3)
+    naive = -torch.log(torch.softmax(logits, 1))[torch.arange(64), labels]
+    assert not torch.isfinite(naive).all()  # the bug this guards against
+
+
+def test_evaluate_exact_sums_and_nonfinite_counting() -> None:
+    ds = data.synthetic(n_train=10, n_test=10, image_shape=(1, 1, 1), num_classes=3, seed=0)
+    logits = torch.randn(10, 3, dtype=torch.float64)
+    logits[3, 0] = float("nan")
+    res = evaluate(FixedLogits(logits), ds.test, ds.mean, ds.std, batch_size=3, dtype=torch.float64)
+    losses = torch.logsumexp(logits, 1) - logits[torch.arange(10), ds.test.labels]
+    finite = torch.isfinite(losses)
+    assert res.count == 10 and res.nonfinite == 1
+    assert res.loss == pytest.approx(float(losses[finite].sum()) / 9, rel=1e-12)
+    acc = (logits.argmax(1) == ds.test.labels).double().mean()
+    assert res.accuracy == pytest.approx(float(acc))
+
+
+def test_batch_stat_evaluation_leaves_model_untouched() -> None:
+    ds = data.synthetic(n_train=64, n_test=32, image_shape=(3, 4, 4), num_classes=3, seed=1)
+    model = build_model("mlp", num_classes=3, input_shape=(3, 4, 4), widths=(5,), batchnorm=True, dropout=0.5)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16, bn_batch_stats=True)
+    b = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16, bn_batch_stats=True)
+    assert a == b  # dropout off, fixed batches: deterministic
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    c = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16)
+    assert c != a
+
+
+def test_recompute_bn_with_one_batch_gives_split_statistics() -> None:
+    ds = data.synthetic(n_train=50, n_test=10, image_shape=(3, 2, 2), num_classes=3, seed=2)
+    model = build_model("mlp", num_classes=3, input_shape=(3, 2, 2), widths=(4,), batchnorm=True).double()
+    recompute_bn_stats(model, ds.train, ds.mean, ds.std, batch_size=1000, dtype=torch.float64)
+    x = data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64).flatten(1)
+    h = model.net[1](x)
+    bn = model.net[2]
+    torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, h.var(0, unbiased=True), rtol=1e-12, atol=1e-12)
+    assert not model.training and bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
+def test_folding_batchnorm_preserves_eval_outputs(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name).double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.running_var, 0.5, 2.0)
+            nn.init.normal_(m.running_mean)
+            nn.init.normal_(m.weight)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # original intact
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+        assert math.isfinite(float(folded(x).sum()))
