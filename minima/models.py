@@ -29,12 +29,13 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _keras_same_maxpool_3x3_s2() -> nn.Sequential:
-    """Keras ``MaxPooling2D((3, 3), strides=(2, 2), padding='same')``: pads 0 before and 1 after.
+def _keras_same_maxpool_3x3_s2() -> nn.MaxPool2d:
+    """Keras ``MaxPooling2D((3, 3), strides=(2, 2), padding='same')``.
 
-    Zero padding equals Keras' −inf padding here because the input follows a ReLU (all values ≥ 0).
+    Keras pads 0 before and 1 after with −inf; ``ceil_mode=True`` without padding takes exactly the same
+    windows (the last one simply stops at the border), so no padded copy of the activations is made.
     """
-    return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, 2))
+    return nn.MaxPool2d(3, 2, ceil_mode=True)
 
 
 class C1(nn.Module):
