@@ -163,3 +163,73 @@ def load_curve(path: str | os.PathLike[str]) -> Curve:
         test_accuracy=arrays["test/accuracy"], test_nonfinite=arrays["test/nonfinite"],
         negative_variance=arrays["bn/negative_variance"], attrs=attrs, path=str(path),
     )
+
+
+# ------------------------------------------------------------------------------------------- sharpness
+SHARPNESS_FORMAT = "minima.sharpness/1"
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value
+    return value if isinstance(value, str | int | float | bool | np.generic) else json.dumps(value)
+
+
+def ensure_sharpness_file(path: str | os.PathLike[str]) -> None:
+    """Create a sharpness file, or accept an existing curve or sharpness file (results go under
+    ``sharpness/``); refuse anything else."""
+    path = Path(path)
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise ResultsError(f"output directory {path.parent} does not exist; create it or choose another --out")
+        with h5py.File(path, "w") as f:
+            f.attrs["format"] = SHARPNESS_FORMAT
+            f.attrs["created"] = utc_now()
+            f.attrs["minima_version"] = __version__
+            f.attrs["torch_version"] = str(torch.__version__)
+        return
+    with _open(path, "r") as f:
+        fmt = f.attrs.get("format")
+    if fmt not in (CURVE_FORMAT, SHARPNESS_FORMAT):
+        raise ResultsError(f"{path} is not a minima curve or sharpness file (format {fmt!r}); choose another --out")
+
+
+def sharpness_done(path: str | os.PathLike[str], label: str, metric: str, settings_key: str) -> bool:
+    """Whether ``sharpness/<label>/<metric>`` holds a finished result computed with ``settings_key``."""
+    with _open(Path(path), "r") as f:
+        node = f.get(f"sharpness/{label}/{metric}")
+        return node is not None and node.attrs.get("settings_key") == settings_key
+
+
+def write_sharpness(path: str | os.PathLike[str], label: str, metric: str, values: dict[str, Any]) -> None:
+    """Store one metric's result (scalars as attributes, arrays as datasets) and flush."""
+    with _open(Path(path), "r+") as f:
+        name = f"sharpness/{label}/{metric}"
+        if name in f:
+            del f[name]
+        group = f.require_group(name)
+        for key, value in values.items():
+            if isinstance(value, np.ndarray):
+                group.create_dataset(key, data=value)
+            elif value is not None:
+                group.attrs[key] = _attr(value)
+        f.flush()
+
+
+def load_sharpness(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every stored sharpness result as a dict (``checkpoint_label``, ``metric`` and its attributes/arrays)."""
+    out: list[dict[str, Any]] = []
+    with _open(Path(path), "r") as f:
+        if f.attrs.get("format") not in (CURVE_FORMAT, SHARPNESS_FORMAT):
+            raise ResultsError(f"{path} is not a minima curve or sharpness file")
+        root = f.get("sharpness")
+        if root is None:
+            return out
+        for label in root:
+            for metric in root[label]:
+                group = root[label][metric]
+                row: dict[str, Any] = {"checkpoint_label": label, "metric": metric}
+                row.update({k: (v.decode() if isinstance(v, bytes) else v) for k, v in group.attrs.items()})
+                row.update({k: group[k][()] for k in group})
+                out.append(row)
+    return out

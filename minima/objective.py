@@ -1,0 +1,153 @@
+"""The training loss as a function of the flat parameter vector: f(θ), ∇f(θ) and Hessian-vector products.
+
+f(θ) = (1/N) Σ_i −log_softmax(model(x_i; θ))[y_i] over a fixed data split, with dropout off and an explicit
+BatchNorm policy (``eval``: running statistics as stored; ``batch``: statistics of each fixed evaluation
+batch, running statistics untouched — what Keskar's Keras code computed). θ is the concatenation of the
+model's trainable parameters in ``named_parameters`` order. Values and gradients are accumulated over
+batches in float64; under ``world_size > 1`` each rank takes a contiguous shard of the data and the sums are
+all-reduced, so every rank gets the full-data result.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from minima import distributed
+from minima.data import Split, eval_batches, normalize, shard
+from minima.evaluate import per_sample_cross_entropy, train_mode_for_bn_only
+
+BN_MODES = ("eval", "batch")
+
+
+class NondeterministicLossError(RuntimeError):
+    """Two evaluations of the same quantity disagree (augmentation, dropout or a nondeterministic kernel)."""
+
+
+class DatasetObjective:
+    """f, ∇f and H·v of the mean cross-entropy over ``split`` at parameters θ (a private model copy)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        split: Split,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        bn: str = "eval",
+        batch_size: int = 1000,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if bn not in BN_MODES:
+            raise ValueError(f"unknown BatchNorm mode {bn!r}; choose one of {list(BN_MODES)}")
+        self.bn, self.device, self.dtype = bn, torch.device(device), dtype
+        self.model = copy.deepcopy(model).to(self.device, dtype=dtype)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.eval()
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.numel = sum(p.numel() for p in self.params)
+        self.count = len(split)  # N over all ranks
+        mine = split if world_size == 1 else split.take(shard(torch.arange(len(split)), rank, world_size))
+        # Normalised once: every f/∇f/Hv call reuses the same fixed batches.
+        self.batches = [
+            (normalize(x.to(self.device), mean, std, dtype, channels_last), y.to(self.device))
+            for x, y in eval_batches(mine, batch_size)
+        ]
+        self.world_size = world_size
+        self.evaluations = {"f": 0, "grad": 0, "hvp": 0}
+
+    # ----------------------------------------------------------------------------------- θ as a vector
+    def get_flat(self) -> torch.Tensor:
+        """θ as a float64 CPU vector."""
+        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in self.params])
+
+    def set_flat(self, theta: torch.Tensor) -> None:
+        """Write the vector θ into the model's parameters."""
+        theta = torch.as_tensor(theta)
+        if theta.numel() != self.numel:
+            raise ValueError(f"parameter vector has {theta.numel()} entries; the model has {self.numel}")
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(theta[offset : offset + p.numel()].view_as(p).to(p.dtype))
+                offset += p.numel()
+
+    def split_flat(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        """A flat vector as a list shaped like the parameters (model dtype and device)."""
+        out, offset = [], 0
+        for p in self.params:
+            out.append(vector[offset : offset + p.numel()].view_as(p).to(self.device, p.dtype))
+            offset += p.numel()
+        return out
+
+    def _reduced_flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        # Reduce on the compute device (NCCL needs device tensors), then hand back a float64 CPU vector.
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        return distributed.all_reduce_sum(flat).cpu()
+
+    # --------------------------------------------------------------------------------------- f and ∇f
+    def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Sum over the batch divided by the global count: batch terms add up to the dataset mean.
+        return per_sample_cross_entropy(self.model(x), y).sum() / self.count
+
+    def value(self, theta: torch.Tensor | None = None) -> float:
+        """f(θ) (at the current parameters if ``theta`` is None)."""
+        if theta is not None:
+            self.set_flat(theta)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad(), train_mode_for_bn_only(self.model, self.bn == "batch"):
+            for x, y in self.batches:
+                total += self._batch_loss(x, y).to(torch.float64)
+        self.evaluations["f"] += 1
+        return float(distributed.all_reduce_sum(total))
+
+    def value_and_grad(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """(f(θ), ∇f(θ)) with the gradient as a float64 CPU vector."""
+        if theta is not None:
+            self.set_flat(theta)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        grads = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+        with train_mode_for_bn_only(self.model, self.bn == "batch"):
+            for x, y in self.batches:
+                loss = self._batch_loss(x, y)
+                for acc, g in zip(grads, torch.autograd.grad(loss, self.params), strict=True):
+                    acc += g
+                total += loss.detach().to(torch.float64)
+        flat = self._reduced_flat(grads)
+        self.evaluations["grad"] += 1
+        return float(distributed.all_reduce_sum(total)), flat
+
+    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        """H(θ)·v at the current parameters, by double back-propagation, summed over batches (float64 CPU)."""
+        v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64))
+        out = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+        with train_mode_for_bn_only(self.model, self.bn == "batch"):
+            for x, y in self.batches:
+                grads = torch.autograd.grad(self._batch_loss(x, y), self.params, create_graph=True)
+                dot = sum((g * vi).sum() for g, vi in zip(grads, v, strict=True))
+                for acc, h in zip(out, torch.autograd.grad(dot, self.params), strict=True):
+                    acc += h
+        self.evaluations["hvp"] += 1
+        return self._reduced_flat(out)
+
+    def check_deterministic(self, seed: int = 0, rtol: float = 1e-4) -> None:
+        """Evaluate H·v twice for one random v; raise if they differ (as curvlinops checks), so that
+        augmentation, dropout or stateful layers cannot silently corrupt curvature estimates."""
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randn(self.numel, generator=gen, dtype=torch.float64)
+        first, second = self.hvp(v), self.hvp(v)
+        scale = float(first.abs().max()) or 1.0
+        if float((first - second).abs().max()) > rtol * scale:
+            raise NondeterministicLossError(
+                "two Hessian-vector products at the same point disagree (max difference "
+                f"{float((first - second).abs().max()):.3g}, scale {scale:.3g}); is dropout or augmentation on, "
+                "or a nondeterministic kernel in use?")

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.func import functional_call
+
+from minima import data
+from minima.hessian import hessian_operator, hutchinson_trace, slq_density, top_eigenvalues
+from minima.models import build_model
+from minima.objective import DatasetObjective, NondeterministicLossError
+from minima.sharpness import (
+    DenseSubspace,
+    RandomSubspace,
+    adaptive_sharpness,
+    average_sharpness,
+    keskar_sharpness,
+)
+
+
+def _setup(seed: int = 0, batchnorm: bool = False) -> tuple[torch.nn.Module, data.Dataset]:
+    ds = data.synthetic(n_train=60, n_test=10, image_shape=(1, 2, 2), num_classes=3, seed=seed)
+    torch.manual_seed(seed)
+    model = build_model("mlp", num_classes=3, input_shape=(1, 2, 2), widths=(5,), batchnorm=batchnorm).double()
+    return model, ds
+
+
+def _objective(model: torch.nn.Module, ds: data.Dataset, **kw: object) -> DatasetObjective:
+    return DatasetObjective(model, ds.train, ds.mean, ds.std, dtype=torch.float64, batch_size=25, **kw)
+
+
+def _dense_hessian(model: torch.nn.Module, ds: data.Dataset) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    x = data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64)
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = theta[offset : offset + s.numel()].view(s)
+            offset += s.numel()
+        logits = functional_call(model, params, (x,))
+        return (torch.logsumexp(logits, 1) - logits[torch.arange(len(x)), ds.train.labels]).mean()
+
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.autograd.functional.hessian(f, theta)
+
+
+def test_hvp_and_eigenvalues_match_dense_hessian() -> None:
+    model, ds = _setup()
+    obj = _objective(model, ds)
+    dense = _dense_hessian(model.eval(), ds)
+    v = torch.randn(obj.numel, dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
+    op = hessian_operator(obj)
+    res = top_eigenvalues(op, k=3, tol=1e-12, ncv=obj.numel - 1)
+    exact = np.sort(np.linalg.eigvalsh(dense.numpy()))[::-1][:3]
+    np.testing.assert_allclose(res.eigenvalues, exact, rtol=1e-6)
+    assert np.all(res.residuals <= 1e-6 * np.abs(exact[0]))
+    assert res.hvps == op.products  # every product counted, residual checks included
+    tr = hutchinson_trace(op, rtol=2e-2, max_probes=100, seed=1)
+    assert abs(tr.trace - float(torch.trace(dense))) <= 3 * tr.stderr
+    nodes, weights = slq_density(op, steps=obj.numel, probes=3)
+    assert weights.sum() == pytest.approx(1.0) and nodes.max() == pytest.approx(exact[0], rel=1e-6)
+
+
+def test_batch_mode_and_determinism_check() -> None:
+    model, ds = _setup(batchnorm=True)
+    obj = _objective(model, ds, bn="batch")
+    obj.check_deterministic()
+    assert obj.value() != _objective(model, ds, bn="eval").value()
+    obj.model.net[0].register_forward_hook(lambda m, i, o: o + 1e-3 * torch.randn_like(o))
+    with pytest.raises(NondeterministicLossError, match="dropout or augmentation"):
+        obj.check_deterministic()
+
+
+def _quadratic(h: torch.Tensor, c: torch.Tensor, f0: float):
+    def value_and_grad(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        d = x - c
+        return float(0.5 * (h * d * d).sum() + f0), h * d
+    return value_and_grad
+
+
+def test_keskar_on_a_quadratic_matches_the_closed_form() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 20
+    h = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    c = torch.randn(n, generator=gen, dtype=torch.float64)
+    x = c + torch.randn(n, generator=gen, dtype=torch.float64) * 0.1
+    f0 = 0.7
+    fg = _quadratic(h, c, f0)
+    fx = fg(x)[0]
+    phis = []
+    for eps in (1e-3, 1e-2, 1e-1):
+        b = eps * (x.abs() + 1)
+        corner = float(0.5 * (h * ((x - c).abs() + b) ** 2).sum() + f0)
+        res = keskar_sharpness(fg, x, eps, maxiter=100)
+        assert res.phi == pytest.approx(100 * (corner - fx) / (1 + fx), rel=1e-8)
+        assert res.phi >= 0
+        phis.append(res.phi)
+        sub = keskar_sharpness(fg, x, eps, subspace=DenseSubspace(torch.eye(n, dtype=torch.float64)), maxiter=100)
+        assert sub.phi == pytest.approx(res.phi, rel=1e-10)
+    assert phis[0] < phis[1] < phis[2]
+    assert keskar_sharpness(fg, x, 1e-2, maxiter=1).hit_iteration_limit
+
+
+def test_random_subspace_products_and_pseudo_inverse() -> None:
+    sub = RandomSubspace(50, 7, seed=3, block=3)
+    a = sub.columns(0, 7)
+    y, g = torch.randn(7, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    torch.testing.assert_close(sub.matvec(y), a @ y)
+    torch.testing.assert_close(sub.rmatvec(g), a.T @ g)
+    torch.testing.assert_close(sub.gram(), a.T @ a)
+    torch.testing.assert_close(sub.pinv_apply(g), torch.linalg.pinv(a) @ g, rtol=1e-9, atol=1e-10)
+    assert torch.equal(RandomSubspace(50, 7, seed=3).columns(2, 4), a[:, 2:4])  # seeded per column
+
+
+def test_dinh_rescaling_changes_keskar_and_lambda_max_but_not_adaptive() -> None:
+    model, ds = _setup(seed=2)
+    obj = _objective(model, ds)
+    rescaled = build_model("mlp", num_classes=3, input_shape=(1, 2, 2), widths=(5,)).double()
+    c = 5.0
+    with torch.no_grad():
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["net.1.weight"] *= c
+        state["net.1.bias"] *= c
+        state["net.3.weight"] /= c
+        rescaled.load_state_dict(state)
+    obj2 = _objective(rescaled, ds)
+    w, w2 = obj.get_flat(), obj2.get_flat()
+    assert obj2.value() == pytest.approx(obj.value(), rel=1e-12)  # the same function
+    k1 = keskar_sharpness(obj.value_and_grad, w, 1e-2).phi
+    k2 = keskar_sharpness(obj2.value_and_grad, w2, 1e-2).phi
+    assert abs(k1 - k2) > 0.1 * max(k1, k2)
+    obj.set_flat(w)
+    obj2.set_flat(w2)
+    l1 = top_eigenvalues(hessian_operator(obj), k=1, tol=1e-10).eigenvalues[0]
+    l2 = top_eigenvalues(hessian_operator(obj2), k=1, tol=1e-10).eigenvalues[0]
+    assert abs(l1 - l2) > 0.1 * max(l1, l2)
+    a1 = adaptive_sharpness(obj.value_and_grad, w, 0.05)
+    a2 = adaptive_sharpness(obj2.value_and_grad, w2, 0.05)
+    assert a1.sharpness > 0 and a2.sharpness == pytest.approx(a1.sharpness, rel=1e-8)
+    v1 = average_sharpness(obj.value, w, 0.05, samples=5, seed=1)
+    v2 = average_sharpness(obj2.value, w2, 0.05, samples=5, seed=1)
+    assert v2.sharpness == pytest.approx(v1.sharpness, rel=1e-8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _objective_worker(rank: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model, ds = _setup()
+    obj = DatasetObjective(model, ds.train, ds.mean, ds.std, dtype=torch.float64, batch_size=25, rank=rank,
+                           world_size=2)
+    v = torch.linspace(-1, 1, obj.numel, dtype=torch.float64)
+    f, g = obj.value_and_grad()
+    if rank == 0:
+        out["f"], out["g"], out["hv"] = f, g, obj.hvp(v)
+    else:
+        obj.hvp(v)
+    dist.destroy_process_group()
+
+
+def test_two_rank_objective_equals_one_rank() -> None:
+    model, ds = _setup()
+    obj = _objective(model, ds)
+    f, g = obj.value_and_grad()
+    hv = obj.hvp(torch.linspace(-1, 1, obj.numel, dtype=torch.float64))
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_objective_worker, args=(_free_port(), out), nprocs=2, join=True)
+        assert out["f"] == pytest.approx(f, rel=1e-12)
+        torch.testing.assert_close(out["g"], g, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(out["hv"], hv, rtol=1e-10, atol=1e-14)

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from minima import results
+from minima.measure import MeasureRequest, main, measure
+
+from .helpers import toy_checkpoint, toy_dataset
+
+
+def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=True)
+    b = toy_checkpoint(tmp_path / "b.pt", 2, ds, batchnorm=True)
+    out = tmp_path / "s.h5"
+    argv = [str(a), str(b), "--metrics", "keskar,hessian,trace,adaptive,average", "--eps", "1e-3", "--subspace",
+            "4", "--topk", "2", "--trace-max-probes", "12", "--bn", "batch", "--dtype", "float64", "--device",
+            "cpu", "--out", str(out), "--batch-size", "32"]
+    assert main(argv) == 0
+    rows = results.load_sharpness(out)
+    metrics = {(r["checkpoint_label"], r["metric"]) for r in rows}
+    assert len(metrics) == 2 * 6
+    by = {(r["checkpoint_label"], r["metric"]): r for r in rows}
+    k = by[("a", "keskar_full_eps0.001")]
+    assert k["phi"] >= 0 and k["bn"] == "batch" and k["samples"] == len(ds.train) and k["maxiter"] == 10
+    h = by[("a", "hessian_top2")]
+    assert h["eigenvalues"].shape == (2,) and h["eigenvalues"][0] >= h["eigenvalues"][1]
+    assert np.all(h["residuals"] >= 0) and h["hvps"] > 0
+    printed = capsys.readouterr().out
+    assert "hessian_top2" in printed and "keskar_sub4_seed0_eps0.001" in printed
+
+    # a second run finds everything done and computes nothing
+    assert main(argv) == 0
+    assert "metric(s) to compute" not in capsys.readouterr().out
+    # changing a setting recomputes only what it affects
+    assert main([*argv[:-2], "--batch-size", "16"]) == 0
+    assert "a: f(x)" in capsys.readouterr().out
+
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f.attrs["format"] = "something/else"
+    with pytest.raises(results.ResultsError, match="not a minima curve or sharpness file"):
+        measure(MeasureRequest(checkpoints=[a], out=foreign, device="cpu"))
+    assert main([str(a), "--metrics", "bogus", "--out", str(tmp_path / "x.h5")]) == 2
