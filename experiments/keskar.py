@@ -1,0 +1,271 @@
+"""Keskar et al. (2017) end to end: SB vs LB training, the parametric plot, sharpness, a summary beside the paper.
+
+    python -m experiments.keskar --model mlp --preset quick            # ≈ 10 min on 2 CPU cores
+    python -m experiments.keskar --model c1 --preset paper --seeds 5   # GPU work
+
+For each seed: train the small-batch (SB) and large-batch (LB) networks from the same initial weights,
+each "until the loss function ceased to improve" (a training-loss patience rule within an epoch cap);
+interpolate between them (α ∈ [−1, 2], 25 points, BatchNorm ``recompute``); compute Keskar's sharpness
+(ε = 1e-3 and 5e-4, full space and a random 100-dimensional subspace, BatchNorm ``batch`` as the paper's
+Keras code did) and λ_max of both. Writes the run directory, ``figures/keskar_<model>.png`` and a markdown
+summary beside the paper's Tables 2 and 3. Every stage is skipped when its output is complete and resumed
+when it is partial, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minima import checkpoint as ck
+from minima import data as data_mod
+from minima import results
+from minima.evaluate import evaluate
+from minima.interpolate import SweepRequest
+from minima.interpolate import run as run_interpolation
+from minima.measure import MeasureRequest, measure
+from minima.plots import save_curve_figure
+from minima.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Keskar et al. (2017), Table 2 (accuracy %, mean ± std over 5 runs) and Table 3 (full-space sharpness).
+PAPER = {
+    "c1": {"train_acc": ((99.89, 0.02), (99.66, 0.2)), "test_acc": ((80.04, 0.12), (77.26, 0.42)),
+           "phi_full_1e-3": ((28.58, 3.13), (707.23, 43.04)), "phi_full_5e-4": ((7.08, 0.88), (227.31, 23.23)),
+           "phi_sub_1e-3": ((2.18, 0.23), (137.25, 21.60)), "phi_sub_5e-4": ((0.71, 0.15), (29.50, 7.48))},
+    "c2": {"train_acc": ((99.99, 0.04), (99.99, 0.01)), "test_acc": ((89.24, 0.12), (87.26, 0.07)),
+           "phi_full_1e-3": ((8.68, 1.32), (925.32, 38.29)), "phi_full_5e-4": ((2.07, 0.86), (175.31, 18.28)),
+           "phi_sub_1e-3": ((0.95, 0.34), (25.09, 2.61)), "phi_sub_5e-4": ((0.31, 0.08), (5.82, 0.52))},
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every knob of the pipeline, with units; stored in the summary."""
+
+    data: str | None = None  # None: $MINIMA_DATA, then the torchvision download
+    train_subset: int | None = None
+    test_subset: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    sb_batch: int = 256
+    lb_batch: int = 5000
+    micro_batch: int | None = None
+    lr: float = 1e-3
+    epochs: int = 100
+    patience: int = 5
+    min_delta: float = 1e-4
+    target_loss: float | None = None
+    interp_alphas: str = "-1:2:25"
+    interp_train_subset: int | None = None
+    interp_test_subset: int | None = None
+    sharpness_samples: int | None = None
+    eps: tuple[float, ...] = (1e-3, 5e-4)
+    subspace: int = 100
+    maxiter: int = 10
+    sharpness_bn: str = "batch"
+    eval_batch_size: int = 1000
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper: Adam, 256 vs 5000 (10 % of CIFAR-10), no augmentation, up to 100 epochs, full data.
+    "paper": Preset(),
+    # Sized for 2 CPU cores (≤ 15 min with the BN-MLP): a 10,000-image stratified subset, LB = 10 % of it as
+    # in the paper, Adam; training stops after 3 epochs without improvement or at the cap.
+    "quick": Preset(train_subset=10_000, test_subset=2_000, sb_batch=256, lb_batch=1000, epochs=40, patience=3,
+                    interp_alphas="-1:2:13", interp_train_subset=2_000, sharpness_samples=1_000, subspace=100),
+    # CI smoke test: synthetic data, a toy MLP, seconds.
+    "smoke": Preset(data="synthetic", train_subset=512, test_subset=128, sb_batch=32, lb_batch=256, epochs=3,
+                    patience=2, interp_alphas="-1:2:5", sharpness_samples=128, subspace=5, maxiter=3,
+                    model_kwargs={"input_shape": [3, 32, 32], "widths": [16], "batchnorm": True}),
+}
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"input_shape": [3, 32, 32], "widths": [512, 512, 512], "batchnorm": True},
+}
+
+
+def _train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, ds: data_mod.Dataset) -> Path:
+    final = out / "final.pt"
+    if final.exists():
+        return final
+    config = TrainConfig(
+        model=model, model_kwargs=dict(preset.model_kwargs or MODEL_DEFAULTS.get(model, {})), data=preset.data,
+        train_subset=preset.train_subset, test_subset=preset.test_subset, epochs=preset.epochs, batch_size=batch,
+        micro_batch=min(preset.micro_batch, batch) if preset.micro_batch else None, optimizer="adam",
+        lr=preset.lr, scaling="none", augment=False, seed=seed, init_seed=1337 + seed, patience=preset.patience,
+        min_delta=preset.min_delta, target_loss=preset.target_loss, out=str(out),
+        eval_batch_size=preset.eval_batch_size,
+    )
+    return train(config, resume=(out / "last.pt").exists(), dataset=ds)
+
+
+def _exact_accuracy(path: Path, ds: data_mod.Dataset, batch_size: int) -> dict[str, float]:
+    model, meta = ck.load_model(path)
+    out = {}
+    for name in ("train", "test"):
+        r = evaluate(model, getattr(ds, name), meta["data"]["mean"], meta["data"]["std"], batch_size=batch_size)
+        out[f"{name}_acc"], out[f"{name}_loss"] = 100.0 * r.accuracy, r.loss
+    lines = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    out["epochs"] = lines[-1]["epoch"]
+    out["stopped"] = lines[-1].get("stopped") or f"epoch cap {lines[-1]['epoch']}"
+    return out
+
+
+def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Dataset) -> dict[str, Any]:
+    """All stages for one seed; returns the SB/LB numbers for the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    sb = _train_regime(model, preset, preset.sb_batch, seed, out / "sb", ds)
+    lb = _train_regime(model, preset, preset.lb_batch, seed, out / "lb", ds)
+    curve_path = out / "sb_vs_lb.h5"
+    if not (curve_path.exists() and results.load_curve(curve_path).complete):
+        run_interpolation(SweepRequest(
+            checkpoint_a=sb, checkpoint_b=lb, alphas=preset.interp_alphas, bn="recompute",
+            train_subset=preset.interp_train_subset, test_subset=preset.interp_test_subset, out=curve_path,
+            resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size,
+        ))
+    sharp_path = out / "sharpness.h5"
+    measure(MeasureRequest(
+        checkpoints=[sb, lb], metrics=["keskar", "hessian"], eps=list(preset.eps), subspace=preset.subspace,
+        maxiter=preset.maxiter, topk=1, samples=preset.sharpness_samples, bn=preset.sharpness_bn,
+        batch_size=min(preset.eval_batch_size, preset.sharpness_samples or preset.eval_batch_size),
+        out=sharp_path,
+    ))
+    row: dict[str, Any] = {}
+    for name, path in (("sb", sb), ("lb", lb)):
+        for k, v in _exact_accuracy(path, ds, preset.eval_batch_size).items():
+            row[f"{name}_{k}"] = v
+    for r in results.load_sharpness(sharp_path):
+        regime = r["checkpoint_label"]
+        if r["metric"].startswith("keskar_full"):
+            row[f"{regime}_phi_full_{r['eps']:g}"] = float(r["phi"])
+        elif r["metric"].startswith("keskar_sub"):
+            row[f"{regime}_phi_sub_{r['eps']:g}"] = float(r["phi"])
+        elif r["metric"].startswith("hessian"):
+            row[f"{regime}_lambda_max"] = float(r["eigenvalues"][0])
+    return row
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[dict[str, Any]], ds: data_mod.Dataset,
+                     wall_s: float) -> str:
+    """The markdown table: our SB/LB numbers (mean ± std over seeds) beside the paper's."""
+    paper = PAPER.get(model, {})
+
+    def ours(key: str, regime: str, digits: int = 2) -> str:
+        return _fmt([r[f"{regime}_{key}"] for r in rows if f"{regime}_{key}" in r], digits)
+
+    def theirs(key: str, idx: int) -> str:
+        if key not in paper:
+            return "—"
+        m, s = paper[key][idx]
+        return f"{m:.2f} ± {s:.2f}"
+
+    eps = [f"{e:g}" for e in preset.eps]
+    lines = [
+        f"# Keskar et al. (2017) SB vs LB — `{model}`, preset `{preset_name}`",
+        "",
+        f"Data: {ds.spec.get('kind')} CIFAR-10-format data, {len(ds.train)} training / {len(ds.test)} test images "
+        f"(stratified subsets: {ds.subsets or 'none'}). SB batch {preset.sb_batch}, LB batch {preset.lb_batch}; Adam "
+        f"(lr {preset.lr:g}), no augmentation, same initial weights, trained until the training loss stopped "
+        f"improving by {preset.min_delta:g} for {preset.patience} epochs (cap {preset.epochs} epochs). "
+        f"Seeds: {len(rows)}. Sharpness: BatchNorm `{preset.sharpness_bn}`, "
+        f"{preset.sharpness_samples or len(ds.train)} training samples, L-BFGS-B {preset.maxiter} iterations, "
+        f"random subspace p = {preset.subspace}. Machine: {platform.machine()} {platform.processor() or ''}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; wall time {wall_s / 60:.1f} min.",
+        "",
+        "| quantity | SB (ours) | LB (ours) | SB (paper) | LB (paper) |",
+        "|---|---|---|---|---|",
+        f"| train accuracy (%) | {ours('train_acc', 'sb')} | {ours('train_acc', 'lb')} | {theirs('train_acc', 0)} | "
+        f"{theirs('train_acc', 1)} |",
+        f"| test accuracy (%) | {ours('test_acc', 'sb')} | {ours('test_acc', 'lb')} | {theirs('test_acc', 0)} | "
+        f"{theirs('test_acc', 1)} |",
+        f"| final training loss | {ours('train_loss', 'sb', 4)} | {ours('train_loss', 'lb', 4)} | — | — |",
+        f"| epochs trained | {ours('epochs', 'sb', 0)} | {ours('epochs', 'lb', 0)} | — | — |",
+    ]
+    for e in eps:
+        for space, label in (("full", "full space"), ("sub", f"{preset.subspace}-dim subspace")):
+            key = f"phi_{space}_{e}"
+            pk = f"phi_{space}_{float(e):.0e}".replace("e-04", "e-4").replace("e-03", "e-3")
+            lines.append(f"| φ(ε={e}), {label} | {ours(key, 'sb')} | {ours(key, 'lb')} | {theirs(pk, 0)} | "
+                         f"{theirs(pk, 1)} |")
+    lines.append(f"| λ_max (Hessian, BN {preset.sharpness_bn}) | {ours('lambda_max', 'sb')} | "
+                 f"{ours('lambda_max', 'lb')} | — | — |")
+    sb_test, lb_test = (np.mean([r[f"{k}_test_acc"] for r in rows]) for k in ("sb", "lb"))
+    sb_phi, lb_phi = (np.mean([r[f"{k}_phi_full_{eps[0]}"] for r in rows]) for k in ("sb", "lb"))
+    lines += [
+        "",
+        f"Effect reproduced on this run: LB test accuracy below SB: **{'yes' if lb_test < sb_test else 'no'}** "
+        f"({lb_test:.2f} vs {sb_test:.2f} %); LB sharper on φ(ε={eps[0]}): **{'yes' if lb_phi > sb_phi else 'no'}** "
+        f"({lb_phi:.1f} vs {sb_phi:.1f}).",
+        "Stopping: " + "; ".join(f"seed {i}: SB {r['sb_stopped']}, LB {r['lb_stopped']}" for i, r in enumerate(rows)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_summary_table(markdown: str) -> dict[str, list[str]]:
+    """The rows of a summary table: {quantity: [SB ours, LB ours, SB paper, LB paper]}."""
+    table = {}
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("| quantity") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            table[cells[0]] = cells[1:]
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.keskar", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="mlp", choices=("c1", "c2", "vgg11_bn", "mlp"))
+    p.add_argument("--preset", default="quick", choices=tuple(PRESETS))
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/keskar_<model>_<preset>)")
+    p.add_argument("--figures", type=Path, default=ROOT / "figures", help="where the figure goes")
+    p.add_argument("--data", default=None, help="override the preset's data source")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.data is not None:
+        preset = replace(preset, data=args.data)
+    out = args.out or Path("runs") / f"keskar_{args.model}_{args.preset}"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if preset.data == "synthetic":
+        ds = data_mod.synthetic(n_train=preset.train_subset or 2048, n_test=preset.test_subset or 512,
+                                image_shape=(3, 32, 32), seed=0)
+    else:
+        ds = data_mod.load_cifar10(preset.data)
+    ds = ds.subset(preset.train_subset, preset.test_subset, seed=0)
+    (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": args.preset, **asdict(preset)},
+                                                indent=2) + "\n")
+    rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds) for s in range(args.seeds)]
+    wall = time.perf_counter() - t0
+    md = summary_markdown(args.model, args.preset, preset, rows, ds, wall)
+    (out / "summary.md").write_text(md)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.figures.mkdir(parents=True, exist_ok=True)
+    fig = save_curve_figure(results.load_curve(out / "seed0" / "sb_vs_lb.h5"),
+                            args.figures / f"keskar_{args.model}.png")
+    shutil.copy(fig, out / fig.name)
+    print(md)
+    print(f"[experiments.keskar] wrote {out / 'summary.md'} and {fig} in {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

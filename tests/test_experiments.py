@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import nbformat
+from nbclient import NotebookClient
+
+from experiments import keskar
+from minima import results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path) -> None:
+    out, figs = tmp_path / "run", tmp_path / "figs"
+    argv = ["--model", "mlp", "--preset", "smoke", "--out", str(out), "--figures", str(figs)]
+    assert keskar.main(argv) == 0
+    for regime in ("sb", "lb"):
+        for name in ("init.pt", "last.pt", "final.pt", "metrics.jsonl", "config.json"):
+            assert (out / "seed0" / regime / name).is_file()
+    curve = results.load_curve(out / "seed0" / "sb_vs_lb.h5")
+    assert curve.complete and len(curve.alpha) == 5 and curve.attrs["bn_policy"] == "recompute"
+    metrics = {r["metric"] for r in results.load_sharpness(out / "seed0" / "sharpness.h5")}
+    assert {"keskar_full_eps0.001", "keskar_sub5_seed0_eps0.0005", "hessian_top1"} <= metrics
+    assert (figs / "keskar_mlp.png").stat().st_size > 10_000
+    table = keskar.parse_summary_table((out / "summary.md").read_text())
+    assert set(table["test accuracy (%)"][2:]) == {"—"}  # no paper numbers for the MLP
+    for row in ("train accuracy (%)", "φ(ε=0.001), full space", "λ_max (Hessian, BN batch)"):
+        sb, lb = (float(x) for x in table[row][:2])
+        assert sb >= 0 and lb >= 0
+    # a second run finds every stage complete: no file is rewritten
+    stamp = (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns
+    assert keskar.main(argv) == 0
+    assert (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns == stamp
+
+
+def test_summary_parser_reads_paper_columns() -> None:
+    md = "| quantity | SB (ours) | LB (ours) | SB (paper) | LB (paper) |\n|---|---|---|---|---|\n" \
+         "| test accuracy (%) | 55.00 | 53.40 | 80.04 ± 0.12 | 77.26 ± 0.42 |\n"
+    assert keskar.parse_summary_table(md) == {"test accuracy (%)": ["55.00", "53.40", "80.04 ± 0.12", "77.26 ± 0.42"]}
+
+
+def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    assert keskar.main(["--model", "mlp", "--preset", "smoke", "--out", str(out), "--figures", str(tmp_path)]) == 0
+    monkeypatch.setenv("MINIMA_CURVES", str(out / "seed0" / "sb_vs_lb.h5"))
+    monkeypatch.setenv("MINIMA_SHARPNESS", str(out / "seed0" / "sharpness.h5"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(ROOT / "notebooks" / "explore_curves.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "LB / SB  keskar_full_eps0.001" in text and "d²f/dα²" in text
+    with h5py.File(out / "seed0" / "sb_vs_lb.h5") as f:
+        assert f.attrs["format"] == results.CURVE_FORMAT
