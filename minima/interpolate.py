@@ -135,7 +135,8 @@ def _rows(
     if s.channels_last:
         work = work.to(memory_format=torch.channels_last)
     bn_names = bn_buffer_names(work)
-    bar = tqdm(total=len(indices), disable=not progress, desc="α sweep", dynamic_ncols=True)
+    # disable=None: tqdm switches itself off when stderr is not a terminal (logs stay readable)
+    bar = tqdm(total=len(indices), disable=None if progress else True, desc="α sweep", dynamic_ncols=True)
     for start in range(0, len(indices), world_size):
         chunk = list(indices[start : start + world_size])
         if world_size == 1:

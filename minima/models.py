@@ -152,8 +152,46 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"c1": C1, "c2": C2, "vgg11_bn": VGG11BN, "mlp": MLP}
-CONVOLUTIONAL = frozenset({"c1", "c2", "vgg11_bn"})
+def mobilenet_v2(num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
+    """torchvision's MobileNetV2 adapted to 32×32 inputs: the stem convolution has stride 1 instead of 2
+    (otherwise a CIFAR image is 1×1 after the fourth stage). Parameter names and shapes are torchvision's,
+    so ImageNet weights load into every layer but the classifier (see :func:`load_imagenet_weights`)."""
+    from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
+
+    model = tv_mobilenet_v2(num_classes=num_classes, width_mult=width_mult, dropout=dropout)
+    model.features[0][0].stride = (1, 1)
+    return model
+
+
+def load_imagenet_weights(model: nn.Module, source: str) -> list[str]:
+    """Load ImageNet MobileNetV2 weights into ``model`` except the classifier; return the skipped keys.
+
+    ``source`` is a local ``.pth`` state dict (loaded with ``weights_only=True``) or ``"imagenet"`` for
+    torchvision's weights API, which downloads on first use; offline, the error says to pass a local file.
+    """
+    if source == "imagenet":
+        from torchvision.models import MobileNet_V2_Weights
+
+        try:
+            state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError
+            raise RuntimeError(
+                f"could not download ImageNet MobileNetV2 weights ({exc}); on an offline machine pass "
+                "--pretrained /path/to/mobilenet_v2-b0353104.pth (a torchvision state dict)") from exc
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{source} holds no MobileNetV2 weights matching this model")
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "c1": C1, "c2": C2, "vgg11_bn": VGG11BN, "mlp": MLP, "mobilenet_v2": mobilenet_v2,
+}
+CONVOLUTIONAL = frozenset({"c1", "c2", "vgg11_bn", "mobilenet_v2"})
 
 
 def available_models() -> list[str]:

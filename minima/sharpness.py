@@ -36,22 +36,29 @@ ValueAndGrad = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 
 # ------------------------------------------------------------------------------------------- subspaces
 class RandomSubspace:
-    """A ∈ R^{n×p} with i.i.d. N(0, 1) entries, never stored whole: column j is regenerated from
-    ``(seed, j)`` whenever needed, so a 100-dimensional subspace of a 15M-parameter network costs no memory.
-    Products are accumulated in float64, ``block`` columns at a time."""
+    """A ∈ R^{n×p} with i.i.d. N(0, 1) entries; column j is generated from ``(seed, j)``.
 
-    def __init__(self, n: int, p: int, seed: int = 0, block: int = 10) -> None:
+    The float32 matrix is kept in memory when it fits in ``max_cache_bytes`` (C1 with p = 100: 0.7 GB);
+    otherwise each column is regenerated whenever needed, so a 100-dimensional subspace of a 15M-parameter
+    network costs no memory. Products are accumulated in float64, ``block`` columns at a time."""
+
+    def __init__(self, n: int, p: int, seed: int = 0, block: int = 10, max_cache_bytes: int = 2**31) -> None:
         if not 1 <= p <= n:
             raise ValueError(f"subspace dimension p must be in 1..{n}; got {p}")
         self.n, self.p, self.seed, self.block = n, p, seed, block
+        self._cache = self._generate(0, p) if n * p * 4 <= max_cache_bytes else None
 
-    def columns(self, start: int, stop: int) -> torch.Tensor:
-        """Columns ``start:stop`` as an (n, stop − start) float64 tensor."""
+    def _generate(self, start: int, stop: int) -> torch.Tensor:
         cols = []
         for j in range(start, stop):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
-            cols.append(torch.randn(self.n, generator=gen, dtype=torch.float32).to(torch.float64))
+            cols.append(torch.randn(self.n, generator=gen, dtype=torch.float32))
         return torch.stack(cols, dim=1)
+
+    def columns(self, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start:stop`` as an (n, stop − start) float64 tensor."""
+        block = self._cache[:, start:stop] if self._cache is not None else self._generate(start, stop)
+        return block.to(torch.float64)
 
     def _blocks(self) -> list[tuple[int, int]]:
         return [(s, min(s + self.block, self.p)) for s in range(0, self.p, self.block)]
@@ -91,7 +98,7 @@ class DenseSubspace(RandomSubspace):
 
     def __init__(self, matrix: torch.Tensor) -> None:
         matrix = torch.as_tensor(matrix, dtype=torch.float64)
-        super().__init__(matrix.shape[0], matrix.shape[1], seed=0, block=matrix.shape[1])
+        super().__init__(matrix.shape[0], matrix.shape[1], seed=0, block=matrix.shape[1], max_cache_bytes=0)
         self.matrix = matrix
 
     def columns(self, start: int, stop: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ from minima import config as cfg
 from minima import data as data_mod
 from minima import distributed
 from minima.evaluate import batch_sums, check_model_accepts, evaluate, sums_to_result
-from minima.models import CONVOLUTIONAL, build_model
+from minima.models import CONVOLUTIONAL, build_model, load_imagenet_weights
 from minima.schedule import SCALING_RULES, SCHEDULES, build_schedule, learning_rate
 
 OPTIMIZERS = ("adam", "sgd")
@@ -90,6 +90,8 @@ class TrainConfig:
     init_seed: int | None = field(default=None, metadata={
         "help": "seed of the initial weights (default: --seed); equal values give SB and LB the same x0"})
     init_from: str | None = field(default=None, metadata={"help": "start from this checkpoint's weights"})
+    pretrained: str | None = field(default=None, metadata={
+        "help": "mobilenet_v2 only: 'imagenet' (torchvision download) or a local ImageNet state-dict file"})
     target_loss: float | None = field(default=None, metadata={
         "help": "stop once the epoch's training loss is at or below this value"})
     patience: int | None = field(default=None, metadata={
@@ -242,6 +244,10 @@ def _initial_model(c: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[st
     torch.manual_seed(c.seed if c.init_seed is None else c.init_seed)
     model = build_model(c.model, num_classes=num_classes, **kwargs)
     stored_kwargs = dict(kwargs, num_classes=num_classes)
+    if c.pretrained:
+        if c.model != "mobilenet_v2":
+            raise ValueError(f"--pretrained is available for mobilenet_v2 only, not {c.model!r}")
+        load_imagenet_weights(model, c.pretrained)
     if c.init_from:
         init = ckpt_io.load_checkpoint(c.init_from)
         mine = {"model": {"name": c.model, "kwargs": stored_kwargs}, "state_dict": model.state_dict()}
@@ -364,7 +370,8 @@ def _train(
             net.train()
             t0, seen = time.perf_counter(), 0
             bar = tqdm(total=len(batches), initial=batch0, desc=f"epoch {epoch + 1}/{c.epochs}",
-                       disable=not (env.is_main and c.progress), leave=False, dynamic_ncols=True)
+                       disable=None if (env.is_main and c.progress) else True, leave=False,
+                       dynamic_ncols=True)  # None: off when stderr is not a terminal
             for b in range(batch0, len(batches)):
                 lr = learning_rate(step, schedule)
                 for group in optimizer.param_groups:

@@ -54,3 +54,17 @@ def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
     assert "LB / SB  keskar_full_eps0.001" in text and "d²f/dα²" in text
     with h5py.File(out / "seed0" / "sb_vs_lb.h5") as f:
         assert f.attrs["format"] == results.CURVE_FORMAT
+
+
+def test_batch_sweep_smoke(tmp_path: Path) -> None:
+    from experiments import batch_sweep
+
+    out = tmp_path / "sweep"
+    assert batch_sweep.main(["--preset", "smoke", "--out", str(out), "--figures", str(tmp_path)]) == 0
+    md = (out / "summary.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| 16 ") or line.startswith("| 64 ")]
+    assert len(rows) == 3  # two batch sizes with warmup, the largest once more without
+    assert any("| no |" in r for r in rows)
+    assert (tmp_path / "batch_sweep.png").stat().st_size > 10_000
+    for b in ("b16", "b64", "b64_nowarmup"):
+        assert (out / b / "final.pt").is_file() or "diverged" in md

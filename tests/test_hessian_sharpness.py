@@ -117,6 +117,9 @@ def test_random_subspace_products_and_pseudo_inverse() -> None:
     torch.testing.assert_close(sub.gram(), a.T @ a)
     torch.testing.assert_close(sub.pinv_apply(g), torch.linalg.pinv(a) @ g, rtol=1e-9, atol=1e-10)
     assert torch.equal(RandomSubspace(50, 7, seed=3).columns(2, 4), a[:, 2:4])  # seeded per column
+    uncached = RandomSubspace(50, 7, seed=3, block=3, max_cache_bytes=0)
+    assert uncached._cache is None and torch.equal(uncached.columns(0, 7), a)
+    torch.testing.assert_close(uncached.gram(), a.T @ a)
 
 
 def test_dinh_rescaling_changes_keskar_and_lambda_max_but_not_adaptive() -> None:

@@ -45,7 +45,7 @@ def test_c1_pooling_is_keras_same_padding() -> None:
 
 
 def test_build_model_errors_list_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown model 'resnet'.*\['c1', 'c2', 'mlp', 'vgg11_bn'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet'.*\['c1', 'c2', 'mlp', 'mobilenet_v2', 'vgg11_bn'\]"):
         models.build_model("resnet")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['depth'\].*valid arguments"):
         models.build_model("mlp", depth=3)
@@ -55,3 +55,16 @@ def test_has_batchnorm() -> None:
     assert models.has_batchnorm(models.build_model("c1"))
     assert not models.has_batchnorm(models.build_model("mlp", input_shape=(1, 2, 2), widths=(3,)))
     assert models.has_batchnorm(models.build_model("mlp", input_shape=(1, 2, 2), widths=(3,), batchnorm=True))
+
+
+def test_mobilenet_v2_for_cifar_and_pretrained_loading(tmp_path) -> None:
+    model = models.build_model("mobilenet_v2").eval()
+    assert model.features[0][0].stride == (1, 1)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # an ImageNet-shaped state dict (1000 classes) loads everywhere but the classifier
+    imagenet = models.build_model("mobilenet_v2", num_classes=1000).state_dict()
+    torch.save(imagenet, tmp_path / "w.pth")
+    skipped = models.load_imagenet_weights(model, str(tmp_path / "w.pth"))
+    assert skipped == ["classifier.1.bias", "classifier.1.weight"]
+    assert torch.equal(model.features[3].conv[0][0].weight, imagenet["features.3.conv.0.0.weight"])

@@ -1,0 +1,171 @@
+"""Batch-size sweep with the linear scaling rule, gradual warmup and a cosine schedule (Goyal et al. 2017).
+
+    python -m experiments.batch_sweep --preset quick                  # BN-MLP, ≈ 10 min on 2 CPU cores
+    python -m experiments.batch_sweep --preset paper                  # MobileNetV2 32…2048 (GPU work)
+
+One model trained at each global batch size B with SGD (momentum 0.9, weight decay 1e-4 not on BN/bias),
+LR = η_ref · B / 256 reached by per-iteration warmup, then cosine decay to 0; plus the largest batch once more
+without warmup. For each run: final test accuracy, final training loss and Keskar's φ(ε = 1e-3, full space,
+BatchNorm ``batch``). Writes a markdown table and ``figures/batch_sweep.png`` (accuracy and sharpness
+against batch size, log-x). Finished runs are skipped, interrupted ones resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from minima import checkpoint as ck
+from minima import data as data_mod
+from minima import results
+from minima.evaluate import evaluate
+from minima.measure import MeasureRequest, measure
+from minima.train import NonFiniteLossError, TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class SweepPreset:
+    model: str = "mobilenet_v2"
+    model_kwargs: dict = field(default_factory=dict)
+    data: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    batches: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
+    ref_lr: float = 0.1
+    ref_batch: int = 256
+    epochs: int = 200
+    warmup_epochs: float = 5.0
+    weight_decay: float = 1e-4
+    augment: bool = True
+    micro_batch: int | None = None
+    sharpness_samples: int = 1000
+    eps: float = 1e-3
+    maxiter: int = 10
+
+
+PRESETS = {
+    # The public MobileNetV2 sweep of REFERENCE.md: SGD 0.9, wd 1e-4, cosine, LR 0.1·B/256, 32…2048 (GPUs).
+    "paper": SweepPreset(),
+    # 2 CPU cores, ≤ 20 min: a BN-MLP on a 20,000-image stratified subset, 15 epochs, 2 of warmup.
+    "quick": SweepPreset(model="mlp", model_kwargs={"input_shape": [3, 32, 32], "widths": [512, 512],
+                                                    "batchnorm": True},
+                         train_subset=20_000, test_subset=5_000, epochs=15, warmup_epochs=2, augment=False),
+    # CI: synthetic data, seconds.
+    "smoke": SweepPreset(model="mlp", model_kwargs={"input_shape": [3, 32, 32], "widths": [16], "batchnorm": True},
+                         data="synthetic", train_subset=256, test_subset=64, batches=(16, 64), epochs=2,
+                         warmup_epochs=1, augment=False, sharpness_samples=64, maxiter=2),
+}
+
+
+def _run_one(p: SweepPreset, batch: int, warmup: bool, out: Path, ds: data_mod.Dataset) -> dict[str, Any]:
+    config = TrainConfig(
+        model=p.model, model_kwargs=dict(p.model_kwargs), data=p.data, train_subset=p.train_subset,
+        test_subset=p.test_subset, epochs=p.epochs, batch_size=batch, micro_batch=p.micro_batch, optimizer="sgd",
+        lr=p.ref_lr, ref_batch=p.ref_batch, scaling="linear", warmup_epochs=p.warmup_epochs if warmup else 0.0,
+        schedule="cosine", momentum=0.9, nesterov=False, weight_decay=p.weight_decay, decay_bn_bias=False,
+        augment=p.augment, seed=0, init_seed=1337, out=str(out),
+    )
+    row: dict[str, Any] = {"batch": batch, "warmup": warmup, "peak_lr": p.ref_lr * batch / p.ref_batch}
+    final = out / "final.pt"
+    if not final.exists():
+        try:
+            train(config, resume=(out / "last.pt").exists(), dataset=ds)
+        except NonFiniteLossError as exc:
+            return {**row, "diverged": str(exc).split(";")[0]}
+    model, meta = ck.load_model(final)
+    test = evaluate(model, ds.test, meta["data"]["mean"], meta["data"]["std"])
+    tr = evaluate(model, ds.train, meta["data"]["mean"], meta["data"]["std"])
+    sharp = out / "sharpness.h5"
+    measure(MeasureRequest(checkpoints=[final], metrics=["keskar"], eps=[p.eps], subspace=None, maxiter=p.maxiter,
+                           samples=p.sharpness_samples, bn="batch", batch_size=min(1000, p.sharpness_samples),
+                           out=sharp))
+    phi = next(float(r["phi"]) for r in results.load_sharpness(sharp) if r["metric"].startswith("keskar_full"))
+    return {**row, "test_acc": 100 * test.accuracy, "train_acc": 100 * tr.accuracy, "train_loss": tr.loss, "phi": phi}
+
+
+def table_markdown(rows: list[dict[str, Any]], p: SweepPreset, name: str, ds: data_mod.Dataset, wall: float) -> str:
+    lines = [
+        f"# Batch-size sweep — `{p.model}`, preset `{name}`", "",
+        f"{len(ds.train)} training / {len(ds.test)} test images ({ds.spec.get('kind')}); SGD momentum 0.9, weight "
+        f"decay {p.weight_decay:g} (not on BN/bias), LR {p.ref_lr:g}·B/{p.ref_batch} reached by {p.warmup_epochs:g} "
+        f"epochs of per-iteration warmup, cosine to 0 over {p.epochs} epochs; augmentation {p.augment}. "
+        f"φ: Keskar ε = {p.eps:g}, full space, BN batch, {p.sharpness_samples} training samples. "
+        f"Wall time {wall / 60:.1f} min.", "",
+        "| batch | warmup | peak LR | train acc (%) | test acc (%) | train loss | φ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "diverged" in r:
+            lines.append(f"| {r['batch']} | {'yes' if r['warmup'] else 'no'} | {r['peak_lr']:g} | diverged | "
+                         f"diverged | — | — |")
+        else:
+            lines.append(f"| {r['batch']} | {'yes' if r['warmup'] else 'no'} | {r['peak_lr']:g} | {r['train_acc']:.2f} "
+                         f"| {r['test_acc']:.2f} | {r['train_loss']:.4f} | {r['phi']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
+    ok = [r for r in rows if "diverged" not in r]
+    warm = [r for r in ok if r["warmup"]]
+    cold = [r for r in ok if not r["warmup"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    a1.plot([r["batch"] for r in warm], [r["test_acc"] for r in warm], "o-", label="linear rule + warmup")
+    a1.plot([r["batch"] for r in cold], [r["test_acc"] for r in cold], "s", color="tab:red", label="no warmup")
+    a2.plot([r["batch"] for r in warm], [r["phi"] for r in warm], "o-")
+    a2.plot([r["batch"] for r in cold], [r["phi"] for r in cold], "s", color="tab:red")
+    for ax, lab in ((a1, "test accuracy (%)"), (a2, "Keskar φ(ε=1e-3)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("global batch size")
+        ax.set_ylabel(lab)
+    a2.set_yscale("log")
+    a1.legend(fontsize=8)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.batch_sweep", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="quick", choices=tuple(PRESETS))
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--figures", type=Path, default=ROOT / "figures")
+    args = ap.parse_args(argv)
+    p = PRESETS[args.preset]
+    batches = tuple(args.batches or p.batches)
+    out = args.out or Path("runs") / f"batch_sweep_{args.preset}"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if p.data == "synthetic":
+        ds = data_mod.synthetic(n_train=p.train_subset or 2048, n_test=p.test_subset or 512, image_shape=(3, 32, 32))
+    else:
+        ds = data_mod.load_cifar10(p.data)
+    ds = ds.subset(p.train_subset, p.test_subset, seed=0)
+    rows = [_run_one(p, b, True, out / f"b{b}", ds) for b in batches]
+    rows.append(_run_one(p, batches[-1], False, out / f"b{batches[-1]}_nowarmup", ds))
+    wall = time.perf_counter() - t0
+    md = table_markdown(rows, p, args.preset, ds, wall)
+    (out / "summary.md").write_text(md)
+    (out / "summary.json").write_text(json.dumps({"preset": asdict(p), "rows": rows}, indent=2) + "\n")
+    args.figures.mkdir(parents=True, exist_ok=True)
+    fig = plot_sweep(rows, args.figures / "batch_sweep.png")
+    print(md)
+    print(f"[experiments.batch_sweep] wrote {out / 'summary.md'} and {fig} in {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
