@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from minima import checkpoint as ckpt_io
 from minima import data as data_mod
@@ -166,7 +167,9 @@ def measure(req: MeasureRequest) -> Path:
             if env.is_main:
                 print(f"[minima.sharpness] {label}: f(x) = {f0:.6g} on {len(train)} training samples "
                       f"(BN {req.bn}); {len(pending)} metric(s) to compute", flush=True)
-            for name, job in pending:
+            bar = tqdm(pending, desc=f"sharpness {label}", disable=None if env.is_main else True, dynamic_ncols=True)
+            for name, job in bar:
+                bar.set_postfix(metric=name)
                 values = _compute(obj, x, f0, job, req)
                 if env.is_main:
                     results.write_sharpness(out, label, name, {**common, **job, **values, "settings_key": key_of(job),

@@ -8,7 +8,8 @@ becomes ``η = η_ref · B / B_ref`` (``linear``), ``η_ref · sqrt(B / B_ref)``
 at global batch ``B``.
 
 **Gradual warmup** (Goyal §2.2): over the first ``warmup_steps`` iterations the LR rises linearly, every
-iteration, from ``η_ref`` to the scaled ``η``: ``lr(t) = η_ref + (η − η_ref) · t / warmup_steps``.
+iteration, from ``η_ref`` to the scaled ``η``: ``lr(t) = η_ref + (η − η_ref) · t / warmup_steps``. Below the
+reference batch (η < η_ref) the warmup is flat at η.
 
 **Momentum and a changing LR.** PyTorch's SGD keeps ``v ← μ·v + g`` and steps ``θ ← θ − lr·v``: the LR
 multiplies the buffer at every step instead of being folded into it. Goyal et al. write the update as
@@ -82,7 +83,9 @@ def build_schedule(
     peak = scaled_lr(ref_lr, ref_batch, global_batch, scaling)
     return LRSchedule(
         peak_lr=peak,
-        start_lr=ref_lr,
+        # Goyal's warmup climbs from η_ref to kη for k > 1; below the reference batch there is nothing to
+        # climb to, so the LR starts at its (smaller) scaled value instead of decaying from η_ref.
+        start_lr=min(ref_lr, peak),
         warmup_steps=round(warmup_epochs * steps_per_epoch),
         total_steps=epochs * steps_per_epoch,
         kind=kind,

@@ -68,3 +68,12 @@ def test_batch_sweep_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "batch_sweep.png").stat().st_size > 10_000
     for b in ("b16", "b64", "b64_nowarmup"):
         assert (out / b / "final.pt").is_file() or "diverged" in md
+
+
+def test_keskar_seeds_report_mean_and_std(tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    assert keskar.main(["--model", "mlp", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--figures",
+                        str(tmp_path)]) == 0
+    table = keskar.parse_summary_table((out / "summary.md").read_text())
+    assert " ± " in table["test accuracy (%)"][0] and " ± " in table["φ(ε=0.001), full space"][1]
+    assert (out / "seed1" / "sharpness.h5").is_file()

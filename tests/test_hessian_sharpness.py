@@ -56,6 +56,7 @@ def test_hvp_and_eigenvalues_match_dense_hessian() -> None:
     dense = _dense_hessian(model.eval(), ds)
     v = torch.randn(obj.numel, dtype=torch.float64)
     torch.testing.assert_close(obj.hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_objective(model, ds, hvp_mode="reverse").hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
     op = hessian_operator(obj)
     res = top_eigenvalues(op, k=3, tol=1e-12, ncv=obj.numel - 1)
     exact = np.sort(np.linalg.eigvalsh(dense.numpy()))[::-1][:3]
@@ -72,6 +73,9 @@ def test_batch_mode_and_determinism_check() -> None:
     model, ds = _setup(batchnorm=True)
     obj = _objective(model, ds, bn="batch")
     obj.check_deterministic()
+    v = torch.randn(obj.numel, dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(v), _objective(model, ds, bn="batch", hvp_mode="reverse").hvp(v),
+                               rtol=1e-10, atol=1e-12)
     assert obj.value() != _objective(model, ds, bn="eval").value()
     obj.model.net[0].register_forward_hook(lambda m, i, o: o + 1e-3 * torch.randn_like(o))
     with pytest.raises(NondeterministicLossError, match="dropout or augmentation"):

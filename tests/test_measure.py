@@ -46,3 +46,19 @@ def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, 
     with pytest.raises(results.ResultsError, match="not a minima curve or sharpness file"):
         measure(MeasureRequest(checkpoints=[a], out=foreign, device="cpu"))
     assert main([str(a), "--metrics", "bogus", "--out", str(tmp_path / "x.h5")]) == 2
+
+
+def test_sharpness_appends_to_a_curve_file(tmp_path: Path) -> None:
+    from minima.interpolate import SweepRequest, run
+
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds)
+    b = toy_checkpoint(tmp_path / "b.pt", 2, ds)
+    curve_path = run(SweepRequest(checkpoint_a=a, checkpoint_b=b, alphas="0,1", out=tmp_path / "c.h5", device="cpu",
+                                  plot=False, progress=False))
+    measure(MeasureRequest(checkpoints=[a, b], metrics=["hessian"], topk=1, out=curve_path, device="cpu",
+                           dtype="float64", eig_tol=1e-10))
+    curve = results.load_curve(curve_path)  # still a valid curve file
+    assert curve.complete
+    rows = {r["checkpoint_label"]: r for r in results.load_sharpness(curve_path)}
+    assert set(rows) == {"a", "b"} and all(r["relative_error_bounds"][0] < 1e-6 for r in rows.values())

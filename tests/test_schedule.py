@@ -43,3 +43,9 @@ def test_constant_and_validation() -> None:
     assert [learning_rate(t, s) for t in range(5)] == [1e-3] * 5
     with pytest.raises(ValueError, match="unknown LR schedule 'poly'"):
         LRSchedule(peak_lr=1, start_lr=1, warmup_steps=0, total_steps=1, kind="poly")
+
+
+def test_warmup_below_reference_batch_does_not_decay() -> None:
+    s = build_schedule(ref_lr=0.1, ref_batch=256, global_batch=64, scaling="linear", warmup_epochs=2,
+                       kind="constant", milestones_epochs=(), gamma=0.1, epochs=5, steps_per_epoch=10)
+    assert [learning_rate(t, s) for t in (0, 10, 19, 20)] == pytest.approx([0.025] * 4)
