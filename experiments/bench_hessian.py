@@ -87,8 +87,7 @@ def main() -> None:
                                      progress=False, out=str(Path(tmp) / "c1")), dataset=ds.subset(5000, 1000))
         model, meta = ck.load_model(ckpt)
     split = ds.train.take(data.stratified_subset(ds.train.labels, args.samples, 0))
-    obj = DatasetObjective(model, split, meta["data"]["mean"], meta["data"]["std"], batch_size=args.samples,
-                           channels_last=True)
+    obj = DatasetObjective(model, split, meta["data"]["mean"], meta["data"]["std"], batch_size=args.samples)
     print(f"torch {torch.__version__}, {args.threads} threads; {meta['train_config'].get('model', '?')} "
           f"({obj.numel} parameters) at {ckpt}; "
           f"{args.samples} training images, eval-mode BatchNorm")
