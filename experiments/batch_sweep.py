@@ -70,8 +70,10 @@ PRESETS = {
 }
 
 
-def _run_one(p: SweepPreset, batch: int, warmup: bool, out: Path, ds: data_mod.Dataset) -> dict[str, Any]:
+def _run_one(p: SweepPreset, batch: int, warmup: bool, out: Path, ds: data_mod.Dataset,
+             pretrained: str | None = None) -> dict[str, Any]:
     config = TrainConfig(
+        pretrained=pretrained,
         model=p.model, model_kwargs=dict(p.model_kwargs), data=p.data, train_subset=p.train_subset,
         test_subset=p.test_subset, epochs=p.epochs, batch_size=batch, micro_batch=p.micro_batch, optimizer="sgd",
         lr=p.ref_lr, ref_batch=p.ref_batch, scaling="linear", warmup_epochs=p.warmup_epochs if warmup else 0.0,
@@ -143,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--figures", type=Path, default=ROOT / "figures")
+    ap.add_argument("--pretrained", default=None,
+                    help="mobilenet_v2: 'imagenet' (torchvision download) or a local ImageNet state-dict file")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     batches = tuple(args.batches or p.batches)
@@ -154,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         ds = data_mod.load_cifar10(p.data)
     ds = ds.subset(p.train_subset, p.test_subset, seed=0)
-    rows = [_run_one(p, b, True, out / f"b{b}", ds) for b in batches]
-    rows.append(_run_one(p, batches[-1], False, out / f"b{batches[-1]}_nowarmup", ds))
+    rows = [_run_one(p, b, True, out / f"b{b}", ds, args.pretrained) for b in batches]
+    rows.append(_run_one(p, batches[-1], False, out / f"b{batches[-1]}_nowarmup", ds, args.pretrained))
     wall = time.perf_counter() - t0
     md = table_markdown(rows, p, args.preset, ds, wall)
     (out / "summary.md").write_text(md)
