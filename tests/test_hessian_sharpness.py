@@ -190,3 +190,16 @@ def test_two_rank_objective_equals_one_rank() -> None:
         assert out["f"] == pytest.approx(f, rel=1e-12)
         torch.testing.assert_close(out["g"], g, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(out["hv"], hv, rtol=1e-10, atol=1e-14)
+
+
+def test_hvp_with_eval_batchnorm_matches_dense_hessian() -> None:
+    model, ds = _setup(seed=3, batchnorm=True)
+    bn = model.net[2]
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    obj = _objective(model, ds, bn="eval")
+    dense = _dense_hessian(model.eval(), ds)
+    v = torch.randn(obj.numel, dtype=torch.float64)
+    torch.testing.assert_close(obj.hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
+    assert type(obj.model.net[2]).forward is obj.model.net[2].forward.__func__  # patch removed after the HVP
