@@ -153,10 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path("runs") / f"batch_sweep_{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if p.data == "synthetic":
-        ds = data_mod.synthetic(n_train=p.train_subset or 2048, n_test=p.test_subset or 512, image_shape=(3, 32, 32))
-    else:
-        ds = data_mod.load_cifar10(p.data)
+    ds = data_mod.load_source(p.data, p.train_subset, p.test_subset)
     ds = ds.subset(p.train_subset, p.test_subset, seed=0)
     rows = [_run_one(p, b, True, out / f"b{b}", ds, args.pretrained) for b in batches]
     rows.append(_run_one(p, batches[-1], False, out / f"b{batches[-1]}_nowarmup", ds, args.pretrained))

@@ -246,11 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path("runs") / f"keskar_{args.model}_{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if preset.data == "synthetic":
-        ds = data_mod.synthetic(n_train=preset.train_subset or 2048, n_test=preset.test_subset or 512,
-                                image_shape=(3, 32, 32), seed=0)
-    else:
-        ds = data_mod.load_cifar10(preset.data)
+    ds = data_mod.load_source(preset.data, preset.train_subset, preset.test_subset)
     ds = ds.subset(preset.train_subset, preset.test_subset, seed=0)
     (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": args.preset, **asdict(preset)},
                                                 indent=2) + "\n")

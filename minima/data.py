@@ -360,6 +360,14 @@ def load_cifar10(source: str | os.PathLike[str] | None = None, download: bool = 
     return load_torchvision_cifar10(path, download=download)
 
 
+def load_source(source: str | None, n_train: int | None = None, n_test: int | None = None) -> Dataset:
+    """What a ``--data`` flag names: ``"synthetic"`` (a seeded 3×32×32, 10-class problem with ``n_train`` /
+    ``n_test`` samples, default 2048 / 512) or CIFAR-10 resolved by :func:`load_cifar10`."""
+    if source == "synthetic":
+        return synthetic(n_train=n_train or 2048, n_test=n_test or 512, image_shape=(3, 32, 32), num_classes=10)
+    return load_cifar10(source)
+
+
 def load_from_spec(spec: dict[str, Any], download: bool = True) -> Dataset:
     """Reload the data a checkpoint was trained on from its stored ``source`` spec.
 

@@ -83,7 +83,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if ``flag`` is true on any rank (every rank gets the same answer)."""
+    """True if ``flag`` is true on any rank (every rank gets the same answer; ``flag`` itself in a single
+    process, with no device round trip)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 

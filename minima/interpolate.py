@@ -202,8 +202,7 @@ def load_data_for(meta: dict[str, Any], data: str | None, train_subset: int | No
     """The data a checkpoint was trained on (its recorded source and subsets) or ``data`` if given, then
     optional further stratified subsets."""
     if data is not None:
-        ds = (data_mod.synthetic(n_train=2048, n_test=512, image_shape=(3, 32, 32)) if data == "synthetic"
-              else data_mod.load_cifar10(data))
+        ds = data_mod.load_source(data)
     else:
         ds = data_mod.load_from_spec(meta["data"]["source"])
         for split, sub in meta["data"].get("subset", {}).items():

@@ -188,11 +188,7 @@ def validate_config(c: TrainConfig) -> None:
 
 def load_dataset(c: TrainConfig) -> data_mod.Dataset:
     """The dataset named by the config, with its stratified subsets taken."""
-    if c.data == "synthetic":
-        ds = data_mod.synthetic(n_train=c.train_subset or 2048, n_test=c.test_subset or 512,
-                                image_shape=(3, 32, 32), num_classes=10, seed=c.subset_seed)
-    else:
-        ds = data_mod.load_cifar10(c.data)
+    ds = data_mod.load_source(c.data, c.train_subset, c.test_subset)
     return ds.subset(c.train_subset, c.test_subset, c.subset_seed)
 
 
@@ -402,9 +398,7 @@ def _train(
                 bar.update(1)
                 if step % 10 == 0 or b == len(batches) - 1:
                     bad = not bool(torch.isfinite(sums[0]).item()) or sums[3].item() > 0
-                    if env.distributed:
-                        bad = distributed.any_rank(bad, env.device)
-                    if bad:
+                    if distributed.any_rank(bad, env.device):
                         bar.close()
                         raise NonFiniteLossError(
                             f"training loss became NaN/inf in epoch {epoch + 1} by step {step} (LR {lr:g}); "
@@ -412,10 +406,7 @@ def _train(
                             "or check the data.")
                 if on_step is not None:
                     on_step(TrainState(epoch=epoch, batch=b + 1, step=step, lr=lr))
-                want_stop = stop["signal"] is not None
-                if env.distributed:
-                    want_stop = distributed.any_rank(want_stop, env.device)
-                if want_stop and b + 1 < len(batches):
+                if distributed.any_rank(stop["signal"] is not None, env.device) and b + 1 < len(batches):
                     bar.close()
                     total = distributed.all_reduce_sum(sums).cpu() + carried
                     elapsed += time.perf_counter() - t0
@@ -468,10 +459,7 @@ def _train(
                 on_epoch(TrainState(epoch=epoch, batch=0, step=step, lr=lr, metrics=metrics))
             if stopped:
                 break
-            want_stop = stop["signal"] is not None
-            if env.distributed:
-                want_stop = distributed.any_rank(want_stop, env.device)
-            if want_stop and epoch < c.epochs:
+            if distributed.any_rank(stop["signal"] is not None, env.device) and epoch < c.epochs:
                 raise TrainingInterrupted(last_path, (
                     f"stopped by signal {stop['signal']} at the end of epoch {epoch}; {last_path} written. "
                     f"Resume with: python -m minima.train --out {run_dir} --resume"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -35,3 +36,10 @@ def toy_checkpoint(path: Path, seed: int, ds: data.Dataset, batchnorm: bool = Fa
                         data=ds.describe())
     return ck.save_checkpoint(ck.make_checkpoint("mlp", dict(kwargs, num_classes=ds.num_classes),
                                                  model.state_dict(), meta), path)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free now (for a test's process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

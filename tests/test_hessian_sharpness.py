@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -20,6 +19,8 @@ from minima.sharpness import (
     average_sharpness,
     keskar_sharpness,
 )
+
+from .helpers import free_port
 
 
 def _setup(seed: int = 0, batchnorm: bool = False) -> tuple[torch.nn.Module, data.Dataset]:
@@ -156,11 +157,6 @@ def test_dinh_rescaling_changes_keskar_and_lambda_max_but_not_adaptive() -> None
     assert v2.sharpness == pytest.approx(v1.sharpness, rel=1e-8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _objective_worker(rank: int, port: int, out: dict) -> None:
     import torch.distributed as dist
@@ -186,7 +182,7 @@ def test_two_rank_objective_equals_one_rank() -> None:
     hv = obj.hvp(torch.linspace(-1, 1, obj.numel, dtype=torch.float64))
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_objective_worker, args=(_free_port(), out), nprocs=2, join=True)
+        mp.spawn(_objective_worker, args=(free_port(), out), nprocs=2, join=True)
         assert out["f"] == pytest.approx(f, rel=1e-12)
         torch.testing.assert_close(out["g"], g, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(out["hv"], hv, rtol=1e-10, atol=1e-14)

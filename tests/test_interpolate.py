@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import h5py
@@ -16,7 +15,7 @@ from minima import data, results
 from minima.interpolate import SweepRequest, interpolate, main, parse_alphas, run
 from minima.params import random_direction
 
-from .helpers import toy_checkpoint, toy_dataset
+from .helpers import free_port, toy_checkpoint, toy_dataset
 
 
 def _req(a: Path, b: Path | None, out: Path, **kw: object) -> SweepRequest:
@@ -144,11 +143,6 @@ def test_resume_after_kill_matches_uninterrupted(bn_pair: tuple, tmp_path: Path,
         run(_req(a_path, b_path, tmp_path / "part.h5", resume=True, alphas="0,1"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sweep_worker(rank: int, port: int, req: SweepRequest) -> None:
     torch.set_num_threads(1)
@@ -160,7 +154,7 @@ def _sweep_worker(rank: int, port: int, req: SweepRequest) -> None:
 def test_two_rank_sweep_equals_one_rank(bn_pair: tuple, tmp_path: Path) -> None:
     a_path, b_path, _ = bn_pair
     one = results.load_curve(run(_req(a_path, b_path, tmp_path / "one.h5")))
-    mp.spawn(_sweep_worker, args=(_free_port(), _req(a_path, b_path, tmp_path / "two.h5")), nprocs=2, join=True)
+    mp.spawn(_sweep_worker, args=(free_port(), _req(a_path, b_path, tmp_path / "two.h5")), nprocs=2, join=True)
     two = results.load_curve(tmp_path / "two.h5")
     # float32 with 1 thread per rank vs 2 threads: equal up to summation order
     for name in ("train_loss", "test_loss"):

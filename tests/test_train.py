@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,6 +23,8 @@ from minima.train import (
     train,
 )
 
+from .helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TOY = {"input_shape": [3, 4, 4], "widths": [8]}
 
@@ -42,11 +43,6 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return ck.load_checkpoint(path)["state_dict"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, ports: list[int], configs: list[TrainConfig], ds: data.Dataset) -> None:
     torch.set_num_threads(1)
@@ -61,7 +57,7 @@ def test_ddp_and_accumulation_equal_single_process_step(tmp_path: Path) -> None:
     single = train(_sgd_config(tmp_path / "single"), dataset=ds)
     accumulated = train(_sgd_config(tmp_path / "accum", micro_batch=4), dataset=ds)
     ddp_configs = [_sgd_config(tmp_path / "ddp"), _sgd_config(tmp_path / "ddp_accum", micro_batch=4)]
-    mp.spawn(_ddp_worker, args=(2, [_free_port(), _free_port()], ddp_configs, ds), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, [free_port(), free_port()], ddp_configs, ds), nprocs=2, join=True)
     ref = _weights(single)
     init = _weights(tmp_path / "single" / "init.pt")
     assert any(not torch.equal(ref[k], init[k]) for k in ref)  # the step really moved the weights
@@ -113,8 +109,8 @@ KILLER = """
 import os, signal, sys
 from minima.train import TrainConfig, train
 from minima import data
-sys.path.insert(0, {tests!r})
-from test_train import _resume_config, _resume_data
+sys.path.insert(0, {root!r})
+from tests.test_train import _resume_config, _resume_data
 def die(state):
     if state.epoch == 1:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -126,7 +122,7 @@ def test_sigkill_between_epochs_then_resume_is_bit_identical(tmp_path: Path) -> 
     ds = _resume_data()
     reference = _weights(train(_resume_config(tmp_path / "ref"), dataset=ds))
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILLER.format(tests=str(ROOT / "tests"), out=str(out))],
+    proc = subprocess.run([sys.executable, "-c", KILLER.format(root=str(ROOT), out=str(out))],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert ck.load_checkpoint(out / "last.pt")["position"]["epoch"] == 1
