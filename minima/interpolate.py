@@ -442,8 +442,23 @@ def parse_args(argv: Sequence[str] | None = None) -> SweepRequest:
                    help="do not fold BatchNorm into conv/linear layers for evaluation")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    args = p.parse_args(argv)
+    # intermixed: "A.pt --alphas=... B.pt" works as well as "A.pt B.pt --alphas=..."
+    args = p.parse_intermixed_args(_join_negative_grid(list(sys.argv[1:] if argv is None else argv)))
     return SweepRequest(**vars(args))
+
+
+def _join_negative_grid(argv: list[str]) -> list[str]:
+    """``--alphas -1:2:25`` → ``--alphas=-1:2:25``: argparse would read a value starting with '-' as a flag."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--alphas" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--alphas={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,6 +177,13 @@ def test_random_direction_is_filter_normalised(pair: tuple, tmp_path: Path) -> N
     assert curve.attrs["checkpoint_b"] == "" and "random" in curve.name_b
 
 
+def test_negative_grid_on_the_command_line() -> None:
+    from minima.interpolate import parse_args
+
+    assert parse_args(["a.pt", "b.pt", "--alphas", "-1:2:25"]).alphas == "-1:2:25"
+    assert parse_args(["a.pt", "--alphas", "-0.5,0,1", "b.pt"]).checkpoint_b == Path("b.pt")
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("", "empty"), ("0:1", "START:STOP:NUM"), ("a:1:3", "must be numbers"), ("0:1:0", "NUM must be"),
     ("0,x", "not a comma-separated"), ("0,nan", "non-finite"), ("0,1,0", "repeats"),
