@@ -175,7 +175,7 @@ def load_imagenet_weights(model: nn.Module, source: str) -> list[str]:
         try:
             state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
-            raise RuntimeError(
+            raise ConnectionError(
                 f"could not download ImageNet MobileNetV2 weights ({exc}); on an offline machine pass "
                 "--pretrained /path/to/mobilenet_v2-b0353104.pth (a torchvision state dict)") from exc
     else:

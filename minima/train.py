@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"[minima.train] {exc}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    except (NonFiniteLossError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (NonFiniteLossError, ValueError, OSError) as exc:  # OSError: missing files, failed downloads
         print(f"[minima.train] error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

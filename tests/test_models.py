@@ -68,3 +68,16 @@ def test_mobilenet_v2_for_cifar_and_pretrained_loading(tmp_path) -> None:
     skipped = models.load_imagenet_weights(model, str(tmp_path / "w.pth"))
     assert skipped == ["classifier.1.bias", "classifier.1.weight"]
     assert torch.equal(model.features[3].conv[0][0].weight, imagenet["features.3.conv.0.0.weight"])
+
+
+def test_imagenet_download_failure_names_the_offline_fix(monkeypatch) -> None:
+    import urllib.error
+
+    from torchvision.models import MobileNet_V2_Weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(type(MobileNet_V2_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    with pytest.raises(ConnectionError, match="--pretrained /path/to/"):
+        models.load_imagenet_weights(models.build_model("mobilenet_v2"), "imagenet")
