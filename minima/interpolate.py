@@ -99,6 +99,11 @@ class EvalSettings:
         if self.bn not in BN_POLICIES:
             raise ValueError(f"unknown BatchNorm policy {self.bn!r}; choose one of {list(BN_POLICIES)}")
 
+    def place(self, model: nn.Module) -> nn.Module:
+        """``model`` moved (in place) to this device, dtype and memory format."""
+        model = model.to(self.device, dtype=self.dtype)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
 
 def evaluate_point(
     model: nn.Module, state: StateDict, train: Split, test: Split, bn_split: Split,
@@ -131,9 +136,7 @@ def _rows(
 ) -> Iterator[tuple[int, dict[str, float | int]]]:
     """(index, row) for every index in ``indices``; under ``world_size > 1`` the indices are dealt to the
     ranks in rounds of ``world_size`` and every rank yields the whole round after an all-reduce."""
-    work = copy.deepcopy(model).to(s.device, dtype=s.dtype)
-    if s.channels_last:
-        work = work.to(memory_format=torch.channels_last)
+    work = s.place(copy.deepcopy(model))
     bn_names = bn_buffer_names(work)
     # disable=None: tqdm switches itself off when stderr is not a terminal (logs stay readable)
     bar = tqdm(total=len(indices), disable=None if progress else True, desc="α sweep", dynamic_ncols=True)
@@ -398,9 +401,7 @@ def _endpoint_check(out: Path, curve: results.Curve, ck_a: dict, ck_b: dict | No
         hits = np.flatnonzero(curve.alpha == alpha)
         if ck is None or not len(hits):
             continue
-        model = ckpt_io.model_from_checkpoint(ck).to(s.device, dtype=s.dtype)
-        if s.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = s.place(ckpt_io.model_from_checkpoint(ck))
         diffs = []
         for split_name, split in (("train", ds.train), ("test", ds.test)):
             ref: EvalResult = evaluate(model, split, mean, std, batch_size=s.batch_size, device=s.device,
