@@ -26,11 +26,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from minima import checkpoint as ck
 from minima import data as data_mod
 from minima import results
-from minima.evaluate import evaluate
+from minima.evaluate import evaluate_checkpoint
 from minima.measure import MeasureRequest, measure
+from minima.schedule import scaled_lr
 from minima.train import NonFiniteLossError, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,16 +80,16 @@ def _run_one(p: SweepPreset, batch: int, warmup: bool, out: Path, ds: data_mod.D
         schedule="cosine", momentum=0.9, nesterov=False, weight_decay=p.weight_decay, decay_bn_bias=False,
         augment=p.augment, seed=0, init_seed=1337, out=str(out),
     )
-    row: dict[str, Any] = {"batch": batch, "warmup": warmup, "peak_lr": p.ref_lr * batch / p.ref_batch}
+    peak_lr = scaled_lr(p.ref_lr, p.ref_batch, batch, "linear")
+    row: dict[str, Any] = {"batch": batch, "warmup": warmup, "peak_lr": peak_lr}
     final = out / "final.pt"
     if not final.exists():
         try:
             train(config, resume=(out / "last.pt").exists(), dataset=ds)
         except NonFiniteLossError as exc:
             return {**row, "diverged": str(exc).split(";")[0]}
-    model, meta = ck.load_model(final)
-    test = evaluate(model, ds.test, meta["data"]["mean"], meta["data"]["std"])
-    tr = evaluate(model, ds.train, meta["data"]["mean"], meta["data"]["std"])
+    evals = evaluate_checkpoint(final, {"train": ds.train, "test": ds.test})
+    tr, test = evals["train"], evals["test"]
     sharp = out / "sharpness.h5"
     measure(MeasureRequest(checkpoints=[final], metrics=["keskar"], eps=[p.eps], subspace=None, maxiter=p.maxiter,
                            samples=p.sharpness_samples, bn="batch", batch_size=min(1000, p.sharpness_samples),

@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from minima import checkpoint as ck
 from minima import data as data_mod
 from minima import results
-from minima.evaluate import evaluate
+from minima.evaluate import evaluate_checkpoint
 from minima.interpolate import SweepRequest
 from minima.interpolate import run as run_interpolation
 from minima.measure import MeasureRequest, measure
@@ -113,10 +112,8 @@ def _train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, 
 
 
 def _exact_accuracy(path: Path, ds: data_mod.Dataset, batch_size: int) -> dict[str, float]:
-    model, meta = ck.load_model(path)
     out = {}
-    for name in ("train", "test"):
-        r = evaluate(model, getattr(ds, name), meta["data"]["mean"], meta["data"]["std"], batch_size=batch_size)
+    for name, r in evaluate_checkpoint(path, {"train": ds.train, "test": ds.test}, batch_size).items():
         out[f"{name}_acc"], out[f"{name}_loss"] = 100.0 * r.accuracy, r.loss
     lines = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
     out["epochs"] = lines[-1]["epoch"]

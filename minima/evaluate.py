@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from minima import distributed
+from minima.checkpoint import load_model
 from minima.data import Dataset, Split, eval_batches, normalize, shard
 
 
@@ -183,3 +185,11 @@ def check_model_accepts(model: nn.Module, ds: Dataset) -> None:
         model.train(was_training)
     if out.shape[1] != ds.num_classes:
         raise ValueError(f"the model has {out.shape[1]} outputs but the data has {ds.num_classes} classes")
+
+
+def evaluate_checkpoint(path: str | Path, splits: dict[str, Split], batch_size: int = 1000) -> dict[str, EvalResult]:
+    """Exact loss/accuracy of a checkpoint's model on each named split, with the input normalisation the
+    checkpoint was trained with (its ``meta["data"]`` mean/std)."""
+    model, meta = load_model(path)
+    mean, std = meta["data"]["mean"], meta["data"]["std"]
+    return {name: evaluate(model, split, mean, std, batch_size=batch_size) for name, split in splits.items()}
