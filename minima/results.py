@@ -75,6 +75,24 @@ class Curve:
         return self.attrs.get("label_b") or Path(str(self.attrs.get("checkpoint_b", "B"))).stem
 
 
+def _attr(value: Any) -> Any:
+    """An HDF5 attribute value: scalars, strings and arrays as they are, anything else as JSON."""
+    if isinstance(value, np.ndarray):
+        return value
+    return value if isinstance(value, str | int | float | bool | np.generic) else json.dumps(value)
+
+
+def _read_attrs(node: h5py.HLObject) -> dict[str, Any]:
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in node.attrs.items()}
+
+
+def _write_header(f: h5py.File, fmt: str) -> None:
+    f.attrs["format"] = fmt
+    f.attrs["created"] = utc_now()
+    f.attrs["minima_version"] = __version__
+    f.attrs["torch_version"] = str(torch.__version__)
+
+
 def create_curve_file(path: str | os.PathLike[str], alphas: np.ndarray, attrs: dict[str, Any]) -> None:
     """Create a curve file with every row "not computed" (written to a temporary name, then renamed)."""
     path = Path(path)
@@ -82,12 +100,9 @@ def create_curve_file(path: str | os.PathLike[str], alphas: np.ndarray, attrs: d
         raise ResultsError(f"output directory {path.parent} does not exist; create it or choose another --out")
     tmp = path.with_name(f".{path.name}.tmp")
     with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = CURVE_FORMAT
-        f.attrs["created"] = utc_now()
-        f.attrs["minima_version"] = __version__
-        f.attrs["torch_version"] = str(torch.__version__)
+        _write_header(f, CURVE_FORMAT)
         for key, value in attrs.items():
-            f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
+            f.attrs[key] = _attr(value)
         f.create_dataset("alpha", data=np.asarray(alphas, dtype=np.float64))
         for name in ROW_FIELDS:
             if name in _INT_FIELDS:
@@ -147,7 +162,7 @@ def set_attrs(path: str | os.PathLike[str], attrs: dict[str, Any]) -> None:
     """Add or replace root attributes (non-string values stored as JSON)."""
     with _open(Path(path), "r+") as f:
         for key, value in attrs.items():
-            f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
+            f.attrs[key] = _attr(value)
 
 
 def load_curve(path: str | os.PathLike[str]) -> Curve:
@@ -156,7 +171,7 @@ def load_curve(path: str | os.PathLike[str]) -> Curve:
     with _open(path, "r") as f:
         _check_format(f, path)
         arrays = {name: f[name][()] for name in ("alpha", *ROW_FIELDS)}
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        attrs = _read_attrs(f)
     return Curve(
         alpha=arrays["alpha"], train_loss=arrays["train/loss"], train_accuracy=arrays["train/accuracy"],
         train_nonfinite=arrays["train/nonfinite"], test_loss=arrays["test/loss"],
@@ -169,12 +184,6 @@ def load_curve(path: str | os.PathLike[str]) -> Curve:
 SHARPNESS_FORMAT = "minima.sharpness/1"
 
 
-def _attr(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value
-    return value if isinstance(value, str | int | float | bool | np.generic) else json.dumps(value)
-
-
 def ensure_sharpness_file(path: str | os.PathLike[str]) -> None:
     """Create a sharpness file, or accept an existing curve or sharpness file (results go under
     ``sharpness/``); refuse anything else."""
@@ -183,10 +192,7 @@ def ensure_sharpness_file(path: str | os.PathLike[str]) -> None:
         if not path.parent.is_dir():
             raise ResultsError(f"output directory {path.parent} does not exist; create it or choose another --out")
         with h5py.File(path, "w") as f:
-            f.attrs["format"] = SHARPNESS_FORMAT
-            f.attrs["created"] = utc_now()
-            f.attrs["minima_version"] = __version__
-            f.attrs["torch_version"] = str(torch.__version__)
+            _write_header(f, SHARPNESS_FORMAT)
         return
     with _open(path, "r") as f:
         fmt = f.attrs.get("format")
@@ -229,7 +235,7 @@ def load_sharpness(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             for metric in root[label]:
                 group = root[label][metric]
                 row: dict[str, Any] = {"checkpoint_label": label, "metric": metric}
-                row.update({k: (v.decode() if isinstance(v, bytes) else v) for k, v in group.attrs.items()})
+                row.update(_read_attrs(group))
                 row.update({k: group[k][()] for k in group})
                 out.append(row)
     return out
