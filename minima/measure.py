@@ -92,12 +92,11 @@ def _jobs(req: MeasureRequest) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _compute(obj: DatasetObjective, x: torch.Tensor, f0: float, job: dict[str, Any], req: MeasureRequest) -> dict:
-    obj.set_flat(x)
+    obj.set_flat(x)  # the metrics move θ while they search; every one starts from the checkpoint
     kind = job["kind"]
     if kind == "keskar":
         sub = RandomSubspace(obj.numel, job["p"], seed=job["seed"]) if job["p"] else None
         r = keskar_sharpness(obj.value_and_grad, x, job["eps"], subspace=sub, maxiter=req.maxiter, f0=f0)
-        obj.set_flat(x)
         return {"value": r.phi, **asdict(r)}
     if kind == "hessian":
         r = top_eigenvalues(hessian_operator(obj), k=job["k"], tol=job["tol"], seed=req.seed)
@@ -109,10 +108,8 @@ def _compute(obj: DatasetObjective, x: torch.Tensor, f0: float, job: dict[str, A
         return {"value": r.trace, **asdict(r)}
     if kind == "adaptive":
         r = adaptive_sharpness(obj.value_and_grad, x, job["rho"], steps=job["steps"])
-        obj.set_flat(x)
         return {"value": r.sharpness, **asdict(r)}
     r = average_sharpness(obj.value, x, job["sigma"], samples=job["samples"], seed=req.seed)
-    obj.set_flat(x)
     return {"value": r.sharpness, **asdict(r)}
 
 
@@ -143,9 +140,11 @@ def measure(req: MeasureRequest) -> Path:
                 train = train.take(data_mod.stratified_subset(train.labels, req.samples, req.subset_seed))
             common = {"checkpoint": str(path), "sha256": ckpt_io.sha256_file(path), "bn": req.bn,
                       "samples": len(train), "batch_size": req.batch_size, "dtype": req.dtype,
-                      "subset_seed": req.subset_seed, "data": json.dumps(ds.describe()), "seed": req.seed}
+                      "subset_seed": req.subset_seed, "data": json.dumps(ds.describe()), "seed": req.seed,
+                      "maxiter": req.maxiter}
+
             def key_of(job: dict[str, Any], common: dict[str, Any] = common) -> str:
-                return _settings_key({**common, **job, "maxiter": req.maxiter})
+                return _settings_key({**common, **job})
 
             pending = [(name, job) for name, job in jobs
                        if not (env.is_main and results.sharpness_done(out, label, name, key_of(job)))]
@@ -173,7 +172,7 @@ def measure(req: MeasureRequest) -> Path:
                 values = _compute(obj, x, f0, job, req)
                 if env.is_main:
                     results.write_sharpness(out, label, name, {**common, **job, **values, "settings_key": key_of(job),
-                                                               "metric_kind": job["kind"], "maxiter": req.maxiter})
+                                                               "metric_kind": job["kind"]})
                     print(f"[minima.sharpness] {label} {name}: {values['value']:.6g} "
                           f"({values.get('seconds', float('nan')):.1f} s)", flush=True)
         if env.is_main:
