@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 
 from minima import data as data_mod
 from minima import results
+from minima.allocator import keep_freed_memory
 from minima.evaluate import evaluate_checkpoint
 from minima.measure import MeasureRequest, measure
 from minima.schedule import scaled_lr
@@ -148,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pretrained", default=None,
                     help="mobilenet_v2: 'imagenet' (torchvision download) or a local ImageNet state-dict file")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     p = PRESETS[args.preset]
     batches = tuple(args.batches or p.batches)
     out = args.out or Path("runs") / f"batch_sweep_{args.preset}"

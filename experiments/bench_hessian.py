@@ -12,8 +12,9 @@ reference (``eigsh`` at tol 1e-10):
 * the toolkit: :func:`minima.hessian.top_eigenvalues` (Lanczos, tol 1e-3), whose reported eigenvalues carry
   residual error bounds.
 
-Prints HVPs, seconds and the true relative error of every eigenvalue, and the cost of one HVP relative to
-one forward+backward pass. Without ``--ckpt`` a C1 is trained for one epoch on 5,000 images first.
+Prints HVPs, seconds and the true relative error of every eigenvalue, the HVPs deflated power iteration
+needs to match Lanczos' true error (with an oracle stopping rule), and the cost of one HVP relative to one
+forward+backward pass. Without ``--ckpt`` a C1 is trained for one epoch on 5,000 images first.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from minima import checkpoint as ck
 from minima import data
+from minima.allocator import keep_freed_memory
 from minima.hessian import CountingOperator, hessian_operator, top_eigenvalues
 from minima.objective import DatasetObjective
 from minima.train import TrainConfig, train
@@ -58,17 +60,27 @@ def power_iteration(op: CountingOperator, k: int, tol: float = 1e-3, max_iter: i
     return np.array(vals), op.products - start
 
 
-def power_hvps_to_error(op: CountingOperator, target: float, rel: float, max_iter: int = 200,
-                        seed: int = 0) -> int:
-    """HVPs plain power iteration needs before its Rayleigh quotient is within ``rel`` of ``target``."""
-    v = np.random.default_rng(seed).standard_normal(op.shape[0])
-    for i in range(1, max_iter + 1):
-        v /= np.linalg.norm(v)
-        hv = op.matvec(v)
-        if abs(float(v @ hv) - target) <= rel * abs(target):
-            return i
-        v = hv
-    return max_iter
+def power_hvps_to_error(op: CountingOperator, targets: np.ndarray, rel: float, max_iter: int = 300,
+                        seed: int = 0) -> tuple[int, bool]:
+    """HVPs deflated power iteration needs before the Rayleigh quotient of each of the top ``len(targets)``
+    eigenvalues is within ``rel`` of its reference value — an oracle stopping rule, i.e. the least power
+    iteration could spend for that true error. Returns (HVPs, whether every eigenvalue got there)."""
+    rng = np.random.default_rng(seed)
+    start, vecs, reached = op.products, [], True
+    for target in targets:
+        v = rng.standard_normal(op.shape[0])
+        for _ in range(max_iter):
+            for u in vecs:
+                v -= (v @ u) * u
+            v /= np.linalg.norm(v)
+            hv = op.matvec(v)
+            if abs(float(v @ hv) - target) <= rel * abs(target):
+                break
+            v = hv
+        else:
+            reached = False
+        vecs.append(v / np.linalg.norm(v))
+    return op.products - start, reached
 
 
 def main() -> None:
@@ -79,6 +91,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as python -m minima.sharpness runs; both methods share the same HVP
     ds = data.load_cifar10(download=False)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt
@@ -115,17 +128,18 @@ def main() -> None:
             line += f"  (max reported bound {bounds.max():.1e})"
         print(line)
 
-    op = hessian_operator(obj)
-    needed = power_hvps_to_error(op, ref.eigenvalues[0], 1e-3)
-    print(f"power iteration needs {needed} HVPs to reach a true relative error ≤ 1e-3 on λ_max")
     for k in (1, args.k):
         op = hessian_operator(obj)
         t0 = time.perf_counter()
         vals, hvps = power_iteration(op, k)
         report(f"power iteration (PyHessian), k={k}", vals, hvps, time.perf_counter() - t0)
+        needed, reached = power_hvps_to_error(hessian_operator(obj), ref.eigenvalues[:k], 1e-3)
         res = top_eigenvalues(hessian_operator(obj), k=k, tol=1e-3)
         report(f"minima Lanczos tol 1e-3, k={k}", res.eigenvalues, res.hvps, res.seconds,
                res.relative_error_bounds)
+        print(f"  same true error (≤ 1e-3 on each of the top {k}): deflated power iteration with an oracle stop "
+              f"{'needs' if reached else 'did not get there in'} {needed} HVPs, Lanczos {res.hvps} "
+              f"(incl. {k} residual checks) → {needed / res.hvps:.1f}× fewer")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ synthetic 3×32×32 data (throughput does not depend on pixel values), at the sa
   backward, ``step`` — with the same micro-batch accumulation at the large batch.
 
 For each batch size the best of two epochs of each side is kept and the ratio toolkit / baseline printed
-(target ≥ 0.95). Peak resident memory of a toolkit run at the large batch is measured in a fresh
-subprocess (target for c1 on CPU: < 2 GB).
+(target ≥ 0.95): first both with the default allocator, then both after
+:func:`minima.allocator.keep_freed_memory` (what ``python -m minima.train`` runs with), so the loop's overhead
+and the allocator's gain are reported separately. Peak resident memory of a toolkit run at the large batch is
+measured in a fresh subprocess, as the command line runs it (target for c1 on CPU: < 2 GB).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from minima import data
+from minima.allocator import keep_freed_memory
 from minima.models import CONVOLUTIONAL, build_model
 from minima.train import TrainConfig, train
 
@@ -68,6 +71,8 @@ def baseline_images_per_s(model_name: str, ds: data.Dataset, batch: int, micro: 
 PEAK_RSS = """
 import resource, sys, tempfile
 from minima import data
+from minima.allocator import keep_freed_memory
+keep_freed_memory()
 from minima.train import TrainConfig, train
 ds = data.synthetic(n_train={n}, n_test=16, image_shape=(3, 32, 32), num_classes=10, seed=0)
 with tempfile.TemporaryDirectory() as d:
@@ -87,15 +92,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, model {args.model}")
-    rows = []
-    for batch, micro, n in ((256, None, 256 * args.steps), (args.large_batch, args.micro_batch, 2 * args.large_batch)):
-        ds = data.synthetic(n_train=n, n_test=16, image_shape=(3, 32, 32), num_classes=10, seed=0)
-        with tempfile.TemporaryDirectory() as d:
-            ours = toolkit_images_per_s(args.model, ds, batch, micro, Path(d) / "run")
-        base = baseline_images_per_s(args.model, ds, batch, micro)
-        rows.append((batch, micro, ours, base))
-        print(f"batch {batch:5d} (micro {micro or batch}): toolkit {ours:7.1f} img/s, bare loop {base:7.1f} img/s, "
-              f"ratio {ours / base:.3f}", flush=True)
+    for allocator in ("default allocator", "keep_freed_memory"):
+        if allocator == "keep_freed_memory" and not keep_freed_memory():
+            print("keep_freed_memory does not apply on this platform")
+            break
+        for batch, micro, n in ((256, None, 256 * args.steps),
+                                (args.large_batch, args.micro_batch, 2 * args.large_batch)):
+            ds = data.synthetic(n_train=n, n_test=16, image_shape=(3, 32, 32), num_classes=10, seed=0)
+            base = baseline_images_per_s(args.model, ds, batch, micro)
+            with tempfile.TemporaryDirectory() as d:
+                ours = toolkit_images_per_s(args.model, ds, batch, micro, Path(d) / "run")
+            print(f"{allocator}, batch {batch:5d} (micro {micro or batch}): toolkit {ours:7.1f} img/s, "
+                  f"bare loop {base:7.1f} img/s, ratio {ours / base:.3f}", flush=True)
     code = PEAK_RSS.format(n=args.large_batch, model=args.model, batch=args.large_batch, micro=args.micro_batch,
                            threads=args.threads)
     rss = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -30,6 +30,7 @@ import torch
 
 from minima import data as data_mod
 from minima import results
+from minima.allocator import keep_freed_memory
 from minima.evaluate import evaluate_checkpoint
 from minima.interpolate import SweepRequest
 from minima.interpolate import run as run_interpolation
@@ -238,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--figures", type=Path, default=ROOT / "figures", help="where the figure goes")
     p.add_argument("--data", default=None, help="override the preset's data source")
     args = p.parse_args(argv)
+    keep_freed_memory()
     preset = PRESETS[args.preset]
     if args.data is not None:
         preset = replace(preset, data=args.data)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from minima import checkpoint as ckpt_io
 from minima import data as data_mod
 from minima import distributed, results
+from minima.allocator import keep_freed_memory
 from minima.evaluate import EvalResult, check_model_accepts, evaluate, recompute_bn_stats
 from minima.fold import fold_batchnorm
 from minima.models import CONVOLUTIONAL, has_batchnorm
@@ -464,6 +465,7 @@ def _join_negative_grid(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     req = parse_args(argv)
+    keep_freed_memory()
     try:
         run(req)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from minima import checkpoint as ckpt_io
 from minima import data as data_mod
 from minima import distributed, results
+from minima.allocator import keep_freed_memory
 from minima.hessian import hessian_operator, hutchinson_trace, top_eigenvalues
 from minima.interpolate import load_data_for, run_label
 from minima.objective import BN_MODES, DatasetObjective
@@ -234,6 +235,7 @@ def parse_args(argv: Sequence[str] | None = None) -> MeasureRequest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     try:
         measure(parse_args(argv))
     except (ValueError, FileNotFoundError) as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import types
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -22,28 +21,13 @@ from torch.func import functional_call, grad, jvp
 from minima import distributed
 from minima.data import Split, eval_batches, normalize, shard
 from minima.evaluate import per_sample_cross_entropy, train_mode_for_bn_only
+from minima.fold import folded_in_weights
 
 BN_MODES = ("eval", "batch")
 
 
 class NondeterministicLossError(RuntimeError):
     """Two evaluations of the same quantity disagree (augmentation, dropout or a nondeterministic kernel)."""
-
-
-def _eval_batchnorm_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode BatchNorm as the affine map x·s + t with s = γ/sqrt(σ² + ε), t = β − μ·s.
-
-    The same function as ``F.batch_norm(training=False)``, written in elementwise ops so that its second
-    derivative is cheap (PyTorch's generic BatchNorm double-backward computes terms that vanish in eval mode).
-    """
-    scale = torch.rsqrt(self.running_var + self.eps)
-    if self.weight is not None:
-        scale = self.weight * scale
-    shift = -self.running_mean * scale
-    if self.bias is not None:
-        shift = shift + self.bias
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return x * scale.view(shape) + shift.view(shape)
 
 
 class DatasetObjective:
@@ -75,8 +59,6 @@ class DatasetObjective:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.eval()
-        self._eval_bns = [m for m in self.model.modules()
-                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None]
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.params)
@@ -129,7 +111,7 @@ class DatasetObjective:
         if theta is not None:
             self.set_flat(theta)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        with torch.no_grad(), train_mode_for_bn_only(self.model, self.bn == "batch"):
+        with torch.no_grad(), self._function():
             for x, y in self.batches:
                 total += self._batch_loss(x, y).to(torch.float64)
         self.evaluations["f"] += 1
@@ -141,7 +123,7 @@ class DatasetObjective:
             self.set_flat(theta)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         grads = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
-        with train_mode_for_bn_only(self.model, self.bn == "batch"):
+        with self._function():
             for x, y in self.batches:
                 loss = self._batch_loss(x, y)
                 for acc, g in zip(grads, torch.autograd.grad(loss, self.params), strict=True):
@@ -161,7 +143,7 @@ class DatasetObjective:
         """
         v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64))
         out = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
-        with train_mode_for_bn_only(self.model, self.bn == "batch"), self._cheap_eval_bn():
+        with self._function():
             for x, y in self.batches:
                 parts = self._hvp_forward(x, y, v) if self.hvp_mode == "forward" else self._hvp_reverse(x, y, v)
                 for acc, h in zip(out, parts, strict=True):
@@ -170,17 +152,18 @@ class DatasetObjective:
         return self._reduced_flat(out)
 
     @contextlib.contextmanager
-    def _cheap_eval_bn(self) -> Iterator[None]:
-        """With ``bn="eval"``, run BatchNorm as an explicit affine map (same function, ≈ 11 % cheaper HVPs
-        for C1 here); f and ∇f keep PyTorch's fused kernel, which is faster for first derivatives."""
-        patched = self._eval_bns if self.bn == "eval" else []
-        for m in patched:
-            m.forward = types.MethodType(_eval_batchnorm_forward, m)
-        try:
-            yield
-        finally:
-            for m in patched:
-                del m.forward  # back to the class's forward
+    def _function(self) -> Iterator[None]:
+        """The network as the function f is defined on: dropout off; with ``bn="batch"`` BatchNorm on each
+        batch's statistics, with ``bn="eval"`` the running statistics folded into the preceding layers'
+        weights (:func:`minima.fold.folded_in_weights`: same function and derivatives, no activation-sized
+        BatchNorm work — one C1 HVP on 500 images here went from 4.30 s to 2.72 s in contiguous format and from
+        2.87 s to 2.28 s in channels_last, default allocator)."""
+        with train_mode_for_bn_only(self.model, self.bn == "batch"):
+            if self.bn == "eval":
+                with folded_in_weights(self.model):
+                    yield
+            else:
+                yield
 
     def _hvp_reverse(self, x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         grads = torch.autograd.grad(self._batch_loss(x, y), self.params, create_graph=True)

@@ -41,6 +41,7 @@ from minima import checkpoint as ckpt_io
 from minima import config as cfg
 from minima import data as data_mod
 from minima import distributed
+from minima.allocator import keep_freed_memory
 from minima.evaluate import batch_sums, check_model_accepts, evaluate, sums_to_result
 from minima.models import CONVOLUTIONAL, build_model, load_imagenet_weights
 from minima.schedule import SCALING_RULES, SCHEDULES, build_schedule, learning_rate
@@ -512,6 +513,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, resume = parse_args(argv)
+    keep_freed_memory()
     try:
         train(config, resume=resume)
     except TrainingInterrupted as exc:

@@ -8,7 +8,7 @@ from torch import nn
 
 from minima import data
 from minima.evaluate import evaluate, per_sample_cross_entropy, recompute_bn_stats
-from minima.fold import fold_batchnorm
+from minima.fold import fold_batchnorm, folded_in_weights
 from minima.models import build_model
 
 
@@ -91,3 +91,33 @@ def test_folding_batchnorm_preserves_eval_outputs(name: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
         assert math.isfinite(float(folded(x).sum()))
+
+
+@pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
+def test_folded_in_weights_keeps_function_gradient_and_hvp(name: str) -> None:
+    torch.manual_seed(1)
+    model = build_model(name).double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.running_var, 0.5, 2.0)
+            nn.init.normal_(m.running_mean)
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3, 7, 9])
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+
+    def value_grad_hvp() -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        loss = nn.functional.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        hv = torch.autograd.grad(sum((g * w).sum() for g, w in zip(grads, v, strict=True)), params)
+        return loss.detach(), [g.detach() for g in grads], list(hv)
+
+    plain = value_grad_hvp()
+    with folded_in_weights(model) as pairs:
+        folded = value_grad_hvp()
+    assert pairs == sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    torch.testing.assert_close(folded[0], plain[0], rtol=1e-12, atol=0)
+    for got, want in zip(folded[1] + folded[2], plain[1] + plain[2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the class forwards are back

@@ -1,0 +1,49 @@
+"""Process-wide CPU memory-allocator setting that makes PyTorch on CPU markedly faster.
+
+glibc's ``malloc`` serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
+and returns it to the kernel on ``free``. A CIFAR batch of activations (1000 × 64 × 32 × 32 float32 =
+262 MB) is far above that, so every forward pass maps new memory and page-faults on every 4 KiB page the
+first time it is written — on a virtual machine each fault is expensive. :func:`keep_freed_memory` tells
+glibc (``mallopt``) to serve large blocks from the heap and never trim it, so freed activation buffers are
+reused without faults. Measured on this project's 2-core CPU machine (torch 2.14.1, C1, synthetic data):
+evaluation 2,117 → 3,218 images/s (batch 1000, channels_last, folded BatchNorm), training 618 → 778 images/s
+(batch 256), one Hessian-vector product on 500 images 2.7 → 1.7 s.
+
+The cost: memory freed by the process is kept for reuse rather than given back to the kernel, so the
+resident size stays at its high-water mark, and that mark is higher: a freed block is reused only once
+neighbours have coalesced with it (PyTorch's 64-byte-aligned requests do not fit the exact freed size), so a
+few spare copies of the largest buffers stay resident — in a loop over one 64 MiB tensor, the steady state
+was reached after 7 allocations, with 958 MB peak resident size instead of 574 MB. The command-line entry
+points call it; library users call it once at the top of a script or notebook. ``MINIMA_MALLOC=default`` in
+the environment switches it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+# mallopt parameter numbers from glibc's <malloc.h>
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep and reuse freed memory (no per-tensor ``mmap``); return whether it applied.
+
+    Returns False without changing anything where the C library has no ``mallopt`` (macOS, musl) or when
+    ``MINIMA_MALLOC=default`` is set.
+    """
+    if os.environ.get("MINIMA_MALLOC", "").lower() == "default":
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # no libc found, or a libc without mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # Both calls return 1 on success; large blocks come from the heap, and the heap is never trimmed.
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
