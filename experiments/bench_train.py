@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="steps per epoch at batch 256")
     parser.add_argument("--large-batch", type=int, default=5000)
-    parser.add_argument("--micro-batch", type=int, default=500, help="micro-batch at the large batch")
+    parser.add_argument("--micro-batch", type=int, default=250, help="micro-batch at the large batch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, model {args.model}")

@@ -1,11 +1,21 @@
 """Hessian of the training loss: a scipy ``LinearOperator``, top-k eigenvalues with error bounds, and
 Hutchinson's trace estimate.
 
-* **Eigenvalues** come from Lanczos (ARPACK's implicitly restarted Lanczos, ``scipy.sparse.linalg.eigsh``,
-  ``which="LA"``: the algebraically largest). Each returned Ritz pair (λ̂, x̂), ‖x̂‖ = 1, carries the residual
-  r = ‖H x̂ − λ̂ x̂‖, computed with one extra Hessian-vector product. For a symmetric H some eigenvalue λ
-  satisfies |λ − λ̂| ≤ r, so ``r / |λ̂|`` is a rigorous bound on the relative error (when the pair is the one
-  sought — Lanczos finds extreme eigenvalues first).
+* **Eigenvalues** (the algebraically largest) come from Lanczos. Each returned Ritz pair (λ̂, x̂), ‖x̂‖ = 1,
+  carries the residual r = ‖H x̂ − λ̂ x̂‖. For a symmetric H some eigenvalue λ satisfies |λ − λ̂| ≤ r, so
+  ``r / |λ̂|`` bounds the relative error (when the pair is the one sought — Lanczos finds extreme eigenvalues
+  first). Two methods:
+
+  - ``"lanczos"`` (default): plain Lanczos with full reorthogonalisation, no restarts, checking after every
+    product whether all k Ritz values meet ``r ≤ tol·|λ̂|``, with r read off the Lanczos relation
+    H Q_m = Q_m T_m + β_m q_{m+1} e_mᵀ (r_i = β_m·|s_{m,i}|, exact up to rounding when the basis is kept
+    orthogonal) — so it stops at the first product that suffices and the bounds cost nothing. It stores the
+    basis: ``max_steps`` vectors of n float64 (C1: 14 MB each).
+  - ``"arpack"``: ``scipy.sparse.linalg.eigsh`` (implicitly restarted, ``ncv`` vectors), for models whose basis
+    would not fit in memory; its residuals are computed with one extra product per eigenvalue.
+
+  On a trained C1 (1,000 images) the top 5 to ``tol`` 1e-3 took 17 products with ``"lanczos"`` and 24 with
+  ``"arpack"`` (19 + 5 residual products).
 * **Trace**: tr(H) = E[zᵀHz] for Rademacher z; the mean over probes with its standard error
   s/√m, stopping once the standard error is below ``rtol·|mean|`` (after ``min_probes``) or at ``max_probes``.
 
@@ -20,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 
@@ -55,6 +66,8 @@ class EigenResult:
     seconds: float
     tol: float
     ncv: int
+    method: str = "lanczos"
+    converged: bool = True
     eigenvectors: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -62,33 +75,83 @@ class EigenResult:
         return self.residuals / np.maximum(np.abs(self.eigenvalues), 1e-300)
 
 
-def top_eigenvalues(
-    op: CountingOperator, k: int = 1, *, tol: float = 1e-3, ncv: int | None = None, seed: int = 0,
-    maxiter: int | None = None, return_vectors: bool = False,
-) -> EigenResult:
-    """The ``k`` algebraically largest eigenvalues of the symmetric operator by Lanczos.
+EIGEN_METHODS = ("lanczos", "arpack")
 
-    ``tol`` is ARPACK's relative accuracy target for the Ritz values; the returned ``residuals`` bound the
-    actual absolute error. ``ncv`` (Lanczos basis size) defaults to ``max(2k + 1, k + 8)`` — small bases
-    restart more but waste fewer products when only a few eigenvalues are wanted.
+
+def top_eigenvalues(
+    op: CountingOperator, k: int = 1, *, tol: float = 1e-3, method: str = "lanczos", max_steps: int | None = None,
+    ncv: int | None = None, seed: int = 0, maxiter: int | None = None, return_vectors: bool = False,
+) -> EigenResult:
+    """The ``k`` algebraically largest eigenvalues of the symmetric operator, each with a residual ``r`` such
+    that some eigenvalue lies within ``r`` of it; stops once ``r ≤ tol·|λ̂|`` for all k (see the module notes).
+
+    ``method="lanczos"``: at most ``max_steps`` products (default ``max(4k + 20, 40)``, capped at n); if that is
+    not enough, the result has ``converged=False`` and its (larger) residuals. ``method="arpack"``: ARPACK with
+    a basis of ``ncv`` vectors (default ``max(2k + 1, k + 8)``) and ``maxiter`` restarts.
     """
     n = op.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k must be in 1..{n - 1} for an operator of size {n}; got {k}")
-    ncv = min(n, ncv if ncv is not None else max(2 * k + 1, k + 8))
+    if method not in EIGEN_METHODS:
+        raise ValueError(f"unknown eigenvalue method {method!r}; choose one of {list(EIGEN_METHODS)}")
+    if tol <= 0:
+        raise ValueError(f"tol must be > 0; got {tol}")
     v0 = np.random.default_rng(seed).standard_normal(n)
-    start = op.products
-    t0 = time.perf_counter()
-    vals, vecs = eigsh(op, k=k, which="LA", tol=tol, ncv=ncv, v0=v0, maxiter=maxiter)
-    order = np.argsort(vals)[::-1]
-    vals, vecs = vals[order], vecs[:, order]
-    residuals = np.empty(k)
-    for j in range(k):
-        x = vecs[:, j] / np.linalg.norm(vecs[:, j])
-        residuals[j] = np.linalg.norm(op.matvec(x) - vals[j] * x)
+    start, t0 = op.products, time.perf_counter()
+    if method == "lanczos":
+        steps = min(n, max_steps if max_steps is not None else max(4 * k + 20, 40))
+        if steps < k:
+            raise ValueError(f"max_steps={steps} is smaller than k={k}")
+        vals, residuals, vecs, used, converged = _lanczos(op, k, tol, steps, v0, return_vectors)
+    else:
+        used = min(n, ncv if ncv is not None else max(2 * k + 1, k + 8))
+        vals, vecs = eigsh(op, k=k, which="LA", tol=tol, ncv=used, v0=v0, maxiter=maxiter)
+        order = np.argsort(vals)[::-1]
+        vals, vecs = vals[order], vecs[:, order]
+        residuals = np.empty(k)
+        for j in range(k):
+            x = vecs[:, j] / np.linalg.norm(vecs[:, j])
+            residuals[j] = np.linalg.norm(op.matvec(x) - vals[j] * x)
+        converged = bool(np.all(residuals <= tol * np.abs(vals)))
     return EigenResult(eigenvalues=vals, residuals=residuals, hvps=op.products - start,
-                       seconds=time.perf_counter() - t0, tol=tol, ncv=ncv,
+                       seconds=time.perf_counter() - t0, tol=tol, ncv=used, method=method, converged=converged,
                        eigenvectors=vecs if return_vectors else None)
+
+
+def _lanczos(
+    op: CountingOperator, k: int, tol: float, steps: int, v0: np.ndarray, return_vectors: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, bool]:
+    """Lanczos with full reorthogonalisation: (top-k Ritz values, residuals, Ritz vectors, basis size,
+    converged)."""
+    n = op.shape[0]
+    basis = np.empty((steps, n))
+    basis[0] = v0 / np.linalg.norm(v0)
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(steps):
+        w = op.matvec(basis[j])
+        alphas.append(float(w @ basis[j]))
+        # Gram-Schmidt against the whole basis, twice ("twice is enough"): keeps Q orthogonal to rounding, so
+        # no ghost copies of converged eigenvalues appear and the residual formula below stays exact.
+        for _ in range(2):
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta = float(np.linalg.norm(w))
+        theta, s = eigh_tridiagonal(np.array(alphas), np.array(betas)) if j else (np.array(alphas), np.ones((1, 1)))
+        top = np.argsort(theta)[::-1][:k]
+        residuals = beta * np.abs(s[-1, top])
+        scale = max(float(np.abs(theta).max()), 1e-300)
+        # β ≈ 0: the Krylov space is invariant, its Ritz values are eigenvalues.
+        exhausted = beta <= 1e-12 * scale
+        done = len(top) == k and bool(np.all(residuals <= tol * np.abs(theta[top])))
+        if done or exhausted or j == steps - 1:
+            if len(top) < k:
+                raise ValueError(f"the Krylov space has dimension {j + 1} < k={k}; the operator has fewer "
+                                 "distinct eigenvalues than asked for (use a smaller k)")
+            vecs = basis[: j + 1].T @ s[:, top] if return_vectors else None
+            return theta[top], residuals, vecs, j + 1, done or exhausted
+        betas.append(beta)
+        basis[j + 1] = w / beta
+    raise AssertionError("unreachable: the loop returns at its last step")
 
 
 @dataclass(frozen=True)

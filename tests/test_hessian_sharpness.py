@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch.func import functional_call
 
 from minima import data
-from minima.hessian import hessian_operator, hutchinson_trace, slq_density, top_eigenvalues
+from minima.hessian import CountingOperator, hessian_operator, hutchinson_trace, slq_density, top_eigenvalues
 from minima.models import build_model
 from minima.objective import DatasetObjective, NondeterministicLossError
 from minima.sharpness import (
@@ -59,11 +59,13 @@ def test_hvp_and_eigenvalues_match_dense_hessian() -> None:
     torch.testing.assert_close(obj.hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(_objective(model, ds, hvp_mode="reverse").hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
     op = hessian_operator(obj)
-    res = top_eigenvalues(op, k=3, tol=1e-12, ncv=obj.numel - 1)
     exact = np.sort(np.linalg.eigvalsh(dense.numpy()))[::-1][:3]
-    np.testing.assert_allclose(res.eigenvalues, exact, rtol=1e-6)
-    assert np.all(res.residuals <= 1e-6 * np.abs(exact[0]))
-    assert res.hvps == op.products  # every product counted, residual checks included
+    for method in ("lanczos", "arpack"):
+        before = op.products
+        res = top_eigenvalues(op, k=3, tol=1e-12, method=method, ncv=obj.numel - 1)
+        np.testing.assert_allclose(res.eigenvalues, exact, rtol=1e-6)
+        assert res.converged and np.all(res.residuals <= 1e-6 * np.abs(exact[0]))
+        assert res.hvps == op.products - before  # every product counted, residual checks included
     tr = hutchinson_trace(op, rtol=2e-2, max_probes=100, seed=1)
     assert abs(tr.trace - float(torch.trace(dense))) <= 3 * tr.stderr
     nodes, weights = slq_density(op, steps=obj.numel, probes=3)
@@ -199,3 +201,25 @@ def test_hvp_with_eval_batchnorm_matches_dense_hessian() -> None:
     v = torch.randn(obj.numel, dtype=torch.float64)
     torch.testing.assert_close(obj.hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
     assert type(obj.model.net[2]).forward is obj.model.net[2].forward.__func__  # patch removed after the HVP
+
+
+def test_lanczos_residuals_from_the_recurrence_are_the_true_residuals() -> None:
+    gen = torch.Generator().manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=gen, dtype=torch.float64))
+    spectrum = torch.cat([torch.tensor([50.0, 20.0, 10.0, 9.0, 5.0], dtype=torch.float64),
+                          torch.rand(195, generator=gen, dtype=torch.float64) * 4 - 1])
+    h = (q * spectrum) @ q.T
+    op = CountingOperator(200, lambda v: h @ v)
+    res = top_eigenvalues(op, k=4, tol=1e-4, return_vectors=True)
+    assert res.converged and res.method == "lanczos" and res.hvps == res.ncv  # one product per Lanczos step
+    vecs = res.eigenvectors
+    explicit = np.linalg.norm(h.numpy() @ vecs - vecs * res.eigenvalues, axis=0)
+    np.testing.assert_allclose(res.residuals, explicit, rtol=1e-6, atol=1e-10)
+    assert np.all(res.residuals <= 1e-4 * np.abs(res.eigenvalues))
+    np.testing.assert_allclose(res.eigenvalues, [50, 20, 10, 9], rtol=1e-4)  # |λ − λ̂| ≤ r
+    arpack = top_eigenvalues(CountingOperator(200, lambda v: h @ v), k=4, tol=1e-4, method="arpack")
+    np.testing.assert_allclose(arpack.eigenvalues, res.eigenvalues, rtol=1e-4)
+    short = top_eigenvalues(CountingOperator(200, lambda v: h @ v), k=4, tol=1e-12, max_steps=6)
+    assert not short.converged and short.hvps == 6 and np.any(short.residuals > 1e-12 * np.abs(short.eigenvalues))
+    with pytest.raises(ValueError, match="choose one of"):
+        top_eigenvalues(op, k=1, method="power")
