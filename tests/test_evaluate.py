@@ -75,15 +75,23 @@ def test_recompute_bn_with_one_batch_gives_split_statistics() -> None:
     assert not model.training and bn.momentum == 0.1
 
 
-@pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
-def test_folding_batchnorm_preserves_eval_outputs(name: str) -> None:
-    torch.manual_seed(0)
+def _float64_model_with_random_bn(name: str, seed: int) -> nn.Module:
+    """An eval-mode float64 model whose BatchNorm statistics and affine parameters are far from the identity
+    (at initialisation BN would be nearly the identity, and folding it nearly trivial)."""
+    torch.manual_seed(seed)
     model = build_model(name).double().eval()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             nn.init.uniform_(m.running_var, 0.5, 2.0)
             nn.init.normal_(m.running_mean)
             nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    return model
+
+
+@pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
+def test_folding_batchnorm_preserves_eval_outputs(name: str) -> None:
+    model = _float64_model_with_random_bn(name, seed=0)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
@@ -95,14 +103,7 @@ def test_folding_batchnorm_preserves_eval_outputs(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
 def test_folded_in_weights_keeps_function_gradient_and_hvp(name: str) -> None:
-    torch.manual_seed(1)
-    model = build_model(name).double().eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            nn.init.uniform_(m.running_var, 0.5, 2.0)
-            nn.init.normal_(m.running_mean)
-            nn.init.normal_(m.weight)
-            nn.init.normal_(m.bias)
+    model = _float64_model_with_random_bn(name, seed=1)
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3, 7, 9])
     params = list(model.parameters())
     v = [torch.randn_like(p) for p in params]
