@@ -25,7 +25,7 @@ HVP counts are reported with every result: HVPs are what curvature estimation co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,13 +118,13 @@ def top_eigenvalues(
                        eigenvectors=vecs if return_vectors else None)
 
 
-def _lanczos(
-    op: CountingOperator, k: int, tol: float, steps: int, v0: np.ndarray, return_vectors: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, bool]:
-    """Lanczos with full reorthogonalisation: (top-k Ritz values, residuals, Ritz vectors, basis size,
-    converged)."""
-    n = op.shape[0]
-    basis = np.empty((steps, n))
+def _lanczos_steps(
+    op: CountingOperator, v0: np.ndarray, steps: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    """Lanczos with full reorthogonalisation from ``v0``. After each step m (one product) yields the basis
+    Q_m (m × n), the diagonal α_1..α_m and off-diagonal β_1..β_{m−1} of T_m, and β_m; stops after ``steps``
+    or when β_m = 0 (the Krylov space is invariant)."""
+    basis = np.empty((steps, op.shape[0]))
     basis[0] = v0 / np.linalg.norm(v0)
     alphas: list[float] = []
     betas: list[float] = []
@@ -132,26 +132,42 @@ def _lanczos(
         w = op.matvec(basis[j])
         alphas.append(float(w @ basis[j]))
         # Gram-Schmidt against the whole basis, twice ("twice is enough"): keeps Q orthogonal to rounding, so
-        # no ghost copies of converged eigenvalues appear and the residual formula below stays exact.
+        # no ghost copies of converged eigenvalues appear and the residual formula stays exact.
         for _ in range(2):
             w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
         beta = float(np.linalg.norm(w))
-        theta, s = eigh_tridiagonal(np.array(alphas), np.array(betas)) if j else (np.array(alphas), np.ones((1, 1)))
-        top = np.argsort(theta)[::-1][:k]
-        residuals = beta * np.abs(s[-1, top])
-        scale = max(float(np.abs(theta).max()), 1e-300)
-        # β ≈ 0: the Krylov space is invariant, its Ritz values are eigenvalues.
-        exhausted = beta <= 1e-12 * scale
-        done = len(top) == k and bool(np.all(residuals <= tol * np.abs(theta[top])))
-        if done or exhausted or j == steps - 1:
-            if len(top) < k:
-                raise ValueError(f"the Krylov space has dimension {j + 1} < k={k}; the operator has fewer "
-                                 "distinct eigenvalues than asked for (use a smaller k)")
-            vecs = basis[: j + 1].T @ s[:, top] if return_vectors else None
-            return theta[top], residuals, vecs, j + 1, done or exhausted
+        yield basis[: j + 1], np.array(alphas), np.array(betas), beta
+        if beta == 0.0 or j == steps - 1:
+            return
         betas.append(beta)
         basis[j + 1] = w / beta
-    raise AssertionError("unreachable: the loop returns at its last step")
+
+
+def _ritz(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues and eigenvectors of the symmetric tridiagonal T_m (diagonal α, off-diagonal β)."""
+    return eigh_tridiagonal(alphas, betas) if len(betas) else (alphas, np.ones((1, 1)))
+
+
+def _lanczos(
+    op: CountingOperator, k: int, tol: float, steps: int, v0: np.ndarray, return_vectors: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, bool]:
+    """Top-k Ritz values, their residuals β_m·|s_{m,i}|, Ritz vectors, basis size and whether converged."""
+    for step in _lanczos_steps(op, v0, steps):
+        basis, alphas, betas, beta = step
+        theta, s = _ritz(alphas, betas)
+        top = np.argsort(theta)[::-1][:k]
+        residuals = beta * np.abs(s[-1, top])
+        # β ≈ 0: the Krylov space is invariant, its Ritz values are eigenvalues.
+        exhausted = beta <= 1e-12 * max(float(np.abs(theta).max()), 1e-300)
+        converged = (len(top) == k and bool(np.all(residuals <= tol * np.abs(theta[top])))) or exhausted
+        if converged:
+            break
+    used = len(theta)
+    if len(top) < k:
+        raise ValueError(f"the Krylov space has dimension {used} < k={k}; the operator has fewer distinct "
+                         "eigenvalues than asked for (use a smaller k)")
+    vecs = basis.T @ s[:, top] if return_vectors else None
+    return theta[top], residuals, vecs, used, converged
 
 
 @dataclass(frozen=True)
@@ -201,23 +217,10 @@ def slq_density(
     nodes, weights = [], []
     for _ in range(probes):
         q = rng.integers(0, 2, n).astype(np.float64) * 2.0 - 1.0
-        q /= np.linalg.norm(q)
-        basis = [q]
-        alphas, betas = [], []
-        for j in range(min(steps, n)):
-            w = op.matvec(basis[-1])
-            a = float(w @ basis[-1])
-            alphas.append(a)
-            w = w - a * basis[-1] - (betas[-1] * basis[-2] if j > 0 else 0.0)
-            for b in basis:  # full reorthogonalisation keeps ghost eigenvalues out
-                w -= (w @ b) * b
-            beta = float(np.linalg.norm(w))
-            if beta < 1e-12 or j == steps - 1:
+        for step in _lanczos_steps(op, q, min(steps, n)):
+            if step[3] < 1e-12:  # β_m ≈ 0: invariant subspace, T_m is exact
                 break
-            betas.append(beta)
-            basis.append(w / beta)
-        tri = np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
-        evals, evecs = np.linalg.eigh(tri)
+        evals, evecs = _ritz(step[1], step[2])  # T_m of the last step taken
         nodes.append(evals)
         weights.append(evecs[0] ** 2 / probes)
     return np.concatenate(nodes), np.concatenate(weights)
