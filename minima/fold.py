@@ -106,6 +106,10 @@ def folded_in_weights(model: nn.Module) -> Iterator[int]:
 
     Only for BatchNorm in eval mode (running statistics); the caller must not train inside the block.
     """
+    training = [name for name, m in model.named_modules() if isinstance(m, BatchNorm) and m.training]
+    if training:
+        raise ValueError(f"folded_in_weights needs BatchNorm in eval mode, but {training[:3]} are training; "
+                         "call model.eval() first (folding uses the running statistics)")
     patched: list[nn.Module] = []
     folded_bns = set()
     try:

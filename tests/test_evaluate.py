@@ -122,3 +122,5 @@ def test_folded_in_weights_keeps_function_gradient_and_hvp(name: str) -> None:
     for got, want in zip(folded[1] + folded[2], plain[1] + plain[2], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
     assert all("forward" not in m.__dict__ for m in model.modules())  # the class forwards are back
+    with pytest.raises(ValueError, match="eval mode"), folded_in_weights(model.train()):
+        pass
