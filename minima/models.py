@@ -25,6 +25,21 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, eps: float) -> list[nn.Modul
     return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout, eps=eps), nn.ReLU(True)]
 
 
+def _append_pool(layers: list[nn.Module], pool: nn.Module) -> None:
+    """Append ``pool`` after ``layers``; if they end in a ReLU, put the pool *before* it.
+
+    max-pool(ReLU(z)) = ReLU(max-pool(z)) exactly (ReLU is monotone, so it commutes with max), with the same
+    gradient and Hessian (both pick the window's maximum if it is positive, else nothing); the ReLU and its
+    backward then touch a quarter of the elements. Measured on 2 CPU cores (C1, 1,000 images): ReLU over the
+    32×32 maps and its backward cost ≈ 5 % of a forward+backward. Parameter-free swap: the state_dict keys
+    (module indices of the convolutions and BatchNorms) are unchanged.
+    """
+    if layers and isinstance(layers[-1], nn.ReLU):
+        layers.insert(len(layers) - 1, pool)
+    else:
+        layers.append(pool)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -39,17 +54,19 @@ def _keras_same_maxpool_3x3_s2() -> nn.MaxPool2d:
 
 
 class C1(nn.Module):
-    """Keskar's C1 ("shallownet"): 2 × [conv64 5×5 → BN → ReLU → maxpool 3×3/2 'same'], then
+    """Keskar's C1 ("shallownet"): 2 × [conv64 5×5 → BN → ReLU → maxpool 3×3/2 'same'] (computed as
+    maxpool → ReLU, the same function: see :func:`_append_pool`), then
     FC384 → BN → ReLU → Dropout(.5) → FC192 → BN → ReLU → Dropout(.5) → FC10. 1,757,834 parameters
     at 32×32×3 input."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
                  dropout: float = 0.5) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            *_conv_bn_relu(in_channels, 64, 5, KERAS_BN_EPS), _keras_same_maxpool_3x3_s2(),
-            *_conv_bn_relu(64, 64, 5, KERAS_BN_EPS), _keras_same_maxpool_3x3_s2(),
-        )
+        layers = _conv_bn_relu(in_channels, 64, 5, KERAS_BN_EPS)
+        _append_pool(layers, _keras_same_maxpool_3x3_s2())
+        layers += _conv_bn_relu(64, 64, 5, KERAS_BN_EPS)
+        _append_pool(layers, _keras_same_maxpool_3x3_s2())
+        self.features = nn.Sequential(*layers)
         side = _ceil_div(_ceil_div(image_size, 2), 2)  # two 'same' stride-2 pools
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -84,7 +101,7 @@ class C2(nn.Module):
                 if j < len(block) - 1:
                     layers.append(nn.Dropout(0.3 if first else 0.4))
                 first, cin = False, cout
-            layers.append(nn.MaxPool2d(2, 2))
+            _append_pool(layers, nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)
         side = image_size // 2 ** len(C2_PLAN)
         self.classifier = nn.Sequential(
@@ -112,7 +129,7 @@ class VGG11BN(nn.Module):
         cin = in_channels
         for item in VGG11_PLAN:
             if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                _append_pool(layers, nn.MaxPool2d(2, 2))
             else:
                 layers += _conv_bn_relu(cin, int(item), 3, 1e-5)
                 cin = int(item)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from minima import distributed
+from minima.convgrad import constant_input_convs
 from minima.data import Split, eval_batches, normalize, shard
 from minima.evaluate import per_sample_cross_entropy, train_mode_for_bn_only
 from minima.fold import folded_in_weights
@@ -26,12 +28,61 @@ from minima.fold import folded_in_weights
 BN_MODES = ("eval", "batch")
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory that can still be allocated on ``device``: free CUDA memory, or Linux's MemAvailable (RAM not
+    needed by running programs, page cache included); None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_hvp_cache_bytes(device: torch.device) -> int:
+    """How much memory stored gradient graphs may take by default: a quarter of what is available on the
+    device (2 GiB where that is unknown). C1 needs ≈ 0.67 GB per 1,000 float32 images."""
+    available = available_memory_bytes(device)
+    return 2 * 2**30 if available is None else available // 4
+
+
+@contextlib.contextmanager
+def _saved_bytes(exclude: set[int]) -> Iterator[list[int]]:
+    """Count the bytes of the distinct tensor storages autograd saves inside the block (skipping the storages
+    in ``exclude``, e.g. the parameters themselves): what keeping the recorded graph holds in memory."""
+    total, seen = [0], set(exclude)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # layouts without a storage (mkldnn, sparse)
+            key, size = id(t), t.element_size() * t.numel()
+        if key not in seen:
+            seen.add(key)
+            total[0] += size
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
+
+
 class NondeterministicLossError(RuntimeError):
     """Two evaluations of the same quantity disagree (augmentation, dropout or a nondeterministic kernel)."""
 
 
 class DatasetObjective:
-    """f, ∇f and H·v of the mean cross-entropy over ``split`` at parameters θ (a private model copy)."""
+    """f, ∇f and H·v of the mean cross-entropy over ``split`` at parameters θ (a private model copy).
+
+    ``hvp_cache_bytes`` caps the memory of the gradient graphs kept between Hessian-vector products at the
+    same θ (see :meth:`hvp`); None: :func:`default_hvp_cache_bytes`, 0: keep none.
+    """
 
     def __init__(
         self,
@@ -48,6 +99,7 @@ class DatasetObjective:
         rank: int = 0,
         world_size: int = 1,
         hvp_mode: str = "reverse",
+        hvp_cache_bytes: int | None = None,
     ) -> None:
         if hvp_mode not in ("forward", "reverse"):
             raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose 'forward' or 'reverse'")
@@ -71,6 +123,9 @@ class DatasetObjective:
         ]
         self.world_size = world_size
         self.evaluations = {"f": 0, "grad": 0, "hvp": 0}
+        self.hvp_cache_bytes = default_hvp_cache_bytes(self.device) if hvp_cache_bytes is None else hvp_cache_bytes
+        self._graphs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._graph_bytes = 0
 
     # ----------------------------------------------------------------------------------- θ as a vector
     def get_flat(self) -> torch.Tensor:
@@ -82,6 +137,7 @@ class DatasetObjective:
         theta = torch.as_tensor(theta)
         if theta.numel() != self.numel:
             raise ValueError(f"parameter vector has {theta.numel()} entries; the model has {self.numel}")
+        self.clear_hvp_cache()  # stored gradient graphs belong to the old θ
         offset = 0
         with torch.no_grad():
             for p in self.params:
@@ -136,20 +192,59 @@ class DatasetObjective:
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
         """H(θ)·v at the current parameters, summed over batches (float64 CPU vector).
 
-        ``hvp_mode="reverse"`` (default) back-propagates through the gradient (double backward);
-        ``"forward"`` differentiates the gradient forward along v (``torch.func.jvp`` of ``torch.func.grad``).
-        Measured on CPU (BN-MLP, 1,000 images): reverse 2.2× and forward 3.7× the cost of one
-        forward+backward pass, so reverse is the default and forward a cross-check.
+        ``hvp_mode="reverse"`` (default) back-propagates through the gradient (reverse over reverse);
+        ``"forward"`` differentiates the gradient forward along v (``torch.func.jvp`` of ``torch.func.grad``),
+        a cross-check (measured on CPU, BN-MLP, 1,000 images: reverse 2.2×, forward 3.7× a forward+backward).
+
+        Reverse mode keeps each batch's gradient graph g(θ) (built with ``create_graph``) between calls while
+        θ is unchanged and the graphs fit in ``hvp_cache_bytes``: H·v = (∂g/∂θ)ᵀ v is then one backward pass
+        through a stored graph, without the forward and first backward passes that every product at the same
+        θ would otherwise repeat (what Lanczos, Hutchinson and SLQ do). :meth:`set_flat` drops the graphs.
         """
         v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64))
         out = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
-        with self._function():
-            for x, y in self.batches:
-                parts = self._hvp_forward(x, y, v) if self.hvp_mode == "forward" else self._hvp_reverse(x, y, v)
-                for acc, h in zip(out, parts, strict=True):
-                    acc += h
+        for i, (x, y) in enumerate(self.batches):
+            if self.hvp_mode == "forward":
+                with self._function():
+                    parts = self._hvp_forward(x, y, v)
+            else:
+                grads, keep = self._gradient_graph(i, x, y)
+                parts = self._vjp(grads, v, keep)
+            for acc, h in zip(out, parts, strict=True):
+                acc += h
         self.evaluations["hvp"] += 1
         return self._reduced_flat(out)
+
+    def clear_hvp_cache(self) -> None:
+        """Forget the stored gradient graphs (the next HVP rebuilds them)."""
+        self._graphs.clear()
+        self._graph_bytes = 0
+
+    @property
+    def hvp_cache_info(self) -> dict[str, int]:
+        """``{"batches": stored graphs, "bytes": their saved tensors, "limit": hvp_cache_bytes}``."""
+        return {"batches": len(self._graphs), "bytes": self._graph_bytes, "limit": self.hvp_cache_bytes}
+
+    def _gradient_graph(self, index: int, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """(g = ∇ of batch ``index``'s loss with its graph, whether that graph is stored for later products)."""
+        if index in self._graphs:
+            return self._graphs[index], True
+        own = {p.untyped_storage().data_ptr() for p in self.params}
+        with self._function(), constant_input_convs(self.model), _saved_bytes(exclude=own) as size:
+            # Data-input convolutions skip PyTorch's unneeded ∂/∂images term in the double backward.
+            grads = torch.autograd.grad(self._batch_loss(x, y), self.params, create_graph=True)
+        keep = self._graph_bytes + size[0] <= self.hvp_cache_bytes
+        if keep:
+            self._graphs[index] = grads
+            self._graph_bytes += size[0]
+        return grads, keep
+
+    def _vjp(self, grads: Sequence[torch.Tensor], v: Sequence[torch.Tensor], retain: bool) -> list[torch.Tensor]:
+        """(∂g/∂θ)ᵀ v for the gradient g with its graph: the HVP, since the Hessian is symmetric."""
+        live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has a zero Hessian row
+        parts = torch.autograd.grad([grads[i] for i in live], self.params, [v[i] for i in live],
+                                    retain_graph=retain, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h for p, h in zip(self.params, parts, strict=True)]
 
     @contextlib.contextmanager
     def _function(self) -> Iterator[None]:
@@ -164,11 +259,6 @@ class DatasetObjective:
                     yield
             else:
                 yield
-
-    def _hvp_reverse(self, x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        grads = torch.autograd.grad(self._batch_loss(x, y), self.params, create_graph=True)
-        dot = sum((g * vi).sum() for g, vi in zip(grads, v, strict=True))
-        return torch.autograd.grad(dot, self.params)
 
     def _hvp_forward(self, x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         buffers = dict(self.model.named_buffers())
@@ -187,7 +277,10 @@ class DatasetObjective:
         augmentation, dropout or stateful layers cannot silently corrupt curvature estimates."""
         gen = torch.Generator().manual_seed(seed)
         v = torch.randn(self.numel, generator=gen, dtype=torch.float64)
-        first, second = self.hvp(v), self.hvp(v)
+        self.clear_hvp_cache()
+        first = self.hvp(v)
+        self.clear_hvp_cache()  # the second product must run the network again, not reuse the first's graphs
+        second = self.hvp(v)
         scale = float(first.abs().max()) or 1.0
         if float((first - second).abs().max()) > rtol * scale:
             raise NondeterministicLossError(

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from minima import data
+from minima.convgrad import constant_input_convs
 from minima.evaluate import evaluate, per_sample_cross_entropy, recompute_bn_stats
 from minima.fold import fold_batchnorm, folded_in_weights
 from minima.models import build_model
@@ -117,10 +118,14 @@ def test_folded_in_weights_keeps_function_gradient_and_hvp(name: str) -> None:
     plain = value_grad_hvp()
     with folded_in_weights(model) as pairs:
         folded = value_grad_hvp()
+    # as DatasetObjective builds its HVP graphs: folded BN and weight-only derivatives of the data convolution
+    with folded_in_weights(model), constant_input_convs(model):
+        weight_only = value_grad_hvp()
     assert pairs == sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    torch.testing.assert_close(folded[0], plain[0], rtol=1e-12, atol=0)
-    for got, want in zip(folded[1] + folded[2], plain[1] + plain[2], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
-    assert all("forward" not in m.__dict__ for m in model.modules())  # the class forwards are back
+    for result in (folded, weight_only):
+        torch.testing.assert_close(result[0], plain[0], rtol=1e-12, atol=0)
+        for got, want in zip(result[1] + result[2], plain[1] + plain[2], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    assert all("forward" not in m.__dict__ and "_conv_forward" not in m.__dict__ for m in model.modules())
     with pytest.raises(ValueError, match="eval mode"), folded_in_weights(model.train()):
         pass

@@ -223,3 +223,31 @@ def test_lanczos_residuals_from_the_recurrence_are_the_true_residuals() -> None:
     assert not short.converged and short.hvps == 6 and np.any(short.residuals > 1e-12 * np.abs(short.eigenvalues))
     with pytest.raises(ValueError, match="choose one of"):
         top_eigenvalues(op, k=1, method="power")
+
+
+def test_hvp_graph_cache_is_reused_bounded_and_dropped_when_theta_moves() -> None:
+    model, ds = _setup(seed=4)
+    obj = _objective(model, ds)  # 60 samples in batches of 25, 25, 10
+    forwards = []
+    obj.model.net[1].register_forward_hook(lambda m, i, o: forwards.append(1))
+    dense = _dense_hessian(model.eval(), ds)
+    gen = torch.Generator().manual_seed(0)
+    vs = [torch.randn(obj.numel, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for i, v in enumerate(vs):
+        torch.testing.assert_close(obj.hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
+        assert len(forwards) == 3 and obj.hvp_cache_info["batches"] == 3, i  # graphs built once, then reused
+    full = obj.hvp_cache_info["bytes"]
+    assert full > 0
+
+    moved = obj.get_flat() + 0.3 * torch.randn(obj.numel, generator=gen, dtype=torch.float64)
+    obj.set_flat(moved)
+    assert obj.hvp_cache_info == {"batches": 0, "bytes": 0, "limit": obj.hvp_cache_bytes}
+    shifted = _setup(seed=4)[0]
+    torch.nn.utils.vector_to_parameters(moved, shifted.parameters())
+    torch.testing.assert_close(obj.hvp(vs[0]), _dense_hessian(shifted.eval(), ds) @ vs[0], rtol=1e-10, atol=1e-12)
+
+    for limit, kept in ((0, 0), (full // 2, 1)):
+        small = _objective(model, ds, hvp_cache_bytes=limit)
+        for v in vs[:2]:
+            torch.testing.assert_close(small.hvp(v), dense @ v, rtol=1e-10, atol=1e-12)
+        assert small.hvp_cache_info["batches"] == kept and small.hvp_cache_info["bytes"] <= limit

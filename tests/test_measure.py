@@ -32,6 +32,7 @@ def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, 
     assert np.all(h["residuals"] >= 0) and h["hvps"] > 0
     printed = capsys.readouterr().out
     assert "hessian_top2" in printed and "keskar_sub4_seed0_eps0.001" in printed
+    assert "gradient graphs of 3/3 batches kept" in printed  # 96 samples in batches of 32, all kept by default
 
     # a second run finds everything done and computes nothing
     assert main(argv) == 0
@@ -46,6 +47,8 @@ def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, 
     with pytest.raises(results.ResultsError, match="not a minima curve or sharpness file"):
         measure(MeasureRequest(checkpoints=[a], out=foreign, device="cpu"))
     assert main([str(a), "--metrics", "bogus", "--out", str(tmp_path / "x.h5")]) == 2
+    assert main([str(a), "--metrics", "hessian", "--hvp-cache-gb", "-1", "--out", str(tmp_path / "y.h5")]) == 2
+    assert "--hvp-cache-gb must be ≥ 0" in capsys.readouterr().err
 
 
 def test_sharpness_appends_to_a_curve_file(tmp_path: Path) -> None:

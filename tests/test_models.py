@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -81,3 +83,39 @@ def test_imagenet_download_failure_names_the_offline_fix(monkeypatch) -> None:
     monkeypatch.setattr(type(MobileNet_V2_Weights.IMAGENET1K_V1), "get_state_dict", offline)
     with pytest.raises(ConnectionError, match="--pretrained /path/to/"):
         models.load_imagenet_weights(models.build_model("mobilenet_v2"), "imagenet")
+
+
+def _relu_then_pool(model: torch.nn.Module) -> torch.nn.Module:
+    """The textbook order conv → BN → ReLU → max-pool, rebuilt from the toolkit's pool → ReLU."""
+    layers = list(model.features)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], torch.nn.MaxPool2d) and isinstance(layers[i + 1], torch.nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    model.features = torch.nn.Sequential(*layers)
+    return model
+
+
+@pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
+def test_pool_before_relu_is_the_same_function_gradient_and_keys(name: str) -> None:
+    torch.manual_seed(0)
+    ours = models.build_model(name).double().eval()
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in ours.features) > 0
+    textbook = _relu_then_pool(models.build_model(name).double().eval())
+    def adjacent(model: torch.nn.Module) -> set[tuple[str, str]]:
+        kinds = [type(m).__name__ for m in model.features]
+        return set(pairwise(kinds))
+
+    assert ("MaxPool2d", "ReLU") in adjacent(ours) and ("ReLU", "MaxPool2d") not in adjacent(ours)
+    assert ("ReLU", "MaxPool2d") in adjacent(textbook)
+    assert list(textbook.state_dict()) == list(ours.state_dict())  # checkpoints load either way
+    textbook.load_state_dict(ours.state_dict())
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 4, 9])
+    outs, grads = [], []
+    for m in (ours, textbook):
+        out = m(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(loss, list(m.parameters())))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # max and ReLU commute exactly
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
