@@ -2,7 +2,8 @@
 
     python -m experiments.bench_interpolate [--points 4] [--train 10000] [--test 10000] [--threads 2]
 
-Baseline (how the public scripts evaluate a path): a torchvision-style dataset that turns each uint8 image
+Baseline (how the public scripts evaluate a path): C1 in the textbook layer order (ReLU before max-pool); a
+torchvision-style dataset that turns each uint8 image
 into a PIL image, then ``ToTensor`` + ``Normalize``; a ``DataLoader`` with batch 128; per α,
 ``state_dict`` interpolation of every floating entry (running statistics included), ``model.eval()``,
 float32 forward, loss summed per sample and divided by the count (so both sides compute the same quantity).
@@ -60,7 +61,7 @@ def baseline_sweep(model_a: nn.Module, model_b: nn.Module, ds: data.Dataset, alp
     loaders = {name: DataLoader(TorchvisionStyleCIFAR(getattr(ds, name), tf), batch_size=128, shuffle=False,
                                 num_workers=0) for name in ("train", "test")}
     sa, sb = model_a.state_dict(), model_b.state_dict()
-    model = build_model("c1")
+    model = textbook_order(build_model("c1"))
     out = {f"{s}_{m}": [] for s in ("train", "test") for m in ("loss", "accuracy")}
     for alpha in alphas:
         model.load_state_dict({k: (1 - alpha) * v + alpha * sb[k] if v.is_floating_point() else v
@@ -77,6 +78,17 @@ def baseline_sweep(model_a: nn.Module, model_b: nn.Module, ds: data.Dataset, alp
                 out[f"{name}_loss"].append(loss / count)
                 out[f"{name}_accuracy"].append(correct / count)
     return {k: np.array(v) for k, v in out.items()}
+
+
+def textbook_order(model: nn.Module) -> nn.Module:
+    """conv → BN → ReLU → max-pool, as the public scripts write it (minima pools before the ReLU: the same
+    function, with the ReLU on a quarter of the elements); state_dict keys are the same either way."""
+    layers = list(model.features)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    model.features = nn.Sequential(*layers)
+    return model
 
 
 def seeded_c1(seed: int) -> nn.Module:

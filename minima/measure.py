@@ -169,8 +169,7 @@ def measure(req: MeasureRequest) -> Path:
                 continue
             obj = DatasetObjective(model, train, ckpt["meta"]["data"]["mean"], ckpt["meta"]["data"]["std"],
                                    bn=req.bn, batch_size=req.batch_size, device=env.device, dtype=dtype,
-                                   # contiguous: conv double-backward (HVPs) is ≈ 20 % slower in channels_last
-                                   channels_last=False, rank=env.rank,
+                                   rank=env.rank,
                                    world_size=env.world_size, hvp_cache_bytes=cache_bytes)
             if any(job["kind"] in ("hessian", "trace") for _, job in pending):
                 obj.check_deterministic(seed=req.seed)

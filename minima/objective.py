@@ -95,7 +95,7 @@ class DatasetObjective:
         batch_size: int = 1000,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         rank: int = 0,
         world_size: int = 1,
         hvp_mode: str = "reverse",
@@ -110,6 +110,9 @@ class DatasetObjective:
         self.model = copy.deepcopy(model).to(self.device, dtype=dtype)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # auto: first-order passes on channels_last copies of image batches, HVPs on the stored contiguous ones
+        self.first_order_channels_last = channels_last is None and any(
+            isinstance(m, nn.Conv2d) for m in self.model.modules())
         self.model.eval()
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -118,7 +121,7 @@ class DatasetObjective:
         mine = split if world_size == 1 else split.take(shard(torch.arange(len(split)), rank, world_size))
         # Normalised once: every f/∇f/Hv call reuses the same fixed batches.
         self.batches = [
-            (normalize(x.to(self.device), mean, std, dtype, channels_last), y.to(self.device))
+            (normalize(x.to(self.device), mean, std, dtype, bool(channels_last)), y.to(self.device))
             for x, y in eval_batches(mine, batch_size)
         ]
         self.world_size = world_size
@@ -158,6 +161,16 @@ class DatasetObjective:
         return distributed.all_reduce_sum(flat).cpu()
 
     # --------------------------------------------------------------------------------------- f and ∇f
+    def _first_order_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches in the layout f and ∇f run fastest in (channels_last for images with ``channels_last``
+        None: C1's forward+backward on 1,000 images took 0.90 s against 1.23 s contiguous here; a copy per
+        batch is ≈ 1 % of that). HVPs use the stored contiguous batches, where PyTorch's double backward of
+        convolutions is faster (a C1 HVP from a stored graph 1.67 s contiguous, ≈ 2.2 s channels_last)."""
+        for x, y in self.batches:
+            if self.first_order_channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
+
     def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # Sum over the batch divided by the global count: batch terms add up to the dataset mean.
         return per_sample_cross_entropy(self.model(x), y).sum() / self.count
@@ -168,7 +181,7 @@ class DatasetObjective:
             self.set_flat(theta)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad(), self._function():
-            for x, y in self.batches:
+            for x, y in self._first_order_batches():
                 total += self._batch_loss(x, y).to(torch.float64)
         self.evaluations["f"] += 1
         return float(distributed.all_reduce_sum(total))
@@ -180,7 +193,7 @@ class DatasetObjective:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         grads = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
         with self._function():
-            for x, y in self.batches:
+            for x, y in self._first_order_batches():
                 loss = self._batch_loss(x, y)
                 for acc, g in zip(grads, torch.autograd.grad(loss, self.params), strict=True):
                     acc += g
