@@ -16,7 +16,9 @@ first, with the default allocator, as the public scripts do.
 
 Both use two C1 models (seeded, with randomised BatchNorm statistics so that interpolating them matters)
 unless ``--ckpt-a/--ckpt-b`` name trained checkpoints, and α ∈ [0, 1] so every value is finite. Prints
-seconds, the speed-up, the largest relative difference of the losses and accuracies, and GFLOP/s.
+seconds, the speed-up, the largest relative difference of the losses and accuracies, and GFLOP/s — and,
+separately, the same for the toolkit's bfloat16 mode (``--dtype bfloat16``: autocast convolutions and matrix
+products), whose numbers are not the float32 ones.
 """
 
 from __future__ import annotations
@@ -127,27 +129,29 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads; {source}: {len(ds.train)} train + {len(ds.test)} "
           f"test images; {args.points} α points → {n_images} image evaluations per sweep")
 
-    def sweep() -> tuple[float, object]:
+    def sweep(dtype: torch.dtype = torch.float32) -> tuple[float, object]:
         t0 = time.perf_counter()
         curve = interpolate(model_a, model_b, ds.train, ds.test, alphas, bn="interpolate", mean=ds.mean,
-                            std=ds.std, batch_size=1000)
+                            std=ds.std, batch_size=1000, dtype=dtype)
         return time.perf_counter() - t0, curve
 
     # Warm-up of both sides on 500 + 500 images (first calls load libraries and create kernels).
     small = ds.subset(train=500, test=500, seed=0)
     baseline_sweep(model_a, model_b, small, alphas[:1])
-    interpolate(model_a, model_b, small.train, small.test, alphas[:1], bn="interpolate", mean=ds.mean, std=ds.std)
+    for dtype in (torch.float32, torch.bfloat16):
+        interpolate(model_a, model_b, small.train, small.test, alphas[:1], bn="interpolate", mean=ds.mean,
+                    std=ds.std, dtype=dtype)
     t0 = time.perf_counter()
     base = baseline_sweep(model_a, model_b, ds, alphas)
     theirs = time.perf_counter() - t0
     ours_default, _ = sweep()
     applied = keep_freed_memory()
     ours, curve = sweep()
+    ours_bf16, curve_bf16 = sweep(torch.bfloat16)
 
-    diffs = {}
-    for key in base:
-        mine = getattr(curve, key)
-        diffs[key] = float(np.max(np.abs(mine - base[key]) / np.maximum(np.abs(base[key]), 1e-12)))
+    def differences(got: object) -> dict[str, float]:
+        return {key: float(np.max(np.abs(getattr(got, key) - ref) / np.maximum(np.abs(ref), 1e-12)))
+                for key, ref in base.items()}
     with FlopCounterMode(display=False) as counter:
         build_model("c1").eval()(torch.zeros(1, 3, 32, 32))
     flops = counter.get_total_flops() * n_images
@@ -159,7 +163,11 @@ def main() -> None:
     print(line("baseline (default allocator)", theirs))
     print(line("toolkit, default allocator", ours_default))
     print(line(f"toolkit, keep_freed_memory ({'applied' if applied else 'NOT applied'})", ours))
-    print("max relative difference: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    print("  max relative difference to the baseline: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in differences(curve).items()))
+    print(line("toolkit, bfloat16 autocast (separate)", ours_bf16))
+    print("  max relative difference to the float32 baseline: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in differences(curve_bf16).items()))
 
 
 if __name__ == "__main__":

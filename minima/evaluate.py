@@ -50,8 +50,12 @@ def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torc
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """float64 tensor ``[loss_sum over finite samples, correct, count, nonfinite]`` for one batch.
 
-    Kept as a tensor (no ``.item()``) so hot loops never synchronise with the device.
+    Kept as a tensor (no ``.item()``) so hot loops never synchronise with the device. Logits of a
+    low-precision forward pass (bfloat16/float16 autocast) are upcast to float32 before the log-softmax, so
+    only the network is approximate, not the loss of its logits.
     """
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     losses = per_sample_cross_entropy(logits, labels).to(torch.float64)
     finite = torch.isfinite(losses)
     correct = (logits.argmax(dim=1) == labels).sum()

@@ -8,7 +8,7 @@ from torch import nn
 
 from minima import data
 from minima.convgrad import constant_input_convs
-from minima.evaluate import evaluate, per_sample_cross_entropy, recompute_bn_stats
+from minima.evaluate import batch_sums, evaluate, per_sample_cross_entropy, recompute_bn_stats
 from minima.fold import fold_batchnorm, folded_in_weights
 from minima.models import build_model
 
@@ -36,6 +36,17 @@ def test_cross_entropy_is_stable_at_huge_logits() -> None:
     torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-3)
     naive = -torch.log(torch.softmax(logits, 1))[torch.arange(64), labels]
     assert not torch.isfinite(naive).all()  # the bug this guards against
+
+
+def test_low_precision_logits_are_upcast_before_the_loss() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 10, generator=gen, dtype=torch.float64) * 30).to(torch.bfloat16)
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    want = per_sample_cross_entropy(logits.to(torch.float64), labels).sum()
+    got = batch_sums(logits, labels)[0]
+    assert abs(float(got - want)) <= 1e-5 * float(want.abs())  # float32 log-softmax of the same logits
+    in_bf16 = per_sample_cross_entropy(logits, labels).to(torch.float64).sum()
+    assert abs(float(in_bf16 - want)) > abs(float(got - want))  # what a bfloat16 log-softmax would lose
 
 
 def test_evaluate_exact_sums_and_nonfinite_counting() -> None:
