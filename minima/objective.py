@@ -214,6 +214,9 @@ class DatasetObjective:
         through a stored graph, without the forward and first backward passes that every product at the same
         θ would otherwise repeat (what Lanczos, Hutchinson and SLQ do). :meth:`set_flat` drops the graphs.
         """
+        return self._hvp(vector, store=True)
+
+    def _hvp(self, vector: torch.Tensor, store: bool) -> torch.Tensor:
         v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64))
         out = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
         for i, (x, y) in enumerate(self.batches):
@@ -221,7 +224,7 @@ class DatasetObjective:
                 with self._function():
                     parts = self._hvp_forward(x, y, v)
             else:
-                grads, keep = self._gradient_graph(i, x, y)
+                grads, keep = self._gradient_graph(i, x, y, store)
                 parts = self._vjp(grads, v, keep)
             for acc, h in zip(out, parts, strict=True):
                 acc += h
@@ -238,15 +241,17 @@ class DatasetObjective:
         """``{"batches": stored graphs, "bytes": their saved tensors, "limit": hvp_cache_bytes}``."""
         return {"batches": len(self._graphs), "bytes": self._graph_bytes, "limit": self.hvp_cache_bytes}
 
-    def _gradient_graph(self, index: int, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
-        """(g = ∇ of batch ``index``'s loss with its graph, whether that graph is stored for later products)."""
+    def _gradient_graph(self, index: int, x: torch.Tensor, y: torch.Tensor,
+                        store: bool) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """(g = ∇ of batch ``index``'s loss with its graph, whether that graph is stored for later products;
+        never stored unless ``store``)."""
         if index in self._graphs:
             return self._graphs[index], True
         own = {p.untyped_storage().data_ptr() for p in self.params}
         with self._function(), constant_input_convs(self.model), _saved_bytes(exclude=own) as size:
             # Data-input convolutions skip PyTorch's unneeded ∂/∂images term in the double backward.
             grads = torch.autograd.grad(self._batch_loss(x, y), self.params, create_graph=True)
-        keep = self._graph_bytes + size[0] <= self.hvp_cache_bytes
+        keep = store and self._graph_bytes + size[0] <= self.hvp_cache_bytes
         if keep:
             self._graphs[index] = grads
             self._graph_bytes += size[0]
@@ -290,10 +295,11 @@ class DatasetObjective:
         augmentation, dropout or stateful layers cannot silently corrupt curvature estimates."""
         gen = torch.Generator().manual_seed(seed)
         v = torch.randn(self.numel, generator=gen, dtype=torch.float64)
+        # Both products run the network (no stored graph is reused); only the second one's graphs are kept, so
+        # that memory is not filled, freed and filled again.
         self.clear_hvp_cache()
-        first = self.hvp(v)
-        self.clear_hvp_cache()  # the second product must run the network again, not reuse the first's graphs
-        second = self.hvp(v)
+        first = self._hvp(v, store=False)
+        second = self._hvp(v, store=True)
         scale = float(first.abs().max()) or 1.0
         if float((first - second).abs().max()) > rtol * scale:
             raise NondeterministicLossError(

@@ -246,6 +246,12 @@ def test_hvp_graph_cache_is_reused_bounded_and_dropped_when_theta_moves() -> Non
     torch.nn.utils.vector_to_parameters(moved, shifted.parameters())
     torch.testing.assert_close(obj.hvp(vs[0]), _dense_hessian(shifted.eval(), ds) @ vs[0], rtol=1e-10, atol=1e-12)
 
+    checked = _objective(model, ds)
+    runs = []
+    checked.model.net[1].register_forward_hook(lambda m, i, o: runs.append(1))
+    checked.check_deterministic()  # two products that both run the network; the second one's graphs are kept
+    assert len(runs) == 6 and checked.hvp_cache_info["batches"] == 3
+
     for limit, kept in ((0, 0), (full // 2, 1)):
         small = _objective(model, ds, hvp_cache_bytes=limit)
         for v in vs[:2]:
