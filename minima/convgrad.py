@@ -26,8 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _supported(layer: nn.Conv2d) -> bool:
+    return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+
+
 def _conv_args(layer: nn.Conv2d) -> tuple[Any, Any, Any, int]:
-    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+    if not _supported(layer):
         raise ValueError(f"constant-input convolution supports explicit zero padding only, not {layer.padding!r} "
                          f"with padding_mode={layer.padding_mode!r}")
     return layer.stride, layer.padding, layer.dilation, layer.groups
@@ -90,10 +94,9 @@ def constant_input_convs(model: nn.Module) -> Iterator[int]:
     """Within the block every ``nn.Conv2d`` of ``model`` convolves through :func:`constant_input_conv2d`
     (same values; no ∂/∂input work in the backward or double backward when its input is data). Composes with
     :func:`minima.fold.folded_in_weights`, whose folded forward calls the layer's ``_conv_forward``. For
-    reverse-mode autograd only (not ``torch.func`` transforms). Yields the number of patched layers."""
-    patched = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    for layer in patched:
-        _conv_args(layer)  # refuse unsupported padding before patching anything
+    reverse-mode autograd only (not ``torch.func`` transforms). Convolutions with string padding or a
+    non-zero padding mode are left as they are. Yields the number of patched layers."""
+    patched = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _supported(m)]
     try:
         for layer in patched:
             layer._conv_forward = types.MethodType(constant_input_conv2d, layer)

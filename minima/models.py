@@ -30,8 +30,8 @@ def _append_pool(layers: list[nn.Module], pool: nn.Module) -> None:
 
     max-pool(ReLU(z)) = ReLU(max-pool(z)) exactly (ReLU is monotone, so it commutes with max), with the same
     gradient and Hessian (both pick the window's maximum if it is positive, else nothing); the ReLU and its
-    backward then touch a quarter of the elements. Measured on 2 CPU cores (C1, 1,000 images): ReLU over the
-    32×32 maps and its backward cost ≈ 5 % of a forward+backward. Parameter-free swap: the state_dict keys
+    backward then touch a quarter of the elements. Measured on 2 CPU cores (C1, 1,000 images): folded eval
+    311 → 302 ms, forward+backward in channels_last 0.95 → 0.91 s. Parameter-free swap: the state_dict keys
     (module indices of the convolutions and BatchNorms) are unchanged.
     """
     if layers and isinstance(layers[-1], nn.ReLU):

@@ -62,6 +62,8 @@ def test_context_patches_and_restores_every_conv() -> None:
         assert patched == 2 and all("_conv_forward" in m.__dict__ for m in model if isinstance(m, nn.Conv2d))
         torch.testing.assert_close(model(x), want, rtol=0, atol=0)
     assert all("_conv_forward" not in m.__dict__ for m in model)
-    with pytest.raises(ValueError, match="explicit zero padding"), constant_input_convs(
-            nn.Sequential(nn.Conv2d(1, 1, 3, padding="same"))):
-        pass
+    same = nn.Sequential(nn.Conv2d(1, 1, 3, padding="same"), nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
+    with constant_input_convs(same) as patched:  # unsupported padding: left as it is
+        assert patched == 0 and all("_conv_forward" not in m.__dict__ for m in same)
+    with pytest.raises(ValueError, match="explicit zero padding"):
+        constant_input_conv2d(same[0], x, same[0].weight, same[0].bias)
