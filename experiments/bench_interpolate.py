@@ -40,7 +40,7 @@ from minima import checkpoint as ck
 from minima import data
 from minima.allocator import keep_freed_memory
 from minima.interpolate import interpolate
-from minima.models import build_model
+from minima.models import build_model, textbook_order
 
 
 class TorchvisionStyleCIFAR(torch.utils.data.Dataset):
@@ -80,17 +80,6 @@ def baseline_sweep(model_a: nn.Module, model_b: nn.Module, ds: data.Dataset, alp
                 out[f"{name}_loss"].append(loss / count)
                 out[f"{name}_accuracy"].append(correct / count)
     return {k: np.array(v) for k, v in out.items()}
-
-
-def textbook_order(model: nn.Module) -> nn.Module:
-    """conv → BN → ReLU → max-pool, as the public scripts write it (minima pools before the ReLU: the same
-    function, with the ReLU on a quarter of the elements); state_dict keys are the same either way."""
-    layers = list(model.features)
-    for i in range(len(layers) - 1):
-        if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
-            layers[i], layers[i + 1] = layers[i + 1], layers[i]
-    model.features = nn.Sequential(*layers)
-    return model
 
 
 def seeded_c1(seed: int) -> nn.Module:

@@ -40,6 +40,17 @@ def _append_pool(layers: list[nn.Module], pool: nn.Module) -> None:
         layers.append(pool)
 
 
+def textbook_order(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place) with every max-pool → ReLU pair of its ``features`` swapped back to the
+    papers' ReLU → max-pool: the same function, as the public scripts compute it (baselines, tests)."""
+    layers = list(model.features)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    model.features = nn.Sequential(*layers)
+    return model
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

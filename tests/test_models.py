@@ -85,22 +85,12 @@ def test_imagenet_download_failure_names_the_offline_fix(monkeypatch) -> None:
         models.load_imagenet_weights(models.build_model("mobilenet_v2"), "imagenet")
 
 
-def _relu_then_pool(model: torch.nn.Module) -> torch.nn.Module:
-    """The textbook order conv → BN → ReLU → max-pool, rebuilt from the toolkit's pool → ReLU."""
-    layers = list(model.features)
-    for i in range(len(layers) - 1):
-        if isinstance(layers[i], torch.nn.MaxPool2d) and isinstance(layers[i + 1], torch.nn.ReLU):
-            layers[i], layers[i + 1] = layers[i + 1], layers[i]
-    model.features = torch.nn.Sequential(*layers)
-    return model
-
-
 @pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
 def test_pool_before_relu_is_the_same_function_gradient_and_keys(name: str) -> None:
     torch.manual_seed(0)
     ours = models.build_model(name).double().eval()
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in ours.features) > 0
-    textbook = _relu_then_pool(models.build_model(name).double().eval())
+    textbook = models.textbook_order(models.build_model(name).double().eval())
     def adjacent(model: torch.nn.Module) -> set[tuple[str, str]]:
         kinds = [type(m).__name__ for m in model.features]
         return set(pairwise(kinds))
