@@ -29,10 +29,10 @@ import matplotlib.pyplot as plt
 from minima import data as data_mod
 from minima import results
 from minima.allocator import keep_freed_memory
-from minima.evaluate import evaluate_checkpoint
+from minima.checkpoint import evaluate_checkpoint
 from minima.measure import MeasureRequest, measure
 from minima.schedule import scaled_lr
-from minima.train import NonFiniteLossError, TrainConfig, train
+from minima.training import NonFiniteLossError, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

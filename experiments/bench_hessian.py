@@ -33,10 +33,10 @@ import torch
 
 from minima import checkpoint as ck
 from minima import data
-from minima.allocator import keep_freed_memory
+from minima.allocator import keep_freed_memory, memory_budget
 from minima.hessian import CountingOperator, hessian_operator, top_eigenvalues
-from minima.objective import DatasetObjective
-from minima.train import TrainConfig, train
+from minima.objective import DatasetObjective, FixedBatches
+from minima.training import TrainConfig, train
 
 
 def power_iteration(op: CountingOperator, k: int, tol: float = 1e-3, max_iter: int = 100,
@@ -106,15 +106,15 @@ def main() -> None:
                                      progress=False, out=str(Path(tmp) / "c1")), dataset=ds.subset(5000, 1000))
         model, meta = ck.load_model(ckpt)
     split = ds.train.take(data.stratified_subset(ds.train.labels, args.samples, 0))
-    obj = DatasetObjective(model, split, meta["data"]["mean"], meta["data"]["std"], batch_size=args.samples)
+    batches = FixedBatches.from_split(split, meta["data"]["mean"], meta["data"]["std"], batch_size=args.samples)
+    obj = DatasetObjective(model, batches, hvp_cache_bytes=memory_budget(torch.device("cpu")))
     print(f"torch {torch.__version__}, {args.threads} threads; {meta['train_config'].get('model', '?')} "
           f"({obj.numel} parameters) at {ckpt}; "
           f"{args.samples} training images, eval-mode BatchNorm")
 
     v = torch.randn(obj.numel, dtype=torch.float64)
-    fresh = DatasetObjective(model, split, meta["data"]["mean"], meta["data"]["std"], batch_size=args.samples,
-                             hvp_cache_bytes=0)  # builds the gradient graph for every product
-    nchw = DatasetObjective(model, split, meta["data"]["mean"], meta["data"]["std"], batch_size=args.samples,
+    fresh = DatasetObjective(model, batches, hvp_cache_bytes=0)  # builds the gradient graph for every product
+    nchw = DatasetObjective(model, batches,
                             channels_last=False)  # first-order passes in the layout the HVPs use
     timings = {"fb": (obj.value_and_grad,), "fb_nchw": (nchw.value_and_grad,),
                "hvp_built": (fresh.hvp, v), "hvp_stored": (obj.hvp, v)}

@@ -39,7 +39,7 @@ from torchvision import transforms
 from minima import checkpoint as ck
 from minima import data
 from minima.allocator import keep_freed_memory
-from minima.interpolate import interpolate
+from minima.sweep import interpolate
 from minima.models import build_model, textbook_order
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from minima import data
 from minima.allocator import keep_freed_memory
 from minima.models import CONVOLUTIONAL, build_model
-from minima.train import TrainConfig, train
+from minima.training import TrainConfig, train
 
 
 def toolkit_images_per_s(model: str, ds: data.Dataset, batch: int, micro: int | None, out: Path) -> float:
@@ -73,7 +73,7 @@ import resource, sys, tempfile
 from minima import data
 from minima.allocator import keep_freed_memory
 keep_freed_memory()
-from minima.train import TrainConfig, train
+from minima.training import TrainConfig, train
 ds = data.synthetic(n_train={n}, n_test=16, image_shape=(3, 32, 32), num_classes=10, seed=0)
 with tempfile.TemporaryDirectory() as d:
     train(TrainConfig(model={model!r}, epochs=1, batch_size={batch}, micro_batch={micro}, device="cpu",

@@ -31,12 +31,12 @@ import torch
 from minima import data as data_mod
 from minima import results
 from minima.allocator import keep_freed_memory
-from minima.evaluate import evaluate_checkpoint
-from minima.interpolate import SweepRequest
-from minima.interpolate import run as run_interpolation
+from minima.checkpoint import evaluate_checkpoint
+from minima.sweep import SweepRequest
+from minima.sweep import run as run_interpolation
 from minima.measure import MeasureRequest, measure
 from minima.plots import save_curve_figure
-from minima.train import TrainConfig, train
+from minima.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,19 +1,18 @@
-"""Process-wide CPU memory-allocator setting that makes PyTorch on CPU markedly faster.
+"""Process memory: the CPU allocator setting that makes PyTorch on CPU markedly faster, and how much memory a
+device has left (:func:`available_memory_bytes`, read by the commands to size memory budgets they pass down).
 
 glibc's ``malloc`` serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
 and returns it to the kernel on ``free``. A CIFAR batch of activations (1000 × 64 × 32 × 32 float32 =
 262 MB) is far above that, so every forward pass maps new memory and page-faults on every 4 KiB page the
 first time it is written — on a virtual machine each fault is expensive. :func:`keep_freed_memory` tells
 glibc (``mallopt``) to serve large blocks from the heap and never trim it, so freed activation buffers are
-reused without faults. Measured on this project's 2-core CPU machine (torch 2.14.1, C1, synthetic data):
-evaluation 2,117 → 3,218 images/s (batch 1000, channels_last, folded BatchNorm), training 618 → 778 images/s
-(batch 256), one Hessian-vector product on 500 images 2.7 → 1.7 s.
+reused without faults (the speed-up on this project's machines is in README's measured section).
 
 The cost: memory freed by the process is kept for reuse rather than given back to the kernel, so the
 resident size stays at its high-water mark, and that mark is higher: a freed block is reused only once
 neighbours have coalesced with it (PyTorch's 64-byte-aligned requests do not fit the exact freed size), so a
-few spare copies of the largest buffers stay resident — in a loop over one 64 MiB tensor, the steady state
-was reached after 7 allocations, with 958 MB peak resident size instead of 574 MB. The command-line entry
+few spare copies of the largest buffers stay resident (README's measured section has peak resident sizes
+with and without it). The command-line entry
 points call it; library users call it once at the top of a script or notebook. ``MINIMA_MALLOC=default`` in
 the environment switches it off.
 """
@@ -23,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+
+import torch
 
 # mallopt parameter numbers from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -47,3 +48,27 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # Both calls return 1 on success; large blocks come from the heap, and the heap is never trimmed.
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory that can still be allocated on ``device``: free CUDA memory, or Linux's MemAvailable (RAM not
+    needed by running programs, page cache included); None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_budget(device: torch.device, fraction: float = 0.25, fallback_bytes: int = 2 * 2**30) -> int:
+    """``fraction`` of :func:`available_memory_bytes` (``fallback_bytes`` where that is unknown)."""
+    available = available_memory_bytes(device)
+    return fallback_bytes if available is None else int(available * fraction)

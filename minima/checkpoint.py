@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from minima import __version__
+from minima.data import Split
+from minima.evaluate import EvalResult, evaluate
 from minima.models import build_model
 
 FORMAT = "minima.checkpoint/1"
@@ -132,7 +135,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(512)
+    if not head.startswith(_ZIP_MAGIC) and not head.startswith(b"\x80"):  # zip archive, or legacy pickle
+        what = "an empty file" if not head else ("a text file" if _is_text(head) else "not a PyTorch file")
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what}; torch.save writes a zip archive); "
+                              "pass a .pt file written by minima.train")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -143,14 +150,22 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                 "a plain dict of tensors (minima.checkpoint.save_checkpoint does)."
             ) from exc
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({exc})") from exc
-    except (RuntimeError, EOFError, KeyError, OSError, ValueError) as exc:
-        if head == _ZIP_MAGIC:
+    except (RuntimeError, EOFError, KeyError, IndexError, OSError, ValueError) as exc:
+        if head.startswith(_ZIP_MAGIC):
             raise CheckpointError(
                 f"{path} is a truncated or corrupt checkpoint (the archive is incomplete: {exc}); re-copy "
                 "it, or resume from an earlier checkpoint"
             ) from exc
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load failed: {exc!r})") from exc
     return validate_checkpoint(obj, str(path))
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def validate_checkpoint(obj: Any, where: str = "checkpoint") -> dict[str, Any]:
@@ -198,7 +213,26 @@ def check_compatible(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", na
         problems.append(f"model: {name_a} is {a['model']['name']!r}, {name_b} is {b['model']['name']!r}")
     if a["model"]["kwargs"] != b["model"]["kwargs"]:
         problems.append(f"model kwargs: {name_a} {a['model']['kwargs']} vs {name_b} {b['model']['kwargs']}")
-    sa, sb = a["state_dict"], b["state_dict"]
+    problems += layout_differences(a["state_dict"], b["state_dict"], name_a, name_b)
+    if problems:
+        raise IncompatibleCheckpointsError(
+            f"checkpoints {name_a} and {name_b} do not share one architecture:\n  - " + "\n  - ".join(problems)
+        )
+
+
+def check_same_layout(sa: dict[str, torch.Tensor], sb: dict[str, torch.Tensor], name_a: str = "A",
+                      name_b: str = "B") -> None:
+    """Raise :class:`IncompatibleCheckpointsError` unless two state dicts have the same keys, shapes and dtypes."""
+    problems = layout_differences(sa, sb, name_a, name_b)
+    if problems:
+        raise IncompatibleCheckpointsError(
+            f"{name_a} and {name_b} do not share one parameter layout:\n  - " + "\n  - ".join(problems))
+
+
+def layout_differences(sa: dict[str, torch.Tensor], sb: dict[str, torch.Tensor], name_a: str,
+                       name_b: str) -> list[str]:
+    """Every difference in keys, shapes and dtypes between two state dicts, one line each."""
+    problems: list[str] = []
     only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
     if only_a:
         problems.append(f"keys only in {name_a}: {only_a[:10]}{' …' if len(only_a) > 10 else ''}")
@@ -210,10 +244,7 @@ def check_compatible(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", na
             problems.append(f"{key}: shape {tuple(ta.shape)} vs {tuple(tb.shape)}")
         elif ta.dtype != tb.dtype:
             problems.append(f"{key}: dtype {ta.dtype} vs {tb.dtype}")
-    if problems:
-        raise IncompatibleCheckpointsError(
-            f"checkpoints {name_a} and {name_b} do not share one architecture:\n  - " + "\n  - ".join(problems)
-        )
+    return problems
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -223,3 +254,21 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def evaluate_checkpoint(path: str | os.PathLike[str], splits: dict[str, Split],
+                        batch_size: int = 1000) -> dict[str, EvalResult]:
+    """Exact loss/accuracy of a checkpoint's model on each named split, with the input normalisation the
+    checkpoint was trained with (its ``meta["data"]`` mean/std)."""
+    model, meta = load_model(path)
+    mean, std = meta["data"]["mean"], meta["data"]["std"]
+    return {name: evaluate(model, split, mean, std, batch_size=batch_size) for name, split in splits.items()}
+
+
+def run_label(path: str | os.PathLike[str]) -> str:
+    """A readable name for a checkpoint: its run directory for generic names (final.pt, last.pt, init.pt,
+    epoch_XXXX.pt), else the file's stem."""
+    path = Path(path)
+    if path.stem in ("final", "last", "init") or re.fullmatch(r"epoch_\d+", path.stem):
+        return path.resolve().parent.name
+    return path.stem

@@ -1,21 +1,29 @@
-"""Frozen-dataclass configuration: defaults ← TOML file ← command-line flags.
+"""Requests as frozen dataclasses: defaults ← TOML file ← command-line flags, help text, resume keys.
 
-Each field of a config dataclass becomes a ``--kebab-case`` flag whose type follows the annotation
-(``int``, ``float``, ``str``, ``bool`` as ``--x/--no-x``, ``tuple[...]`` as several values, ``dict`` as
-JSON, and ``X | None`` for optional values, where the word ``none`` gives ``None``). Unknown keys in a TOML
-file are errors that list the valid keys, so a typo never silently falls back to a default.
+Every request of the toolkit (training, a sweep over coordinates, a measurement, an experiment's preset) is a
+frozen dataclass whose fields are declared with :func:`setting`: a default, help text and a unit. From the fields
+:func:`add_arguments` generates the command-line flags — ``--kebab-case`` with the type of the annotation
+(``int``, ``float``, ``str``, ``Path``, a ``Literal`` as a choice, ``bool`` as ``--x/--no-x``, ``tuple[...]``/
+``list[...]`` as several values, ``dict`` as JSON, ``X | None`` where the word ``none`` gives ``None``) and help
+that shows the real default and unit; :func:`resolve` layers TOML values and given flags over the defaults
+(unknown TOML keys are errors that list the valid keys, so a typo never falls back to a default).
+
+:func:`resume_key` is the one fingerprint of settings that results are matched against when resuming, and
+:func:`differences` says, field by field, how two sets of settings differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,6 +31,18 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 T = TypeVar("T")
+_NO_DEFAULT = dataclasses.MISSING
+
+
+def setting(default: Any = _NO_DEFAULT, help: str = "", *, unit: str = "", default_text: str | None = None,
+            positional: bool = False, factory: Any = _NO_DEFAULT) -> Any:
+    """A request field: ``default`` (or ``factory`` for mutable defaults), ``help`` (what it is), ``unit`` (shown
+    after the help), ``default_text`` (how to describe the default where the value alone says too little, e.g.
+    ``None`` meaning "all samples"), ``positional`` (a command-line argument without a flag)."""
+    metadata = {"help": help, "unit": unit, "default_text": default_text, "positional": positional}
+    if factory is not _NO_DEFAULT:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -43,27 +63,71 @@ def _scalar_parser(tp: Any, optional: bool) -> Any:
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of dataclass ``cls`` (default ``None`` = "not given")."""
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple | list):
+        return " ".join(_show(v) for v in value) if value else "none"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return "none" if value is None else str(value)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _NO_DEFAULT
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """A field's help as the command line shows it: text, unit, and the default."""
+    meta = f.metadata
+    text = meta.get("help", "")
+    if meta.get("unit"):
+        text += f" [{meta['unit']}]"
+    default = _default_of(f)
+    if meta.get("default_text"):
+        text += f" (default: {meta['default_text']})"
+    elif default is not _NO_DEFAULT:
+        text += f" (default: {_show(default)})"
+    return text.replace("%", "%%")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] = ()) -> None:
+    """One argument per field of dataclass ``cls``; flags default to ``None`` (= "not given", so TOML values and
+    dataclass defaults apply), positional fields are required unless they have a default."""
     hints = typing.get_type_hints(cls)
+    skip = set(skip)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         tp, optional = _unwrap_optional(hints[f.name])
+        doc = help_text(f)
+        origin = typing.get_origin(tp)
+        if f.metadata.get("positional"):
+            many = origin in (tuple, list)
+            elem = typing.get_args(tp)[0] if many else tp
+            nargs = "+" if many else ("?" if optional else None)
+            parser.add_argument(f.name, nargs=nargs, type=elem, help=doc)
+            continue
         flag = "--" + f.name.replace("_", "-")
-        doc = f.metadata.get("help", "")
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
-        elif typing.get_origin(tp) is tuple:
-            (elem, *_rest) = typing.get_args(tp)
-            parser.add_argument(flag, nargs="*", type=elem, default=None, help=doc)
-        elif tp is dict or typing.get_origin(tp) is dict:
-            parser.add_argument(flag, type=json.loads, default=None, help=doc + " (JSON)")
+        elif origin is Literal:
+            parser.add_argument(flag, choices=typing.get_args(tp), default=None, help=doc)
+        elif origin in (tuple, list):
+            elem = typing.get_args(tp)[0]
+            parser.add_argument(flag, nargs="+", type=elem, default=None, metavar=elem.__name__.upper(), help=doc)
+        elif tp is dict or origin is dict:
+            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=doc)
         else:
-            parser.add_argument(flag, type=_scalar_parser(tp, optional), default=None, help=doc)
+            parser.add_argument(flag, type=_scalar_parser(tp, optional), default=None,
+                                metavar=getattr(tp, "__name__", "value").upper(), help=doc)
 
 
-def _coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+def _coerce(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -72,8 +136,13 @@ def _coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         tp, _ = _unwrap_optional(hints[key])
-        if typing.get_origin(tp) is tuple and isinstance(value, list):
+        origin = typing.get_origin(tp)
+        if origin is tuple and isinstance(value, list):
             value = tuple(value)
+        elif tp is Path and isinstance(value, str):
+            value = Path(value)
+        elif origin is list and isinstance(value, tuple):
+            value = list(value)
         out[key] = value
     return out
 
@@ -84,10 +153,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path, "rb") as f:
-        return tomllib.load(f)
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid TOML ({exc})") from exc
 
 
-def resolve(cls: type[T], toml_path: str | Path | None, cli: argparse.Namespace | dict[str, Any]) -> T:
+def resolve(cls: type[T], toml_path: str | Path | None, cli: argparse.Namespace | Mapping[str, Any]) -> T:
     """An instance of ``cls``: dataclass defaults, overridden by the TOML file, overridden by every
     command-line value that was given (not ``None``)."""
     values: dict[str, Any] = {}
@@ -100,5 +172,19 @@ def resolve(cls: type[T], toml_path: str | Path | None, cli: argparse.Namespace 
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-able dict of a config dataclass (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    """A JSON-able dict of a request dataclass (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def resume_key(settings: Mapping[str, Any]) -> str:
+    """The fingerprint that finished results are matched against on resume: 16 hex digits of the SHA-256 of the
+    settings as sorted JSON (values that are not JSON types by their ``str``)."""
+    text = json.dumps(dict(settings), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """``"key: old → new"`` for every key whose value differs (keys in ``ignore`` skipped)."""
+    skip = set(ignore)
+    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in skip and old.get(k) != new.get(k)]

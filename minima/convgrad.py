@@ -3,7 +3,7 @@
 For y = conv(x, W) + b the backward pass needs ∂L/∂W = corr(x, ∂L/∂y) and ∂L/∂b = Σ_{n,h,w} ∂L/∂y, and
 nothing for x when x is data. PyTorch's generic convolution double backward (used for Hessian-vector
 products by reverse-over-reverse differentiation) nevertheless evaluates the term that belongs to
-∂L/∂x — a transposed convolution of the full activation map, 7–10 % of one C1 HVP on CPU — even when x
+∂L/∂x — a transposed convolution of the full activation map, a conv-sized product — even when x
 does not require grad. Here the two levels are written out so that only the needed terms exist:
 
 * first level, ``conv(x, W, b)`` with backward g ↦ (∂L/∂W, ∂L/∂b) = (corr(x, g), Σ g);

@@ -387,3 +387,21 @@ def load_from_spec(spec: dict[str, Any], download: bool = True) -> Dataset:
         return load_torchvision_cifar10(root, download) if root.is_dir() else load_cifar10(download=download)
     raise DataError(f"unknown data source kind {kind!r} in {spec}; expected 'npz', 'torchvision' or "
                     "'synthetic' (pass the data explicitly with --data)")
+
+
+def load_for_checkpoint(recorded: dict[str, Any], data: str | None = None, train_subset: int | None = None,
+                        test_subset: int | None = None, subset_seed: int = 0) -> Dataset:
+    """The data a checkpoint was trained on — its ``meta["data"]`` (``recorded``: source spec and subsets) — or
+    the source ``data`` names if given, then optional further stratified subsets of ``train_subset`` /
+    ``test_subset`` samples drawn with ``subset_seed``."""
+    if data is not None:
+        ds = load_source(data)
+    else:
+        ds = load_from_spec(recorded["source"])
+        for split, sub in recorded.get("subset", {}).items():
+            ds = ds.subset(**{split: sub["n"]}, seed=sub["seed"])
+    if train_subset is not None:
+        ds = ds.subset(train=train_subset, seed=subset_seed)
+    if test_subset is not None:
+        ds = ds.subset(test=test_subset, seed=subset_seed)
+    return ds

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from minima import distributed
-from minima.checkpoint import load_model
 from minima.data import Dataset, Split, eval_batches, normalize, shard
+from minima.vocab import BNMode, check_choice
 
 
 @dataclass(frozen=True)
@@ -73,14 +72,15 @@ def sums_to_result(sums: torch.Tensor) -> EvalResult:
 
 
 @contextlib.contextmanager
-def train_mode_for_bn_only(model: nn.Module, use_batch_stats: bool) -> Iterator[None]:
-    """Eval mode for everything (dropout off); if ``use_batch_stats``, BatchNorm layers normalise with
-    per-batch statistics *without* touching their running buffers. Restores every module's mode after."""
+def bn_mode(model: nn.Module, bn: BNMode) -> Iterator[None]:
+    """Eval mode for everything (dropout off); with ``bn="batch"`` BatchNorm layers normalise with per-batch
+    statistics *without* touching their running buffers. Restores every module's mode after."""
+    check_choice("BatchNorm mode", bn, BNMode)
     modes = {m: m.training for m in model.modules()}
     saved: dict[nn.Module, float | None] = {}
     model.eval()
     try:
-        if use_batch_stats:
+        if bn == "batch":
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     # track_running_stats=False makes BN use batch statistics and leave buffers alone.
@@ -106,20 +106,20 @@ def evaluate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
-    bn_batch_stats: bool = False,
+    bn: BNMode = "eval",
     rank: int = 0,
     world_size: int = 1,
 ) -> EvalResult:
     """Exact loss and accuracy of ``model`` on ``split`` (dropout off).
 
-    With ``bn_batch_stats`` BatchNorm uses the statistics of each evaluation batch (fixed order, so the
-    result is deterministic), otherwise its running statistics. Under ``world_size > 1`` each rank
+    With ``bn="batch"`` BatchNorm uses the statistics of each evaluation batch (fixed order, so the
+    result is deterministic), with ``bn="eval"`` its running statistics. Under ``world_size > 1`` each rank
     evaluates a contiguous shard and the sums are all-reduced, so every rank returns the full-split result.
     The model's mode and buffers are left as they were.
     """
     mine = split if world_size == 1 else split.take(shard(torch.arange(len(split)), rank, world_size))
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    with train_mode_for_bn_only(model, bn_batch_stats):
+    with bn_mode(model, bn):
         for images, labels in eval_batches(mine, batch_size):
             x = normalize(images.to(device, non_blocking=True), mean, std, dtype, channels_last)
             sums += batch_sums(model(x), labels.to(device, non_blocking=True))
@@ -189,11 +189,3 @@ def check_model_accepts(model: nn.Module, ds: Dataset) -> None:
         model.train(was_training)
     if out.shape[1] != ds.num_classes:
         raise ValueError(f"the model has {out.shape[1]} outputs but the data has {ds.num_classes} classes")
-
-
-def evaluate_checkpoint(path: str | Path, splits: dict[str, Split], batch_size: int = 1000) -> dict[str, EvalResult]:
-    """Exact loss/accuracy of a checkpoint's model on each named split, with the input normalisation the
-    checkpoint was trained with (its ``meta["data"]`` mean/std)."""
-    model, meta = load_model(path)
-    mean, std = meta["data"]["mean"], meta["data"]["std"]
-    return {name: evaluate(model, split, mean, std, batch_size=batch_size) for name, split in splits.items()}

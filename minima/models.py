@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,9 +31,8 @@ def _append_pool(layers: list[nn.Module], pool: nn.Module) -> None:
 
     max-pool(ReLU(z)) = ReLU(max-pool(z)) exactly (ReLU is monotone, so it commutes with max), with the same
     gradient and Hessian (both pick the window's maximum if it is positive, else nothing); the ReLU and its
-    backward then touch a quarter of the elements. Measured on 2 CPU cores (C1, 1,000 images): folded eval
-    311 → 302 ms, forward+backward in channels_last 0.95 → 0.91 s. Parameter-free swap: the state_dict keys
-    (module indices of the convolutions and BatchNorms) are unchanged.
+    backward then touch a quarter of the elements (README's measured section has the gain). Parameter-free swap:
+    the state_dict keys (module indices of the convolutions and BatchNorms) are unchanged.
     """
     if layers and isinstance(layers[-1], nn.ReLU):
         layers.insert(len(layers) - 1, pool)
@@ -216,15 +216,52 @@ def load_imagenet_weights(model: nn.Module, source: str) -> list[str]:
     return sorted(set(own) - set(usable))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "c1": C1, "c2": C2, "vgg11_bn": VGG11BN, "mlp": MLP, "mobilenet_v2": mobilenet_v2,
-}
-CONVOLUTIONAL = frozenset({"c1", "c2", "vgg11_bn", "mobilenet_v2"})
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registry entry: how to build the model and what it expects.
+
+    ``factory(num_classes=..., **kwargs)`` returns an ``nn.Module`` mapping (N, *input_shape) float batches to
+    (N, num_classes) logits; ``input_shape`` and ``num_classes`` are the defaults (CIFAR-10); ``convolutional``
+    decides the memory format (channels_last) and the convolution-specific derivatives (one source of truth)."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    convolutional: bool
+    summary: str
+
+
+REGISTRY: dict[str, ModelInfo] = {info.name: info for info in (
+    ModelInfo("c1", C1, (3, 32, 32), 10, True, "Keskar's C1 shallow conv net (1,757,834 parameters)"),
+    ModelInfo("c2", C2, (3, 32, 32), 10, True, "Keskar's C2 VGG-style conv net (14,991,946 parameters)"),
+    ModelInfo("vgg11_bn", VGG11BN, (3, 32, 32), 10, True, "VGG-A with BatchNorm for 32×32 inputs"),
+    ModelInfo("mlp", MLP, (3, 32, 32), 10, False, "fully connected net, optional BatchNorm and dropout"),
+    ModelInfo("mobilenet_v2", mobilenet_v2, (3, 32, 32), 10, True, "torchvision MobileNetV2, stride-1 stem"),
+)}
 
 
 def available_models() -> list[str]:
     """Names accepted by :func:`build_model`."""
-    return sorted(MODELS)
+    return sorted(REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of ``name``; ``ValueError`` listing the choices for an unknown name."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {available_models()}")
+    return REGISTRY[name]
+
+
+def is_convolutional(model: str | nn.Module) -> bool:
+    """Whether a model (a registry name, or a module) is convolutional: the registry's answer for a registered
+    name or class, otherwise whether the module contains a 2-D convolution."""
+    if isinstance(model, str):
+        return model_info(model).convolutional
+    for info in REGISTRY.values():
+        if isinstance(info.factory, type) and type(model) is info.factory:
+            return info.convolutional
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def build_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Module:
@@ -232,9 +269,7 @@ def build_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Module
 
     Raises ``ValueError`` naming the valid choices for an unknown model or keyword argument.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {available_models()}")
-    ctor = MODELS[name]
+    ctor = model_info(name).factory
     params = inspect.signature(ctor).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:

@@ -20,10 +20,14 @@ LR changes; PyTorch's form is already equivalent to the corrected update, so no 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
-SCALING_RULES = ("linear", "sqrt", "none")
-SCHEDULES = ("constant", "step", "cosine")
+ScalingRule = Literal["linear", "sqrt", "none"]
+ScheduleKind = Literal["constant", "step", "cosine"]
+SCALING_RULES: tuple[str, ...] = typing.get_args(ScalingRule)
+SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleKind)
 
 
 def scaled_lr(ref_lr: float, ref_batch: int, global_batch: int, rule: str) -> float:

@@ -67,8 +67,8 @@ def test_batch_stat_evaluation_leaves_model_untouched() -> None:
     model = build_model("mlp", num_classes=3, input_shape=(3, 4, 4), widths=(5,), batchnorm=True, dropout=0.5)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    a = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16, bn_batch_stats=True)
-    b = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16, bn_batch_stats=True)
+    a = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16, bn="batch")
+    b = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16, bn="batch")
     assert a == b  # dropout off, fixed batches: deterministic
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     c = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16)

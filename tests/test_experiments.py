@@ -46,14 +46,17 @@ def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
     assert keskar.main(["--model", "mlp", "--preset", "smoke", "--out", str(out), "--figures", str(tmp_path)]) == 0
     monkeypatch.setenv("MINIMA_CURVES", str(out / "seed0" / "sb_vs_lb.h5"))
     monkeypatch.setenv("MINIMA_SHARPNESS", str(out / "seed0" / "sharpness.h5"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own (inline) backend, as in Jupyter
     nb = nbformat.read(ROOT / "notebooks" / "explore_curves.ipynb", as_version=4)
     NotebookClient(nb, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
     assert "LB / SB  keskar_full_eps0.001" in text and "d²f/dα²" in text
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2, "both figure cells must display an image (no backend switched behind Jupyter's back)"
     with h5py.File(out / "seed0" / "sb_vs_lb.h5") as f:
-        assert f.attrs["format"] == results.CURVE_FORMAT
+        assert f.attrs["format"] == results.GRID_FORMAT and list(f["coords"]) == ["alpha"]
 
 
 def test_batch_sweep_smoke(tmp_path: Path) -> None:

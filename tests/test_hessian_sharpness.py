@@ -11,7 +11,7 @@ from torch.func import functional_call
 from minima import data
 from minima.hessian import CountingOperator, hessian_operator, hutchinson_trace, slq_density, top_eigenvalues
 from minima.models import build_model
-from minima.objective import DatasetObjective, NondeterministicLossError
+from minima.objective import DatasetObjective, FixedBatches, NondeterministicLossError
 from minima.sharpness import (
     DenseSubspace,
     RandomSubspace,
@@ -30,8 +30,12 @@ def _setup(seed: int = 0, batchnorm: bool = False) -> tuple[torch.nn.Module, dat
     return model, ds
 
 
-def _objective(model: torch.nn.Module, ds: data.Dataset, **kw: object) -> DatasetObjective:
-    return DatasetObjective(model, ds.train, ds.mean, ds.std, dtype=torch.float64, batch_size=25, **kw)
+def _objective(model: torch.nn.Module, ds: data.Dataset, rank: int = 0, world_size: int = 1,
+               **kw: object) -> DatasetObjective:
+    batches = FixedBatches.from_split(ds.train, ds.mean, ds.std, batch_size=25, dtype=torch.float64, rank=rank,
+                                      world_size=world_size)
+    kw.setdefault("hvp_cache_bytes", 2**30)
+    return DatasetObjective(model, batches, **kw)
 
 
 def _dense_hessian(model: torch.nn.Module, ds: data.Dataset) -> torch.Tensor:
@@ -166,8 +170,7 @@ def _objective_worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     model, ds = _setup()
-    obj = DatasetObjective(model, ds.train, ds.mean, ds.std, dtype=torch.float64, batch_size=25, rank=rank,
-                           world_size=2)
+    obj = _objective(model, ds, rank=rank, world_size=2)
     v = torch.linspace(-1, 1, obj.numel, dtype=torch.float64)
     f, g = obj.value_and_grad()
     if rank == 0:

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from minima import checkpoint as ck
 from minima import data, results
 from minima.interpolate import SweepRequest, interpolate, main, parse_alphas, run
-from minima.params import random_direction
+from minima.directions import random_direction
 
 from .helpers import free_port, toy_checkpoint, toy_dataset
 
@@ -116,7 +116,7 @@ def test_resume_after_kill_matches_uninterrupted(bn_pair: tuple, tmp_path: Path,
     a_path, b_path, _ = bn_pair
     full = results.load_curve(run(_req(a_path, b_path, tmp_path / "full.h5")))
     calls = {"n": 0}
-    original = results.write_row
+    original = results.write_point
 
     def dying_write(path: Path, index: int, values: dict) -> None:
         if calls["n"] == 2:
@@ -124,10 +124,10 @@ def test_resume_after_kill_matches_uninterrupted(bn_pair: tuple, tmp_path: Path,
         calls["n"] += 1
         original(path, index, values)
 
-    monkeypatch.setattr(results, "write_row", dying_write)
+    monkeypatch.setattr(results, "write_point", dying_write)
     with pytest.raises(KeyboardInterrupt):
         run(_req(a_path, b_path, tmp_path / "part.h5"))
-    monkeypatch.setattr(results, "write_row", original)
+    monkeypatch.setattr(results, "write_point", original)
     partial = results.load_curve(tmp_path / "part.h5")
     assert (partial.test_nonfinite >= 0).sum() == 2 and not partial.complete
     with pytest.raises(FileExistsError, match="partially computed.*--resume"):
@@ -137,9 +137,13 @@ def test_resume_after_kill_matches_uninterrupted(bn_pair: tuple, tmp_path: Path,
         np.testing.assert_array_equal(getattr(resumed, name), getattr(full, name))
     with pytest.raises(FileExistsError, match="is complete"):
         run(_req(a_path, b_path, tmp_path / "part.h5"))
-    with pytest.raises(results.ResultsError, match="other checkpoints or settings"):
+    with pytest.raises(results.ResultsError, match="other checkpoints or settings.*bn: 'recompute' → 'batch'"):
         run(_req(a_path, b_path, tmp_path / "part.h5", resume=True, bn="batch"))
-    with pytest.raises(results.ResultsError, match="another α grid"):
+    with pytest.raises(results.ResultsError, match=r"eval_batch_size: 1000 → 7\)"):  # only that field named
+        run(_req(a_path, b_path, tmp_path / "part.h5", resume=True, eval_batch_size=7))
+    with pytest.raises(ValueError, match="--resume and --overwrite contradict"):
+        run(_req(a_path, b_path, tmp_path / "part.h5", resume=True, overwrite=True))
+    with pytest.raises(results.ResultsError, match="another grid"):
         run(_req(a_path, b_path, tmp_path / "part.h5", resume=True, alphas="0,1"))
 
 
@@ -214,7 +218,7 @@ def test_bad_inputs(pair: tuple, tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = np.zeros(3)
-    with pytest.raises(results.ResultsError, match="not a minima curve file"):
+    with pytest.raises(results.ResultsError, match="not a minima grid or curve file"):
         run(_req(a_path, a_path, foreign))
     with pytest.raises(ValueError, match="needs two checkpoints"):
         run(_req(a_path, None, tmp_path / "x.h5"))
@@ -226,7 +230,7 @@ def test_plot_cli_and_default_output_name(pair: tuple, tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert main([str(a_path), str(b_path), "--alphas", "0,0.5,1", "--device", "cpu", "--no-progress"]) == 0
     assert (tmp_path / "a_vs_b.h5").exists() and (tmp_path / "a_vs_b.png").stat().st_size > 10_000
-    from minima.plots import main as plot_main
+    from minima.plot import main as plot_main
 
     assert plot_main([str(tmp_path / "a_vs_b.h5"), "--out", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").exists()

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from minima import results
-from minima.measure import MeasureRequest, main, measure
+from minima.measure import MeasureRequest, measure
+from minima.sharpness import main
 
 from .helpers import toy_checkpoint, toy_dataset
 
@@ -44,7 +45,7 @@ def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, 
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f.attrs["format"] = "something/else"
-    with pytest.raises(results.ResultsError, match="not a minima curve or sharpness file"):
+    with pytest.raises(results.ResultsError, match="not a minima grid, curve or sharpness file"):
         measure(MeasureRequest(checkpoints=[a], out=foreign, device="cpu"))
     assert main([str(a), "--metrics", "bogus", "--out", str(tmp_path / "x.h5")]) == 2
     assert main([str(a), "--metrics", "hessian", "--hvp-cache-gb", "-1", "--out", str(tmp_path / "y.h5")]) == 2
