@@ -39,8 +39,8 @@ from torchvision import transforms
 from minima import checkpoint as ck
 from minima import data
 from minima.allocator import keep_freed_memory
-from minima.sweep import interpolate
 from minima.models import build_model, textbook_order
+from minima.sweep import interpolate
 
 
 class TorchvisionStyleCIFAR(torch.utils.data.Dataset):

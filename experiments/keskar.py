@@ -1,14 +1,15 @@
 """Keskar et al. (2017) end to end: SB vs LB training, the parametric plot, sharpness, a summary beside the paper.
 
-    python -m experiments.keskar --model mlp --preset quick            # ≈ 10 min on 2 CPU cores
+    python -m experiments.keskar --model mlp --preset quick            # 5–8 min on 2 CPU cores
     python -m experiments.keskar --model c1 --preset paper --seeds 5   # GPU work
 
 For each seed: train the small-batch (SB) and large-batch (LB) networks from the same initial weights,
 each "until the loss function ceased to improve" (a training-loss patience rule within an epoch cap);
 interpolate between them (α ∈ [−1, 2], 25 points, BatchNorm ``recompute``); compute Keskar's sharpness
 (ε = 1e-3 and 5e-4, full space and a random 100-dimensional subspace, BatchNorm ``batch`` as the paper's
-Keras code did) and λ_max of both. Writes the run directory, ``figures/keskar_<model>.png`` and a markdown
-summary beside the paper's Tables 2 and 3. Every stage is skipped when its output is complete and resumed
+Keras code did) and λ_max of both. Writes everything into the run directory — checkpoints, curve, sharpness,
+``keskar_<model>.png`` and a markdown summary beside the paper's Tables 2 and 3 — and copies the figure into
+``--figures`` when given. Every stage is skipped when its output is complete and resumed
 when it is partial, so an interrupted run continues where it stopped.
 """
 
@@ -20,23 +21,27 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from minima import config as cfg
 from minima import data as data_mod
 from minima import results
 from minima.allocator import keep_freed_memory
-from minima.checkpoint import evaluate_checkpoint
+from minima.checkpoint import evaluate_checkpoint, run_label
+from minima.config import setting
+from minima.measure import MeasureRequest, measure
+from minima.measure import result_jobs as measure_jobs
+from minima.plots import save_curve_figure
 from minima.sweep import SweepRequest
 from minima.sweep import run as run_interpolation
-from minima.measure import MeasureRequest, measure
-from minima.plots import save_curve_figure
 from minima.training import TrainConfig, train
+from minima.vocab import BNMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,48 +58,76 @@ PAPER = {
 
 @dataclass(frozen=True)
 class Preset:
-    """Every knob of the pipeline, with units; stored in the summary."""
+    """Every knob of the pipeline, with units; read from ``experiments/configs/keskar_<name>.toml`` (or a TOML file
+    given by path) over these defaults, and stored in the run directory as ``preset.json``."""
 
-    data: str | None = None  # None: $MINIMA_DATA, then the torchvision download
-    train_subset: int | None = None
-    test_subset: int | None = None
-    model_kwargs: dict = field(default_factory=dict)
-    sb_batch: int = 256
-    lb_batch: int = 5000
-    micro_batch: int | None = None
-    lr: float = 1e-3
-    epochs: int = 100
-    patience: int = 5
-    min_delta: float = 1e-4
-    target_loss: float | None = None
-    interp_alphas: str = "-1:2:25"
-    interp_train_subset: int | None = None
-    interp_test_subset: int | None = None
-    sharpness_samples: int | None = None
-    eps: tuple[float, ...] = (1e-3, 5e-4)
-    subspace: int = 100
-    maxiter: int = 10
-    sharpness_bn: str = "batch"
-    eval_batch_size: int = 1000
-    seeds: int = 1
+    data: str | None = setting(None, "data source", default_text="$MINIMA_DATA, then the torchvision download")
+    train_subset: int | None = setting(None, "stratified training subset for training", unit="samples",
+                                       default_text="all")
+    test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
+    model_kwargs: dict = setting(help="model arguments", factory=dict,
+                                 default_text="the model's MODEL_DEFAULTS entry, else none")
+    sb_batch: int = setting(256, "small-batch (SB) size", unit="samples")
+    lb_batch: int = setting(5000, "large-batch (LB) size", unit="samples")
+    micro_batch: int | None = setting(None, "largest forward batch (gradient accumulation above it)",
+                                      unit="samples", default_text="the whole batch")
+    lr: float = setting(1e-3, "Adam learning rate (both regimes)")
+    epochs: int = setting(100, "epoch cap", unit="epochs")
+    patience: int = setting(5, "stop after this many epochs without a training-loss improvement", unit="epochs")
+    min_delta: float = setting(1e-4, "smallest training-loss decrease that counts", unit="nats")
+    target_loss: float | None = setting(None, "stop at this training loss", unit="nats", default_text="none")
+    interp_alphas: str = setting("-1:2:25", "α grid of the SB→LB curve (START:STOP:NUM)")
+    interp_train_subset: int | None = setting(None, "training samples per α", unit="samples", default_text="all")
+    interp_test_subset: int | None = setting(None, "test samples per α", unit="samples", default_text="all")
+    sharpness_samples: int | None = setting(None, "training samples f is defined on for sharpness",
+                                            unit="samples", default_text="all")
+    eps: tuple[float, ...] = setting((1e-3, 5e-4), "Keskar box sizes ε")
+    subspace: int = setting(100, "random subspace dimension p")
+    maxiter: int = setting(10, "L-BFGS-B iterations")
+    sharpness_bn: BNMode = setting("batch", "BatchNorm inside f for sharpness (the paper's Keras code: batch)")
+    eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
+    seeds: int = setting(1, "independent runs (mean ± std over them)")
 
 
-PRESETS: dict[str, Preset] = {
-    # The paper: Adam, 256 vs 5000 (10 % of CIFAR-10), no augmentation, up to 100 epochs, full data, 5 seeds.
-    "paper": Preset(seeds=5),
-    # Sized for 2 CPU cores (≤ 15 min with the BN-MLP): all of CIFAR-10, SB 256 vs LB 5000 as in the paper,
-    # Adam; each regime stops after 3 epochs without a training-loss improvement, or at 30 epochs. The curve
-    # uses 5,000 train / 5,000 test images per α and sharpness 1,000 training images (the paper: all of them).
-    "quick": Preset(epochs=30, patience=3, interp_train_subset=5_000,
-                    interp_test_subset=5_000, sharpness_samples=1_000, subspace=100),
-    # CI smoke test: synthetic data, a toy MLP, seconds.
-    "smoke": Preset(data="synthetic", train_subset=512, test_subset=128, sb_batch=32, lb_batch=256, epochs=3,
-                    patience=2, interp_alphas="-1:2:5", sharpness_samples=128, subspace=5, maxiter=3,
-                    model_kwargs={"input_shape": [3, 32, 32], "widths": [16], "batchnorm": True}),
-}
+CONFIGS = ROOT / "experiments" / "configs"
+PRESET_NAMES = ("paper", "quick", "smoke")  # experiments/configs/keskar_<name>.toml
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"input_shape": [3, 32, 32], "widths": [512, 512, 512], "batchnorm": True},
 }
+
+
+def load_preset(name_or_path: str) -> tuple[str, Preset]:
+    """(name, preset) for a preset name (``experiments/configs/keskar_<name>.toml``) or a TOML file's path."""
+    path = CONFIGS / f"keskar_{name_or_path}.toml"
+    if not path.is_file():
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(f"no preset {name_or_path!r}: give one of {list(PRESET_NAMES)} or a TOML file's path")
+    return (name_or_path if path.parent == CONFIGS else path.stem), cfg.resolve(Preset, path, {})
+
+
+class StageClock:
+    """Seconds each stage took when it ran, kept in ``stage_seconds.json``: a stage found complete keeps its
+    recorded time and a resumed one adds to it, so the summary's compute time does not collapse on a re-run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, name: str, done: bool, work: Callable[[], Any]) -> Any:
+        """``work()``; timed and added to stage ``name`` unless ``done`` (its output was already complete)."""
+        if done:
+            return work()
+        t0 = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
 
 
 def _train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, ds: data_mod.Dataset) -> Path:
@@ -122,25 +155,38 @@ def _exact_accuracy(path: Path, ds: data_mod.Dataset, batch_size: int) -> dict[s
     return out
 
 
-def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Dataset) -> dict[str, Any]:
-    """All stages for one seed; returns the SB/LB numbers for the summary."""
+def _sharpness_complete(path: Path, req: Any) -> bool:
+    if not path.exists():
+        return False
+    have = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(path)}
+    want = {(run_label(c), name) for c in req.checkpoints for _, name, _ in measure_jobs(req)}
+    return want <= have
+
+
+def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Dataset, clock: StageClock
+             ) -> dict[str, Any]:
+    """All stages for one seed (each skipped when its output is complete); returns the SB/LB numbers."""
     out.mkdir(parents=True, exist_ok=True)
-    sb = _train_regime(model, preset, preset.sb_batch, seed, out / "sb", ds)
-    lb = _train_regime(model, preset, preset.lb_batch, seed, out / "lb", ds)
+    regimes = {}
+    for name, batch in (("sb", preset.sb_batch), ("lb", preset.lb_batch)):
+        regimes[name] = clock.run(f"seed{seed}/train_{name}", (out / name / "final.pt").exists(),
+                                  lambda b=batch, n=name: _train_regime(model, preset, b, seed, out / n, ds))
+    sb, lb = regimes["sb"], regimes["lb"]
     curve_path = out / "sb_vs_lb.h5"
     if not (curve_path.exists() and results.load_curve(curve_path).complete):
-        run_interpolation(SweepRequest(
+        clock.run(f"seed{seed}/interpolate", False, lambda: run_interpolation(SweepRequest(
             checkpoint_a=sb, checkpoint_b=lb, alphas=preset.interp_alphas, bn="recompute",
             train_subset=preset.interp_train_subset, test_subset=preset.interp_test_subset, out=curve_path,
             resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size,
-        ))
+        )))
     sharp_path = out / "sharpness.h5"
-    measure(MeasureRequest(
+    request = MeasureRequest(
         checkpoints=[sb, lb], metrics=["keskar", "hessian"], eps=list(preset.eps), subspace=preset.subspace,
         maxiter=preset.maxiter, topk=1, samples=preset.sharpness_samples, bn=preset.sharpness_bn,
         batch_size=min(preset.eval_batch_size, preset.sharpness_samples or preset.eval_batch_size),
         out=sharp_path,
-    ))
+    )
+    clock.run(f"seed{seed}/sharpness", _sharpness_complete(sharp_path, request), lambda: measure(request))
     row: dict[str, Any] = {}
     for name, path in (("sb", sb), ("lb", lb)):
         for k, v in _exact_accuracy(path, ds, preset.eval_batch_size).items():
@@ -165,7 +211,7 @@ def _fmt(values: list[float], digits: int = 2) -> str:
 
 
 def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[dict[str, Any]], ds: data_mod.Dataset,
-                     wall_s: float) -> str:
+                     compute_s: float, wall_s: float) -> str:
     """The markdown table: our SB/LB numbers (mean ± std over seeds) beside the paper's."""
     paper = PAPER.get(model, {})
 
@@ -189,7 +235,8 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
         f"Seeds: {len(rows)}. Sharpness: BatchNorm `{preset.sharpness_bn}`, "
         f"{preset.sharpness_samples or len(ds.train)} training samples, L-BFGS-B {preset.maxiter} iterations, "
         f"random subspace p = {preset.subspace}. Machine: {platform.machine()} {platform.processor() or ''}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; wall time {wall_s / 60:.1f} min.",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; compute time {compute_s / 60:.1f} min "
+        f"(the stages' times when they ran; this invocation {wall_s / 60:.1f} min).",
         "",
         "| quantity | SB (ours) | LB (ours) | SB (paper) | LB (paper) |",
         "|---|---|---|---|---|",
@@ -232,36 +279,44 @@ def parse_summary_table(markdown: str) -> dict[str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.keskar", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mlp", choices=("c1", "c2", "vgg11_bn", "mlp"))
-    p.add_argument("--preset", default="quick", choices=tuple(PRESETS))
+    p.add_argument("--model", default="mlp", choices=("c1", "c2", "vgg11_bn", "mlp"), help="network (default: mlp)")
+    p.add_argument("--preset", default="quick",
+                   help=f"{', '.join(PRESET_NAMES)} (experiments/configs/keskar_<name>.toml) or a TOML file's path "
+                        "(default: quick)")
     p.add_argument("--seeds", type=int, default=None, help="independent runs (default: the preset's; paper 5)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/keskar_<model>_<preset>)")
-    p.add_argument("--figures", type=Path, default=ROOT / "figures", help="where the figure goes")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/keskar_<model>_<preset>)")
+    p.add_argument("--figures", type=Path, default=None,
+                   help="also copy the figure into this directory, e.g. figures (default: the run directory only)")
     p.add_argument("--data", default=None, help="override the preset's data source")
     args = p.parse_args(argv)
+    try:
+        preset_name, preset = load_preset(args.preset)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"[experiments.keskar] error: {exc}", file=sys.stderr)
+        return 2
     keep_freed_memory()
-    preset = PRESETS[args.preset]
     if args.data is not None:
         preset = replace(preset, data=args.data)
-    out = args.out or Path("runs") / f"keskar_{args.model}_{args.preset}"
+    out = args.out or Path("runs") / f"keskar_{args.model}_{preset_name}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ds = data_mod.load_source(preset.data, preset.train_subset, preset.test_subset)
     ds = ds.subset(preset.train_subset, preset.test_subset, seed=0)
-    (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": args.preset, **asdict(preset)},
+    (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": preset_name, **cfg.to_dict(preset)},
                                                 indent=2) + "\n")
     seeds = args.seeds if args.seeds is not None else preset.seeds
-    rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds) for s in range(seeds)]
+    clock = StageClock(out / "stage_seconds.json")
+    rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds, clock) for s in range(seeds)]
     wall = time.perf_counter() - t0
-    md = summary_markdown(args.model, args.preset, preset, rows, ds, wall)
+    md = summary_markdown(args.model, preset_name, preset, rows, ds, clock.total, wall)
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    args.figures.mkdir(parents=True, exist_ok=True)
-    fig = save_curve_figure(results.load_curve(out / "seed0" / "sb_vs_lb.h5"),
-                            args.figures / f"keskar_{args.model}.png")
-    shutil.copy(fig, out / fig.name)
+    fig = save_curve_figure(results.load_curve(out / "seed0" / "sb_vs_lb.h5"), out / f"keskar_{args.model}.png")
+    if args.figures is not None:
+        args.figures.mkdir(parents=True, exist_ok=True)
+        fig = Path(shutil.copy(fig, args.figures / fig.name))
     print(md)
-    print(f"[experiments.keskar] wrote {out / 'summary.md'} and {fig} in {wall / 60:.1f} min")
+    print(f"[experiments.keskar] wrote {out / 'summary.md'} and {fig}; this invocation {wall / 60:.1f} min")
     return 0
 
 

@@ -72,7 +72,7 @@ def metric_names(requested: Sequence[str]) -> list[Metric]:
     return [get_metric(n) for n in names]
 
 
-def _jobs(req: Any) -> list[tuple[Metric, str, dict[str, Any]]]:
+def result_jobs(req: Any) -> list[tuple[Metric, str, dict[str, Any]]]:
     """(metric, result name, parameters) in the order they run."""
     values = dataclasses.asdict(req)
     out = []
@@ -100,7 +100,7 @@ def default_output(checkpoints: Sequence[Path]) -> Path:
 def measure(req: Any) -> Path:
     """Compute every requested metric for every checkpoint into ``req.out``; return the path."""
     _validate(req)
-    jobs = _jobs(req)
+    jobs = result_jobs(req)
     out = Path(req.out) if req.out else default_output(req.checkpoints)
     env = distributed.setup(req.device)
     try:
