@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from minima import config as cfg
 from minima import data as data_mod
 from minima import results
 from minima.allocator import keep_freed_memory
 from minima.checkpoint import evaluate_checkpoint
+from minima.config import setting
 from minima.measure import MeasureRequest, measure
 from minima.schedule import scaled_lr
 from minima.training import NonFiniteLossError, TrainConfig, train
@@ -39,36 +39,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class SweepPreset:
-    model: str = "mobilenet_v2"
-    model_kwargs: dict = field(default_factory=dict)
-    data: str | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    batches: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
-    ref_lr: float = 0.1
-    ref_batch: int = 256
-    epochs: int = 200
-    warmup_epochs: float = 5.0
-    weight_decay: float = 1e-4
-    augment: bool = True
-    micro_batch: int | None = None
-    sharpness_samples: int = 1000
-    eps: float = 1e-3
-    maxiter: int = 10
+    """Every knob of the sweep, with units; read from ``experiments/configs/pipelines/batch_sweep_<name>.toml`` (or
+    a TOML file given by path) over these defaults (the paper's MobileNetV2 protocol)."""
+
+    model: str = setting("mobilenet_v2", "network")
+    model_kwargs: dict = setting(help="model arguments", factory=dict)
+    data: str | None = setting(None, "data source", default_text="$MINIMA_DATA, then the torchvision download")
+    train_subset: int | None = setting(None, "stratified training subset", unit="samples", default_text="all")
+    test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
+    batches: tuple[int, ...] = setting((32, 64, 128, 256, 512, 1024, 2048), "global batch sizes", unit="samples")
+    ref_lr: float = setting(0.1, "SGD learning rate at --ref-batch (scaled linearly with the batch)")
+    ref_batch: int = setting(256, "reference batch size", unit="samples")
+    epochs: int = setting(200, "epochs (cosine decay to 0 over them)", unit="epochs")
+    warmup_epochs: float = setting(5.0, "gradual warmup", unit="epochs")
+    weight_decay: float = setting(1e-4, "L2 weight decay (not on BN/bias)")
+    augment: bool = setting(True, "random crop + flip")
+    micro_batch: int | None = setting(None, "largest forward batch", unit="samples", default_text="the whole batch")
+    sharpness_samples: int = setting(1000, "training samples for φ", unit="samples")
+    eps: float = setting(1e-3, "Keskar box size ε")
+    maxiter: int = setting(10, "L-BFGS-B iterations")
 
 
-PRESETS = {
-    # The public MobileNetV2 sweep of REFERENCE.md: SGD 0.9, wd 1e-4, cosine, LR 0.1·B/256, 32…2048 (GPUs).
-    "paper": SweepPreset(),
-    # 2 CPU cores, ≤ 20 min: a BN-MLP on a 20,000-image stratified subset, 15 epochs, 2 of warmup.
-    "quick": SweepPreset(model="mlp", model_kwargs={"input_shape": [3, 32, 32], "widths": [512, 512],
-                                                    "batchnorm": True},
-                         train_subset=20_000, test_subset=5_000, epochs=15, warmup_epochs=2, augment=False),
-    # CI: synthetic data, seconds.
-    "smoke": SweepPreset(model="mlp", model_kwargs={"input_shape": [3, 32, 32], "widths": [16], "batchnorm": True},
-                         data="synthetic", train_subset=256, test_subset=64, batches=(16, 64), epochs=2,
-                         warmup_epochs=1, augment=False, sharpness_samples=64, maxiter=2),
-}
+CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
+PRESET_NAMES = ("paper", "quick", "smoke")  # experiments/configs/pipelines/batch_sweep_<name>.toml
+
+
+def load_preset(name_or_path: str) -> tuple[str, SweepPreset]:
+    """(name, preset) for a preset name or a TOML file's path."""
+    path = CONFIGS / f"batch_sweep_{name_or_path}.toml"
+    if not path.is_file():
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(f"no preset {name_or_path!r}: give one of {list(PRESET_NAMES)} or a TOML file's path")
+    return (name_or_path if path.parent == CONFIGS else path.stem), cfg.resolve(SweepPreset, path, {})
 
 
 def _run_one(p: SweepPreset, batch: int, warmup: bool, out: Path, ds: data_mod.Dataset,
@@ -124,7 +127,8 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
     ok = [r for r in rows if "diverged" not in r]
     warm = [r for r in ok if r["warmup"]]
     cold = [r for r in ok if not r["warmup"]]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    a1, a2 = fig.subplots(1, 2)
     a1.plot([r["batch"] for r in warm], [r["test_acc"] for r in warm], "o-", label="linear rule + warmup")
     a1.plot([r["batch"] for r in cold], [r["test_acc"] for r in cold], "s", color="tab:red", label="no warmup")
     a2.plot([r["batch"] for r in warm], [r["phi"] for r in warm], "o-")
@@ -136,23 +140,29 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
     a2.set_yscale("log")
     a1.legend(fontsize=8)
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.batch_sweep", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="quick", choices=tuple(PRESETS))
-    ap.add_argument("--batches", type=int, nargs="+", default=None)
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--figures", type=Path, default=ROOT / "figures")
+    ap.add_argument("--preset", default="quick",
+                    help=f"{', '.join(PRESET_NAMES)} (experiments/configs/pipelines/batch_sweep_<name>.toml) or a "
+                         "TOML file's path (default: quick)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="override the preset's batch sizes")
+    ap.add_argument("--out", type=Path, default=None, help="run directory (default: runs/batch_sweep_<preset>)")
+    ap.add_argument("--figures", type=Path, default=None,
+                    help="also copy batch_sweep.png into this directory, e.g. figures (default: run directory only)")
     ap.add_argument("--pretrained", default=None,
                     help="mobilenet_v2: 'imagenet' (torchvision download) or a local ImageNet state-dict file")
     args = ap.parse_args(argv)
+    try:
+        name, p = load_preset(args.preset)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"[experiments.batch_sweep] error: {exc}", file=sys.stderr)
+        return 2
     keep_freed_memory()
-    p = PRESETS[args.preset]
     batches = tuple(args.batches or p.batches)
-    out = args.out or Path("runs") / f"batch_sweep_{args.preset}"
+    out = args.out or Path("runs") / f"batch_sweep_{name}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ds = data_mod.load_source(p.data, p.train_subset, p.test_subset)
@@ -160,11 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [_run_one(p, b, True, out / f"b{b}", ds, args.pretrained) for b in batches]
     rows.append(_run_one(p, batches[-1], False, out / f"b{batches[-1]}_nowarmup", ds, args.pretrained))
     wall = time.perf_counter() - t0
-    md = table_markdown(rows, p, args.preset, ds, wall)
+    md = table_markdown(rows, p, name, ds, wall)
     (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps({"preset": asdict(p), "rows": rows}, indent=2) + "\n")
-    args.figures.mkdir(parents=True, exist_ok=True)
-    fig = plot_sweep(rows, args.figures / "batch_sweep.png")
+    (out / "summary.json").write_text(json.dumps({"preset": cfg.to_dict(p), "rows": rows}, indent=2) + "\n")
+    fig = plot_sweep(rows, out / "batch_sweep.png")
+    if args.figures is not None:
+        args.figures.mkdir(parents=True, exist_ok=True)
+        fig = Path(shutil.copy(fig, args.figures / fig.name))
     print(md)
     print(f"[experiments.batch_sweep] wrote {out / 'summary.md'} and {fig} in {wall / 60:.1f} min")
     return 0

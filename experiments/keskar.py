@@ -58,8 +58,8 @@ PAPER = {
 
 @dataclass(frozen=True)
 class Preset:
-    """Every knob of the pipeline, with units; read from ``experiments/configs/keskar_<name>.toml`` (or a TOML file
-    given by path) over these defaults, and stored in the run directory as ``preset.json``."""
+    """Every knob of the pipeline, with units; read from ``experiments/configs/pipelines/keskar_<name>.toml`` (or a
+    TOML file given by path) over these defaults, and stored in the run directory as ``preset.json``."""
 
     data: str | None = setting(None, "data source", default_text="$MINIMA_DATA, then the torchvision download")
     train_subset: int | None = setting(None, "stratified training subset for training", unit="samples",
@@ -89,15 +89,15 @@ class Preset:
     seeds: int = setting(1, "independent runs (mean ± std over them)")
 
 
-CONFIGS = ROOT / "experiments" / "configs"
-PRESET_NAMES = ("paper", "quick", "smoke")  # experiments/configs/keskar_<name>.toml
+CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
+PRESET_NAMES = ("paper", "quick", "smoke")  # experiments/configs/pipelines/keskar_<name>.toml
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"input_shape": [3, 32, 32], "widths": [512, 512, 512], "batchnorm": True},
 }
 
 
 def load_preset(name_or_path: str) -> tuple[str, Preset]:
-    """(name, preset) for a preset name (``experiments/configs/keskar_<name>.toml``) or a TOML file's path."""
+    """(name, preset) for a preset name (``experiments/configs/pipelines/keskar_<name>.toml``) or a TOML file."""
     path = CONFIGS / f"keskar_{name_or_path}.toml"
     if not path.is_file():
         path = Path(name_or_path)
@@ -281,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.keskar", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mlp", choices=("c1", "c2", "vgg11_bn", "mlp"), help="network (default: mlp)")
     p.add_argument("--preset", default="quick",
-                   help=f"{', '.join(PRESET_NAMES)} (experiments/configs/keskar_<name>.toml) or a TOML file's path "
-                        "(default: quick)")
+                   help=f"{', '.join(PRESET_NAMES)} (experiments/configs/pipelines/keskar_<name>.toml) or a TOML "
+                        "file's path (default: quick)")
     p.add_argument("--seeds", type=int, default=None, help="independent runs (default: the preset's; paper 5)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/keskar_<model>_<preset>)")
     p.add_argument("--figures", type=Path, default=None,

@@ -35,8 +35,18 @@ def test_optional_none_and_tuples() -> None:
 
 
 def test_presets_load() -> None:
-    presets = sorted(Path(__file__).resolve().parents[1].glob("experiments/configs/*.toml"))
+    """configs/*.toml are minima.train presets; configs/pipelines/*.toml are what the pipelines read."""
+    from experiments import batch_sweep, keskar
+
+    root = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    presets = sorted(root.glob("*.toml"))
     assert presets, "experiments/configs/ should hold the training presets"
     for path in presets:
         config = cfg.resolve(TrainConfig, path, {})
         assert config.batch_size in (256, 5000) or config.optimizer == "sgd"
+    for name in keskar.PRESET_NAMES:
+        assert keskar.load_preset(name)[1] != keskar.Preset() or name == "paper"
+    assert keskar.load_preset("paper")[1].seeds == 5 and keskar.load_preset("quick")[1].epochs == 30
+    assert batch_sweep.load_preset("quick")[1].train_subset == 20_000
+    assert sorted(p.name for p in (root / "pipelines").glob("*.toml")) == sorted(
+        [f"keskar_{n}.toml" for n in keskar.PRESET_NAMES] + [f"batch_sweep_{n}.toml" for n in batch_sweep.PRESET_NAMES])

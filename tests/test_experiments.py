@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import h5py
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from experiments import keskar
-from minima import results
+from minima import data, results
+from minima.checkpoint import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,13 +30,32 @@ def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path)
     assert (figs / "keskar_mlp.png").stat().st_size > 10_000
     table = keskar.parse_summary_table((out / "summary.md").read_text())
     assert set(table["test accuracy (%)"][2:]) == {"—"}  # no paper numbers for the MLP
-    for row in ("train accuracy (%)", "φ(ε=0.001), full space", "λ_max (Hessian, BN batch)"):
-        sb, lb = (float(x) for x in table[row][:2])
-        assert sb >= 0 and lb >= 0
-    # a second run finds every stage complete: no file is rewritten
+    # the table reports exactly what the files and checkpoints hold
+    stored = {(r["checkpoint_label"], r["metric"]): r for r in results.load_sharpness(out / "seed0" / "sharpness.h5")}
+    ds = data.load_source("synthetic", 512, 128).subset(512, 128, seed=0)
+    for i, regime in enumerate(("sb", "lb")):
+        acc = evaluate_checkpoint(out / "seed0" / regime / "final.pt", {"train": ds.train})["train"].accuracy
+        assert table["train accuracy (%)"][i] == f"{100 * acc:.2f}"
+        assert table["φ(ε=0.001), full space"][i] == f"{stored[(regime, 'keskar_full_eps0.001')]['phi']:.2f}"
+        assert table["λ_max (Hessian, BN batch)"][i] == f"{stored[(regime, 'hessian_top1')]['eigenvalues'][0]:.2f}"
+    # a second run finds every stage complete: no file is rewritten, the recorded compute time is kept
     stamp = (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns
+    clock = (out / "stage_seconds.json").read_text()
+    assert set(json.loads(clock)) == {"seed0/train_sb", "seed0/train_lb", "seed0/interpolate", "seed0/sharpness"}
+    compute = re.search(r"compute time ([\d.]+) min", (out / "summary.md").read_text()).group(1)
     assert keskar.main(argv) == 0
     assert (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns == stamp
+    assert (out / "stage_seconds.json").read_text() == clock
+    assert re.search(r"compute time ([\d.]+) min", (out / "summary.md").read_text()).group(1) == compute
+
+
+def test_the_main_job_writes_only_under_its_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --figures the pipeline touches nothing outside --out (the Quickstart must not modify tracked
+    files such as figures/keskar_mlp.png)."""
+    monkeypatch.chdir(tmp_path)
+    assert keskar.main(["--model", "mlp", "--preset", "smoke", "--out", "run"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert (tmp_path / "run" / "keskar_mlp.png").stat().st_size > 10_000
 
 
 def test_summary_parser_reads_paper_columns() -> None:
@@ -69,8 +92,9 @@ def test_batch_sweep_smoke(tmp_path: Path) -> None:
     assert len(rows) == 3  # two batch sizes with warmup, the largest once more without
     assert any("| no |" in r for r in rows)
     assert (tmp_path / "batch_sweep.png").stat().st_size > 10_000
+    assert "diverged" not in md  # the smoke sweep is seeded and converges
     for b in ("b16", "b64", "b64_nowarmup"):
-        assert (out / b / "final.pt").is_file() or "diverged" in md
+        assert (out / b / "final.pt").is_file() and (out / b / "sharpness.h5").is_file()
 
 
 def test_keskar_seeds_report_mean_and_std(tmp_path: Path) -> None:

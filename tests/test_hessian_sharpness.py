@@ -111,7 +111,6 @@ def test_keskar_on_a_quadratic_matches_the_closed_form() -> None:
         corner = float(0.5 * (h * ((x - c).abs() + b) ** 2).sum() + f0)
         res = keskar_sharpness(fg, x, eps, maxiter=100)
         assert res.phi == pytest.approx(100 * (corner - fx) / (1 + fx), rel=1e-8)
-        assert res.phi >= 0
         phis.append(res.phi)
         sub = keskar_sharpness(fg, x, eps, subspace=DenseSubspace(torch.eye(n, dtype=torch.float64)), maxiter=100)
         assert sub.phi == pytest.approx(res.phi, rel=1e-10)

@@ -12,8 +12,8 @@ from torch.func import functional_call
 
 from minima import checkpoint as ck
 from minima import data, results
-from minima.interpolate import SweepRequest, interpolate, main, parse_alphas, run
 from minima.directions import random_direction
+from minima.interpolate import SweepRequest, interpolate, main, parse_alphas, run
 
 from .helpers import free_port, toy_checkpoint, toy_dataset
 

@@ -27,7 +27,8 @@ def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, 
     assert len(metrics) == 2 * 6
     by = {(r["checkpoint_label"], r["metric"]): r for r in rows}
     k = by[("a", "keskar_full_eps0.001")]
-    assert k["phi"] >= 0 and k["bn"] == "batch" and k["samples"] == len(ds.train) and k["maxiter"] == 10
+    assert k["phi"] == pytest.approx(100 * (k["f_max"] - k["f0"]) / (1 + k["f0"]), rel=1e-12)
+    assert k["f_max"] >= k["f0"] and k["bn"] == "batch" and k["samples"] == len(ds.train) and k["maxiter"] == 10
     h = by[("a", "hessian_top2")]
     assert h["eigenvalues"].shape == (2,) and h["eigenvalues"][0] >= h["eigenvalues"][1]
     assert np.all(h["residuals"] >= 0) and h["hvps"] > 0
