@@ -65,10 +65,16 @@ class _Evil:
 def test_bad_files_raise_the_intended_errors(tmp_path: Path) -> None:
     with pytest.raises(ck.CheckpointError, match="does not exist"):
         ck.load_checkpoint(tmp_path / "none.pt")
-    text = tmp_path / "notes.pt"
-    text.write_text("hello, I am a text file")
-    with pytest.raises(ck.CheckpointError, match="not a PyTorch checkpoint"):
-        ck.load_checkpoint(text)
+    for name, content in (("notes.pt", "hello, I am a text file"), ("config.pt", '{"lr": 0.1}\n'),
+                          ("preset.pt", 'model = "c1"\n'), ("readme.pt", "# Title\n\ntext\n"), ("empty.pt", "")):
+        (tmp_path / name).write_text(content)
+        kind = "an empty file" if not content else "a text file"
+        with pytest.raises(ck.CheckpointError, match=f"not a PyTorch checkpoint \\({kind}") as info:
+            ck.load_checkpoint(tmp_path / name)
+        assert not isinstance(info.value, ck.UnsafeCheckpointError)  # nothing pickled about a text file
+    (tmp_path / "binary.pt").write_bytes(bytes(range(256)))
+    with pytest.raises(ck.CheckpointError, match=r"not a PyTorch checkpoint \(not a PyTorch file"):
+        ck.load_checkpoint(tmp_path / "binary.pt")
     good = ck.save_checkpoint(_ckpt(), tmp_path / "good.pt")
     truncated = tmp_path / "trunc.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])

@@ -1,0 +1,127 @@
+"""What a new user meets on the command line: help with real defaults, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minima import config as cfg
+from minima import metrics, results, sweep
+from minima.interpolate import main as interpolate_main
+from minima.measure import MeasureRequest
+from minima.objective import DatasetObjective, FixedBatches
+from minima.sharpness import main as sharpness_main
+from minima.sharpness import parse_args as sharpness_args
+from minima.train import main as train_main
+from minima.training import TrainConfig
+
+from .helpers import toy_checkpoint, toy_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command", ["train", "interpolate", "sharpness", "plot"])
+def test_help_shows_real_defaults_and_units(command: str) -> None:
+    out = subprocess.run([sys.executable, "-m", f"minima.{command}", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    flat = " ".join(out.split())
+    assert "(default: None)" not in flat and "default: True" not in flat and "(default: recompute) (default" not in flat
+    if command == "train":
+        assert "--batch-size INT global batch size: samples per optimiser step over all ranks [samples] (default: " \
+               "256)" in flat
+        assert "--optimizer {adam,sgd}" in flat and "(default: adam)" in flat
+        assert "--micro-batch INT" in flat and "(default: the per-rank batch)" in flat
+    if command == "interpolate":
+        assert "--bn {recompute,batch,interpolate}" in flat and "(default: recompute for models with BatchNorm)" in flat
+        assert "--dtype {float32,float64,bfloat16}" in flat and "--subset-seed INT seed of the stratified" in flat
+    if command == "sharpness":
+        assert "--full-space, --no-full-space also measure with A = I" in flat and "(default: on)" in flat
+        for p in metrics.all_params():  # every registered metric parameter is a flag with help
+            assert f"--{p.name.replace('_', '-')}" in flat
+        assert "--out PATH output .h5 file" in flat and "--dtype {float32,float64}" in flat
+
+
+def test_requests_are_generated_from_the_same_fields() -> None:
+    """Flags, TOML and Python all reach the same request; resume keys depend only on the values."""
+    req = sharpness_args(["a.pt", "b.pt", "--metrics", "keskar,hessian", "--eps", "1e-3", "--no-full-space"])
+    assert req == MeasureRequest(checkpoints=[Path("a.pt"), Path("b.pt")], metrics=("keskar,hessian",), eps=(1e-3,),
+                                 full_space=False)
+    assert [name for _, name, _ in __import__("minima.measure").measure.result_jobs(req)] == [
+        "keskar_sub100_seed0_eps0.001", "hessian_top5"]
+    assert cfg.resume_key({"a": 1, "b": [1, 2]}) == cfg.resume_key({"b": [1, 2], "a": 1})
+    assert cfg.resume_key({"a": 1}) != cfg.resume_key({"a": 2})
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser, TrainConfig)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--optimizer", "lamb"])  # a Literal field is a choice
+
+
+def test_unknown_metric_lists_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown metric 'bogus'; choose from \['adaptive', 'average', 'hessian', "
+                                         r"'keskar', 'trace'\]"):
+        metrics.get_metric("bogus")
+    with pytest.raises(ValueError, match="already registered"):
+        metrics.register(metrics.REGISTRY["trace"])
+
+
+def test_every_registered_metric_returns_its_declared_fields() -> None:
+    ds = toy_dataset()
+    torch.manual_seed(0)
+    from minima.models import build_model
+
+    model = build_model("mlp", num_classes=3, input_shape=(3, 4, 4), widths=(4,)).double()
+    obj = DatasetObjective(model, FixedBatches.from_split(ds.train, ds.mean, ds.std, batch_size=48,
+                                                          dtype=torch.float64), hvp_cache_bytes=2**30)
+    x = obj.get_flat()
+    f0 = obj.value(x)
+    small = {"eps": (1e-3,), "subspace": 3, "subspace_seed": 0, "full_space": True, "maxiter": 2, "topk": 2,
+             "eig_tol": 1e-6, "eig_method": "lanczos", "trace_rtol": 0.5, "trace_max_probes": 10, "rho": 0.05,
+             "adaptive_steps": 2, "sigma": 0.01, "average_samples": 3}
+    for metric in metrics.REGISTRY.values():
+        params = {p.name: small[p.name] for p in metric.params}
+        for name, job in metric.jobs(params):
+            obj.set_flat(x)
+            out = metric.compute(obj, x, f0, job, 0)
+            assert set(out) == {"value", *metric.fields}, name
+            assert np.isfinite(out["value"]), name
+
+
+def test_unreadable_checkpoints_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ds = toy_dataset()
+    good = toy_checkpoint(tmp_path / "good.pt", 1, ds)
+    for name, content in (("notes.pt", "plain text\n"), ("config.pt", '{"a": 1}'), ("preset.pt", "x = 1\n")):
+        bad = tmp_path / name
+        bad.write_text(content)
+        assert interpolate_main([str(good), str(bad), "--out", str(tmp_path / "x.h5"), "--no-progress"]) == 2
+        assert sharpness_main([str(bad), "--out", str(tmp_path / "y.h5")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and all("is not a PyTorch checkpoint (a text file" in line for line in err), err
+        assert all("pickled" not in line and "Traceback" not in line for line in err)
+    assert train_main(["--init-from", str(tmp_path / "notes.pt"), "--data", "synthetic", "--model", "mlp",
+                       "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+
+
+def test_endpoint_mismatch_exits_nonzero_and_keeps_the_curve(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=True)
+    b = toy_checkpoint(tmp_path / "b.pt", 2, ds, batchnorm=True)
+    monkeypatch.setitem(sweep.ENDPOINT_TOLERANCE, torch.float32, -1.0)  # every difference is too large
+    out = tmp_path / "c.h5"
+    argv = [str(a), str(b), "--alphas", "0,1", "--bn", "interpolate", "--out", str(out), "--no-progress",
+            "--no-plot", "--device", "cpu"]
+    assert interpolate_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "endpoint check failed: checkpoint A (α = 0) differs by" in err and "checkpoint B (α = 1)" in err
+    assert results.load_curve(out).complete  # finished work kept
+    monkeypatch.setitem(sweep.ENDPOINT_TOLERANCE, torch.float32, 1e-5)
+    assert interpolate_main([*argv, "--overwrite"]) == 0
+    assert "endpoint check OK" in capsys.readouterr().out
+    assert interpolate_main([*argv, "--resume", "--overwrite"]) == 2
+    assert "--resume and --overwrite contradict" in capsys.readouterr().err
