@@ -101,7 +101,7 @@ def _float64_model_with_random_bn(name: str, seed: int) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
+@pytest.mark.parametrize("name", ["c1", pytest.param("vgg11_bn", marks=pytest.mark.slow)])
 def test_folding_batchnorm_preserves_eval_outputs(name: str) -> None:
     model = _float64_model_with_random_bn(name, seed=0)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
@@ -113,7 +113,7 @@ def test_folding_batchnorm_preserves_eval_outputs(name: str) -> None:
         assert math.isfinite(float(folded(x).sum()))
 
 
-@pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
+@pytest.mark.parametrize("name", ["c1", pytest.param("vgg11_bn", marks=pytest.mark.slow)])
 def test_folded_in_weights_keeps_function_gradient_and_hvp(name: str) -> None:
     model = _float64_model_with_random_bn(name, seed=1)
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3, 7, 9])

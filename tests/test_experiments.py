@@ -16,6 +16,7 @@ from minima.checkpoint import evaluate_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path) -> None:
     out, figs = tmp_path / "run", tmp_path / "figs"
     argv = ["--model", "mlp", "--preset", "smoke", "--out", str(out), "--figures", str(figs)]
@@ -64,6 +65,7 @@ def test_summary_parser_reads_paper_columns() -> None:
     assert keskar.parse_summary_table(md) == {"test accuracy (%)": ["55.00", "53.40", "80.04 ± 0.12", "77.26 ± 0.42"]}
 
 
+@pytest.mark.slow
 def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "run"
     assert keskar.main(["--model", "mlp", "--preset", "smoke", "--out", str(out), "--figures", str(tmp_path)]) == 0
@@ -82,6 +84,7 @@ def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
         assert f.attrs["format"] == results.GRID_FORMAT and list(f["coords"]) == ["alpha"]
 
 
+@pytest.mark.slow
 def test_batch_sweep_smoke(tmp_path: Path) -> None:
     from experiments import batch_sweep
 
@@ -97,6 +100,7 @@ def test_batch_sweep_smoke(tmp_path: Path) -> None:
         assert (out / b / "final.pt").is_file() and (out / b / "sharpness.h5").is_file()
 
 
+@pytest.mark.slow
 def test_keskar_seeds_report_mean_and_std(tmp_path: Path) -> None:
     out = tmp_path / "two"
     assert keskar.main(["--model", "mlp", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--figures",

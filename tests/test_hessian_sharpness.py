@@ -180,6 +180,7 @@ def _objective_worker(rank: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_rank_objective_equals_one_rank() -> None:
     model, ds = _setup()
     obj = _objective(model, ds)

@@ -155,6 +155,7 @@ def _sweep_worker(rank: int, port: int, req: SweepRequest) -> None:
     run(req)
 
 
+@pytest.mark.slow
 def test_two_rank_sweep_equals_one_rank(bn_pair: tuple, tmp_path: Path) -> None:
     a_path, b_path, _ = bn_pair
     one = results.load_curve(run(_req(a_path, b_path, tmp_path / "one.h5")))

@@ -85,7 +85,7 @@ def test_imagenet_download_failure_names_the_offline_fix(monkeypatch) -> None:
         models.load_imagenet_weights(models.build_model("mobilenet_v2"), "imagenet")
 
 
-@pytest.mark.parametrize("name", ["c1", "vgg11_bn"])
+@pytest.mark.parametrize("name", ["c1", pytest.param("vgg11_bn", marks=pytest.mark.slow)])
 def test_pool_before_relu_is_the_same_function_gradient_and_keys(name: str) -> None:
     torch.manual_seed(0)
     ours = models.build_model(name).double().eval()

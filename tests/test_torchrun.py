@@ -16,6 +16,8 @@ from minima import results
 
 from .helpers import free_port
 
+pytestmark = pytest.mark.slow  # several processes each: end-to-end checks of torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--model", "mlp", "--model-kwargs", '{"input_shape": [3, 32, 32], "widths": [8]}', "--data", "synthetic",
          "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--epochs", "2", "--optimizer", "sgd",

@@ -46,6 +46,7 @@ def _ddp_worker(rank: int, world: int, ports: list[int], configs: list[TrainConf
         train(config, dataset=ds)
 
 
+@pytest.mark.slow
 def test_ddp_and_accumulation_equal_single_process_step(tmp_path: Path) -> None:
     ds = _toy_data(16)
     single = train(_sgd_config(tmp_path / "single"), dataset=ds)
@@ -189,6 +190,7 @@ def test_same_init_seed_gives_same_x0_and_init_from(tmp_path: Path) -> None:
                           init_from=str(tmp_path / "sb" / "final.pt")), dataset=ds)
 
 
+@pytest.mark.slow
 def test_cli_smoke_c1_one_epoch(tmp_path: Path) -> None:
     out = tmp_path / "c1"
     env = dict(os.environ, OMP_NUM_THREADS="2")
