@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from minima import data
 from minima.allocator import keep_freed_memory
-from minima.models import CONVOLUTIONAL, build_model
+from minima.models import build_model, is_convolutional
 from minima.training import TrainConfig, train
 
 
@@ -46,7 +46,7 @@ def toolkit_images_per_s(model: str, ds: data.Dataset, batch: int, micro: int | 
 
 def baseline_images_per_s(model_name: str, ds: data.Dataset, batch: int, micro: int | None) -> float:
     torch.manual_seed(0)
-    channels_last = model_name in CONVOLUTIONAL
+    channels_last = is_convolutional(model_name)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(model_name).to(memory_format=fmt).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -37,6 +37,7 @@ from minima.checkpoint import evaluate_checkpoint, run_label
 from minima.config import setting
 from minima.measure import MeasureRequest, measure
 from minima.measure import result_jobs as measure_jobs
+from minima.models import available_models
 from minima.plots import save_curve_figure
 from minima.sweep import SweepRequest
 from minima.sweep import run as run_interpolation
@@ -279,7 +280,7 @@ def parse_summary_table(markdown: str) -> dict[str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.keskar", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mlp", choices=("c1", "c2", "vgg11_bn", "mlp"), help="network (default: mlp)")
+    p.add_argument("--model", default="mlp", choices=available_models(), help="network (default: mlp)")
     p.add_argument("--preset", default="quick",
                    help=f"{', '.join(PRESET_NAMES)} (experiments/configs/pipelines/keskar_<name>.toml) or a TOML "
                         "file's path (default: quick)")

@@ -38,10 +38,11 @@ class FixedBatches:
     """The data f is defined on: this rank's shard of a split, normalised once into fixed batches on the device,
     and the reduction that turns per-rank sums into sums over the whole split (``count`` samples)."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], count: int) -> None:
-        if not batches:
-            raise ValueError("the objective needs at least one batch of data on every rank")
-        self.batches, self.count = batches, int(count)
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], count: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        if count < 1:
+            raise ValueError("the objective needs at least one sample")
+        self.batches, self.count, self.device, self.dtype = batches, int(count), torch.device(device), dtype
 
     @classmethod
     def from_split(
@@ -53,15 +54,7 @@ class FixedBatches:
         mine = split if world_size == 1 else split.take(shard(torch.arange(len(split)), rank, world_size))
         device = torch.device(device)
         batches = [(normalize(x.to(device), mean, std, dtype), y.to(device)) for x, y in eval_batches(mine, batch_size)]
-        return cls(batches, len(split))
-
-    @property
-    def device(self) -> torch.device:
-        return self.batches[0][0].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.batches[0][0].dtype
+        return cls(batches, len(split), device, dtype)
 
     def __len__(self) -> int:
         return len(self.batches)

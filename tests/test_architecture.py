@@ -102,3 +102,12 @@ def test_architecture_md_names_every_module() -> None:
     assert not missing, f"ARCHITECTURE.md does not describe {missing}"
     stale = sorted(documented - set(_modules()))
     assert not stale, f"ARCHITECTURE.md describes modules that do not exist: {stale}"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__"))
+def test_every_experiment_imports(name: str) -> None:
+    """Pipelines and benchmarks sit on top of the package: a moved or renamed name breaks them here, not in a
+    user's benchmark run."""
+    import importlib
+
+    assert callable(importlib.import_module(f"experiments.{name}").main)

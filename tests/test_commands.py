@@ -13,8 +13,9 @@ import torch
 
 from minima import config as cfg
 from minima import metrics, results, sweep
+from minima.checkpoint import load_model
 from minima.interpolate import main as interpolate_main
-from minima.measure import MeasureRequest
+from minima.measure import MeasureRequest, result_jobs
 from minima.objective import DatasetObjective, FixedBatches
 from minima.sharpness import main as sharpness_main
 from minima.sharpness import parse_args as sharpness_args
@@ -52,7 +53,7 @@ def test_requests_are_generated_from_the_same_fields() -> None:
     req = sharpness_args(["a.pt", "b.pt", "--metrics", "keskar,hessian", "--eps", "1e-3", "--no-full-space"])
     assert req == MeasureRequest(checkpoints=[Path("a.pt"), Path("b.pt")], metrics=("keskar,hessian",), eps=(1e-3,),
                                  full_space=False)
-    assert [name for _, name, _ in __import__("minima.measure").measure.result_jobs(req)] == [
+    assert [name for _, name, _ in result_jobs(req)] == [
         "keskar_sub100_seed0_eps0.001", "hessian_top5"]
     assert cfg.resume_key({"a": 1, "b": [1, 2]}) == cfg.resume_key({"b": [1, 2], "a": 1})
     assert cfg.resume_key({"a": 1}) != cfg.resume_key({"a": 2})
@@ -125,3 +126,46 @@ def test_endpoint_mismatch_exits_nonzero_and_keeps_the_curve(tmp_path: Path, cap
     assert "endpoint check OK" in capsys.readouterr().out
     assert interpolate_main([*argv, "--resume", "--overwrite"]) == 2
     assert "--resume and --overwrite contradict" in capsys.readouterr().err
+
+
+ADD_A_METRIC = '''
+import sys
+import torch
+from minima import metrics
+
+def gradient_norm(obj, x, f0, job, seed):  # the new metric's function
+    _, g = obj.value_and_grad(x)
+    return {"value": float(g.norm(p=job["p"])), "p": job["p"]}
+
+metrics.register(metrics.Metric(  # its registry entry
+    name="gradnorm", summary="norm of the gradient", params=(metrics.Param("grad_norm_p", float, 2.0, "norm order"),),
+    jobs=lambda p: [(f"gradnorm_p{p['grad_norm_p']:g}", {"p": p["grad_norm_p"]})], compute=gradient_norm,
+    fields=("p",)))
+
+from minima.sharpness import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_metric_added_through_the_registry_gets_flags_results_and_resume(tmp_path: Path) -> None:
+    """A metric is its function plus one registry entry: the command then accepts it in --metrics, has a flag
+    for its parameter, stores its result under its name and skips it on a re-run."""
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds)
+    script = tmp_path / "with_gradnorm.py"
+    script.write_text(ADD_A_METRIC)
+    out = tmp_path / "s.h5"
+    argv = [sys.executable, str(script), str(a), "--metrics", "gradnorm", "--grad-norm-p", "1", "--out", str(out),
+            "--device", "cpu", "--dtype", "float64"]
+    first = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    (row,) = results.load_sharpness(out)
+    model_obj = DatasetObjective(load_model(a)[0],
+                                 FixedBatches.from_split(ds.train, ds.mean, ds.std, dtype=torch.float64))
+    grad = model_obj.value_and_grad()[1]
+    assert row["metric"] == "gradnorm_p1" and row["value"] == pytest.approx(float(grad.norm(p=1)), rel=1e-10)
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "metric(s) to compute" not in again.stdout  # resumed: nothing to do
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                               cwd=ROOT).stdout
+    assert "--grad-norm-p FLOAT" in help_text and "gradnorm — norm of the gradient" in " ".join(help_text.split())
