@@ -65,13 +65,8 @@ PRESET_NAMES = ("paper", "quick", "smoke")  # experiments/configs/pipelines/batc
 
 
 def load_preset(name_or_path: str) -> tuple[str, SweepPreset]:
-    """(name, preset) for a preset name or a TOML file's path."""
-    path = CONFIGS / f"batch_sweep_{name_or_path}.toml"
-    if not path.is_file():
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ValueError(f"no preset {name_or_path!r}: give one of {list(PRESET_NAMES)} or a TOML file's path")
-    return (name_or_path if path.parent == CONFIGS else path.stem), cfg.resolve(SweepPreset, path, {})
+    """(name, preset) for a preset name (``experiments/configs/pipelines/batch_sweep_<name>.toml``) or a TOML file."""
+    return cfg.load_preset(SweepPreset, CONFIGS, "batch_sweep_", name_or_path)
 
 
 def _run_one(p: SweepPreset, batch: int, warmup: bool, out: Path, ds: data_mod.Dataset,

@@ -99,12 +99,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def load_preset(name_or_path: str) -> tuple[str, Preset]:
     """(name, preset) for a preset name (``experiments/configs/pipelines/keskar_<name>.toml``) or a TOML file."""
-    path = CONFIGS / f"keskar_{name_or_path}.toml"
-    if not path.is_file():
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ValueError(f"no preset {name_or_path!r}: give one of {list(PRESET_NAMES)} or a TOML file's path")
-    return (name_or_path if path.parent == CONFIGS else path.stem), cfg.resolve(Preset, path, {})
+    return cfg.load_preset(Preset, CONFIGS, "keskar_", name_or_path)
 
 
 class StageClock:
