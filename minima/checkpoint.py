@@ -18,7 +18,6 @@ puts it under the final name: a crash at any moment leaves either the old file o
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import os
 import pickle
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minima import __version__
+from minima import __version__, utc_now
 from minima.data import Split
 from minima.evaluate import EvalResult, evaluate
 from minima.models import build_model
@@ -52,11 +51,6 @@ class UnsafeCheckpointError(CheckpointError):
 
 class IncompatibleCheckpointsError(ValueError):
     """Two checkpoints that cannot be compared or interpolated (different model or parameter layout)."""
-
-
-def utc_now() -> str:
-    """The current time as an ISO-8601 UTC string (seconds precision)."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def make_meta(

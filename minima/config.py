@@ -21,7 +21,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str
         if f.metadata.get("positional"):
             many = origin in (tuple, list)
             elem = typing.get_args(tp)[0] if many else tp
-            nargs = "+" if many else ("?" if optional else None)
+            required = _default_of(f) is _NO_DEFAULT
+            nargs = ("+" if required else "*") if many else ("?" if optional else None)
             parser.add_argument(f.name, nargs=nargs, type=elem, help=doc)
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -193,6 +194,22 @@ def resume_key(settings: Mapping[str, Any]) -> str:
     settings as sorted JSON (values that are not JSON types by their ``str``)."""
     text = json.dumps(dict(settings), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def join_negative_values(argv: Sequence[str], flags: Iterable[str]) -> list[str]:
+    """``--flag -1:2:25`` → ``--flag=-1:2:25`` for the given flags: argparse would read a value that starts with
+    '-' (a negative grid) as an option."""
+    flags = set(flags)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in flags and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:

@@ -24,22 +24,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SweepRequest:
     p = argparse.ArgumentParser(prog="python -m minima.interpolate", description=__doc__.split("\n")[0])
     cfg.add_arguments(p, SweepRequest)
     # intermixed: "A.pt --alphas=... B.pt" works as well as "A.pt B.pt --alphas=..."
-    args = p.parse_intermixed_args(_join_negative_grid(list(sys.argv[1:] if argv is None else argv)))
+    args = p.parse_intermixed_args(cfg.join_negative_values(list(sys.argv[1:] if argv is None else argv), ["--alphas"]))
     return cfg.resolve(SweepRequest, None, args)
-
-
-def _join_negative_grid(argv: list[str]) -> list[str]:
-    """``--alphas -1:2:25`` → ``--alphas=-1:2:25``: argparse would read a value starting with '-' as a flag."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--alphas" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
-            out.append(f"--alphas={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """``python -m minima.plot FILE.h5 [FILE2.h5 ...] [--out FIG.png]``: redraw figures from result files.
 
-Reads curve files only (never recomputes, never imports a model) and writes each figure beside its file, or to
-``--out`` for a single file. The figures themselves are drawn by :mod:`minima.plots`.
+One curve file → the Keskar-style parametric plot; several curve files → one panel overlaying them (Li et al.
+2018, Fig. 3 style: e.g. the filter-normalised curves of SB and LB), the legend naming each; a plane (two-axis grid)
+→ contours, filled contours and a 3-D view with its checkpoints and trajectory. Reads files only (never
+recomputes, never imports a model); the figures themselves are drawn by :mod:`minima.plots`.
 """
 
 from __future__ import annotations
@@ -13,29 +15,40 @@ from pathlib import Path
 
 import matplotlib
 
-from minima.plots import save_curve_figure
-from minima.results import ResultsError, load_curve
+from minima.plots import save_curve_figure, save_curves_figure, save_surface_figure
+from minima.results import ResultsError, curve_from_values, load_grid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minima.plot", description="Redraw figures from .h5 curve files.")
-    p.add_argument("files", nargs="+", type=Path, help="curve files (.h5) written by python -m minima.interpolate")
+    p = argparse.ArgumentParser(prog="python -m minima.plot", description="Redraw figures from .h5 result files.")
+    p.add_argument("files", nargs="+", type=Path,
+                   help="grid files (.h5) written by python -m minima.interpolate or python -m minima.surface")
     p.add_argument("--out", type=Path, default=None,
-                   help="output image, .png/.pdf/.svg (default: FILE.png beside each file; one input file only)")
+                   help="output image, .png/.pdf/.svg (default: FILE.png beside a single file; for several curves "
+                        "overlay.png beside the first)")
     args = p.parse_args(argv)
-    if args.out is not None and len(args.files) > 1:
-        print("[minima.plot] error: --out takes one input file; drop --out to write FILE.png beside each",
-              file=sys.stderr)
-        return 2
     matplotlib.use("Agg")  # a command writes files; it never opens a window
-    for f in args.files:
-        try:
-            curve = load_curve(f)
-        except ResultsError as exc:
-            print(f"[minima.plot] error: {exc}", file=sys.stderr)
-            return 2
-        out = save_curve_figure(curve, args.out or f.with_suffix(".png"))
-        print(f"wrote {out}")
+    try:
+        grids = [load_grid(f) for f in args.files]
+    except ResultsError as exc:
+        print(f"[minima.plot] error: {exc}", file=sys.stderr)
+        return 2
+    planes = [g for g in grids if len(g.axes) != 1]
+    if len(grids) > 1 and planes:
+        print(f"[minima.plot] error: {planes[0].path} is a {len(planes[0].axes)}-axis grid; only curves can be "
+              "overlaid — plot each plane on its own", file=sys.stderr)
+        return 2
+    if len(grids) == 1:
+        g = grids[0]
+        out = args.out or Path(g.path or "grid.h5").with_suffix(".png")
+        if len(g.axes) == 1:
+            save_curve_figure(curve_from_values(g.coords[g.axes[0]], g.values, g.attrs, g.path), out)
+        else:
+            save_surface_figure(g, out)
+    else:
+        curves = [curve_from_values(g.coords[g.axes[0]], g.values, g.attrs, g.path) for g in grids]
+        out = save_curves_figure(curves, args.out or args.files[0].parent / "overlay.png")
+    print(f"wrote {out}")
     return 0
 
 

@@ -34,8 +34,7 @@ import h5py
 import numpy as np
 import torch
 
-from minima import __version__
-from minima.checkpoint import utc_now
+from minima import __version__, utc_now
 from minima.config import differences
 
 GRID_FORMAT = "minima.grid/1"

@@ -63,33 +63,33 @@ class EndpointMismatchError(RuntimeError):
     """α = 0 or α = 1 of a curve does not reproduce its checkpoint evaluated directly."""
 
 
-def parse_alphas(text: str) -> np.ndarray:
+def parse_alphas(text: str, what: str = "α") -> np.ndarray:
     """``START:STOP:NUM`` (NUM evenly spaced points, both ends included) or a comma-separated list.
 
-    Raises ``ValueError`` for an empty, malformed, non-finite or duplicated grid."""
+    Raises ``ValueError`` for an empty, malformed, non-finite or duplicated grid, naming the axis ``what``."""
     text = text.strip()
     if not text:
-        raise ValueError("empty α grid; give START:STOP:NUM (e.g. -1:2:25) or a list such as 0,0.5,1")
+        raise ValueError(f"empty {what} grid; give START:STOP:NUM (e.g. -1:2:25) or a list such as 0,0.5,1")
     if ":" in text:
         parts = text.split(":")
         if len(parts) != 3:
-            raise ValueError(f"α grid {text!r} must be START:STOP:NUM, e.g. -1:2:25")
+            raise ValueError(f"{what} grid {text!r} must be START:STOP:NUM, e.g. -1:2:25")
         try:
             start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
         except ValueError as exc:
-            raise ValueError(f"α grid {text!r}: START and STOP must be numbers and NUM an integer") from exc
+            raise ValueError(f"{what} grid {text!r}: START and STOP must be numbers and NUM an integer") from exc
         if num < 1:
-            raise ValueError(f"α grid {text!r}: NUM must be ≥ 1")
+            raise ValueError(f"{what} grid {text!r}: NUM must be ≥ 1")
         grid = np.linspace(start, stop, num)
     else:
         try:
             grid = np.array([float(x) for x in text.split(",")], dtype=np.float64)
         except ValueError as exc:
-            raise ValueError(f"α grid {text!r} is not a comma-separated list of numbers") from exc
+            raise ValueError(f"{what} grid {text!r} is not a comma-separated list of numbers") from exc
     if not np.isfinite(grid).all():
-        raise ValueError(f"α grid {text!r} contains non-finite values")
+        raise ValueError(f"{what} grid {text!r} contains non-finite values")
     if len(np.unique(grid)) != len(grid):
-        raise ValueError(f"α grid {text!r} repeats a value")
+        raise ValueError(f"{what} grid {text!r} repeats a value")
     return grid
 
 
@@ -378,11 +378,14 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
     return out
 
 
-def _prepare_output(out: Path, coords: dict[str, np.ndarray], req: SweepRequest, identity: dict[str, str],
-                    config: dict[str, Any], match: dict[str, Any]) -> list[int]:
-    """Create the file, or decide which points an existing one still needs (refusing foreign/mismatched files)."""
-    if out.exists() and not req.overwrite:
-        if not req.resume:
+def open_grid(out: Path, coords: dict[str, np.ndarray], *, resume: bool, overwrite: bool,
+              expected: dict[str, Any], attrs: dict[str, Any], create: bool = True) -> list[int]:
+    """Create the grid file ``out`` (with root ``attrs``), or decide which points an existing one still needs:
+    refused unless ``resume`` or ``overwrite``; on resume it must hold the same grid and the ``expected`` attributes
+    (``config`` compared field by field). Returns the point numbers to compute. With ``create=False`` nothing is
+    written: the same checks, and every point for a file still to be created."""
+    if out.exists() and not overwrite:
+        if not resume:
             try:
                 done = results.load_grid(out).complete
             except results.ResultsError as exc:
@@ -390,15 +393,21 @@ def _prepare_output(out: Path, coords: dict[str, np.ndarray], req: SweepRequest,
             state = "complete" if done else "partially computed"
             raise FileExistsError(f"{out} exists and is {state}; pass --resume to compute only missing points, "
                                   "--overwrite to start again, or choose another --out")
-        expected: dict[str, Any] = {k: identity[k] for k in ("sha256_a", "sha256_b", "bn_policy")}
-        expected["config"] = match
         return results.pending_points(out, coords, expected)
+    if create:
+        results.create_grid_file(out, coords, attrs)
+    return list(range(len(results.grid_points(coords))))
+
+
+def _prepare_output(out: Path, coords: dict[str, np.ndarray], req: SweepRequest, identity: dict[str, str],
+                    config: dict[str, Any], match: dict[str, Any]) -> list[int]:
+    expected: dict[str, Any] = {k: identity[k] for k in ("sha256_a", "sha256_b", "bn_policy")}
+    expected["config"] = match
     attrs = dict(identity, config=json.dumps(config), request=json.dumps(to_dict(req)),
                  label_a=ckpt_io.run_label(req.checkpoint_a),
                  label_b=ckpt_io.run_label(req.checkpoint_b) if req.checkpoint_b else f"random direction (seed "
                  f"{req.direction_seed})")
-    results.create_grid_file(out, coords, attrs)
-    return list(range(len(results.grid_points(coords))))
+    return open_grid(out, coords, resume=req.resume, overwrite=req.overwrite, expected=expected, attrs=attrs)
 
 
 def _endpoint_check(out: Path, curve: results.Curve, ck_a: dict, ck_b: dict | None, d: EvalData,

@@ -17,8 +17,8 @@ LAYERS = {
     "base": ["__init__", "vocab", "config", "allocator", "distributed"],
     "numerics": ["data", "models", "schedule", "evaluate", "fold", "convgrad", "graphcache", "directions",
                  "checkpoint", "objective", "hessian", "sharpness_metrics", "metrics", "results", "plots"],
-    "studies": ["training", "sweep", "measure"],
-    "commands": ["train", "interpolate", "sharpness", "plot"],
+    "studies": ["training", "sweep", "measure", "planes"],
+    "commands": ["train", "interpolate", "sharpness", "plot", "surface"],
 }
 RANK = {module: i for i, modules in enumerate(LAYERS.values()) for module in modules}
 LAYER = {module: layer for layer, modules in LAYERS.items() for module in modules}

@@ -1,0 +1,332 @@
+"""Loss surfaces: loss and accuracy on a 2-D grid of a plane in parameter space, θ(x, y) = θ0 + x·d1 + y·d2.
+
+Three planes (:mod:`minima.directions`): through one checkpoint along two seeded random directions, normalised per
+filter by default (Li et al. 2018); the affine plane through three checkpoints (coordinates in units of ‖B − A‖);
+the plane of the first two principal components of a training trajectory (through its last checkpoint, the path
+projected onto it). Every point is evaluated as on a curve (:func:`minima.sweep.evaluate_point`: exact loss,
+BatchNorm ``recompute`` by default, the policy recorded) and written to a grid file as soon as it is known
+(:mod:`minima.results`), so a killed run resumes; under ``torchrun`` the points are dealt to the ranks.
+
+Before the first point the time is estimated from one timed evaluation batch; a grid estimated above
+``max_minutes`` asks for confirmation on a terminal and is refused elsewhere unless ``yes`` is set.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from minima import checkpoint as ckpt_io
+from minima import data as data_mod
+from minima import distributed, results
+from minima.config import differences, resume_key, setting, to_dict
+from minima.data import Split
+from minima.directions import (
+    DirectionError,
+    Ignore,
+    Norm,
+    Plane,
+    checkpoint_plane,
+    random_plane,
+    trajectory_plane,
+)
+from minima.evaluate import check_model_accepts, evaluate
+from minima.models import has_batchnorm, is_convolutional
+from minima.plots import save_surface_figure
+from minima.sweep import EvalData, EvalSettings, open_grid, parse_alphas, sweep_points
+from minima.training import RESUMABLE_CHANGES
+from minima.vocab import TORCH_DTYPES, BNPolicy, DeviceName, Dtype, check_choice
+
+DEFAULT_POINTS = 21
+
+
+@dataclass(frozen=True)
+class SurfaceRequest:
+    """Everything ``python -m minima.surface`` can be asked to do (stored in the output file)."""
+
+    checkpoints: list[Path] = setting(help="one checkpoint (a random plane through it) or three (the plane through "
+                                      "them)", positional=True, factory=list)
+    trajectory: list[Path] = setting(help="checkpoints of one training run (≥ 3, e.g. runs/x/epoch_*.pt): the plane "
+                                     "of their first two principal components", factory=list,
+                                     default_text="none")
+    x: str = setting("auto", "x grid: START:STOP:NUM (both ends included) or a comma-separated list",
+                     default_text=f"-1:1:{DEFAULT_POINTS} for a random plane, else the marked points ± a margin")
+    y: str = setting("auto", "y grid, as --x", default_text="as --x")
+    norm: Norm = setting("filter", "normalisation of random directions (Li et al.): per filter, per layer, or none")
+    ignore: Ignore = setting("bn-and-bias", "random directions on 1-D parameters (biases, BatchNorm scale/shift): "
+                             "zero (bn-and-bias), or a copy of the weights (none)")
+    direction_seed: int = setting(0, "seed of the first random direction (the second uses seed + 1)")
+    data: str | None = setting(None, "data: an .npz file, a torchvision CIFAR-10 root or 'synthetic'",
+                               default_text="the data recorded in the first checkpoint")
+    train_subset: int | None = setting(None, "stratified training subset", unit="samples", default_text="all")
+    test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
+    subset_seed: int = setting(0, "seed of the stratified subsets")
+    bn: BNPolicy | None = setting(None, "BatchNorm policy at each point", default_text="recompute for models with "
+                                  "BatchNorm")
+    bn_samples: int | None = setting(None, "training samples BatchNorm statistics are re-estimated on",
+                                     unit="samples", default_text="the whole (sub)set")
+    eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
+    out: Path | None = setting(None, "output .h5 file", default_text="<A>_surface.h5 here")
+    resume: bool = setting(False, "compute only the points an existing --out still lacks")
+    overwrite: bool = setting(False, "replace an existing --out")
+    device: DeviceName = setting("auto", "compute device")
+    dtype: Dtype = setting("float32", "evaluation precision; bfloat16 is an autocast preview")
+    fold_bn: bool = setting(True, "fold eval-mode BatchNorm into the preceding conv/linear layer (exact)")
+    max_minutes: float = setting(60.0, "ask (or, without a terminal, refuse) above this estimated time", unit="min")
+    yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)")
+    plot: bool = setting(True, "draw <out>.png beside the file")
+    progress: bool = setting(True, "progress bar on rank 0")
+
+
+@dataclass
+class _Inputs:
+    plane: Plane
+    model: nn.Module
+    origin: dict[str, Any]
+    ds: data_mod.Dataset
+    sources: list[Path]
+    hashes: list[str] = field(default_factory=list)
+
+
+def surface(
+    model: nn.Module, plane: Plane, train: Split, test: Split, xs: Sequence[float] | np.ndarray,
+    ys: Sequence[float] | np.ndarray, bn: BNPolicy = "recompute", *, mean: Sequence[float], std: Sequence[float],
+    batch_size: int = 1000, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    bn_split: Split | None = None, channels_last: bool | None = None,
+) -> results.Grid:
+    """The grid of a plane in memory (``model`` gives the architecture and is not modified): loss and accuracy at
+    every (x, y), as a :class:`minima.results.Grid` with axes ``x`` and ``y``."""
+    coords = {"x": np.asarray(xs, dtype=np.float64), "y": np.asarray(ys, dtype=np.float64)}
+    rows = results.grid_points(coords)
+    s = EvalSettings(bn=bn, batch_size=batch_size, dtype=dtype, device=torch.device(device),
+                     channels_last=is_convolutional(model) if channels_last is None else channels_last)
+    d = EvalData(train, test, bn_split or train, tuple(mean), tuple(std))
+    points = dict(sweep_points(model, lambda c: plane.point(float(c[0]), float(c[1])), rows, range(len(rows)), d, s))
+    shape = (len(coords["x"]), len(coords["y"]))
+    values = {k: np.array([points[i][k] for i in range(len(rows))]).reshape(shape) for k in results.POINT_FIELDS}
+    attrs = {"bn_policy": bn if has_batchnorm(model) else "none", "marks": json.dumps(plane.marks),
+             "directions": json.dumps(plane.provenance)}
+    if plane.path is not None:
+        attrs["path"] = json.dumps(plane.path.tolist())
+    return results.Grid(axes=("x", "y"), coords=coords, values=values, attrs=attrs)
+
+
+def default_output(req: SurfaceRequest) -> Path:
+    first = req.trajectory[-1] if req.trajectory else req.checkpoints[0]
+    return Path(f"{ckpt_io.run_label(first)}_surface.h5")
+
+
+def run(req: SurfaceRequest) -> Path:
+    """Run (or resume) a surface into an HDF5 grid file and return its path. Works under torchrun."""
+    env = distributed.setup(req.device)
+    try:
+        return _run(req, env)
+    finally:
+        distributed.teardown()
+
+
+def _validate(req: SurfaceRequest) -> Path:
+    check_choice("dtype", req.dtype, Dtype)
+    if req.bn is not None:
+        check_choice("BatchNorm policy (--bn)", req.bn, BNPolicy)
+    if req.resume and req.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --resume keeps the finished points of "
+                         "--out, --overwrite discards them; pass one")
+    if req.trajectory and req.checkpoints:
+        raise ValueError("give checkpoints or --trajectory, not both")
+    if not req.trajectory and len(req.checkpoints) not in (1, 3):
+        raise ValueError(f"a plane needs one checkpoint (random directions through it), three (the plane through "
+                         f"them) or --trajectory CKPT…; got {len(req.checkpoints)} checkpoint(s)"
+                         + ("; for the segment between two use python -m minima.interpolate A.pt B.pt"
+                            if len(req.checkpoints) == 2 else ""))
+    out = Path(req.out) if req.out is not None else default_output(req)
+    if out.suffix != ".h5":
+        raise ValueError(f"--out {out} should end in .h5 (an HDF5 grid file)")
+    if not out.parent.is_dir():
+        raise ValueError(f"output directory {out.parent} does not exist; create it or choose another --out")
+    return out
+
+
+def _same_run(ckpts: Sequence[dict[str, Any]], paths: Sequence[Path]) -> None:
+    """Refuse a trajectory whose checkpoints come from different training runs (other settings or seeds)."""
+    first = ckpts[0]["meta"]["train_config"]
+    for ck, path in zip(ckpts[1:], paths[1:], strict=True):
+        diffs = differences(first, ck["meta"]["train_config"], ignore=RESUMABLE_CHANGES - {"out"})
+        if diffs:
+            raise ValueError(f"the trajectory mixes training runs: {paths[0]} and {path} were trained with different "
+                             f"settings ({'; '.join(diffs[:3])}); pass the checkpoints of one run")
+    steps = [int(ck["meta"]["step"]) for ck in ckpts]
+    if len(set(steps)) != len(steps):
+        raise ValueError("the trajectory names the same training step twice; pass each checkpoint once")
+
+
+def _inputs(req: SurfaceRequest) -> _Inputs:
+    paths = list(req.trajectory or req.checkpoints)
+    ckpts = [ckpt_io.load_checkpoint(p) for p in paths]
+    for ck, path in zip(ckpts[1:], paths[1:], strict=True):
+        ckpt_io.check_compatible(ckpts[0], ck, str(paths[0]), str(path))
+    if req.trajectory:
+        if len(paths) < 3:
+            raise DirectionError(f"a trajectory plane needs at least 3 checkpoints; got {len(paths)} — save more "
+                                 "with minima.train --save-every 1")
+        _same_run(ckpts, paths)
+        order = sorted(range(len(paths)), key=lambda i: int(ckpts[i]["meta"]["step"]))
+        paths, ckpts = [paths[i] for i in order], [ckpts[i] for i in order]
+    origin = ckpts[-1] if req.trajectory else ckpts[0]  # the plane's θ0
+    model = ckpt_io.model_from_checkpoint(origin)
+    names = [_mark_name(p) for p in paths]
+    states = [ck["state_dict"] for ck in ckpts]
+    if req.trajectory:
+        params = [n for n, p in model.named_parameters() if req.ignore == "none" or p.dim() > 1]
+        plane = trajectory_plane(states, names, params)
+    elif len(paths) == 3:
+        plane = checkpoint_plane(states, names)
+    else:
+        plane = random_plane(model, states[0], req.direction_seed, req.norm, req.ignore)
+    ds = data_mod.load_for_checkpoint(origin["meta"]["data"], req.data, req.train_subset, req.test_subset,
+                                      req.subset_seed)
+    check_model_accepts(model, ds)
+    return _Inputs(plane=plane, model=model, origin=origin, ds=ds, sources=paths,
+                   hashes=[ckpt_io.sha256_file(p) for p in paths])
+
+
+def _mark_name(path: Path) -> str:
+    label = ckpt_io.run_label(path)
+    return f"{label}/{path.stem}" if path.stem.startswith("epoch_") or path.stem in ("init", "last") else label
+
+
+def auto_axes(req: SurfaceRequest, plane: Plane) -> dict[str, np.ndarray]:
+    """The grid: ``--x``/``--y`` as given, or for ``auto`` -1:1:21 around a random plane's checkpoint, and the
+    marked points (checkpoints, the trajectory) with a margin of half their spread (at least 0.5) otherwise."""
+    marked = np.array(list(plane.marks.values()) + ([] if plane.path is None else plane.path.tolist()))
+    axes = {}
+    for k, (name, text) in enumerate((("x", req.x), ("y", req.y))):
+        if text != "auto":
+            axes[name] = parse_alphas(text, name)
+        elif plane.provenance["kind"] == "random":
+            axes[name] = np.linspace(-1.0, 1.0, DEFAULT_POINTS)
+        else:
+            lo, hi = float(marked[:, k].min()), float(marked[:, k].max())
+            margin = max(0.5 * (hi - lo), 0.5 if plane.provenance["kind"] == "checkpoints" else 0.25 * (hi - lo))
+            margin = margin if margin > 0 else 0.5
+            axes[name] = np.linspace(lo - margin, hi + margin, DEFAULT_POINTS)
+    return axes
+
+
+def estimate_seconds(model: nn.Module, d: EvalData, s: EvalSettings, points: int, bn_recompute: bool) -> float:
+    """Seconds the grid will take: ``points`` × images per point (train + test + BN re-estimation) at the speed of
+    one timed evaluation batch of this model on this device (after one warm-up batch)."""
+    split = d.train.take(torch.arange(min(len(d.train), s.batch_size, 256)))
+    work = s.place(copy.deepcopy(model))
+    with s.compute():
+        evaluate(work, split, d.mean, d.std, batch_size=len(split), device=s.device, dtype=s.storage_dtype,
+                 channels_last=s.channels_last)
+        t0 = time.perf_counter()
+        evaluate(work, split, d.mean, d.std, batch_size=len(split), device=s.device, dtype=s.storage_dtype,
+                 channels_last=s.channels_last)
+        per_image = (time.perf_counter() - t0) / len(split)
+    images = len(d.train) + len(d.test) + (len(d.bn) if bn_recompute else 0)
+    return points * images * per_image
+
+
+def _confirm(estimate_s: float, req: SurfaceRequest, points: int, ask: Callable[[str], str] = input) -> None:
+    if estimate_s <= 60 * req.max_minutes or req.yes:
+        return
+    what = (f"the grid of {points} points is estimated at {_duration(estimate_s)} (over --max-minutes "
+            f"{req.max_minutes:g})")
+    if sys.stdin is not None and sys.stdin.isatty():
+        if ask(f"[minima.surface] {what}; continue? [y/N] ").strip().lower() in ("y", "yes"):
+            return
+        raise ValueError(f"{what}; not started")
+    raise ValueError(f"{what}; pass --yes to run it anyway, or use a smaller grid (--x/--y) or subsets "
+                     "(--train-subset/--test-subset/--bn-samples)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{max(1, math.ceil(seconds / 60))} min"
+
+
+def _run(req: SurfaceRequest, env: distributed.DistEnv) -> Path:
+    out = _validate(req)
+    inp = _inputs(req)
+    ds, model, plane = inp.ds, inp.model, inp.plane
+    bn_split = ds.train
+    if req.bn_samples is not None and req.bn_samples < len(ds.train):
+        bn_split = ds.train.take(data_mod.stratified_subset(ds.train.labels, req.bn_samples, req.subset_seed))
+    with_bn = has_batchnorm(model)
+    policy = (req.bn or "recompute") if with_bn else "none"
+    s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
+                     dtype=TORCH_DTYPES[req.dtype], device=env.device,
+                     channels_last=is_convolutional(inp.origin["model"]["name"]), fold_bn=req.fold_bn)
+    mean, std = tuple(inp.origin["meta"]["data"]["mean"]), tuple(inp.origin["meta"]["data"]["std"])
+    d = EvalData(ds.train, ds.test, bn_split, mean, std)
+    coords = auto_axes(req, plane)
+    config = {"x": coords["x"].tolist(), "y": coords["y"].tolist(), "bn": policy, "directions": plane.provenance,
+              "data": ds.describe(), "bn_samples": len(bn_split), "eval_batch_size": req.eval_batch_size,
+              "dtype": req.dtype, "fold_bn": req.fold_bn, "world_size": env.world_size}
+    match = {k: v for k, v in config.items() if k not in ("world_size", "x", "y")}
+    attrs: dict[str, Any] = {
+        "checkpoints": json.dumps([str(p) for p in inp.sources]), "sha256": json.dumps(inp.hashes),
+        "model": inp.origin["model"]["name"], "bn_policy": policy, "config": json.dumps(config),
+        "config_key": resume_key(match), "request": json.dumps(to_dict(req)), "marks": json.dumps(plane.marks),
+        "directions": json.dumps(plane.provenance),
+    }
+    if plane.path is not None:
+        attrs["path"] = json.dumps(plane.path.tolist())
+
+    pending: list[int] = []
+    refusal: str | None = None
+    if env.is_main:
+        try:
+            opening = dict(resume=req.resume, overwrite=req.overwrite, attrs=attrs,
+                           expected={"sha256": attrs["sha256"], "bn_policy": policy, "config": match})
+            pending = open_grid(out, coords, create=False, **opening)  # checks only: nothing written yet
+            if pending:
+                estimate = estimate_seconds(model, d, s, len(pending), policy == "recompute") / env.world_size
+                print(f"[minima.surface] {len(pending)}/{len(results.grid_points(coords))} points to compute → {out} "
+                      f"({plane.provenance['kind']} plane, BN policy {policy}, {len(ds.train)} train / "
+                      f"{len(ds.test)} test samples, {env.world_size} rank(s)); estimated {_duration(estimate)}",
+                      flush=True)
+                _confirm(estimate, req, len(pending))
+            pending = open_grid(out, coords, **opening)
+        except (ValueError, FileExistsError) as exc:
+            if not env.distributed:
+                raise
+            refusal = str(exc)
+    if env.distributed:
+        box = [(pending, refusal)]
+        dist.broadcast_object_list(box, src=0)
+        pending, refusal = box[0]
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    rows = results.grid_points(coords)
+    for i, row in sweep_points(model, lambda c: plane.point(float(c[0]), float(c[1])), rows, pending, d, s, env,
+                               progress=env.is_main and req.progress):
+        if env.is_main:
+            results.write_point(out, i, row)
+
+    if env.is_main:
+        grid = results.load_grid(out)
+        loss = grid.values["train/loss"]
+        finite = np.isfinite(loss)
+        if finite.any():
+            i, j = np.unravel_index(np.nanargmin(np.where(finite, loss, np.nan)), loss.shape)
+            print(f"[minima.surface] lowest training loss {loss[i, j]:.4g} at (x, y) = ({coords['x'][i]:.3g}, "
+                  f"{coords['y'][j]:.3g}); {int((~finite).sum())} non-finite point(s)", flush=True)
+        written = [out, save_surface_figure(grid, out.with_suffix(".png"))] if req.plot else [out]
+        print(f"[minima.surface] wrote {' and '.join(map(str, written))}", flush=True)
+    distributed.barrier()
+    return out

@@ -1,0 +1,47 @@
+"""``python -m minima.surface A.pt`` | ``A.pt B.pt C.pt`` | ``--trajectory run/epoch_*.pt``: loss surfaces.
+
+The command: flags generated from :class:`minima.planes.SurfaceRequest`, then :func:`minima.planes.run`. The study
+(:mod:`minima.planes`) holds the machinery; ``surface`` (a plane in memory → :class:`minima.results.Grid`) and
+``run`` are importable from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from minima import config as cfg
+from minima.allocator import keep_freed_memory
+from minima.checkpoint import CheckpointError, IncompatibleCheckpointsError
+from minima.planes import SurfaceRequest, run, surface
+from minima.results import ResultsError
+
+__all__ = ["SurfaceRequest", "main", "parse_args", "run", "surface"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SurfaceRequest:
+    p = argparse.ArgumentParser(prog="python -m minima.surface", description=__doc__.split("\n")[0])
+    cfg.add_arguments(p, SurfaceRequest)
+    args = p.parse_intermixed_args(cfg.join_negative_values(list(sys.argv[1:] if argv is None else argv),
+                                                            ["--x", "--y"]))
+    return cfg.resolve(SurfaceRequest, None, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    req = parse_args(argv)
+    keep_freed_memory()
+    try:
+        run(req)
+    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, IncompatibleCheckpointsError,
+            ResultsError) as exc:
+        print(f"[minima.surface] error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("[minima.surface] interrupted; finished points are saved — rerun with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
