@@ -37,7 +37,7 @@ from minima.checkpoint import evaluate_checkpoint, run_label
 from minima.config import setting
 from minima.measure import MeasureRequest, measure
 from minima.measure import result_jobs as measure_jobs
-from minima.models import available_models
+from minima.models import available_models, model_info, model_kind
 from minima.plots import save_curve_figure
 from minima.sweep import SweepRequest
 from minima.sweep import run as run_interpolation
@@ -131,7 +131,8 @@ def _train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, 
     if final.exists():
         return final
     config = TrainConfig(
-        model=model, model_kwargs=dict(preset.model_kwargs or MODEL_DEFAULTS.get(model, {})), data=preset.data,
+        model=model, model_kwargs=dict(preset.model_kwargs or MODEL_DEFAULTS.get(model, {})),
+        data=data_for(model, preset),
         train_subset=preset.train_subset, test_subset=preset.test_subset, epochs=preset.epochs, batch_size=batch,
         micro_batch=min(preset.micro_batch, batch) if preset.micro_batch else None, optimizer="adam",
         lr=preset.lr, scaling="none", augment=False, seed=seed, init_seed=1337 + seed, patience=preset.patience,
@@ -141,9 +142,21 @@ def _train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, 
     return train(config, resume=(out / "last.pt").exists(), dataset=ds)
 
 
-def _exact_accuracy(path: Path, ds: data_mod.Dataset, batch_size: int) -> dict[str, float]:
+def trusted_for(model: str) -> tuple[str, ...]:
+    """Naming an import-path model on the pipeline's command line allows importing its module."""
+    return (model.partition(":")[0],) if model_kind(model) == "import" else ()
+
+
+def data_for(model: str, preset: Preset) -> str | None:
+    """The preset's data, or the model's own (c3/c4: CIFAR-100) when the preset names none."""
+    if preset.data is None and model_kind(model) == "registry":
+        return model_info(model).data
+    return preset.data
+
+
+def _exact_accuracy(path: Path, ds: data_mod.Dataset, batch_size: int, trusted: Sequence[str]) -> dict[str, float]:
     out = {}
-    for name, r in evaluate_checkpoint(path, {"train": ds.train, "test": ds.test}, batch_size).items():
+    for name, r in evaluate_checkpoint(path, {"train": ds.train, "test": ds.test}, batch_size, trusted).items():
         out[f"{name}_acc"], out[f"{name}_loss"] = 100.0 * r.accuracy, r.loss
     lines = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
     out["epochs"] = lines[-1]["epoch"]
@@ -173,19 +186,19 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
         clock.run(f"seed{seed}/interpolate", False, lambda: run_interpolation(SweepRequest(
             checkpoint_a=sb, checkpoint_b=lb, alphas=preset.interp_alphas, bn="recompute",
             train_subset=preset.interp_train_subset, test_subset=preset.interp_test_subset, out=curve_path,
-            resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size,
+            resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size, trust_import=trusted_for(model),
         )))
     sharp_path = out / "sharpness.h5"
     request = MeasureRequest(
         checkpoints=[sb, lb], metrics=["keskar", "hessian"], eps=list(preset.eps), subspace=preset.subspace,
         maxiter=preset.maxiter, topk=1, samples=preset.sharpness_samples, bn=preset.sharpness_bn,
         batch_size=min(preset.eval_batch_size, preset.sharpness_samples or preset.eval_batch_size),
-        out=sharp_path,
+        out=sharp_path, trust_import=trusted_for(model),
     )
     clock.run(f"seed{seed}/sharpness", _sharpness_complete(sharp_path, request), lambda: measure(request))
     row: dict[str, Any] = {}
     for name, path in (("sb", sb), ("lb", lb)):
-        for k, v in _exact_accuracy(path, ds, preset.eval_batch_size).items():
+        for k, v in _exact_accuracy(path, ds, preset.eval_batch_size, trusted_for(model)).items():
             row[f"{name}_{k}"] = v
     for r in results.load_sharpness(sharp_path):
         regime = r["checkpoint_label"]
@@ -275,7 +288,9 @@ def parse_summary_table(markdown: str) -> dict[str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.keskar", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mlp", choices=available_models(), help="network (default: mlp)")
+    p.add_argument("--model", default="mlp",
+                   help=f"network: one of {available_models()}, torchvision:NAME or package.module:factory (your own; "
+                        "naming it allows importing it) (default: mlp)")
     p.add_argument("--preset", default="quick",
                    help=f"{', '.join(PRESET_NAMES)} (experiments/configs/pipelines/keskar_<name>.toml) or a TOML "
                         "file's path (default: quick)")
@@ -293,21 +308,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     if args.data is not None:
         preset = replace(preset, data=args.data)
-    out = args.out or Path("runs") / f"keskar_{args.model}_{preset_name}"
+    tag = args.model.replace(":", "-")  # a file-name form of the model's name
+    out = args.out or Path("runs") / f"keskar_{tag}_{preset_name}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ds = data_mod.load_source(preset.data, preset.train_subset, preset.test_subset)
+    try:
+        ds = data_mod.load_source(data_for(args.model, preset), preset.train_subset, preset.test_subset)
+    except data_mod.DataError as exc:
+        print(f"[experiments.keskar] error: {exc}", file=sys.stderr)
+        return 2
     ds = ds.subset(preset.train_subset, preset.test_subset, seed=0)
     (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": preset_name, **cfg.to_dict(preset)},
                                                 indent=2) + "\n")
     seeds = args.seeds if args.seeds is not None else preset.seeds
     clock = StageClock(out / "stage_seconds.json")
-    rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds, clock) for s in range(seeds)]
+    try:
+        rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds, clock) for s in range(seeds)]
+    except (ValueError, OSError) as exc:  # bad model/data/settings: one line; finished stages stay on disk
+        print(f"[experiments.keskar] error: {exc}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - t0
     md = summary_markdown(args.model, preset_name, preset, rows, ds, clock.total, wall)
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    fig = save_curve_figure(results.load_curve(out / "seed0" / "sb_vs_lb.h5"), out / f"keskar_{args.model}.png")
+    fig = save_curve_figure(results.load_curve(out / "seed0" / "sb_vs_lb.h5"), out / f"keskar_{tag}.png")
     if args.figures is not None:
         args.figures.mkdir(parents=True, exist_ok=True)
         fig = Path(shutil.copy(fig, args.figures / fig.name))

@@ -3,16 +3,17 @@
 A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` can read (tensors, numbers,
 strings, lists, dicts — never a pickled class)::
 
-    {"format": "minima.checkpoint/1",
-     "model": {"name": str, "kwargs": dict},
+    {"format": "minima.checkpoint/2",
+     "model": {"name": str, "kwargs": dict},  # a registry model, torchvision:NAME or package.module:factory
      "state_dict": {name: tensor},
      "meta": {"epoch", "step", "global_batch_size", "world_size", "seed", "train_config", "data",
               "metrics", "torch_version", "minima_version", "created"},
      # only in resumable checkpoints:
      "optimizer": ..., "scheduler": ..., "rng": ...}
 
-Saving writes a temporary file in the destination directory, flushes and fsyncs it, then ``os.replace``
-puts it under the final name: a crash at any moment leaves either the old file or the new one.
+Format /1 (before torchvision and import-path models) is read as well. Saving writes a temporary file in the
+destination directory, flushes and fsyncs it, then ``os.replace`` puts it under the final name: a crash at any
+moment leaves either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,10 @@ from torch import nn
 from minima import __version__, utc_now
 from minima.data import Split
 from minima.evaluate import EvalResult, evaluate
-from minima.models import build_model
+from minima.models import ModelSpecError, build_model
 
-FORMAT = "minima.checkpoint/1"
+FORMAT = "minima.checkpoint/2"
+READABLE_FORMATS = ("minima.checkpoint/1", FORMAT)  # /2: model names may be torchvision:NAME or module:factory
 FORMAT_PREFIX = "minima.checkpoint/"
 REQUIRED_META = ("epoch", "step", "global_batch_size", "world_size", "seed", "train_config", "data",
                  "metrics", "torch_version", "minima_version", "created")
@@ -173,9 +176,9 @@ def validate_checkpoint(obj: Any, where: str = "checkpoint") -> dict[str, Any]:
     fmt = obj["format"]
     if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
         raise CheckpointError(f"{where} has format {fmt!r}; expected {FORMAT!r}")
-    if fmt != FORMAT:
+    if fmt not in READABLE_FORMATS:
         raise CheckpointError(f"{where} has format {fmt!r}, which this minima {__version__} cannot read "
-                              f"(it reads {FORMAT!r}); upgrade minima")
+                              f"(it reads {list(READABLE_FORMATS)}); upgrade minima")
     for key in ("model", "state_dict", "meta"):
         if key not in obj:
             raise CheckpointError(f"{where} lacks the {key!r} entry required by {FORMAT}")
@@ -184,18 +187,26 @@ def validate_checkpoint(obj: Any, where: str = "checkpoint") -> dict[str, Any]:
     return obj
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the model from the stored name and kwargs and load its weights (strictly)."""
-    model = build_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
+def model_from_checkpoint(ckpt: dict[str, Any], trusted: Iterable[str] = ()) -> nn.Module:
+    """Rebuild the model from the stored name and kwargs and load its weights (strictly).
+
+    A model named by an import path (``package.module:factory``) is rebuilt only when its module is in ``trusted``
+    or ``$MINIMA_TRUSTED_IMPORTS``: loading a checkpoint never imports a module the user did not allow
+    (:class:`minima.models.UntrustedImportError`, a one-line error saying how to allow it)."""
+    try:
+        kwargs = dict(ckpt["model"]["kwargs"])
+        model = build_model(ckpt["model"]["name"], kwargs.pop("num_classes", None), trusted=trusted, **kwargs)
+    except ModelSpecError as exc:
+        raise CheckpointError(f"cannot rebuild the checkpoint's model: {exc}") from exc
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return model
 
 
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-               ) -> tuple[nn.Module, dict[str, Any]]:
+               trusted: Iterable[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
     """``(model, meta)`` from a checkpoint file; the model is in eval mode on ``map_location``."""
     ckpt = load_checkpoint(path, map_location=map_location)
-    model = model_from_checkpoint(ckpt).to(map_location)
+    model = model_from_checkpoint(ckpt, trusted).to(map_location)
     return model.eval(), ckpt["meta"]
 
 
@@ -250,11 +261,11 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def evaluate_checkpoint(path: str | os.PathLike[str], splits: dict[str, Split],
-                        batch_size: int = 1000) -> dict[str, EvalResult]:
+def evaluate_checkpoint(path: str | os.PathLike[str], splits: dict[str, Split], batch_size: int = 1000,
+                        trusted: Iterable[str] = ()) -> dict[str, EvalResult]:
     """Exact loss/accuracy of a checkpoint's model on each named split, with the input normalisation the
     checkpoint was trained with (its ``meta["data"]`` mean/std)."""
-    model, meta = load_model(path)
+    model, meta = load_model(path, trusted=trusted)
     mean, std = meta["data"]["mean"], meta["data"]["std"]
     return {name: evaluate(model, split, mean, std, batch_size=batch_size) for name, split in splits.items()}
 

@@ -138,12 +138,11 @@ def _coerce(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     for key, value in values.items():
         tp, _ = _unwrap_optional(hints[key])
         origin = typing.get_origin(tp)
-        if origin is tuple and isinstance(value, list):
-            value = tuple(value)
+        if origin in (tuple, list) and isinstance(value, list | tuple):
+            elem = typing.get_args(tp)[0]
+            value = origin(Path(v) if elem is Path and isinstance(v, str) else v for v in value)
         elif tp is Path and isinstance(value, str):
             value = Path(value)
-        elif origin is list and isinstance(value, tuple):
-            value = list(value)
         out[key] = value
     return out
 

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from minima.allocator import available_memory_bytes
+
 ENV_VAR = "MINIMA_DATA"
 DEFAULT_CACHE = Path("~/.cache/minima").expanduser()
 CIFAR10_CLASSES = (
@@ -247,9 +249,10 @@ def _nhwc_to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
-def load_npz(path: str | os.PathLike[str], num_classes: int = 10) -> Dataset:
+def load_npz(path: str | os.PathLike[str], num_classes: int | None = None) -> Dataset:
     """Load an ``.npz`` file with ``train_x``/``test_x`` (N, H, W, C) uint8 and ``train_y``/``test_y``
-    (N,) integer labels in ``0..num_classes−1``. Every problem is reported with the key and the fix."""
+    (N,) integer labels in ``0..num_classes−1`` (default: the largest training label + 1, at least 2). Every
+    problem is reported with the key and the fix."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; pass the path of an .npz file with keys "
@@ -275,6 +278,12 @@ def load_npz(path: str | os.PathLike[str], num_classes: int = 10) -> Dataset:
         if y.shape != (x.shape[0],):
             raise DataError(f"{path}: {split}_y has shape {y.shape}; expected ({x.shape[0]},) to match "
                             f"{split}_x")
+        if y.size and y.min() < 0:
+            raise DataError(f"{path}: {split}_y has negative labels; expected class indices 0, 1, …")
+    if num_classes is None:
+        num_classes = max(2, int(arrays["train_y"].max(initial=0)) + 1)  # the training labels define the classes
+    for split in ("train", "test"):
+        y = arrays[f"{split}_y"]
         if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise DataError(f"{path}: {split}_y has labels in {y.min()}..{y.max()}; expected "
                             f"0..{num_classes - 1}")
@@ -288,28 +297,105 @@ def load_npz(path: str | os.PathLike[str], num_classes: int = 10) -> Dataset:
     )
 
 
-def load_torchvision_cifar10(root: str | os.PathLike[str] = DEFAULT_CACHE, download: bool = True) -> Dataset:
-    """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (downloaded into ``root`` on first use)."""
-    from torchvision.datasets import CIFAR10  # imported lazily: tests and .npz users never need it
+TORCHVISION_SETS: dict[str, int] = {"CIFAR10": 10, "CIFAR100": 100, "MNIST": 10, "FashionMNIST": 10, "SVHN": 10}
 
+
+def _torchvision_split(name: str, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, C, H, W) images and int64 labels of a torchvision data set object, whatever its layout."""
+    images = np.asarray(dataset.data.numpy() if isinstance(dataset.data, torch.Tensor) else dataset.data,
+                        dtype=np.uint8)
+    labels = dataset.labels if name == "SVHN" else dataset.targets
+    if images.ndim == 3:  # MNIST, FashionMNIST: (N, H, W) grey
+        tensor = torch.from_numpy(np.ascontiguousarray(images[:, None]))
+    elif name == "SVHN":  # already (N, C, H, W)
+        tensor = torch.from_numpy(np.ascontiguousarray(images))
+    else:
+        tensor = _nhwc_to_tensor(images)
+    return tensor, torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+
+
+def load_torchvision(name: str = "CIFAR10", root: str | os.PathLike[str] = DEFAULT_CACHE,
+                     download: bool = True) -> Dataset:
+    """A torchvision classification data set (:data:`TORCHVISION_SETS`) through its own class — the standard
+    download into ``root`` on first use — materialised as uint8 tensors."""
+    if name not in TORCHVISION_SETS:
+        raise DataError(f"unknown torchvision data set {name!r}; choose one of {list(TORCHVISION_SETS)}")
+    import torchvision.datasets as tvd  # imported lazily: tests and .npz users never need it
+
+    cls = getattr(tvd, name)
     root = Path(root).expanduser()
     try:
-        train = CIFAR10(str(root), train=True, download=download)
-        test = CIFAR10(str(root), train=False, download=download)
+        if name == "SVHN":
+            parts = [cls(str(root), split=s, download=download) for s in ("train", "test")]
+        else:
+            parts = [cls(str(root), train=t, download=download) for t in (True, False)]
     except (RuntimeError, OSError) as exc:  # URLError is an OSError; a missing copy is a RuntimeError
-        raise DataError(
-            f"CIFAR-10 could not be loaded from or downloaded into {root} ({exc}). On a machine without "
-            f"internet, point minima at a local copy: set {ENV_VAR}=/path/to/cifar10.npz (the format of "
-            "shared/data/cifar10.npz), or pass --data PATH (an .npz file or a directory holding "
-            "torchvision's cifar-10-batches-py)."
-        ) from exc
-    return _dataset_from_arrays(
-        _nhwc_to_tensor(np.asarray(train.data, dtype=np.uint8)),
-        torch.as_tensor(train.targets, dtype=torch.int64),
-        _nhwc_to_tensor(np.asarray(test.data, dtype=np.uint8)),
-        torch.as_tensor(test.targets, dtype=torch.int64),
-        10, {"kind": "torchvision", "root": str(root.resolve())},
-    )
+        hint = (f"set {ENV_VAR}=/path/to/cifar10.npz (the format of shared/data/cifar10.npz), or pass --data PATH "
+                "(an .npz file or a directory holding torchvision's cifar-10-batches-py)" if name == "CIFAR10"
+                else f"copy torchvision's files for {name} into {root} (or pass --data-root DIR where they are)")
+        raise DataError(f"{name} could not be loaded from or downloaded into {root} ({exc}). On a machine "
+                        f"without internet, {hint}.") from exc
+    (train_x, train_y), (test_x, test_y) = (_torchvision_split(name, p) for p in parts)
+    check_fits_in_memory(train_x.numel() + test_x.numel(), f"torchvision {name}")
+    return _dataset_from_arrays(train_x, train_y, test_x, test_y, TORCHVISION_SETS[name],
+                                {"kind": "torchvision", "name": name, "root": str(root.resolve())})
+
+
+def load_torchvision_cifar10(root: str | os.PathLike[str] = DEFAULT_CACHE, download: bool = True) -> Dataset:
+    """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (downloaded into ``root`` on first use)."""
+    return load_torchvision("CIFAR10", root, download)
+
+
+def check_fits_in_memory(nbytes: int, what: str, share: float = 0.5) -> None:
+    """Refuse a data set whose uint8 images would take more than ``share`` of the memory available now
+    (minima keeps data in memory; streaming from disk is not supported)."""
+    available = available_memory_bytes(torch.device("cpu"))
+    if available is not None and nbytes > share * available:
+        raise DataError(f"{what} needs {nbytes / 1e9:.1f} GB as uint8 images in memory, more than "
+                        f"{share:.0%} of the {available / 1e9:.1f} GB available now (the limit); minima keeps data "
+                        "in memory and does not stream it — use a smaller data set or smaller images")
+
+
+def load_imagefolder(path: str | os.PathLike[str]) -> Dataset:
+    """An image-folder tree as torchvision's ``ImageFolder`` reads it: ``PATH/train/<class>/<image>`` and
+    ``PATH/test/<class>/<image>`` (or ``val/``); classes are the train folder's subfolder names, sorted; every
+    image is decoded to RGB and must have one size (resize them beforehand)."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = Path(path).expanduser()
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"{root} is not an image-folder data set: it needs the subfolders train/ and test/ (or val/), "
+                        "each holding one folder of images per class (train/cat/1.png, test/cat/7.png, …)")
+    try:
+        train_set, test_set = ImageFolder(str(train_dir)), ImageFolder(str(test_dir))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"{root}: {exc}") from exc
+    unknown = sorted(set(test_set.classes) - set(train_set.classes))
+    if unknown:
+        raise DataError(f"{test_dir} has classes that {train_dir} lacks: {unknown}")
+    index = {c: i for i, c in enumerate(train_set.classes)}
+    first = Image.open(train_set.samples[0][0])
+    width, height = first.size
+    check_fits_in_memory(3 * width * height * (len(train_set) + len(test_set)), f"the image folder {root}")
+
+    def read(folder: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images = np.empty((len(folder), height, width, 3), dtype=np.uint8)
+        for i, (file, _) in enumerate(folder.samples):
+            with Image.open(file) as img:
+                rgb = img.convert("RGB")
+                if rgb.size != (width, height):
+                    raise DataError(f"{file} is {rgb.size[0]}×{rgb.size[1]} but {train_set.samples[0][0]} is "
+                                    f"{width}×{height}; give every image one size (resize them beforehand)")
+                images[i] = np.asarray(rgb)
+        labels = [index[folder.classes[c]] for _, c in folder.samples]
+        return _nhwc_to_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
+
+    (train_x, train_y), (test_x, test_y) = read(train_set), read(test_set)
+    return _dataset_from_arrays(train_x, train_y, test_x, test_y, len(train_set.classes),
+                                {"kind": "imagefolder", "path": str(root.resolve()), "classes": train_set.classes})
 
 
 def synthetic(
@@ -360,20 +446,36 @@ def load_cifar10(source: str | os.PathLike[str] | None = None, download: bool = 
     return load_torchvision_cifar10(path, download=download)
 
 
-def load_source(source: str | None, n_train: int | None = None, n_test: int | None = None) -> Dataset:
-    """What a ``--data`` flag names: ``"synthetic"`` (a seeded 3×32×32, 10-class problem with ``n_train`` /
-    ``n_test`` samples, default 2048 / 512) or CIFAR-10 resolved by :func:`load_cifar10`."""
+def load_source(source: str | None, n_train: int | None = None, n_test: int | None = None,
+                root: str | os.PathLike[str] | None = None) -> Dataset:
+    """What a ``--data`` flag names:
+
+    * ``None``: CIFAR-10 from ``$MINIMA_DATA``, else torchvision's download (:func:`load_cifar10`);
+    * ``synthetic``: a seeded 3×32×32, 10-class problem with ``n_train`` / ``n_test`` samples (2048 / 512);
+    * ``torchvision:NAME``: one of :data:`TORCHVISION_SETS` under ``root`` (default ``~/.cache/minima``);
+    * ``imagefolder:PATH``: :func:`load_imagefolder`;  ``npz:PATH``: :func:`load_npz`;
+    * a path: an ``.npz`` file or a directory holding torchvision's CIFAR-10 files."""
     if source == "synthetic":
         return synthetic(n_train=n_train or 2048, n_test=n_test or 512, image_shape=(3, 32, 32), num_classes=10)
+    if source is not None and ":" in source and not Path(source).exists():
+        kind, _, rest = source.partition(":")
+        if kind == "torchvision":
+            return load_torchvision(rest, DEFAULT_CACHE if root is None else root)
+        if kind == "imagefolder":
+            return load_imagefolder(rest)
+        if kind == "npz":
+            return load_npz(rest)
+        raise DataError(f"unknown data source {source!r}; use synthetic, torchvision:NAME, imagefolder:PATH, "
+                        "npz:PATH or a path (an .npz file or a CIFAR-10 directory)")
     return load_cifar10(source)
 
 
 def load_from_spec(spec: dict[str, Any], download: bool = True) -> Dataset:
     """Reload the data a checkpoint was trained on from its stored ``source`` spec.
 
-    An ``.npz`` or torchvision source whose recorded path no longer exists falls back to
-    :func:`load_cifar10`'s resolution (``MINIMA_DATA``, then the download), so checkpoints stay usable
-    when moved between machines.
+    An ``.npz`` or torchvision CIFAR-10 source whose recorded path no longer exists falls back to
+    :func:`load_cifar10`'s resolution (``MINIMA_DATA``, then the download), and other torchvision sets to their
+    download into ``~/.cache/minima``, so checkpoints stay usable when moved between machines.
     """
     kind = spec.get("kind")
     if kind == "synthetic":
@@ -383,19 +485,24 @@ def load_from_spec(spec: dict[str, Any], download: bool = True) -> Dataset:
         path = Path(spec["path"])
         return load_npz(path) if path.is_file() else load_cifar10(download=download)
     if kind == "torchvision":
-        root = Path(spec["root"])
-        return load_torchvision_cifar10(root, download) if root.is_dir() else load_cifar10(download=download)
-    raise DataError(f"unknown data source kind {kind!r} in {spec}; expected 'npz', 'torchvision' or "
+        name, root = spec.get("name", "CIFAR10"), Path(spec["root"])
+        if name == "CIFAR10" and not root.is_dir():
+            return load_cifar10(download=download)
+        return load_torchvision(name, root if root.is_dir() else DEFAULT_CACHE, download)
+    if kind == "imagefolder":
+        return load_imagefolder(spec["path"])
+    raise DataError(f"unknown data source kind {kind!r} in {spec}; expected 'npz', 'torchvision', 'imagefolder' or "
                     "'synthetic' (pass the data explicitly with --data)")
 
 
 def load_for_checkpoint(recorded: dict[str, Any], data: str | None = None, train_subset: int | None = None,
-                        test_subset: int | None = None, subset_seed: int = 0) -> Dataset:
+                        test_subset: int | None = None, subset_seed: int = 0,
+                        root: str | os.PathLike[str] | None = None) -> Dataset:
     """The data a checkpoint was trained on — its ``meta["data"]`` (``recorded``: source spec and subsets) — or
     the source ``data`` names if given, then optional further stratified subsets of ``train_subset`` /
     ``test_subset`` samples drawn with ``subset_seed``."""
     if data is not None:
-        ds = load_source(data)
+        ds = load_source(data, root=root)
     else:
         ds = load_from_spec(recorded["source"])
         for split, sub in recorded.get("subset", {}).items():

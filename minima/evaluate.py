@@ -187,5 +187,12 @@ def check_model_accepts(model: nn.Module, ds: Dataset) -> None:
                          "use data of the shape the model was built for, or adjust the model arguments") from exc
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or not out.is_floating_point():
+        got = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+               else f"a {type(out).__name__}")
+        raise ValueError(f"the model returned {got} for 2 images; minima needs logits of shape (N, classes) — return "
+                         "the last layer's output (no softmax, no tuple)")
     if out.shape[1] != ds.num_classes:
-        raise ValueError(f"the model has {out.shape[1]} outputs but the data has {ds.num_classes} classes")
+        raise ValueError(f"the model has {out.shape[1]} outputs but the data has {ds.num_classes} classes; build it "
+                         f"with {ds.num_classes} outputs (e.g. --model-kwargs '{{\"num_classes\": {ds.num_classes}}}') "
+                         "or use data with that many classes")

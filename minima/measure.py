@@ -36,6 +36,9 @@ _COMMON: list[tuple[str, Any, Any]] = [
     ("samples", int | None, setting(None, "stratified training subset f is defined on", unit="samples",
                                     default_text="all")),
     ("subset_seed", int, setting(0, "seed of the stratified subset")),
+    ("trust_import", tuple[str, ...], setting((), "modules a checkpoint's import-path model may be imported from "
+                                              "(package.module; also $MINIMA_TRUSTED_IMPORTS)", default_text="none")),
+    ("data_root", str | None, setting(None, "directory of torchvision data sets", default_text="~/.cache/minima")),
     ("data", str | None, setting(None, "data: an .npz file, a torchvision CIFAR-10 root or 'synthetic'",
                                  default_text="the data recorded in each checkpoint")),
     ("bn", BNMode, setting("eval", "BatchNorm inside f: eval (running statistics) or batch (each fixed batch's "
@@ -125,8 +128,8 @@ def _measure_checkpoint(path: Path, req: Any, jobs: list[tuple[Metric, str, dict
                         env: distributed.DistEnv, cache_bytes: int) -> None:
     ckpt = ckpt_io.load_checkpoint(path)
     label = ckpt_io.run_label(path)
-    model = ckpt_io.model_from_checkpoint(ckpt)
-    ds = data_mod.load_for_checkpoint(ckpt["meta"]["data"], req.data)
+    model = ckpt_io.model_from_checkpoint(ckpt, req.trust_import)
+    ds = data_mod.load_for_checkpoint(ckpt["meta"]["data"], req.data, root=req.data_root)
     train = ds.train
     if req.samples is not None and req.samples < len(train):
         train = train.take(data_mod.stratified_subset(train.labels, req.samples, req.subset_seed))

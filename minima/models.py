@@ -3,7 +3,9 @@
 Every model maps a normalised float batch (N, C, H, W) to **logits** (N, num_classes) — never
 log-probabilities; the loss is applied outside (``minima.evaluate``). Constructors have no device or
 dtype side effects. ``build_model(name, **kwargs)`` is the only entry point the rest of the toolkit uses,
-so a checkpoint can rebuild its model from the stored ``name`` and ``kwargs``.
+so a checkpoint can rebuild its model from the stored ``name`` and ``kwargs`` — a registry name, a torchvision
+classification model (``torchvision:resnet18``) or a user's factory (``my_pkg.nets:make_net``, imported only when
+the user allows that module).
 
 BatchNorm uses Keras' epsilon 1e-3 in ``c1``/``c2`` (the reference code is Keras 1) and PyTorch's
 default momentum 0.1 for the running averages (Keras' 0.99 ≙ PyTorch 0.01 would need far more steps to
@@ -12,9 +14,12 @@ settle at batch 5000; the interpolation tools re-estimate running statistics any
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -221,8 +226,9 @@ class ModelInfo:
     """A registry entry: how to build the model and what it expects.
 
     ``factory(num_classes=..., **kwargs)`` returns an ``nn.Module`` mapping (N, *input_shape) float batches to
-    (N, num_classes) logits; ``input_shape`` and ``num_classes`` are the defaults (CIFAR-10); ``convolutional``
-    decides the memory format (channels_last) and the convolution-specific derivatives (one source of truth)."""
+    (N, num_classes) logits; ``input_shape`` and ``num_classes`` are the defaults; ``convolutional`` decides the
+    memory format (channels_last) and the convolution-specific derivatives (one source of truth); ``data`` is the
+    data set the model is meant for when none is given (``--data`` syntax; None: CIFAR-10's default resolution)."""
 
     name: str
     factory: Callable[..., nn.Module]
@@ -230,26 +236,49 @@ class ModelInfo:
     num_classes: int
     convolutional: bool
     summary: str
+    data: str | None = None
 
 
 REGISTRY: dict[str, ModelInfo] = {info.name: info for info in (
     ModelInfo("c1", C1, (3, 32, 32), 10, True, "Keskar's C1 shallow conv net (1,757,834 parameters)"),
     ModelInfo("c2", C2, (3, 32, 32), 10, True, "Keskar's C2 VGG-style conv net (14,991,946 parameters)"),
+    ModelInfo("c3", C1, (3, 32, 32), 100, True, "Keskar's C3: C1's design for CIFAR-100 (1,775,204 parameters)",
+              data="torchvision:CIFAR100"),
+    ModelInfo("c4", C2, (3, 32, 32), 100, True, "Keskar's C4: C2's design for CIFAR-100 (15,038,116 parameters)",
+              data="torchvision:CIFAR100"),
     ModelInfo("vgg11_bn", VGG11BN, (3, 32, 32), 10, True, "VGG-A with BatchNorm for 32×32 inputs"),
     ModelInfo("mlp", MLP, (3, 32, 32), 10, False, "fully connected net, optional BatchNorm and dropout"),
     ModelInfo("mobilenet_v2", mobilenet_v2, (3, 32, 32), 10, True, "torchvision MobileNetV2, stride-1 stem"),
 )}
+TORCHVISION_PREFIX = "torchvision:"
+TRUST_ENV = "MINIMA_TRUSTED_IMPORTS"
+
+
+class ModelSpecError(ValueError):
+    """A model name that cannot be built: unknown, not importable, not callable, or not returning a module."""
+
+
+class UntrustedImportError(ModelSpecError):
+    """A model names an import target whose module the user has not allowed (it would run its code)."""
 
 
 def available_models() -> list[str]:
-    """Names accepted by :func:`build_model`."""
+    """Names accepted by :func:`build_model` besides ``torchvision:NAME`` and ``package.module:factory``."""
     return sorted(REGISTRY)
+
+
+def model_kind(name: str) -> str:
+    """``registry``, ``torchvision`` (``torchvision:NAME``) or ``import`` (``package.module:factory``)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return "torchvision"
+    return "import" if ":" in name else "registry"
 
 
 def model_info(name: str) -> ModelInfo:
     """The registry entry of ``name``; ``ValueError`` listing the choices for an unknown name."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {available_models()}")
+        raise ModelSpecError(f"unknown model {name!r}; choose one of {available_models()}, torchvision:NAME (e.g. "
+                             "torchvision:resnet18) or an import path package.module:factory")
     return REGISTRY[name]
 
 
@@ -264,18 +293,92 @@ def is_convolutional(model: str | nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def build_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Module:
-    """Construct model ``name`` (see :func:`available_models`) with ``num_classes`` outputs.
+def trusted_modules(extra: Iterable[str] = ()) -> set[str]:
+    """Modules a checkpoint may make minima import: ``extra`` (``--trust-import``) and the comma-separated
+    ``$MINIMA_TRUSTED_IMPORTS``. A trusted package covers its submodules."""
+    env = os.environ.get(TRUST_ENV, "")
+    return {m.strip() for m in [*extra, *env.split(",")] if m.strip()}
 
-    Raises ``ValueError`` naming the valid choices for an unknown model or keyword argument.
-    """
-    ctor = model_info(name).factory
-    params = inspect.signature(ctor).parameters
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        valid = sorted(p for p in params if p != "num_classes")
-        raise ValueError(f"model {name!r} got unknown argument(s) {unknown}; valid arguments: {valid}")
-    return ctor(num_classes=num_classes, **kwargs)
+
+def _allowed(module: str, trusted: set[str]) -> bool:
+    return any(module == t or module.startswith(t + ".") for t in trusted)
+
+
+def _accepts(factory: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def build_model(name: str, num_classes: int | None = 10, *, trusted: Iterable[str] = (),
+                **kwargs: object) -> nn.Module:
+    """Construct the model ``name`` with ``num_classes`` outputs (None: the arguments decide):
+
+    * a registry name (:func:`available_models`);
+    * ``torchvision:NAME`` — a torchvision classification model, ``torchvision.models.get_model(NAME, weights=None,
+      num_classes=..., **kwargs)``;
+    * ``package.module:factory`` — ``factory(**kwargs)`` from an importable module, imported only when the module is
+      in ``trusted`` or ``$MINIMA_TRUSTED_IMPORTS`` (:class:`UntrustedImportError` otherwise); ``num_classes`` is
+      passed when the factory takes it and ``kwargs`` does not set it.
+
+    Raises :class:`ModelSpecError` naming the valid choices or the fix for every other problem."""
+    factory, arguments = resolve_model(name, num_classes, trusted=trusted, **kwargs)
+    try:
+        model = factory(**arguments)
+    except TypeError as exc:
+        raise ModelSpecError(f"{name}(**{arguments}) failed: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def resolve_model(name: str, num_classes: int | None = 10, *, trusted: Iterable[str] = (),
+                  **kwargs: object) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """(factory, the exact keyword arguments it will be called with) for :func:`build_model` — what a checkpoint
+    stores so that the same call rebuilds the model."""
+    kind = model_kind(name)
+    if kind == "registry":
+        ctor = model_info(name).factory
+        params = inspect.signature(ctor).parameters
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            valid = sorted(p for p in params if p != "num_classes")
+            raise ModelSpecError(f"model {name!r} got unknown argument(s) {unknown}; valid arguments: {valid}")
+        return ctor, (dict(kwargs) if num_classes is None else dict(kwargs, num_classes=num_classes))
+    if kind == "torchvision":
+        import torchvision.models as tvm
+
+        arch = name[len(TORCHVISION_PREFIX):]
+        valid = tvm.list_models(module=tvm)
+        if arch not in valid:
+            near = [m for m in valid if m.startswith(arch[:4])][:8]
+            raise ModelSpecError(f"torchvision has no classification model {arch!r}"
+                                 + (f"; similar: {near}" if near else "") + " (torchvision.models.list_models())")
+        if num_classes is not None and "num_classes" not in kwargs:
+            kwargs = dict(kwargs, num_classes=num_classes)
+        return (lambda **kw: tvm.get_model(arch, weights=None, **kw)), dict(kwargs)
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ModelSpecError(f"model import path {name!r} must be package.module:factory")
+    if not _allowed(module_name, trusted_modules(trusted)):
+        raise UntrustedImportError(
+            f"the model {name!r} would import the module {module_name!r} and run its code; minima imports a module "
+            f"only when you allow it: pass --trust-import {module_name} (or set {TRUST_ENV}={module_name}) if you "
+            "trust it")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelSpecError(f"cannot import {module_name!r} for the model {name!r} ({exc}); is it installed or on "
+                             "PYTHONPATH?") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelSpecError(f"{name!r}: {module_name} has no callable {attr!r} (got {type(factory).__name__}); "
+                             "point at a function or class that returns an nn.Module")
+    if num_classes is not None and "num_classes" not in kwargs and _accepts(factory, "num_classes"):
+        kwargs = dict(kwargs, num_classes=num_classes)
+    return factory, dict(kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

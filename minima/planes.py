@@ -73,6 +73,9 @@ class SurfaceRequest:
     train_subset: int | None = setting(None, "stratified training subset", unit="samples", default_text="all")
     test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
     subset_seed: int = setting(0, "seed of the stratified subsets")
+    trust_import: tuple[str, ...] = setting((), "modules a checkpoint's import-path model may be imported from "
+                                            "(package.module; also $MINIMA_TRUSTED_IMPORTS)", default_text="none")
+    data_root: str | None = setting(None, "directory of torchvision data sets", default_text="~/.cache/minima")
     bn: BNPolicy | None = setting(None, "BatchNorm policy at each point", default_text="recompute for models with "
                                   "BatchNorm")
     bn_samples: int | None = setting(None, "training samples BatchNorm statistics are re-estimated on",
@@ -173,7 +176,7 @@ def _same_run(ckpts: Sequence[dict[str, Any]], paths: Sequence[Path]) -> None:
 
 
 def _inputs(req: SurfaceRequest) -> _Inputs:
-    paths = list(req.trajectory or req.checkpoints)
+    paths = [Path(p) for p in (req.trajectory or req.checkpoints)]
     ckpts = [ckpt_io.load_checkpoint(p) for p in paths]
     for ck, path in zip(ckpts[1:], paths[1:], strict=True):
         ckpt_io.check_compatible(ckpts[0], ck, str(paths[0]), str(path))
@@ -185,7 +188,7 @@ def _inputs(req: SurfaceRequest) -> _Inputs:
         order = sorted(range(len(paths)), key=lambda i: int(ckpts[i]["meta"]["step"]))
         paths, ckpts = [paths[i] for i in order], [ckpts[i] for i in order]
     origin = ckpts[-1] if req.trajectory else ckpts[0]  # the plane's θ0
-    model = ckpt_io.model_from_checkpoint(origin)
+    model = ckpt_io.model_from_checkpoint(origin, req.trust_import)
     names = [_mark_name(p) for p in paths]
     states = [ck["state_dict"] for ck in ckpts]
     if req.trajectory:
@@ -196,7 +199,7 @@ def _inputs(req: SurfaceRequest) -> _Inputs:
     else:
         plane = random_plane(model, states[0], req.direction_seed, req.norm, req.ignore)
     ds = data_mod.load_for_checkpoint(origin["meta"]["data"], req.data, req.train_subset, req.test_subset,
-                                      req.subset_seed)
+                                      req.subset_seed, req.data_root)
     check_model_accepts(model, ds)
     return _Inputs(plane=plane, model=model, origin=origin, ds=ds, sources=paths,
                    hashes=[ckpt_io.sha256_file(p) for p in paths])
@@ -269,7 +272,7 @@ def _run(req: SurfaceRequest, env: distributed.DistEnv) -> Path:
     policy = (req.bn or "recompute") if with_bn else "none"
     s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
                      dtype=TORCH_DTYPES[req.dtype], device=env.device,
-                     channels_last=is_convolutional(inp.origin["model"]["name"]), fold_bn=req.fold_bn)
+                     channels_last=is_convolutional(model), fold_bn=req.fold_bn)
     mean, std = tuple(inp.origin["meta"]["data"]["mean"]), tuple(inp.origin["meta"]["data"]["std"])
     d = EvalData(ds.train, ds.test, bn_split, mean, std)
     coords = auto_axes(req, plane)

@@ -239,6 +239,9 @@ class SweepRequest:
     train_subset: int | None = setting(None, "stratified training subset", unit="samples", default_text="all")
     test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
     subset_seed: int = setting(0, "seed of the stratified subsets")
+    trust_import: tuple[str, ...] = setting((), "modules a checkpoint's import-path model may be imported from "
+                                            "(package.module; also $MINIMA_TRUSTED_IMPORTS)", default_text="none")
+    data_root: str | None = setting(None, "directory of torchvision data sets", default_text="~/.cache/minima")
     bn_samples: int | None = setting(None, "training samples BatchNorm statistics are re-estimated on",
                                      unit="samples", default_text="the whole (sub)set")
     eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
@@ -308,9 +311,9 @@ def _load_pair(req: SweepRequest) -> tuple[dict[str, Any], dict[str, Any] | None
 def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
     alphas, out = _validate(req)
     ck_a, ck_b = _load_pair(req)
-    model = ckpt_io.model_from_checkpoint(ck_a)
+    model = ckpt_io.model_from_checkpoint(ck_a, req.trust_import)
     ds = data_mod.load_for_checkpoint(ck_a["meta"]["data"], req.data, req.train_subset, req.test_subset,
-                                      req.subset_seed)
+                                      req.subset_seed, req.data_root)
     check_model_accepts(model, ds)
     bn_split = ds.train
     if req.bn_samples is not None and req.bn_samples < len(ds.train):
@@ -319,7 +322,7 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
     policy = (req.bn or "recompute") if with_bn else "none"
     s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
                      dtype=TORCH_DTYPES[req.dtype], device=env.device,
-                     channels_last=is_convolutional(ck_a["model"]["name"]), fold_bn=req.fold_bn)
+                     channels_last=is_convolutional(model), fold_bn=req.fold_bn)
     d = EvalData(ds.train, ds.test, bn_split, tuple(ck_a["meta"]["data"]["mean"]), tuple(ck_a["meta"]["data"]["std"]))
 
     state_a = ck_a["state_dict"]
@@ -373,7 +376,7 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
         written = [out, save_curve_figure(curve, out.with_suffix(".png"))] if req.plot else [out]
         print(f"[minima.interpolate] wrote {' and '.join(map(str, written))}", flush=True)
         if policy == "interpolate":
-            _endpoint_check(out, curve, ck_a, ck_b, d, s)
+            _endpoint_check(out, curve, ck_a, ck_b, d, s, req.trust_import)
     distributed.barrier()
     return out
 
@@ -411,7 +414,7 @@ def _prepare_output(out: Path, coords: dict[str, np.ndarray], req: SweepRequest,
 
 
 def _endpoint_check(out: Path, curve: results.Curve, ck_a: dict, ck_b: dict | None, d: EvalData,
-                    s: EvalSettings) -> None:
+                    s: EvalSettings, trusted: Sequence[str] = ()) -> None:
     """With interpolated BN statistics, α = 0 and α = 1 must reproduce checkpoints A and B evaluated as
     they are; store and print the largest relative difference (a validity check of the whole pipeline), and
     raise :class:`EndpointMismatchError` naming the endpoint when it exceeds the dtype's tolerance."""
@@ -420,7 +423,7 @@ def _endpoint_check(out: Path, curve: results.Curve, ck_a: dict, ck_b: dict | No
         hits = np.flatnonzero(curve.alpha == alpha)
         if ck is None or not len(hits):
             continue
-        model = s.place(ckpt_io.model_from_checkpoint(ck))
+        model = s.place(ckpt_io.model_from_checkpoint(ck, trusted))
         diffs = []
         for split_name, split in (("train", d.train), ("test", d.test)):
             with s.compute():

@@ -41,7 +41,15 @@ from minima import data as data_mod
 from minima import distributed
 from minima.config import setting
 from minima.evaluate import batch_sums, check_model_accepts, evaluate, sums_to_result
-from minima.models import available_models, build_model, is_convolutional, load_imagenet_weights, model_info
+from minima.models import (
+    available_models,
+    build_model,
+    is_convolutional,
+    load_imagenet_weights,
+    model_info,
+    model_kind,
+    resolve_model,
+)
 from minima.schedule import LRSchedule, ScalingRule, ScheduleKind, build_schedule, learning_rate
 from minima.vocab import DeviceName, check_choice
 
@@ -56,10 +64,14 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: "try again" — what a requeueing cluster 
 class TrainConfig:
     """Every setting of a training run, with units. Stored in each checkpoint and in ``config.json``."""
 
-    model: str = setting("c1", f"model: one of {available_models()}")
+    model: str = setting("c1", f"model: one of {available_models()}, torchvision:NAME (e.g. torchvision:resnet18) "
+                         "or package.module:factory (your own; naming it here allows importing it)")
     model_kwargs: dict = setting(help="extra model arguments", factory=dict)
-    data: str | None = setting(None, "an .npz file, a torchvision CIFAR-10 root, or 'synthetic'",
-                               default_text="$MINIMA_DATA, else the torchvision download")
+    data: str | None = setting(None, "synthetic, torchvision:NAME (CIFAR10, CIFAR100, MNIST, FashionMNIST, SVHN), "
+                               "imagefolder:PATH, npz:PATH, or a path (.npz file or CIFAR-10 directory)",
+                               default_text="the model's own data (c3/c4: CIFAR-100), else $MINIMA_DATA, else "
+                               "the torchvision CIFAR-10 download")
+    data_root: str | None = setting(None, "directory of torchvision data sets", default_text="~/.cache/minima")
     train_subset: int | None = setting(None, "stratified training subset", unit="samples", default_text="all")
     test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
     subset_seed: int = setting(0, "seed of the stratified subsets")
@@ -171,7 +183,8 @@ def validate_config(c: TrainConfig) -> None:
     for key, vocabulary in (("optimizer", Optimizer), ("scaling", ScalingRule), ("schedule", ScheduleKind),
                             ("amp", Amp), ("device", DeviceName)):
         check_choice(key, getattr(c, key), vocabulary)
-    model_info(c.model)
+    if model_kind(c.model) == "registry":
+        model_info(c.model)
     if c.epochs < 1:
         raise ValueError(f"epochs must be ≥ 1; got {c.epochs}")
     if c.lr <= 0:
@@ -183,8 +196,11 @@ def validate_config(c: TrainConfig) -> None:
 
 
 def load_dataset(c: TrainConfig) -> data_mod.Dataset:
-    """The dataset named by the config, with its stratified subsets taken."""
-    ds = data_mod.load_source(c.data, c.train_subset, c.test_subset)
+    """The dataset named by the config (or the model's own, for c3/c4), with its stratified subsets taken."""
+    source = c.data
+    if source is None and model_kind(c.model) == "registry":
+        source = model_info(c.model).data
+    ds = data_mod.load_source(source, c.train_subset, c.test_subset, root=c.data_root)
     return ds.subset(c.train_subset, c.test_subset, c.subset_seed)
 
 
@@ -229,14 +245,16 @@ def _stop_on_signals() -> Iterator[dict[str, int | None]]:
 def _initial_model(c: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     kwargs = dict(c.model_kwargs)
     torch.manual_seed(c.seed if c.init_seed is None else c.init_seed)
-    model = build_model(c.model, num_classes=num_classes, **kwargs)
-    stored_kwargs = dict(kwargs, num_classes=num_classes)
+    # Naming an import-path model in the training config is the user's permission to import its module.
+    trusted = [c.model.partition(":")[0]] if model_kind(c.model) == "import" else []
+    _, stored_kwargs = resolve_model(c.model, num_classes, trusted=trusted, **kwargs)  # what rebuilds it
+    model = build_model(c.model, num_classes, trusted=trusted, **kwargs)
     if c.pretrained:
         if c.model != "mobilenet_v2":
             raise ValueError(f"--pretrained is available for mobilenet_v2 only, not {c.model!r}")
         load_imagenet_weights(model, c.pretrained)
     if c.init_from:
-        init = ckpt_io.load_checkpoint(c.init_from)
+        init = ckpt_io.load_checkpoint(c.init_from)  # weights only: the model is this run's
         if init["model"]["name"] != c.model:
             raise ValueError(f"--init-from {c.init_from} holds a {init['model']['name']!r} model, this run trains "
                              f"{c.model!r}; pass --model {init['model']['name']} or another checkpoint")
@@ -350,7 +368,7 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
     plan = plan_batches(c.batch_size, env.world_size, c.micro_batch, len(ds.train))
     model, model_kwargs = _initial_model(c, ds.num_classes)
     check_model_accepts(model, ds)
-    channels_last = is_convolutional(c.model) if c.channels_last is None else c.channels_last
+    channels_last = is_convolutional(model) if c.channels_last is None else c.channels_last
     schedule = build_schedule(
         ref_lr=c.lr, ref_batch=c.ref_batch, global_batch=c.batch_size, scaling=c.scaling,
         warmup_epochs=c.warmup_epochs, kind=c.schedule, milestones_epochs=tuple(c.milestones),

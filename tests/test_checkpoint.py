@@ -94,7 +94,7 @@ def test_bad_files_raise_the_intended_errors(tmp_path: Path) -> None:
         ck.load_checkpoint(future)
     foreign = tmp_path / "foreign.pt"
     torch.save({"format": "other/1"}, foreign)
-    with pytest.raises(ck.CheckpointError, match="expected 'minima.checkpoint/1'"):
+    with pytest.raises(ck.CheckpointError, match="expected 'minima.checkpoint/2'"):
         ck.load_checkpoint(foreign)
 
 

@@ -48,5 +48,10 @@ def test_presets_load() -> None:
         assert keskar.load_preset(name)[1] != keskar.Preset() or name == "paper"
     assert keskar.load_preset("paper")[1].seeds == 5 and keskar.load_preset("quick")[1].epochs == 30
     assert batch_sweep.load_preset("quick")[1].train_subset == 20_000
-    assert sorted(p.name for p in (root / "pipelines").glob("*.toml")) == sorted(
-        [f"keskar_{n}.toml" for n in keskar.PRESET_NAMES] + [f"batch_sweep_{n}.toml" for n in batch_sweep.PRESET_NAMES])
+    from experiments import li_surfaces
+
+    for name in ("paper", "quick", "smoke"):  # every pipeline preset resolves against its dataclass
+        cfg.load_preset(li_surfaces.LiPreset, root / "pipelines", "li_surfaces_", name)
+    expected = [f"{pipeline}_{n}.toml" for pipeline in ("keskar", "batch_sweep", "li_surfaces")
+                for n in ("paper", "quick", "smoke")]
+    assert sorted(p.name for p in (root / "pipelines").glob("*.toml")) == sorted(expected)

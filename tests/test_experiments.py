@@ -6,6 +6,7 @@ from pathlib import Path
 
 import h5py
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
@@ -108,3 +109,26 @@ def test_keskar_seeds_report_mean_and_std(tmp_path: Path) -> None:
     table = keskar.parse_summary_table((out / "summary.md").read_text())
     assert " ± " in table["test accuracy (%)"][0] and " ± " in table["φ(ε=0.001), full space"][1]
     assert (out / "seed1" / "sharpness.h5").is_file()
+
+
+@pytest.mark.slow
+def test_li_surfaces_smoke_writes_planes_curves_and_summary(tmp_path: Path) -> None:
+    from experiments import li_surfaces
+
+    out, figs = tmp_path / "li", tmp_path / "figs"
+    argv = ["--preset", "smoke", "--keskar-out", str(tmp_path / "k"), "--out", str(out), "--figures", str(figs)]
+    assert li_surfaces.main(argv) == 0
+    for name in ("sb_random", "lb_random", "x0_sb_lb"):
+        grid = results.load_grid(out / f"{name}.h5")
+        assert grid.complete and grid.shape == (5, 5) and (figs / f"li_mlp_{name}.png").stat().st_size > 20_000
+    marks = json.loads(results.load_grid(out / "x0_sb_lb.h5").attrs["marks"])
+    assert (marks["k"] == [0.0, 0.0] and len(marks) == 2) or set(marks) >= {"k"}  # x0 and SB share the run label
+    summary = json.loads((out / "summary.json").read_text())
+    for regime in ("sb_random", "lb_random"):
+        grid = results.load_grid(out / f"{regime}.h5")
+        loss = grid.values["train/loss"]
+        assert summary[regime]["basin_2x"] == pytest.approx(float(np.mean(loss <= 2 * loss[2, 2])))
+    assert (figs / "li_mlp_sb_lb_random_curves.png").stat().st_size > 20_000
+    stamp = (out / "sb_random.h5").stat().st_mtime_ns
+    assert li_surfaces.main(argv) == 0  # a re-run recomputes nothing
+    assert (out / "sb_random.h5").stat().st_mtime_ns == stamp

@@ -212,7 +212,7 @@ def test_bad_inputs(pair: tuple, tmp_path: Path) -> None:
     np.savez(tmp_path / "three.npz", train_x=np.zeros((6, 4, 4, 3), np.uint8) + np.arange(6)[:, None, None, None]
              .astype(np.uint8), train_y=np.arange(6) % 3, test_x=np.zeros((3, 4, 4, 3), np.uint8),
              test_y=np.arange(3))
-    with pytest.raises(ValueError, match="4 outputs but the data has 10 classes"):
+    with pytest.raises(ValueError, match="4 outputs but the data has 3 classes"):
         run(_req(four, four, tmp_path / "x.h5", data=str(tmp_path / "three.npz")))
     with pytest.raises(ValueError, match="does not exist"):
         run(_req(a_path, a_path, tmp_path / "nodir" / "x.h5"))

@@ -268,3 +268,22 @@ def test_two_rank_surface_equals_one_rank(tmp_path: Path) -> None:
         np.testing.assert_allclose(two.values[key], one.values[key], rtol=1e-6)
     for key in ("train/accuracy", "test/accuracy", "test/nonfinite"):
         np.testing.assert_array_equal(two.values[key], one.values[key])
+
+
+def test_plot_overlays_curves_and_refuses_mixing_a_plane(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from minima.plot import main as plot_main
+    from minima.sweep import SweepRequest
+    from minima.sweep import run as run_curve
+
+    ds = toy_dataset()
+    a, b = toy_checkpoint(tmp_path / "a.pt", 1, ds), toy_checkpoint(tmp_path / "b.pt", 2, ds)
+    curves = [run_curve(SweepRequest(checkpoint_a=c, direction="random", alphas="-1:1:5", out=tmp_path / f"{c.stem}.h5",
+                                     device="cpu", plot=False, progress=False)) for c in (a, b)]
+    assert plot_main([*map(str, curves)]) == 0
+    assert (tmp_path / "overlay.png").stat().st_size > 20_000
+    from minima.plots import curve_label
+
+    assert [curve_label(results.load_curve(c)) for c in curves] == ["a", "b"]  # the legend names each checkpoint
+    plane = run(_req([a], tmp_path / "p.h5"))
+    assert plot_main([str(curves[0]), str(plane)]) == 2
+    assert "only curves can be overlaid" in capsys.readouterr().err
