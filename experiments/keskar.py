@@ -66,8 +66,10 @@ class Preset:
     train_subset: int | None = setting(None, "stratified training subset for training", unit="samples",
                                        default_text="all")
     test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
-    model_kwargs: dict = setting(help="model arguments", factory=dict,
-                                 default_text="the model's MODEL_DEFAULTS entry, else none")
+    model_kwargs: dict = setting(help="model arguments for any model", factory=dict,
+                                 default_text="model_kwargs_for[model], else MODEL_DEFAULTS[model], else none")
+    model_kwargs_for: dict = setting(help="model arguments per model name, e.g. {mlp = {widths = [16]}}",
+                                     factory=dict)
     sb_batch: int = setting(256, "small-batch (SB) size", unit="samples")
     lb_batch: int = setting(5000, "large-batch (LB) size", unit="samples")
     micro_batch: int | None = setting(None, "largest forward batch (gradient accumulation above it)",
@@ -131,7 +133,8 @@ def _train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, 
     if final.exists():
         return final
     config = TrainConfig(
-        model=model, model_kwargs=dict(preset.model_kwargs or MODEL_DEFAULTS.get(model, {})),
+        model=model, model_kwargs=dict(preset.model_kwargs or preset.model_kwargs_for.get(model)
+                                       or MODEL_DEFAULTS.get(model, {})),
         data=data_for(model, preset),
         train_subset=preset.train_subset, test_subset=preset.test_subset, epochs=preset.epochs, batch_size=batch,
         micro_batch=min(preset.micro_batch, batch) if preset.micro_batch else None, optimizer="adam",
@@ -237,7 +240,8 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
     lines = [
         f"# Keskar et al. (2017) SB vs LB — `{model}`, preset `{preset_name}`",
         "",
-        f"Data: {ds.spec.get('kind')} CIFAR-10-format data, {len(ds.train)} training / {len(ds.test)} test images "
+        f"Data: {ds.spec.get('kind')} {ds.spec.get('name', 'CIFAR-10-format')} data ({ds.num_classes} classes), "
+        f"{len(ds.train)} training / {len(ds.test)} test images "
         f"(stratified subsets: {ds.subsets or 'none'}). SB batch {preset.sb_batch}, LB batch {preset.lb_batch}; Adam "
         f"(lr {preset.lr:g}), no augmentation, same initial weights, trained until the training loss stopped "
         f"improving by {preset.min_delta:g} for {preset.patience} epochs (cap {preset.epochs} epochs). "
@@ -298,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/keskar_<model>_<preset>)")
     p.add_argument("--figures", type=Path, default=None,
                    help="also copy the figure into this directory, e.g. figures (default: the run directory only)")
-    p.add_argument("--data", default=None, help="override the preset's data source")
+    p.add_argument("--data", default=None, help="override the preset's data source (synthetic, torchvision:NAME, "
+                   "imagefolder:PATH, npz:PATH or a path)")
+    p.add_argument("--data-root", default=None, help="directory of torchvision data sets (default: ~/.cache/minima)")
     args = p.parse_args(argv)
     try:
         preset_name, preset = load_preset(args.preset)
@@ -313,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        ds = data_mod.load_source(data_for(args.model, preset), preset.train_subset, preset.test_subset)
+        ds = data_mod.load_source(data_for(args.model, preset), preset.train_subset, preset.test_subset,
+                                  root=args.data_root)
     except data_mod.DataError as exc:
         print(f"[experiments.keskar] error: {exc}", file=sys.stderr)
         return 2

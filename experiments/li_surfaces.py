@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lb_random": SurfaceRequest(checkpoints=[ckpts["lb"]], x=axis, y=axis, norm=li.norm, ignore=li.ignore,
                                     direction_seed=li.direction_seed, out=out / "lb_random.h5", **common),
         "x0_sb_lb": SurfaceRequest(checkpoints=[ckpts["x0"], ckpts["sb"], ckpts["lb"]], out=out / "x0_sb_lb.h5",
-                                   **common),
+                                   x=f"auto:{li.grid_points}", y=f"auto:{li.grid_points}", **common),
     }
     for req in planes.values():
         if not (req.out.exists() and results.load_grid(req.out).complete):

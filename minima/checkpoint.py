@@ -59,14 +59,19 @@ class IncompatibleCheckpointsError(ValueError):
 def make_meta(
     *, epoch: int, step: int, global_batch_size: int, world_size: int, seed: int,
     train_config: dict[str, Any], data: dict[str, Any], metrics: dict[str, Any] | None = None,
+    model_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``meta`` block with the version and creation fields filled in."""
-    return {
+    """The ``meta`` block with the version and creation fields filled in; ``model_info`` (optional): the model's
+    input shape, class count and whether it is convolutional, as the trainer found them by one dry forward."""
+    meta = {
         "epoch": int(epoch), "step": int(step), "global_batch_size": int(global_batch_size),
         "world_size": int(world_size), "seed": int(seed), "train_config": dict(train_config),
         "data": dict(data), "metrics": dict(metrics or {}),
         "torch_version": str(torch.__version__), "minima_version": __version__, "created": utc_now(),
     }
+    if model_info is not None:
+        meta["model_info"] = dict(model_info)
+    return meta
 
 
 def make_checkpoint(

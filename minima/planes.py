@@ -61,8 +61,9 @@ class SurfaceRequest:
     trajectory: list[Path] = setting(help="checkpoints of one training run (≥ 3, e.g. runs/x/epoch_*.pt): the plane "
                                      "of their first two principal components", factory=list,
                                      default_text="none")
-    x: str = setting("auto", "x grid: START:STOP:NUM (both ends included) or a comma-separated list",
-                     default_text=f"-1:1:{DEFAULT_POINTS} for a random plane, else the marked points ± a margin")
+    x: str = setting("auto", "x grid: START:STOP:NUM (both ends included), a comma-separated list, or auto[:NUM]",
+                     default_text=f"auto: -1:1:{DEFAULT_POINTS} for a random plane, else the marked points ± a "
+                     "margin")
     y: str = setting("auto", "y grid, as --x", default_text="as --x")
     norm: Norm = setting("filter", "normalisation of random directions (Li et al.): per filter, per layer, or none")
     ignore: Ignore = setting("bn-and-bias", "random directions on 1-D parameters (biases, BatchNorm scale/shift): "
@@ -211,20 +212,26 @@ def _mark_name(path: Path) -> str:
 
 
 def auto_axes(req: SurfaceRequest, plane: Plane) -> dict[str, np.ndarray]:
-    """The grid: ``--x``/``--y`` as given, or for ``auto`` -1:1:21 around a random plane's checkpoint, and the
-    marked points (checkpoints, the trajectory) with a margin of half their spread (at least 0.5) otherwise."""
+    """The grid: ``--x``/``--y`` as given, or for ``auto[:NUM]`` (NUM points, default 21) [−1, 1] around a random
+    plane's checkpoint, and the marked points (checkpoints, the trajectory) with a margin of half their spread (at
+    least 0.5) otherwise."""
     marked = np.array(list(plane.marks.values()) + ([] if plane.path is None else plane.path.tolist()))
     axes = {}
     for k, (name, text) in enumerate((("x", req.x), ("y", req.y))):
-        if text != "auto":
+        if not text.startswith("auto"):
             axes[name] = parse_alphas(text, name)
-        elif plane.provenance["kind"] == "random":
-            axes[name] = np.linspace(-1.0, 1.0, DEFAULT_POINTS)
+            continue
+        count = text.partition(":")[2] or str(DEFAULT_POINTS)
+        if text.partition(":")[0] != "auto" or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{name} grid {text!r}: auto takes a point count ≥ 1, e.g. auto:21")
+        points = int(count)
+        if plane.provenance["kind"] == "random":
+            axes[name] = np.linspace(-1.0, 1.0, points)
         else:
             lo, hi = float(marked[:, k].min()), float(marked[:, k].max())
             margin = max(0.5 * (hi - lo), 0.5 if plane.provenance["kind"] == "checkpoints" else 0.25 * (hi - lo))
             margin = margin if margin > 0 else 0.5
-            axes[name] = np.linspace(lo - margin, hi + margin, DEFAULT_POINTS)
+            axes[name] = np.linspace(lo - margin, hi + margin, points)
     return axes
 
 

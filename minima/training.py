@@ -304,6 +304,9 @@ class Run:
             epoch=position["epoch"] if position else self.epoch, step=self.step, global_batch_size=self.c.batch_size,
             world_size=self.env.world_size, seed=self.c.seed, train_config=self.resolved, data=self.ds.describe(),
             metrics=self.last_metrics,
+            # found by check_model_accepts' dry forward: the data's image shape, the model's outputs
+            model_info={"input_shape": list(self.ds.image_shape), "num_classes": self.ds.num_classes,
+                        "convolutional": is_convolutional(self.model)},
         )
         extra: dict[str, Any] = {}
         if kind == "resume":

@@ -122,7 +122,7 @@ def test_li_surfaces_smoke_writes_planes_curves_and_summary(tmp_path: Path) -> N
         grid = results.load_grid(out / f"{name}.h5")
         assert grid.complete and grid.shape == (5, 5) and (figs / f"li_mlp_{name}.png").stat().st_size > 20_000
     marks = json.loads(results.load_grid(out / "x0_sb_lb.h5").attrs["marks"])
-    assert (marks["k"] == [0.0, 0.0] and len(marks) == 2) or set(marks) >= {"k"}  # x0 and SB share the run label
+    assert marks["sb/init"] == [0.0, 0.0] and marks["sb"] == [1.0, 0.0] and marks["lb"][1] > 0  # x0, SB, LB
     summary = json.loads((out / "summary.json").read_text())
     for regime in ("sb_random", "lb_random"):
         grid = results.load_grid(out / f"{regime}.h5")

@@ -216,3 +216,26 @@ def test_your_own_model_trains_interpolates_measures_and_plots(nets: str, tmp_pa
     assert surface_main([str(sb), "--x", "-1:1:3", "--y", "-1:1:3", "--out", str(tmp_path / "p.h5"),
                          "--no-progress", *trust]) == 0
     assert plot_main([str(curve)]) == 0 and curve.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_keskar_pipeline_with_c3_on_cifar100_and_with_your_own_model(nets: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets.cifar as tv_cifar
+
+    from experiments import keskar
+
+    _write_cifar100(tmp_path / "tv", n_train=600, n_test=100)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    out = tmp_path / "c3"
+    assert keskar.main(["--model", "c3", "--preset", "smoke", "--data", "torchvision:CIFAR100", "--data-root",
+                        str(tmp_path / "tv"), "--out", str(out)]) == 0
+    meta = ck.load_checkpoint(out / "seed0" / "lb" / "final.pt")["meta"]
+    assert meta["data"]["num_classes"] == 100 and meta["model_info"] == {
+        "input_shape": [3, 32, 32], "num_classes": 100, "convolutional": True}
+    table = keskar.parse_summary_table((out / "summary.md").read_text())
+    assert table["test accuracy (%)"][2:] == ["—", "—"]  # no C3 figures in REFERENCE.md
+    assert results.load_curve(out / "seed0" / "sb_vs_lb.h5").complete
+    own = tmp_path / "own"
+    assert keskar.main(["--model", f"{nets}:make_net", "--preset", "smoke", "--out", str(own)]) == 0
+    assert (own / f"keskar_{nets}-make_net.png").stat().st_size > 10_000
