@@ -27,6 +27,8 @@ from minima.allocator import memory_budget
 from minima.config import resume_key, setting, to_dict
 from minima.metrics import REGISTRY, Metric, all_params, get_metric
 from minima.objective import DatasetObjective, FixedBatches
+from minima.precision import Float32Math, float32_math
+from minima.precision import effective as precision_effective
 from minima.vocab import TORCH_DTYPES, BNMode, CurvatureDtype, DeviceName, check_choice
 
 _COMMON: list[tuple[str, Any, Any]] = [
@@ -46,6 +48,8 @@ _COMMON: list[tuple[str, Any, Any]] = [
     ("batch_size", int, setting(1000, "fixed evaluation batch size", unit="samples")),
     ("dtype", CurvatureDtype, setting("float32", "precision of the network; sums are float64")),
     ("device", DeviceName, setting("auto", "compute device")),
+    ("float32_math", Float32Math, setting("fp32", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32 or "
+                                                  "default (PyTorch's flags); recorded with every result")),
     ("out", Path | None, setting(None, "output .h5 file (a curve file is accepted too: results go under "
                                        "sharpness/)", default_text="<checkpoint>_sharpness.h5 or sharpness.h5 here")),
     ("seed", int, setting(0, "seed of Lanczos start vectors, probes and noise")),
@@ -111,8 +115,9 @@ def measure(req: Any) -> Path:
             results.ensure_sharpness_file(out)
             results.set_attrs(out, {"sharpness_request": to_dict(req)})
         cache_bytes = (memory_budget(env.device) if req.hvp_cache_gb is None else int(req.hvp_cache_gb * 1e9))
-        for path in req.checkpoints:
-            _measure_checkpoint(Path(path), req, jobs, out, env, cache_bytes)
+        with float32_math(req.float32_math):
+            for path in req.checkpoints:
+                _measure_checkpoint(Path(path), req, jobs, out, env, cache_bytes)
         if env.is_main:
             table = [(row["checkpoint_label"], row["metric"], float(row["value"]))
                      for row in results.load_sharpness(out)]
@@ -135,7 +140,7 @@ def _measure_checkpoint(path: Path, req: Any, jobs: list[tuple[Metric, str, dict
         train = train.take(data_mod.stratified_subset(train.labels, req.samples, req.subset_seed))
     common = {"checkpoint": str(path), "sha256": ckpt_io.sha256_file(path), "bn": req.bn, "samples": len(train),
               "batch_size": req.batch_size, "dtype": req.dtype, "subset_seed": req.subset_seed,
-              "data": json.dumps(ds.describe()), "seed": req.seed}
+              "data": json.dumps(ds.describe()), "seed": req.seed, "float32_math": req.float32_math}
 
     def key_of(metric: Metric, job: dict[str, Any]) -> str:
         return resume_key({**common, "metric": metric.name, **job})
@@ -165,8 +170,9 @@ def _measure_checkpoint(path: Path, req: Any, jobs: list[tuple[Metric, str, dict
         obj.set_flat(x)  # the metrics move θ while they search; every one starts from the checkpoint
         values = metric.compute(obj, x, f0, job, req.seed)
         if env.is_main:
+            precision = json.dumps(precision_effective(env.device, req.float32_math))
             results.write_sharpness(out, label, name, {**common, **job, **values, "settings_key": key_of(metric, job),
-                                                       "metric_kind": metric.name})
+                                                       "metric_kind": metric.name, "precision": precision})
             cache = obj.hvp_cache_info
             kept = (f"; gradient graphs of {cache['batches']}/{len(obj.batches)} batches kept "
                     f"({cache['bytes'] / 1e9:.2f} GB)") if metric.uses_hessian else ""

@@ -45,6 +45,8 @@ from minima.directions import (
 from minima.evaluate import check_model_accepts, evaluate
 from minima.models import has_batchnorm, is_convolutional
 from minima.plots import save_surface_figure
+from minima.precision import Float32Math, float32_math
+from minima.precision import effective as precision_effective
 from minima.sweep import EvalData, EvalSettings, open_grid, parse_alphas, sweep_points
 from minima.training import RESUMABLE_CHANGES
 from minima.vocab import TORCH_DTYPES, BNPolicy, DeviceName, Dtype, check_choice
@@ -88,6 +90,8 @@ class SurfaceRequest:
     device: DeviceName = setting("auto", "compute device")
     dtype: Dtype = setting("float32", "evaluation precision; bfloat16 is an autocast preview")
     fold_bn: bool = setting(True, "fold eval-mode BatchNorm into the preceding conv/linear layer (exact)")
+    float32_math: Float32Math = setting("fp32", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32 or "
+                                        "default (PyTorch's flags); recorded in the file")
     max_minutes: float = setting(60.0, "ask (or, without a terminal, refuse) above this estimated time", unit="min")
     yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)")
     plot: bool = setting(True, "draw <out>.png beside the file")
@@ -136,7 +140,8 @@ def run(req: SurfaceRequest) -> Path:
     """Run (or resume) a surface into an HDF5 grid file and return its path. Works under torchrun."""
     env = distributed.setup(req.device)
     try:
-        return _run(req, env)
+        with float32_math(req.float32_math):
+            return _run(req, env)
     finally:
         distributed.teardown()
 
@@ -285,13 +290,16 @@ def _run(req: SurfaceRequest, env: distributed.DistEnv) -> Path:
     coords = auto_axes(req, plane)
     config = {"x": coords["x"].tolist(), "y": coords["y"].tolist(), "bn": policy, "directions": plane.provenance,
               "data": ds.describe(), "bn_samples": len(bn_split), "eval_batch_size": req.eval_batch_size,
-              "dtype": req.dtype, "fold_bn": req.fold_bn, "world_size": env.world_size}
+              "dtype": req.dtype, "fold_bn": req.fold_bn, "world_size": env.world_size,
+              "float32_math": req.float32_math}
     match = {k: v for k, v in config.items() if k not in ("world_size", "x", "y")}
     attrs: dict[str, Any] = {
         "checkpoints": json.dumps([str(p) for p in inp.sources]), "sha256": json.dumps(inp.hashes),
         "model": inp.origin["model"]["name"], "bn_policy": policy, "config": json.dumps(config),
         "config_key": resume_key(match), "request": json.dumps(to_dict(req)), "marks": json.dumps(plane.marks),
         "directions": json.dumps(plane.provenance),
+        "precision": json.dumps(precision_effective(env.device, req.float32_math,
+                                                    "bfloat16" if req.dtype == "bfloat16" else None)),
     }
     if plane.path is not None:
         attrs["path"] = json.dumps(plane.path.tolist())

@@ -221,9 +221,9 @@ def pending_points(path: str | os.PathLike[str], coords: Mapping[str, np.ndarray
         problems = []
         for key, want in expected.items():
             have = f.attrs.get(key)
-            if key == "config":  # compared on the keys asked for (files may record more, e.g. world_size)
-                old = json.loads(have) if isinstance(have, str) else {}
-                problems += differences({k: old.get(k) for k in want}, want)
+            if key == "config":  # compared on the keys asked for (files may record more, e.g. world_size) that the
+                old = json.loads(have) if isinstance(have, str) else {}  # file knows (older files lack newer keys)
+                problems += differences({k: old[k] for k in want if k in old}, {k: want[k] for k in want if k in old})
             elif str(have) != str(want):
                 problems.append(f"{key}: {have!r} → {want!r}")
         if problems:

@@ -49,6 +49,8 @@ from minima.evaluate import EvalResult, check_model_accepts, evaluate, recompute
 from minima.fold import fold_batchnorm
 from minima.models import has_batchnorm, is_convolutional
 from minima.plots import save_curve_figure
+from minima.precision import Float32Math, float32_math
+from minima.precision import effective as precision_effective
 from minima.vocab import TORCH_DTYPES, BNPolicy, DeviceName, Dtype, check_choice
 
 DEFAULT_ALPHAS = "-1:2:25"
@@ -252,6 +254,8 @@ class SweepRequest:
     dtype: Dtype = setting("float32", "evaluation precision; bfloat16 is an autocast preview (parameters, "
                            "BatchNorm statistics and sums stay float32/float64)")
     fold_bn: bool = setting(True, "fold eval-mode BatchNorm into the preceding conv/linear layer (exact)")
+    float32_math: Float32Math = setting("fp32", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32 or "
+                                        "default (PyTorch's flags); recorded in the file")
     plot: bool = setting(True, "draw <out>.png beside the file")
     progress: bool = setting(True, "progress bar on rank 0")
 
@@ -268,7 +272,8 @@ def run(req: SweepRequest) -> Path:
     """Run (or resume) a sweep into an HDF5 grid file and return its path. Works under torchrun."""
     env = distributed.setup(req.device)
     try:
-        return _run(req, env)
+        with float32_math(req.float32_math):
+            return _run(req, env)
     finally:
         distributed.teardown()
 
@@ -342,7 +347,7 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
         "direction_seed": req.direction_seed if req.direction == "random" else None,
         "filter_normalized": req.direction == "random", "data": ds.describe(),
         "bn_samples": len(bn_split), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
-        "fold_bn": req.fold_bn, "world_size": env.world_size,
+        "fold_bn": req.fold_bn, "world_size": env.world_size, "float32_math": req.float32_math,
     }
     match = {k: v for k, v in config.items() if k != "world_size"}  # what a resumed file must share
     identity = {
@@ -350,6 +355,8 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
         "sha256_a": ckpt_io.sha256_file(req.checkpoint_a),
         "sha256_b": ckpt_io.sha256_file(req.checkpoint_b) if req.checkpoint_b else "",
         "model": ck_a["model"]["name"], "bn_policy": policy, "config_key": resume_key(match),
+        "precision": json.dumps(precision_effective(env.device, req.float32_math,
+                                                    "bfloat16" if req.dtype == "bfloat16" else None)),
     }
     coords = {"alpha": alphas}
 

@@ -50,6 +50,8 @@ from minima.models import (
     model_kind,
     resolve_model,
 )
+from minima.precision import Float32Math, float32_math
+from minima.precision import effective as precision_effective
 from minima.schedule import LRSchedule, ScalingRule, ScheduleKind, build_schedule, learning_rate
 from minima.vocab import DeviceName, check_choice
 
@@ -110,6 +112,8 @@ class TrainConfig:
     channels_last: bool | None = setting(None, "channels_last memory format",
                                          default_text="on for convolutional models")
     amp: Amp = setting("none", "bf16: CUDA autocast")
+    float32_math: Float32Math = setting("default", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32, or "
+                                        "default (PyTorch's own flags); recorded in every checkpoint")
     threads: int | None = setting(None, "torch CPU threads", default_text="torch's default")
     sync_bn: bool = setting(False, "SyncBatchNorm under DDP")
     out: str = setting("runs/run", "run directory")
@@ -307,6 +311,8 @@ class Run:
             # found by check_model_accepts' dry forward: the data's image shape, the model's outputs
             model_info={"input_shape": list(self.ds.image_shape), "num_classes": self.ds.num_classes,
                         "convolutional": is_convolutional(self.model)},
+            precision=precision_effective(self.env.device, self.c.float32_math,
+                                          "bfloat16" if self.c.amp == "bf16" else None),
         )
         extra: dict[str, Any] = {}
         if kind == "resume":
@@ -342,8 +348,9 @@ def train(
         torch.set_num_threads(config.threads)
     env = distributed.setup(config.device)
     try:
-        run = _start(config, env, resume, dataset)
-        return _train(run, on_step, on_epoch)
+        with float32_math(config.float32_math):
+            run = _start(config, env, resume, dataset)
+            return _train(run, on_step, on_epoch)
     finally:
         distributed.teardown()
 
@@ -357,7 +364,9 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
     state: dict[str, Any] | None = None
     if resume and last_path.exists():
         state = ckpt_io.load_checkpoint(last_path)
-        diffs = cfg.differences(state["meta"]["train_config"], resolved, ignore=RESUMABLE_CHANGES)
+        # settings added after the run was started count as their defaults (they did not exist then)
+        before = {**cfg.to_dict(TrainConfig()), **state["meta"]["train_config"]}
+        diffs = cfg.differences(before, resolved, ignore=RESUMABLE_CHANGES)
         if diffs:
             raise ValueError(f"cannot resume {last_path} with different settings:\n  " + "\n  ".join(diffs)
                              + "\nstart a new run (another --out) to change them")

@@ -1,0 +1,56 @@
+"""The float32 math policy: flags set for a block and restored, and recorded in every output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minima import checkpoint as ck
+from minima import data, results
+from minima.precision import effective, float32_math
+from minima.sweep import SweepRequest, run
+from minima.training import TrainConfig, train
+
+from .helpers import toy_checkpoint, toy_dataset
+
+
+def _flags() -> tuple[bool, bool, str]:
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision())
+
+
+def test_flags_are_set_inside_and_restored_after_even_on_error() -> None:
+    before = _flags()
+    with float32_math("tf32"):
+        assert _flags() == (True, True, "high")
+    with float32_math("fp32"):
+        assert _flags() == (False, False, "highest")
+        assert effective("cpu", "fp32")["tf32_applies"] is False  # no TF32 on a CPU, whatever the flags
+    with pytest.raises(RuntimeError, match="boom"), float32_math("tf32"):
+        raise RuntimeError("boom")
+    with float32_math("default"):
+        assert _flags() == before
+    assert _flags() == before
+    with pytest.raises(ValueError, match="unknown float32 math 'tf16'"), float32_math("tf16"):  # type: ignore[arg-type]
+        pass
+
+
+def test_curves_and_checkpoints_record_the_float32_math(tmp_path: Path) -> None:
+    before = _flags()
+    ds = toy_dataset()
+    a, b = toy_checkpoint(tmp_path / "a.pt", 1, ds), toy_checkpoint(tmp_path / "b.pt", 2, ds)
+    curve = results.load_curve(run(SweepRequest(checkpoint_a=a, checkpoint_b=b, alphas="0,1", out=tmp_path / "c.h5",
+                                                device="cpu", plot=False, progress=False, float32_math="tf32")))
+    recorded = json.loads(curve.attrs["precision"])
+    assert recorded["float32_math"] == "tf32" and recorded["cudnn_allow_tf32"] is True
+    assert recorded["tf32_applies"] is False and curve.config["float32_math"] == "tf32"
+    assert _flags() == before  # the library left the process as it found it
+    config = TrainConfig(model="mlp", model_kwargs={"widths": [4]}, data="synthetic", epochs=1, batch_size=64,
+                         out=str(tmp_path / "run"), progress=False, float32_math="fp32")
+    final = train(config, dataset=data.load_source("synthetic", 128, 32).subset(128, 32, 0))
+    meta = ck.load_checkpoint(final)["meta"]
+    assert meta["precision"]["float32_math"] == "fp32" and meta["precision"]["cuda_matmul_allow_tf32"] is False
+    assert meta["precision"]["autocast"] is None and _flags() == before
