@@ -60,10 +60,12 @@ def make_meta(
     *, epoch: int, step: int, global_batch_size: int, world_size: int, seed: int,
     train_config: dict[str, Any], data: dict[str, Any], metrics: dict[str, Any] | None = None,
     model_info: dict[str, Any] | None = None, precision: dict[str, Any] | None = None,
+    data_placement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``meta`` block with the version and creation fields filled in; ``model_info`` (optional): the model's
     input shape, class count and whether it is convolutional, as the trainer found them by one dry forward;
-    ``precision`` (optional): the float32 math and autocast in effect (:func:`minima.precision.effective`)."""
+    ``precision`` (optional): the float32 math and autocast in effect (:func:`minima.precision.effective`);
+    ``data_placement`` (optional): where the training data lived (:class:`minima.data.Placement`)."""
     meta = {
         "epoch": int(epoch), "step": int(step), "global_batch_size": int(global_batch_size),
         "world_size": int(world_size), "seed": int(seed), "train_config": dict(train_config),
@@ -74,6 +76,8 @@ def make_meta(
         meta["model_info"] = dict(model_info)
     if precision is not None:
         meta["precision"] = dict(precision)
+    if data_placement is not None:
+        meta["data_placement"] = dict(data_placement)
     return meta
 
 

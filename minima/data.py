@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,6 +59,18 @@ class Split:
     def take(self, indices: torch.Tensor) -> Split:
         """The samples at ``indices`` (in that order)."""
         return Split(self.images[indices], self.labels[indices])
+
+    def to(self, device: torch.device | str) -> Split:
+        """The split on ``device`` (itself if it is there already)."""
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def pin_memory(self) -> Split:
+        """The split in page-locked host memory, so copies to a GPU can run asynchronously."""
+        return Split(self.images.pin_memory(), self.labels.pin_memory())
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() * self.images.element_size() + self.labels.numel() * self.labels.element_size()
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,50 @@ class Dataset:
             "train_size": len(self.train),
             "test_size": len(self.test),
         }
+
+
+# ------------------------------------------------------------------------------------------ placement
+DataOnDevice = Literal["auto", "yes", "no"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the data of a run lives: on the compute device (``resident``: batches are gathered, augmented and
+    normalised there, with no host copy per step), or in page-locked host memory (``pinned``: one asynchronous
+    copy per batch). On a CPU the host memory is the device's: always resident."""
+
+    policy: str
+    resident: bool
+    pinned: bool
+    device: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.policy, "resident": self.resident, "pinned": self.pinned, "device": self.device}
+
+
+def decide_placement(policy: DataOnDevice, device: torch.device, nbytes: int, free_bytes: int | None,
+                     share: float = 0.5) -> Placement:
+    """``auto``: on the device when the data takes at most ``share`` of its free memory; ``yes``: on the device
+    (refused, naming the sizes, when it cannot fit at all); ``no``: pinned host memory."""
+    if policy not in ("auto", "yes", "no"):
+        raise DataError(f"unknown data placement {policy!r}; choose auto, yes or no")
+    if device.type == "cpu":
+        return Placement(policy, True, False, str(device))
+    if policy == "yes" and free_bytes is not None and nbytes > free_bytes:
+        raise DataError(f"the data needs {nbytes / 1e9:.2f} GB but {device} has {free_bytes / 1e9:.2f} GB free; use "
+                        "--data-on-device auto or no")
+    resident = policy == "yes" or (policy == "auto" and free_bytes is not None and nbytes <= share * free_bytes)
+    return Placement(policy, resident, not resident, str(device))
+
+
+def place(splits: Sequence[Split], policy: DataOnDevice, device: torch.device) -> tuple[list[Split], Placement]:
+    """``splits`` where :func:`decide_placement` puts them (together), and the decision."""
+    total = sum(s.nbytes for s in splits)
+    free = available_memory_bytes(device) if device.type == "cuda" else None
+    where = decide_placement(policy, device, total, free)
+    if device.type == "cpu":
+        return list(splits), where
+    return [s.to(device) if where.resident else s.pin_memory() for s in splits], where
 
 
 # --------------------------------------------------------------------------------------------- stats

@@ -32,7 +32,7 @@ from minima import checkpoint as ckpt_io
 from minima import data as data_mod
 from minima import distributed, results
 from minima.config import differences, resume_key, setting, to_dict
-from minima.data import Split
+from minima.data import DataOnDevice, Split
 from minima.directions import (
     DirectionError,
     Ignore,
@@ -92,6 +92,8 @@ class SurfaceRequest:
     fold_bn: bool = setting(True, "fold eval-mode BatchNorm into the preceding conv/linear layer (exact)")
     float32_math: Float32Math = setting("fp32", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32 or "
                                         "default (PyTorch's flags); recorded in the file")
+    data_on_device: DataOnDevice = setting("auto", "keep the evaluated data on the compute device (auto: when it "
+                                           "takes at most half its free memory) or in pinned host memory (no)")
     max_minutes: float = setting(60.0, "ask (or, without a terminal, refuse) above this estimated time", unit="min")
     yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)")
     plot: bool = setting(True, "draw <out>.png beside the file")
@@ -286,7 +288,8 @@ def _run(req: SurfaceRequest, env: distributed.DistEnv) -> Path:
                      dtype=TORCH_DTYPES[req.dtype], device=env.device,
                      channels_last=is_convolutional(model), fold_bn=req.fold_bn)
     mean, std = tuple(inp.origin["meta"]["data"]["mean"]), tuple(inp.origin["meta"]["data"]["std"])
-    d = EvalData(ds.train, ds.test, bn_split, mean, std)
+    (train, test, bn_data), placement = data_mod.place([ds.train, ds.test, bn_split], req.data_on_device, env.device)
+    d = EvalData(train, test, bn_data, mean, std)
     coords = auto_axes(req, plane)
     config = {"x": coords["x"].tolist(), "y": coords["y"].tolist(), "bn": policy, "directions": plane.provenance,
               "data": ds.describe(), "bn_samples": len(bn_split), "eval_batch_size": req.eval_batch_size,
@@ -300,6 +303,7 @@ def _run(req: SurfaceRequest, env: distributed.DistEnv) -> Path:
         "directions": json.dumps(plane.provenance),
         "precision": json.dumps(precision_effective(env.device, req.float32_math,
                                                     "bfloat16" if req.dtype == "bfloat16" else None)),
+        "data_placement": json.dumps(placement.describe()),
     }
     if plane.path is not None:
         attrs["path"] = json.dumps(plane.path.tolist())

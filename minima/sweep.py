@@ -36,7 +36,7 @@ from minima import checkpoint as ckpt_io
 from minima import data as data_mod
 from minima import distributed, results
 from minima.config import resume_key, setting, to_dict
-from minima.data import Split
+from minima.data import DataOnDevice, Split
 from minima.directions import (
     StateDict,
     bn_buffer_names,
@@ -254,6 +254,8 @@ class SweepRequest:
     dtype: Dtype = setting("float32", "evaluation precision; bfloat16 is an autocast preview (parameters, "
                            "BatchNorm statistics and sums stay float32/float64)")
     fold_bn: bool = setting(True, "fold eval-mode BatchNorm into the preceding conv/linear layer (exact)")
+    data_on_device: DataOnDevice = setting("auto", "keep the evaluated data on the compute device (auto: when it "
+                                           "takes at most half its free memory) or in pinned host memory (no)")
     float32_math: Float32Math = setting("fp32", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32 or "
                                         "default (PyTorch's flags); recorded in the file")
     plot: bool = setting(True, "draw <out>.png beside the file")
@@ -328,7 +330,8 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
     s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
                      dtype=TORCH_DTYPES[req.dtype], device=env.device,
                      channels_last=is_convolutional(model), fold_bn=req.fold_bn)
-    d = EvalData(ds.train, ds.test, bn_split, tuple(ck_a["meta"]["data"]["mean"]), tuple(ck_a["meta"]["data"]["std"]))
+    (train, test, bn_data), placement = data_mod.place([ds.train, ds.test, bn_split], req.data_on_device, env.device)
+    d = EvalData(train, test, bn_data, tuple(ck_a["meta"]["data"]["mean"]), tuple(ck_a["meta"]["data"]["std"]))
 
     state_a = ck_a["state_dict"]
     if ck_b is not None:
@@ -357,6 +360,7 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
         "model": ck_a["model"]["name"], "bn_policy": policy, "config_key": resume_key(match),
         "precision": json.dumps(precision_effective(env.device, req.float32_math,
                                                     "bfloat16" if req.dtype == "bfloat16" else None)),
+        "data_placement": json.dumps(placement.describe()),
     }
     coords = {"alpha": alphas}
 

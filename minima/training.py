@@ -40,6 +40,7 @@ from minima import config as cfg
 from minima import data as data_mod
 from minima import distributed
 from minima.config import setting
+from minima.data import DataOnDevice
 from minima.evaluate import batch_sums, check_model_accepts, evaluate, sums_to_result
 from minima.models import (
     available_models,
@@ -58,8 +59,9 @@ from minima.vocab import DeviceName, check_choice
 Optimizer = Literal["adam", "sgd"]
 Amp = Literal["none", "bf16"]
 # Settings that may change when a run is resumed (they do not change the computation's result).
-RESUMABLE_CHANGES = frozenset({"device", "threads", "progress", "eval_batch_size", "out"})
+RESUMABLE_CHANGES = frozenset({"device", "threads", "progress", "eval_batch_size", "out", "data_on_device"})
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: "try again" — what a requeueing cluster script wants to see
+CHECK_EVERY = 10  # steps between the loop's host reads (non-finite loss, and under DDP the stop signal)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ class TrainConfig:
     channels_last: bool | None = setting(None, "channels_last memory format",
                                          default_text="on for convolutional models")
     amp: Amp = setting("none", "bf16: CUDA autocast")
+    data_on_device: DataOnDevice = setting("auto", "keep the data on the compute device (auto: when it takes at most "
+                                           "half its free memory) or in pinned host memory (no); a CPU is always "
+                                           "its own host")
     float32_math: Float32Math = setting("default", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32, or "
                                         "default (PyTorch's own flags); recorded in every checkpoint")
     threads: int | None = setting(None, "torch CPU threads", default_text="torch's default")
@@ -284,6 +289,9 @@ class Run:
     model_kwargs: dict[str, Any]
     channels_last: bool
     resolved: dict[str, Any]
+    train_split: data_mod.Split  # where the loop reads batches from (the device, or pinned host memory)
+    test_split: data_mod.Split
+    placement: data_mod.Placement
     epoch: int = 0
     batch0: int = 0
     step: int = 0
@@ -313,6 +321,7 @@ class Run:
                         "convolutional": is_convolutional(self.model)},
             precision=precision_effective(self.env.device, self.c.float32_math,
                                           "bfloat16" if self.c.amp == "bf16" else None),
+            data_placement=self.placement.describe(),
         )
         extra: dict[str, Any] = {}
         if kind == "resume":
@@ -388,8 +397,10 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
     )
     model = model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, c)
+    (train_split, test_split), placement = data_mod.place([ds.train, ds.test], c.data_on_device, env.device)
     run = Run(c=c, env=env, ds=ds, plan=plan, schedule=schedule, model=model, net=model, optimizer=optimizer,
-              model_kwargs=model_kwargs, channels_last=channels_last, resolved=resolved)
+              model_kwargs=model_kwargs, channels_last=channels_last, resolved=resolved, train_split=train_split,
+              test_split=test_split, placement=placement)
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -450,8 +461,11 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
     """The hot loop: one epoch's optimiser steps from ``run.batch0``. Returns this rank's running sums
     ``[loss, correct, count, nonfinite]`` (float64 on the device), the samples it saw, and the last LR."""
     c, env, plan, ds = run.c, run.env, run.plan, run.ds
-    images_all, labels_all = ds.train.images, ds.train.labels
-    batches = data_mod.global_batches(data_mod.epoch_permutation(len(ds.train), c.seed, run.epoch), c.batch_size)
+    images_all, labels_all = run.train_split.images, run.train_split.labels
+    perm = data_mod.epoch_permutation(len(ds.train), c.seed, run.epoch)
+    if images_all.device != perm.device:  # data resident on the GPU: index it there, one copy per epoch
+        perm = perm.to(images_all.device)
+    batches = data_mod.global_batches(perm, c.batch_size)
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.amp == "bf16" else contextlib.nullcontext()
     run.net.train()
@@ -469,12 +483,13 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
         aug_gen = torch.Generator().manual_seed(seed)
         run.optimizer.zero_grad(set_to_none=True)
         for m, chunk in enumerate(mine.split(plan.micro)):
-            x = images_all[chunk]
-            if c.augment:
+            x, y = images_all[chunk], labels_all[chunk]
+            if run.placement.pinned:  # a gathered batch is pageable: pin it so the copy below is asynchronous
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if c.augment:  # on the device: the crop offsets and flips are drawn on the host from the step's seed
                 x = data_mod.augment(x, aug_gen)
-            x = data_mod.normalize(x.to(env.device, non_blocking=True), ds.mean, ds.std, torch.float32,
-                                   run.channels_last)
-            y = labels_all[chunk].to(env.device, non_blocking=True)
+            x = data_mod.normalize(x, ds.mean, ds.std, torch.float32, run.channels_last)
             sync = (contextlib.nullcontext() if not env.distributed or m == plan.accumulation - 1
                     else run.net.no_sync())
             with sync:
@@ -487,17 +502,22 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
         run.step += 1
         seen += len(mine)
         bar.update(1)
-        if run.step % 10 == 0 or b == len(batches) - 1:
-            bad = not bool(torch.isfinite(sums[0]).item()) or sums[3].item() > 0
-            if distributed.any_rank(bad, env.device):
+        stopping = stop["signal"] is not None  # a Python flag: free to read at every step in one process
+        if run.step % CHECK_EVERY == 0 or b == len(batches) - 1:
+            bad, stopping = _checkpoint_flags(sums, stopping, env)
+            if bad:
                 bar.close()
                 raise NonFiniteLossError(
                     f"training loss became NaN/inf in epoch {run.epoch + 1} by step {run.step} (LR {lr:g}); "
                     f"{run.last_path} still holds the last good epoch. Lower --lr, add --warmup-epochs, "
                     "or check the data.")
+        elif env.distributed:
+            stopping = False  # ranks agree on stopping only at the checks (no collective in between)
         if on_step is not None:
             on_step(TrainState(epoch=run.epoch, batch=b + 1, step=run.step, lr=lr))
-        if distributed.any_rank(stop["signal"] is not None, env.device) and b + 1 < len(batches):
+        if not env.distributed:
+            stopping = stop["signal"] is not None  # also a signal that arrived during on_step
+        if stopping and b + 1 < len(batches):
             bar.close()
             run.elapsed += time.perf_counter() - t0
             run.save_resumable(distributed.all_reduce_sum(sums).cpu() + run.carried, batch=b + 1)
@@ -508,6 +528,19 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
                 f"--out {run.run_dir} --resume"))
     bar.close()
     return sums, seen, lr
+
+
+def _checkpoint_flags(sums: torch.Tensor, stopping: bool, env: distributed.DistEnv) -> tuple[bool, bool]:
+    """(the epoch's loss became non-finite on some rank, a stop signal arrived on some rank): both flags in one
+    device tensor, one all-reduce under DDP and one host read — the loop's only synchronisation, every
+    ``CHECK_EVERY`` steps."""
+    bad = (~torch.isfinite(sums[0])) | (sums[3] > 0)
+    flags = torch.stack([bad.to(torch.float64), torch.tensor(float(stopping), dtype=torch.float64,
+                                                             device=sums.device)])
+    if env.distributed:
+        flags = distributed.all_reduce_sum(flags)
+    any_bad, any_stop = flags.tolist()
+    return any_bad > 0, any_stop > 0
 
 
 def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) -> str | None:
@@ -525,7 +558,7 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         "images_per_s": seen * env.world_size / train_time if train_time > 0 else float("nan"),
     }
     if c.eval_test:
-        test = evaluate(run.model, ds.test, ds.mean, ds.std, batch_size=c.eval_batch_size, device=env.device,
+        test = evaluate(run.model, run.test_split, ds.mean, ds.std, batch_size=c.eval_batch_size, device=env.device,
                         channels_last=run.channels_last, rank=env.rank, world_size=env.world_size)
         metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_nonfinite=test.nonfinite)
     run.elapsed += time.perf_counter() - t0

@@ -54,3 +54,22 @@ def test_curves_and_checkpoints_record_the_float32_math(tmp_path: Path) -> None:
     meta = ck.load_checkpoint(final)["meta"]
     assert meta["precision"]["float32_math"] == "fp32" and meta["precision"]["cuda_matmul_allow_tf32"] is False
     assert meta["precision"]["autocast"] is None and _flags() == before
+
+
+def test_data_placement_policy() -> None:
+    cuda = torch.device("cuda", 0)
+    assert data.decide_placement("auto", cuda, nbytes=10, free_bytes=100).resident
+    far = data.decide_placement("auto", cuda, nbytes=60, free_bytes=100)  # more than half of the free memory
+    assert not far.resident and far.pinned
+    assert data.decide_placement("no", cuda, 1, 100).describe() == {"policy": "no", "resident": False, "pinned": True,
+                                                                   "device": "cuda:0"}
+    assert data.decide_placement("yes", cuda, 90, 100).resident
+    with pytest.raises(data.DataError, match=r"needs 0.00 GB but cuda:0 has 0.00 GB free; use --data-on-device"):
+        data.decide_placement("yes", cuda, 101, 100)
+    cpu = data.decide_placement("no", torch.device("cpu"), 10**12, None)
+    assert cpu.resident and not cpu.pinned  # a CPU's host memory is its own
+    with pytest.raises(data.DataError, match="unknown data placement 'maybe'"):
+        data.decide_placement("maybe", cuda, 1, 1)  # type: ignore[arg-type]
+    ds = data.synthetic(8, 4, (1, 2, 2), 2)
+    (train,), where = data.place([ds.train], "yes", torch.device("cpu"))
+    assert train is ds.train and where.resident
