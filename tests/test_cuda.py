@@ -1,0 +1,110 @@
+"""CUDA checks (``pytest -m cuda``; skipped without a GPU): the GPU computes what the CPU computes, with the float32
+math policy at ``fp32`` (TF32 off), and device-resident data gives the host's batches bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minima import data, results
+from minima.measure import MeasureRequest, measure
+from minima.precision import float32_math
+from minima.sweep import SweepRequest, run
+from minima.training import TrainConfig, train
+
+from .helpers import free_port, toy_checkpoint, toy_dataset
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(tmp_path: Path, device: str, name: str, **kw: object) -> dict[str, torch.Tensor]:
+    config = TrainConfig(model="c1", data="synthetic", epochs=1, batch_size=64, device=device, progress=False,
+                         out=str(tmp_path / name), float32_math="fp32", eval_test=False, **kw)
+    ds = data.synthetic(256, 64, (3, 32, 32), 10, seed=3)
+    final = train(config, dataset=ds)
+    return {k: v.double() for k, v in torch.load(final, weights_only=True)["state_dict"].items()}
+
+
+def test_training_steps_equal_the_cpu_steps_in_fp32(tmp_path: Path) -> None:
+    cpu, gpu = _train(tmp_path, "cpu", "cpu"), _train(tmp_path, "cuda", "gpu")
+    for key, value in cpu.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(gpu[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_device_resident_and_pinned_batches_equal_host_batches_bit_for_bit(tmp_path: Path) -> None:
+    ds = data.synthetic(128, 32, (3, 32, 32), 10, seed=4)
+    (on_gpu,), where = data.place([ds.train], "yes", torch.device("cuda"))
+    (pinned,), host = data.place([ds.train], "no", torch.device("cuda"))
+    assert where.resident and on_gpu.images.is_cuda and host.pinned and pinned.images.is_pinned()
+    idx = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:50]
+    ref = data.augment(ds.train.images[idx], torch.Generator().manual_seed(9))
+    dev = data.augment(on_gpu.images[idx.cuda()], torch.Generator().manual_seed(9))
+    assert torch.equal(dev.cpu(), ref)
+    assert torch.equal(data.normalize(on_gpu.images[idx.cuda()], ds.mean, ds.std).cpu(),
+                       data.normalize(ds.train.images[idx], ds.mean, ds.std))
+    cpu_run, gpu_run = (_train(tmp_path, d, f"aug_{d}", augment=True, data_on_device="yes") for d in ("cpu", "cuda"))
+    for key, value in cpu_run.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(gpu_run[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_curves_and_sharpness_equal_the_cpu_values(tmp_path: Path) -> None:
+    ds = toy_dataset()
+    a, b = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=True), toy_checkpoint(tmp_path / "b.pt", 2, ds,
+                                                                                       batchnorm=True)
+    curves = {}
+    for device in ("cpu", "cuda"):
+        curves[device] = results.load_curve(run(SweepRequest(
+            checkpoint_a=a, checkpoint_b=b, alphas="-1:2:4", out=tmp_path / f"{device}.h5", device=device,
+            plot=False, progress=False)))
+    for key in ("train_loss", "test_loss"):
+        np.testing.assert_allclose(getattr(curves["cuda"], key), getattr(curves["cpu"], key), rtol=1e-5)
+    assert '"cuda_matmul_allow_tf32": false' in curves["cuda"].attrs["precision"]
+    values = {}
+    for device in ("cpu", "cuda"):
+        out = measure(MeasureRequest(checkpoints=[a], metrics=("keskar", "hessian"), eps=(1e-3,), subspace=None,
+                                     maxiter=3, topk=1, eig_tol=1e-8, out=tmp_path / f"s_{device}.h5", device=device))
+        values[device] = {r["metric"]: float(r["value"]) for r in results.load_sharpness(out)}
+    for metric, value in values["cpu"].items():
+        assert values["cuda"][metric] == pytest.approx(value, rel=1e-4), metric
+
+
+def test_the_float32_math_policy_changes_what_cudnn_computes() -> None:
+    """TF32 is what a cuDNN convolution computes by default on Ampere and newer: fp32 turns it off."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("TF32 exists from compute capability 8.0")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 64, 32, 32, device="cuda", generator=gen)
+    w = torch.randn(64, 64, 5, 5, device="cuda", generator=gen)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=2)
+    with float32_math("fp32"):
+        exact = torch.nn.functional.conv2d(x, w, padding=2)
+    with float32_math("tf32"):
+        fast = torch.nn.functional.conv2d(x, w, padding=2)
+    err = lambda y: float((y.double() - ref).abs().max() / ref.abs().max())  # noqa: E731
+    assert err(exact) < 1e-5 < err(fast)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_torchrun_with_nccl_equals_one_process(tmp_path: Path) -> None:
+    ds = toy_dataset()
+    a, b = toy_checkpoint(tmp_path / "a.pt", 1, ds), toy_checkpoint(tmp_path / "b.pt", 2, ds)
+    one = results.load_curve(run(SweepRequest(checkpoint_a=a, checkpoint_b=b, alphas="-1:2:4",
+                                              out=tmp_path / "one.h5", device="cuda", plot=False, progress=False)))
+    env = dict(os.environ, MASTER_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "minima.interpolate", str(a), str(b), "--alphas=-1:2:4", "--out", str(tmp_path / "two.h5"),
+                           "--device", "cuda", "--no-plot", "--no-progress"], env=env, cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    two = results.load_curve(tmp_path / "two.h5")
+    np.testing.assert_allclose(two.test_loss, one.test_loss, rtol=1e-5)
