@@ -36,25 +36,41 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 
 
 class CountingOperator(LinearOperator):
-    """``LinearOperator`` for a symmetric n×n matrix given by ``matvec``, counting products."""
+    """A symmetric n×n matrix given by ``matvec`` (float64 torch vectors on ``device``), counting products.
 
-    def __init__(self, n: int, matvec: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    :meth:`apply` is the torch interface the Lanczos and Hutchinson code here use: vectors stay on the device.
+    As a scipy ``LinearOperator`` (ARPACK) every product copies its vector to the device and back — the adapter."""
+
+    def __init__(self, n: int, matvec: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device | str = "cpu") -> None:
         super().__init__(dtype=np.float64, shape=(n, n))
         self._hv = matvec
+        self.device = torch.device(device)
         self.products = 0
 
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """H·v for a float64 vector on :attr:`device` (returned there)."""
         self.products += 1
-        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-        return self._hv(v).numpy()
+        return self._hv(v)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)).to(self.device)
+        return self.apply(v).cpu().numpy()
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:  # symmetric
         return self._matvec(x)
 
 
 def hessian_operator(objective: object) -> CountingOperator:
-    """The Hessian of a :class:`minima.objective.DatasetObjective` at its current parameters."""
-    return CountingOperator(objective.numel, objective.hvp)  # type: ignore[attr-defined]
+    """The Hessian of a :class:`minima.objective.DatasetObjective` at its current parameters (vectors on the
+    objective's device)."""
+    return CountingOperator(objective.numel, objective.hvp, objective.vector_device)  # type: ignore[attr-defined]
+
+
+def _start_vector(rng: np.random.Generator, n: int, device: torch.device, kind: str) -> torch.Tensor:
+    """A seeded start or probe vector drawn on the host (the same numbers on every device), then moved."""
+    draw = rng.standard_normal(n) if kind == "gaussian" else rng.integers(0, 2, n).astype(np.float64) * 2.0 - 1.0
+    return torch.from_numpy(draw).to(device)
 
 
 @dataclass(frozen=True)
@@ -98,16 +114,18 @@ def top_eigenvalues(
         raise ValueError(f"unknown eigenvalue method {method!r}; choose one of {list(EIGEN_METHODS)}")
     if tol <= 0:
         raise ValueError(f"tol must be > 0; got {tol}")
-    v0 = np.random.default_rng(seed).standard_normal(n)
+    rng = np.random.default_rng(seed)
     start, t0 = op.products, time.perf_counter()
     if method == "lanczos":
+        v0 = _start_vector(rng, n, op.device, "gaussian")
         steps = min(n, max_steps if max_steps is not None else max(4 * k + 20, 40))
         if steps < k:
             raise ValueError(f"max_steps={steps} is smaller than k={k}")
         vals, residuals, vecs, used, converged = _lanczos(op, k, tol, steps, v0, return_vectors)
     else:
         used = min(n, ncv if ncv is not None else max(2 * k + 1, k + 8))
-        vals, vecs = eigsh(op, k=k, which="LA", tol=tol, ncv=used, v0=v0, maxiter=maxiter)
+        v0_host = rng.standard_normal(n)  # the same draw as Lanczos' start vector
+        vals, vecs = eigsh(op, k=k, which="LA", tol=tol, ncv=used, v0=v0_host, maxiter=maxiter)
         order = np.argsort(vals)[::-1]
         vals, vecs = vals[order], vecs[:, order]
         residuals = np.empty(k)
@@ -121,23 +139,23 @@ def top_eigenvalues(
 
 
 def _lanczos_steps(
-    op: CountingOperator, v0: np.ndarray, steps: int,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
-    """Lanczos with full reorthogonalisation from ``v0``. After each step m (one product) yields the basis
-    Q_m (m × n), the diagonal α_1..α_m and off-diagonal β_1..β_{m−1} of T_m, and β_m; stops after ``steps``
-    or when β_m = 0 (the Krylov space is invariant)."""
-    basis = np.empty((steps, op.shape[0]))
-    basis[0] = v0 / np.linalg.norm(v0)
+    op: CountingOperator, v0: torch.Tensor, steps: int,
+) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, float]]:
+    """Lanczos with full reorthogonalisation from ``v0``, on the operator's device. After each step m (one
+    product) yields the basis Q_m (m × n, a device tensor), the diagonal α_1..α_m and off-diagonal β_1..β_{m−1} of
+    T_m (host arrays: T is tiny), and β_m; stops after ``steps`` or when β_m = 0 (the Krylov space is invariant)."""
+    basis = torch.empty((steps, op.shape[0]), dtype=torch.float64, device=op.device)
+    basis[0] = v0 / torch.linalg.vector_norm(v0)
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(steps):
-        w = op.matvec(basis[j])
+        w = op.apply(basis[j])
         alphas.append(float(w @ basis[j]))
         # Gram-Schmidt against the whole basis, twice ("twice is enough"): keeps Q orthogonal to rounding, so
         # no ghost copies of converged eigenvalues appear and the residual formula stays exact.
         for _ in range(2):
             w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
-        beta = float(np.linalg.norm(w))
+        beta = float(torch.linalg.vector_norm(w))
         yield basis[: j + 1], np.array(alphas), np.array(betas), beta
         if beta == 0.0 or j == steps - 1:
             return
@@ -151,7 +169,7 @@ def _ritz(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _lanczos(
-    op: CountingOperator, k: int, tol: float, steps: int, v0: np.ndarray, return_vectors: bool,
+    op: CountingOperator, k: int, tol: float, steps: int, v0: torch.Tensor, return_vectors: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, bool]:
     """Top-k Ritz values, their residuals β_m·|s_{m,i}|, Ritz vectors, basis size and whether converged."""
     for step in _lanczos_steps(op, v0, steps):
@@ -168,7 +186,8 @@ def _lanczos(
     if len(top) < k:
         raise ValueError(f"the Krylov space has dimension {used} < k={k}; the operator has fewer distinct "
                          "eigenvalues than asked for (use a smaller k)")
-    vecs = basis.T @ s[:, top] if return_vectors else None
+    vecs = (basis.T @ torch.from_numpy(np.ascontiguousarray(s[:, top])).to(basis.device)).cpu().numpy() \
+        if return_vectors else None
     return theta[top], residuals, vecs, used, converged
 
 
@@ -195,8 +214,8 @@ def hutchinson_trace(
     start, t0 = op.products, time.perf_counter()
     converged = False
     while len(samples) < max_probes:
-        z = rng.integers(0, 2, op.shape[0]).astype(np.float64) * 2.0 - 1.0
-        samples.append(float(z @ op.matvec(z)))
+        z = _start_vector(rng, op.shape[0], op.device, "rademacher")
+        samples.append(float(z @ op.apply(z)))
         if len(samples) >= min_probes:
             mean = float(np.mean(samples))
             se = float(np.std(samples, ddof=1) / np.sqrt(len(samples)))
@@ -218,7 +237,7 @@ def slq_density(
     n = op.shape[0]
     nodes, weights = [], []
     for _ in range(probes):
-        q = rng.integers(0, 2, n).astype(np.float64) * 2.0 - 1.0
+        q = _start_vector(rng, n, op.device, "rademacher")
         for step in _lanczos_steps(op, q, min(steps, n)):
             if step[3] < 1e-12:  # β_m ≈ 0: invariant subspace, T_m is exact
                 break

@@ -92,7 +92,7 @@ def _keskar_jobs(p: Mapping[str, Any]) -> list[Job]:
 
 
 def _keskar(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    sub = RandomSubspace(obj.numel, job["p"], seed=job["seed"]) if job["p"] else None
+    sub = RandomSubspace(obj.numel, job["p"], seed=job["seed"], device=x.device) if job["p"] else None
     r = keskar_sharpness(obj.value_and_grad, x, job["eps"], subspace=sub, maxiter=job["maxiter"], f0=f0)
     return {"value": r.phi, **asdict(r)}
 

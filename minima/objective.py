@@ -125,9 +125,14 @@ class DatasetObjective:
         self.cache.clear()
 
     # ----------------------------------------------------------------------------------- θ as a vector
+    @property
+    def vector_device(self) -> torch.device:
+        """Where θ, ∇f and H·v vectors live: the data's device (curvature never round-trips through the host)."""
+        return self.device
+
     def get_flat(self) -> torch.Tensor:
-        """θ as a float64 CPU vector."""
-        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in self.params])
+        """θ as a float64 vector on :attr:`vector_device`."""
+        return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self.params])
 
     def set_flat(self, theta: torch.Tensor) -> None:
         """Write the vector θ into the model's parameters (and drop the gradient graphs of the old θ)."""
@@ -150,8 +155,8 @@ class DatasetObjective:
         return out
 
     @staticmethod
-    def _flat_cpu(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in parts]).to("cpu", torch.float64)
+    def _flat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in parts]).to(torch.float64)
 
     # ------------------------------------------------------------------------- per batch: f, ∇f, H·v
     def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -192,7 +197,7 @@ class DatasetObjective:
         return float(total)
 
     def value_and_grad(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
-        """(f(θ), ∇f(θ)) with the gradient as a float64 CPU vector."""
+        """(f(θ), ∇f(θ)) with the gradient as a float64 vector on :attr:`vector_device`."""
         if theta is not None:
             self.set_flat(theta)
         zero = torch.zeros((), device=self.device)
@@ -200,10 +205,11 @@ class DatasetObjective:
             total, *grads = self.data.sum(self._batch_value_and_grad, [zero, *self.params],
                                           self._first_order_batches() or self.batches)
         self.evaluations["grad"] += 1
-        return float(total), self._flat_cpu(grads)
+        return float(total), self._flat(grads)
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
-        """H(θ)·v at the current parameters, summed over batches (float64 CPU vector).
+        """H(θ)·v at the current parameters, summed over batches (a float64 vector on :attr:`vector_device`; ``v``
+        may be on the host or the device).
 
         Reverse mode keeps each batch's gradient graph g(θ) between calls while θ is unchanged and the graphs
         fit in the budget: H·v = (∂g/∂θ)ᵀ v is then one backward pass through a stored graph. :meth:`set_flat`
@@ -212,10 +218,10 @@ class DatasetObjective:
         return self._hvp(vector, store=True)
 
     def _hvp(self, vector: torch.Tensor, store: bool) -> torch.Tensor:
-        v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64))
+        v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64, device=self.device))
         parts = self.data.sum(lambda i, x, y: self._batch_hvp(i, x, y, v, store), self.params, self.batches)
         self.evaluations["hvp"] += 1
-        return self._flat_cpu(parts)
+        return self._flat(parts)
 
     def _gradient_graph(self, index: int, x: torch.Tensor, y: torch.Tensor,
                         store: bool) -> tuple[tuple[torch.Tensor, ...], bool]:

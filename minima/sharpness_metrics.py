@@ -39,12 +39,14 @@ class RandomSubspace:
 
     The float32 matrix is kept in memory when it fits in ``max_cache_bytes`` (C1 with p = 100: 0.7 GB);
     otherwise each column is regenerated whenever needed, so a 100-dimensional subspace of a 15M-parameter
-    network costs no memory. Products are accumulated in float64, ``block`` columns at a time."""
+    network costs no memory. Products are accumulated in float64, ``block`` columns at a time, on ``device`` (the
+    columns are drawn on the host from their seeds — the same matrix on every device — and kept on the device)."""
 
-    def __init__(self, n: int, p: int, seed: int = 0, block: int = 10, max_cache_bytes: int = 2**31) -> None:
+    def __init__(self, n: int, p: int, seed: int = 0, block: int = 10, max_cache_bytes: int = 2**31,
+                 device: torch.device | str = "cpu") -> None:
         if not 1 <= p <= n:
             raise ValueError(f"subspace dimension p must be in 1..{n}; got {p}")
-        self.n, self.p, self.seed, self.block = n, p, seed, block
+        self.n, self.p, self.seed, self.block, self.device = n, p, seed, block, torch.device(device)
         self._cache = self._generate(0, p) if n * p * 4 <= max_cache_bytes else None
 
     def _generate(self, start: int, stop: int) -> torch.Tensor:
@@ -52,7 +54,7 @@ class RandomSubspace:
         for j in range(start, stop):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
             cols.append(torch.randn(self.n, generator=gen, dtype=torch.float32))
-        return torch.stack(cols, dim=1)
+        return torch.stack(cols, dim=1).to(self.device)
 
     def columns(self, start: int, stop: int) -> torch.Tensor:
         """Columns ``start:stop`` as an (n, stop − start) float64 tensor."""
@@ -64,7 +66,8 @@ class RandomSubspace:
 
     def matvec(self, y: torch.Tensor) -> torch.Tensor:
         """A·y ∈ R^n."""
-        out = torch.zeros(self.n, dtype=torch.float64)
+        out = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        y = y.to(self.device)
         for s, e in self._blocks():
             out += self.columns(s, e) @ y[s:e]
         return out
@@ -76,7 +79,7 @@ class RandomSubspace:
     def gram(self) -> torch.Tensor:
         """AᵀA ∈ R^{p×p}."""
         blocks = self._blocks()
-        out = torch.zeros(self.p, self.p, dtype=torch.float64)
+        out = torch.zeros(self.p, self.p, dtype=torch.float64, device=self.device)
         for i, (s, e) in enumerate(blocks):
             ai = self.columns(s, e)
             for s2, e2 in blocks[i:]:
@@ -97,7 +100,8 @@ class DenseSubspace(RandomSubspace):
 
     def __init__(self, matrix: torch.Tensor) -> None:
         matrix = torch.as_tensor(matrix, dtype=torch.float64)
-        super().__init__(matrix.shape[0], matrix.shape[1], seed=0, block=matrix.shape[1], max_cache_bytes=0)
+        super().__init__(matrix.shape[0], matrix.shape[1], seed=0, block=matrix.shape[1], max_cache_bytes=0,
+                         device=matrix.device)
         self.matrix = matrix
 
     def columns(self, start: int, stop: int) -> torch.Tensor:
@@ -126,7 +130,10 @@ def keskar_sharpness(
     value_and_grad: ValueAndGrad, x: torch.Tensor, eps: float, *, subspace: RandomSubspace | None = None,
     maxiter: int = 10, f0: float | None = None,
 ) -> KeskarResult:
-    """Keskar's φ_{x,f}(ε, A): A = I (full space) if ``subspace`` is None, else the given A."""
+    """Keskar's φ_{x,f}(ε, A): A = I (full space) if ``subspace`` is None, else the given A.
+
+    ``x`` and the gradients stay on their device; L-BFGS-B (scipy) sees host copies of the n- or p-vectors it
+    steers — one copy each way per function evaluation, the adapter's whole cost."""
     if eps <= 0:
         raise ValueError(f"eps must be > 0; got {eps}")
     t0 = time.perf_counter()
@@ -137,7 +144,7 @@ def keskar_sharpness(
         half_width = eps * (x.abs() + 1.0)
 
         def to_point(y: np.ndarray) -> torch.Tensor:
-            return x + torch.from_numpy(y)
+            return x + torch.from_numpy(y).to(x.device)
 
         def pull_back(g: torch.Tensor) -> torch.Tensor:
             return g
@@ -155,9 +162,9 @@ def keskar_sharpness(
     def negative(y: np.ndarray) -> tuple[float, np.ndarray]:
         f, g = value_and_grad(to_point(y))
         best["f"] = max(best["f"], float(f))
-        return -float(f), -pull_back(g).numpy()
+        return -float(f), -pull_back(g).cpu().numpy()
 
-    hw = half_width.numpy()
+    hw = half_width.cpu().numpy()
     res = minimize(negative, np.zeros_like(hw), jac=True, method="L-BFGS-B",
                    bounds=np.stack([-hw, hw], axis=1), options={"maxiter": maxiter})
     # The best value seen (L-BFGS-B's final iterate is normally it; line searches can overshoot).
@@ -231,8 +238,9 @@ def average_sharpness(
     w = w.to(torch.float64)
     gen = torch.Generator().manual_seed(seed)
     f0 = float(value(w))
+    # noise drawn on the host (the same on every device), applied on w's device
     increases = np.array([float(value(w + sigma * w.abs() * torch.randn(w.shape, generator=gen,
-                                                                          dtype=torch.float64))) - f0
+                                                                          dtype=torch.float64).to(w.device))) - f0
                           for _ in range(samples)])
     return AverageResult(sharpness=float(increases.mean()), stderr=float(increases.std(ddof=1) / np.sqrt(samples)),
                          f0=f0, sigma=sigma, samples=samples, seed=seed, seconds=time.perf_counter() - t0)

@@ -108,3 +108,34 @@ def test_torchrun_with_nccl_equals_one_process(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     two = results.load_curve(tmp_path / "two.h5")
     np.testing.assert_allclose(two.test_loss, one.test_loss, rtol=1e-5)
+
+
+def test_hvps_lanczos_and_hutchinson_keep_parameter_vectors_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from minima.hessian import hessian_operator, hutchinson_trace, top_eigenvalues
+    from minima.models import build_model
+    from minima.objective import DatasetObjective, FixedBatches
+
+    ds = data.synthetic(200, 8, (3, 32, 32), 10, seed=5)
+    batches = FixedBatches.from_split(ds.train, ds.mean, ds.std, batch_size=100, device="cuda")
+    obj = DatasetObjective(build_model("c1"), batches, hvp_cache_bytes=2**33)
+    n, copies = obj.numel, []
+    original_to, original_cpu = torch.Tensor.to, torch.Tensor.cpu
+
+    def counting_to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = original_to(self, *args, **kwargs)
+        if self.is_cuda and not out.is_cuda and self.numel() >= n:
+            copies.append(self.numel())
+        return out
+
+    def counting_cpu(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.is_cuda and self.numel() >= n:
+            copies.append(self.numel())
+        return original_cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    assert obj.get_flat().is_cuda and obj.hvp(torch.ones(n, dtype=torch.float64)).is_cuda
+    res = top_eigenvalues(hessian_operator(obj), k=2, tol=1e-2)
+    trace = hutchinson_trace(hessian_operator(obj), min_probes=2, max_probes=3)
+    assert res.hvps > 0 and trace.probes >= 2
+    assert copies == [], f"parameter-sized device→host copies: {copies}"
