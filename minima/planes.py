@@ -32,7 +32,7 @@ from minima import checkpoint as ckpt_io
 from minima import data as data_mod
 from minima import distributed, results
 from minima.config import differences, resume_key, setting, to_dict
-from minima.data import DataOnDevice, Split
+from minima.data import Split
 from minima.directions import (
     DirectionError,
     Ignore,
@@ -45,17 +45,16 @@ from minima.directions import (
 from minima.evaluate import check_model_accepts, evaluate
 from minima.models import has_batchnorm, is_convolutional
 from minima.plots import save_surface_figure
-from minima.precision import Float32Math, float32_math
 from minima.precision import effective as precision_effective
-from minima.sweep import EvalData, EvalSettings, open_grid, parse_alphas, sweep_points
+from minima.sweep import EvalData, EvalOptions, EvalSettings, open_grid, parse_alphas, run_grid_study, sweep_points
 from minima.training import RESUMABLE_CHANGES
-from minima.vocab import TORCH_DTYPES, BNPolicy, DeviceName, Dtype, check_choice
+from minima.vocab import TORCH_DTYPES, BNPolicy, Dtype, check_choice
 
 DEFAULT_POINTS = 21
 
 
 @dataclass(frozen=True)
-class SurfaceRequest:
+class SurfaceRequest(EvalOptions):
     """Everything ``python -m minima.surface`` can be asked to do (stored in the output file)."""
 
     checkpoints: list[Path] = setting(help="one checkpoint (a random plane through it) or three (the plane through "
@@ -71,33 +70,9 @@ class SurfaceRequest:
     ignore: Ignore = setting("bn-and-bias", "random directions on 1-D parameters (biases, BatchNorm scale/shift): "
                              "zero (bn-and-bias), or a copy of the weights (none)")
     direction_seed: int = setting(0, "seed of the first random direction (the second uses seed + 1)")
-    data: str | None = setting(None, "data: an .npz file, a torchvision CIFAR-10 root or 'synthetic'",
-                               default_text="the data recorded in the first checkpoint")
-    train_subset: int | None = setting(None, "stratified training subset", unit="samples", default_text="all")
-    test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
-    subset_seed: int = setting(0, "seed of the stratified subsets")
-    trust_import: tuple[str, ...] = setting((), "modules a checkpoint's import-path model may be imported from "
-                                            "(package.module; also $MINIMA_TRUSTED_IMPORTS)", default_text="none")
-    data_root: str | None = setting(None, "directory of torchvision data sets", default_text="~/.cache/minima")
-    bn: BNPolicy | None = setting(None, "BatchNorm policy at each point", default_text="recompute for models with "
-                                  "BatchNorm")
-    bn_samples: int | None = setting(None, "training samples BatchNorm statistics are re-estimated on",
-                                     unit="samples", default_text="the whole (sub)set")
-    eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
     out: Path | None = setting(None, "output .h5 file", default_text="<A>_surface.h5 here")
-    resume: bool = setting(False, "compute only the points an existing --out still lacks")
-    overwrite: bool = setting(False, "replace an existing --out")
-    device: DeviceName = setting("auto", "compute device")
-    dtype: Dtype = setting("float32", "evaluation precision; bfloat16 is an autocast preview")
-    fold_bn: bool = setting(True, "fold eval-mode BatchNorm into the preceding conv/linear layer (exact)")
-    float32_math: Float32Math = setting("fp32", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32 or "
-                                        "default (PyTorch's flags); recorded in the file")
-    data_on_device: DataOnDevice = setting("auto", "keep the evaluated data on the compute device (auto: when it "
-                                           "takes at most half its free memory) or in pinned host memory (no)")
     max_minutes: float = setting(60.0, "ask (or, without a terminal, refuse) above this estimated time", unit="min")
     yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)")
-    plot: bool = setting(True, "draw <out>.png beside the file")
-    progress: bool = setting(True, "progress bar on rank 0")
 
 
 @dataclass
@@ -140,12 +115,7 @@ def default_output(req: SurfaceRequest) -> Path:
 
 def run(req: SurfaceRequest) -> Path:
     """Run (or resume) a surface into an HDF5 grid file and return its path. Works under torchrun."""
-    env = distributed.setup(req.device)
-    try:
-        with float32_math(req.float32_math):
-            return _run(req, env)
-    finally:
-        distributed.teardown()
+    return run_grid_study(req, _run)
 
 
 def _validate(req: SurfaceRequest) -> Path:

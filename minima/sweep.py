@@ -222,32 +222,24 @@ def interpolate(
 
 
 # ------------------------------------------------------------------------------------- the α line, to a file
-@dataclass(frozen=True)
-class SweepRequest:
-    """Everything ``python -m minima.interpolate`` can be asked to do (stored in the output file)."""
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """How the points of any grid are evaluated, and where the results go: the settings every grid command shares
+    (:class:`SweepRequest`, :class:`minima.planes.SurfaceRequest`)."""
 
-    checkpoint_a: Path = setting(help="checkpoint A (α = 0)", positional=True)
-    checkpoint_b: Path | None = setting(None, "checkpoint B (α = 1); omit it with --direction random",
-                                        positional=True)
-    alphas: str = setting(DEFAULT_ALPHAS, "α grid: START:STOP:NUM (NUM points, both ends included) or a "
-                          "comma-separated list")
-    bn: BNPolicy | None = setting(None, "BatchNorm policy at each α", default_text="recompute for models with "
-                                  "BatchNorm")
-    direction: Literal["segment", "random"] = setting(
-        "segment", "segment A→B, or a filter-normalised random direction through A (Li et al. 2018)")
-    direction_seed: int = setting(0, "seed of the random direction")
-    data: str | None = setting(None, "data: an .npz file, a torchvision CIFAR-10 root or 'synthetic'",
-                               default_text="the data recorded in checkpoint A")
+    data: str | None = setting(None, "data: synthetic, torchvision:NAME, imagefolder:PATH, npz:PATH or a path",
+                               default_text="the data recorded in the (first) checkpoint")
     train_subset: int | None = setting(None, "stratified training subset", unit="samples", default_text="all")
     test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
     subset_seed: int = setting(0, "seed of the stratified subsets")
     trust_import: tuple[str, ...] = setting((), "modules a checkpoint's import-path model may be imported from "
                                             "(package.module; also $MINIMA_TRUSTED_IMPORTS)", default_text="none")
     data_root: str | None = setting(None, "directory of torchvision data sets", default_text="~/.cache/minima")
+    bn: BNPolicy | None = setting(None, "BatchNorm policy at each point", default_text="recompute for models with "
+                                  "BatchNorm")
     bn_samples: int | None = setting(None, "training samples BatchNorm statistics are re-estimated on",
                                      unit="samples", default_text="the whole (sub)set")
     eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
-    out: Path | None = setting(None, "output .h5 file", default_text="<A>_vs_<B>.h5 or <A>_random<seed>.h5 here")
     resume: bool = setting(False, "compute only the points an existing --out still lacks")
     overwrite: bool = setting(False, "replace an existing --out")
     device: DeviceName = setting("auto", "compute device")
@@ -262,6 +254,21 @@ class SweepRequest:
     progress: bool = setting(True, "progress bar on rank 0")
 
 
+@dataclass(frozen=True)
+class SweepRequest(EvalOptions):
+    """Everything ``python -m minima.interpolate`` can be asked to do (stored in the output file)."""
+
+    checkpoint_a: Path = setting(help="checkpoint A (α = 0)", positional=True)
+    checkpoint_b: Path | None = setting(None, "checkpoint B (α = 1); omit it with --direction random",
+                                        positional=True)
+    alphas: str = setting(DEFAULT_ALPHAS, "α grid: START:STOP:NUM (NUM points, both ends included) or a "
+                          "comma-separated list")
+    direction: Literal["segment", "random"] = setting(
+        "segment", "segment A→B, or a filter-normalised random direction through A (Li et al. 2018)")
+    direction_seed: int = setting(0, "seed of the random direction")
+    out: Path | None = setting(None, "output .h5 file", default_text="<A>_vs_<B>.h5 or <A>_random<seed>.h5 here")
+
+
 def default_output(req: SweepRequest) -> Path:
     a = ckpt_io.run_label(req.checkpoint_a)
     if req.direction == "random":
@@ -272,10 +279,16 @@ def default_output(req: SweepRequest) -> Path:
 
 def run(req: SweepRequest) -> Path:
     """Run (or resume) a sweep into an HDF5 grid file and return its path. Works under torchrun."""
+    return run_grid_study(req, _run)
+
+
+def run_grid_study(req: EvalOptions, body: Callable[[Any, distributed.DistEnv], Path]) -> Path:
+    """``body(req, env)`` in the process group of ``req.device`` (torchrun or one process) under the request's
+    float32 math; the group is torn down and the math flags restored however it ends."""
     env = distributed.setup(req.device)
     try:
         with float32_math(req.float32_math):
-            return _run(req, env)
+            return body(req, env)
     finally:
         distributed.teardown()
 
