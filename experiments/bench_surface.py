@@ -1,6 +1,7 @@
 """A loss-surface grid of ``minima.surface`` against a loss-landscape-style loop, in the same process.
 
     python -m experiments.bench_surface [--grid 21] [--train 2000] [--test 2000] [--threads 2] [--data synthetic]
+    python -m experiments.bench_surface --device cuda --workers 8      # on a GPU (target ≥ 20×)
 
 Baseline (how loss-landscape, Li et al.'s code, evaluates a plane): for every grid point, the shifted weights
 θ + x·d1 + y·d2 computed in float32 per parameter and loaded with ``load_state_dict``; a torchvision-style dataset
@@ -38,16 +39,19 @@ from minima.allocator import keep_freed_memory
 from minima.directions import Plane, random_plane
 from minima.models import build_model, textbook_order
 from minima.planes import surface
+from minima.precision import float32_math
 
 
 def baseline_grid(state: dict[str, torch.Tensor], plane: Plane, ds: data.Dataset, xs: np.ndarray,
-                  ys: np.ndarray) -> dict[str, np.ndarray]:
+                  ys: np.ndarray, device: torch.device, workers: int) -> dict[str, np.ndarray]:
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(ds.mean, ds.std)])
     loaders = {name: DataLoader(TorchvisionStyleCIFAR(getattr(ds, name), tf), batch_size=128, shuffle=False,
-                                num_workers=0) for name in ("train", "test")}
-    model = textbook_order(build_model("c1"))
-    d1 = {k: v.float() for k, v in plane.d1.items()}
-    d2 = {k: v.float() for k, v in plane.d2.items()}
+                                num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+               for name in ("train", "test")}
+    model = textbook_order(build_model("c1")).to(device)
+    state = {k: v.to(device) for k, v in state.items()}
+    d1 = {k: v.float().to(device) for k, v in plane.d1.items()}
+    d2 = {k: v.float().to(device) for k, v in plane.d2.items()}
     out = {f"{s}/{m}": np.zeros((len(xs), len(ys))) for s in ("train", "test") for m in ("loss", "accuracy")}
     for i, x in enumerate(xs):
         for j, y in enumerate(ys):
@@ -58,6 +62,7 @@ def baseline_grid(state: dict[str, torch.Tensor], plane: Plane, ds: data.Dataset
                 for name, loader in loaders.items():
                     loss, correct, count = 0.0, 0, 0
                     for xb, yb in loader:
+                        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                         logits = model(xb)
                         loss += float(F.cross_entropy(logits, yb, reduction="sum"))
                         correct += int((logits.argmax(1) == yb).sum())
@@ -75,7 +80,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default="synthetic", help="'synthetic' (speed only) or a CIFAR-10 source")
     p.add_argument("--ckpt", type=Path, default=None, help="a trained C1 checkpoint (default: seeded weights)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (then the baseline uses --workers pinned workers)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline (GPU: 8)")
     args = p.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     ds = data.load_source(args.data, args.train, args.test).subset(args.train, args.test, seed=0)
     model: nn.Module = ck.load_model(args.ckpt)[0] if args.ckpt else seeded_c1(0)
@@ -85,14 +93,20 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads; C1, {args.data} 3×32×32: {len(ds.train)} train + "
           f"{len(ds.test)} test images per point; {args.grid}×{args.grid} = {points} points")
     t0 = time.perf_counter()
-    ref = baseline_grid(model.state_dict(), plane, ds, xs, ys)
+    ref = baseline_grid(model.state_dict(), plane, ds, xs, ys, device, args.workers)
     base_s = time.perf_counter() - t0
     print(f"loss-landscape-style loop (default allocator): {base_s:8.1f} s  ({base_s / points:.2f} s per point)")
     keep_freed_memory()
-    surface(model, plane, ds.train, ds.test, xs[:1], ys[:1], bn="interpolate", mean=ds.mean, std=ds.std)  # warm-up
-    t0 = time.perf_counter()
-    grid = surface(model, plane, ds.train, ds.test, xs, ys, bn="interpolate", mean=ds.mean, std=ds.std)
-    ours_s = time.perf_counter() - t0
+    (train_d, test_d), _ = data.place([ds.train, ds.test], "auto", device)
+    with float32_math("fp32"):
+        surface(model, plane, train_d, test_d, xs[:1], ys[:1], bn="interpolate", mean=ds.mean, std=ds.std,
+                device=device)  # warm-up
+        t0 = time.perf_counter()
+        grid = surface(model, plane, train_d, test_d, xs, ys, bn="interpolate", mean=ds.mean, std=ds.std,
+                       device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ours_s = time.perf_counter() - t0
     print(f"minima.surface (keep_freed_memory)         : {ours_s:8.1f} s  ({ours_s / points:.2f} s per point)  "
           f"speed-up {base_s / ours_s:.2f}×")
     diffs = {k: float(np.max(np.abs(grid.values[k] - ref[k]) / np.maximum(np.abs(ref[k]), 1e-12))) for k in ref}
