@@ -171,6 +171,32 @@ def place(splits: Sequence[Split], policy: DataOnDevice, device: torch.device) -
     return [s.to(device) if where.resident else s.pin_memory() for s in splits], where
 
 
+class DeviceBatches:
+    """The batches ``split[chunk]`` for ``chunks`` in order, on ``device``. With pinned host data the next batch is
+    gathered into page-locked memory and its asynchronous copy issued before the current one is handed out (one
+    batch of prefetch), so the copy overlaps the computation; with resident data it is plain indexing."""
+
+    def __init__(self, split: Split, chunks: Sequence[torch.Tensor], device: torch.device, pinned: bool) -> None:
+        self.split, self.chunks, self.device, self.pinned = split, chunks, device, pinned
+
+    def _fetch(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.split.images[chunk], self.split.labels[chunk]
+        if self.pinned:  # a gathered batch is pageable: pin it so the copy is asynchronous
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.pinned:
+            for chunk in self.chunks:
+                yield self._fetch(chunk)
+            return
+        ahead = self._fetch(self.chunks[0]) if len(self.chunks) else None
+        for k in range(len(self.chunks)):
+            current = ahead
+            ahead = self._fetch(self.chunks[k + 1]) if k + 1 < len(self.chunks) else None
+            yield current
+
+
 # --------------------------------------------------------------------------------------------- stats
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) standard deviation of uint8 images, in units of pixel/255.

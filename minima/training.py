@@ -461,11 +461,14 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
     """The hot loop: one epoch's optimiser steps from ``run.batch0``. Returns this rank's running sums
     ``[loss, correct, count, nonfinite]`` (float64 on the device), the samples it saw, and the last LR."""
     c, env, plan, ds = run.c, run.env, run.plan, run.ds
-    images_all, labels_all = run.train_split.images, run.train_split.labels
     perm = data_mod.epoch_permutation(len(ds.train), c.seed, run.epoch)
-    if images_all.device != perm.device:  # data resident on the GPU: index it there, one copy per epoch
-        perm = perm.to(images_all.device)
+    if run.train_split.images.device != perm.device:  # data resident on the GPU: index it there, one copy per epoch
+        perm = perm.to(run.train_split.images.device)
     batches = data_mod.global_batches(perm, c.batch_size)
+    # This rank's micro-batches of the rest of the epoch, fetched one ahead when the data is in pinned host memory.
+    chunks = [chunk for b in range(run.batch0, len(batches))
+              for chunk in batches[b][env.rank * plan.per_rank : (env.rank + 1) * plan.per_rank].split(plan.micro)]
+    fetched = iter(data_mod.DeviceBatches(run.train_split, chunks, env.device, run.placement.pinned))
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.amp == "bf16" else contextlib.nullcontext()
     run.net.train()
@@ -482,11 +485,8 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
         torch.manual_seed(seed)  # dropout of this step (CPU and CUDA generators)
         aug_gen = torch.Generator().manual_seed(seed)
         run.optimizer.zero_grad(set_to_none=True)
-        for m, chunk in enumerate(mine.split(plan.micro)):
-            x, y = images_all[chunk], labels_all[chunk]
-            if run.placement.pinned:  # a gathered batch is pageable: pin it so the copy below is asynchronous
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        for m in range(plan.accumulation):
+            x, y = next(fetched)
             if c.augment:  # on the device: the crop offsets and flips are drawn on the host from the step's seed
                 x = data_mod.augment(x, aug_gen)
             x = data_mod.normalize(x, ds.mean, ds.std, torch.float32, run.channels_last)

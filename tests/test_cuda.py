@@ -139,3 +139,12 @@ def test_hvps_lanczos_and_hutchinson_keep_parameter_vectors_on_the_device(monkey
     trace = hutchinson_trace(hessian_operator(obj), min_probes=2, max_probes=3)
     assert res.hvps > 0 and trace.probes >= 2
     assert copies == [], f"parameter-sized device→host copies: {copies}"
+
+
+def test_pinned_batches_are_prefetched_and_equal_host_batches() -> None:
+    ds = data.synthetic(64, 8, (3, 8, 8), 4, seed=7)
+    chunks = list(torch.randperm(64, generator=torch.Generator().manual_seed(1)).split(10))
+    got = list(data.DeviceBatches(ds.train.pin_memory(), chunks, torch.device("cuda"), pinned=True))
+    assert len(got) == len(chunks)
+    for (x, y), chunk in zip(got, chunks, strict=True):
+        assert x.is_cuda and torch.equal(x.cpu(), ds.train.images[chunk]) and torch.equal(y.cpu(), ds.train.labels[chunk])

@@ -73,3 +73,12 @@ def test_data_placement_policy() -> None:
     ds = data.synthetic(8, 4, (1, 2, 2), 2)
     (train,), where = data.place([ds.train], "yes", torch.device("cpu"))
     assert train is ds.train and where.resident
+
+
+def test_device_batches_follow_the_chunks_in_order() -> None:
+    ds = data.synthetic(30, 4, (1, 2, 2), 3, seed=2)
+    chunks = list(torch.arange(30).flip(0).split(7))
+    got = list(data.DeviceBatches(ds.train, chunks, torch.device("cpu"), pinned=False))
+    assert [len(y) for _, y in got] == [7, 7, 7, 7, 2]
+    for (x, y), chunk in zip(got, chunks, strict=True):
+        assert torch.equal(x, ds.train.images[chunk]) and torch.equal(y, ds.train.labels[chunk])
