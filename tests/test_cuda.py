@@ -147,4 +147,5 @@ def test_pinned_batches_are_prefetched_and_equal_host_batches() -> None:
     got = list(data.DeviceBatches(ds.train.pin_memory(), chunks, torch.device("cuda"), pinned=True))
     assert len(got) == len(chunks)
     for (x, y), chunk in zip(got, chunks, strict=True):
-        assert x.is_cuda and torch.equal(x.cpu(), ds.train.images[chunk]) and torch.equal(y.cpu(), ds.train.labels[chunk])
+        assert x.is_cuda and torch.equal(x.cpu(), ds.train.images[chunk])
+        assert torch.equal(y.cpu(), ds.train.labels[chunk])
