@@ -239,3 +239,29 @@ def test_keskar_pipeline_with_c3_on_cifar100_and_with_your_own_model(nets: str, 
     own = tmp_path / "own"
     assert keskar.main(["--model", f"{nets}:make_net", "--preset", "smoke", "--out", str(own)]) == 0
     assert (own / f"keskar_{nets}-make_net.png").stat().st_size > 10_000
+
+
+def test_torchvision_svhn_mat_files_and_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SVHN's .mat files (X as H×W×C×N, labels 1..10 with 10 meaning 0) and FashionMNIST's idx files, offline."""
+    import scipy.io
+    import torchvision.datasets.svhn as tv_svhn
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 20), ("test", 10)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = (np.arange(n) % 10 + 1)[:, None]  # SVHN writes the digit 0 as class 10
+        scipy.io.savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": y})
+    import torchvision.datasets.utils as tv_utils
+
+    monkeypatch.setattr(tv_svhn.SVHN, "_check_integrity", lambda self: True)  # our files, not the real md5
+    monkeypatch.setattr(tv_utils, "check_integrity", lambda *args, **kwargs: True)  # so its download finds them
+    ds = data.load_source("torchvision:SVHN", root=tmp_path)
+    assert ds.image_shape == (3, 32, 32) and len(ds.train) == 20 and ds.num_classes == 10
+    assert ds.train.labels.tolist()[:10] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    first = scipy.io.loadmat(tmp_path / "train_32x32.mat")["X"][:, :, :, 0]  # H, W, C of image 0
+    assert torch.equal(ds.train.images[0], torch.from_numpy(first).permute(2, 0, 1))
+    fashion = tmp_path / "fashion"
+    _write_mnist(fashion)
+    (fashion / "MNIST").rename(fashion / "FashionMNIST")
+    ds = data.load_source("torchvision:FashionMNIST", root=fashion)
+    assert ds.image_shape == (1, 28, 28) and ds.spec["name"] == "FashionMNIST"
