@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str
     dataclass defaults apply), positional fields are required unless they have a default."""
     hints = typing.get_type_hints(cls)
     skip = set(skip)
-    for f in dataclasses.fields(cls):
+    own = set(vars(cls).get("__annotations__", {}))  # a command's own settings first, shared (inherited) ones after
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if f.name in skip:
             continue
         tp, optional = _unwrap_optional(hints[f.name])
