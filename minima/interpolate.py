@@ -12,9 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from minima import config as cfg
-from minima.allocator import keep_freed_memory
-from minima.checkpoint import CheckpointError, IncompatibleCheckpointsError
-from minima.results import ResultsError
+from minima.cli import run_command
 from minima.sweep import EndpointMismatchError, SweepRequest, interpolate, parse_alphas, run
 
 __all__ = ["SweepRequest", "interpolate", "main", "parse_alphas", "parse_args", "run"]
@@ -30,20 +28,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SweepRequest:
 
 def main(argv: Sequence[str] | None = None) -> int:
     req = parse_args(argv)
-    keep_freed_memory()
-    try:
-        run(req)
-    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, IncompatibleCheckpointsError,
-            ResultsError) as exc:
-        print(f"[minima.interpolate] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except EndpointMismatchError as exc:
-        print(f"[minima.interpolate] {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("[minima.interpolate] interrupted; finished points are saved — rerun with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("minima.interpolate", lambda: run(req), statuses={EndpointMismatchError: 1},
+                       interrupted="interrupted; finished points are saved — rerun with --resume")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from minima import config as cfg
-from minima.allocator import keep_freed_memory
-from minima.checkpoint import CheckpointError
+from minima.cli import run_command
 from minima.measure import MeasureRequest, measure
 from minima.objective import NondeterministicLossError
-from minima.results import ResultsError
 from minima.sharpness_metrics import (
     DenseSubspace,
     RandomSubspace,
@@ -37,13 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> MeasureRequest:
 
 def main(argv: Sequence[str] | None = None) -> int:
     req = parse_args(argv)
-    keep_freed_memory()
-    try:
-        measure(req)
-    except (ValueError, FileNotFoundError, CheckpointError, ResultsError, NondeterministicLossError) as exc:
-        print(f"[minima.sharpness] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_command("minima.sharpness", lambda: measure(req), user_errors=(NondeterministicLossError,),
+                       interrupted="interrupted; finished metrics are saved — rerun the same command")
 
 
 if __name__ == "__main__":

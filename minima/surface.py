@@ -12,10 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from minima import config as cfg
-from minima.allocator import keep_freed_memory
-from minima.checkpoint import CheckpointError, IncompatibleCheckpointsError
+from minima.cli import run_command
 from minima.planes import SurfaceRequest, run, surface
-from minima.results import ResultsError
 
 __all__ = ["SurfaceRequest", "main", "parse_args", "run", "surface"]
 
@@ -30,17 +28,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SurfaceRequest:
 
 def main(argv: Sequence[str] | None = None) -> int:
     req = parse_args(argv)
-    keep_freed_memory()
-    try:
-        run(req)
-    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, IncompatibleCheckpointsError,
-            ResultsError) as exc:
-        print(f"[minima.surface] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("[minima.surface] interrupted; finished points are saved — rerun with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("minima.surface", lambda: run(req),
+                       interrupted="interrupted; finished points are saved — rerun with --resume")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from minima import config as cfg
-from minima.allocator import keep_freed_memory
-from minima.checkpoint import CheckpointError
+from minima.cli import run_command
 from minima.training import (
     EXIT_INTERRUPTED,
     NonFiniteLossError,
@@ -47,21 +46,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    def work() -> None:
         config, resume = parse_args(argv)
-    except (ValueError, FileNotFoundError) as exc:  # a bad preset file
-        print(f"[minima.train] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    keep_freed_memory()
-    try:
         train(config, resume=resume)
-    except TrainingInterrupted as exc:
-        print(f"[minima.train] {exc}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    except (NonFiniteLossError, ValueError, OSError, CheckpointError) as exc:  # OSError: missing files, downloads
-        print(f"[minima.train] error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    # TrainingInterrupted: SIGTERM/Ctrl-C already wrote last.pt and says how to resume.
+    return run_command("minima.train", work, user_errors=(NonFiniteLossError,),
+                       statuses={TrainingInterrupted: EXIT_INTERRUPTED})
 
 
 if __name__ == "__main__":

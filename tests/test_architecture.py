@@ -14,7 +14,7 @@ PACKAGE = ROOT / "minima"
 # Layer of every module, lowest first. A module may import modules of its own layer or below; a command
 # imports no other command.
 LAYERS = {
-    "base": ["__init__", "vocab", "config", "allocator", "distributed", "precision"],
+    "base": ["__init__", "vocab", "config", "allocator", "distributed", "precision", "cli"],
     "numerics": ["data", "models", "schedule", "evaluate", "fold", "convgrad", "graphcache", "directions",
                  "checkpoint", "objective", "hessian", "sharpness_metrics", "metrics", "results", "plots"],
     "studies": ["training", "sweep", "measure", "planes"],
