@@ -46,9 +46,18 @@ from minima.evaluate import check_model_accepts, evaluate
 from minima.models import has_batchnorm, is_convolutional
 from minima.plots import save_surface_figure
 from minima.precision import effective as precision_effective
-from minima.sweep import EvalData, EvalOptions, EvalSettings, open_grid, parse_alphas, run_grid_study, sweep_points
+from minima.sweep import (
+    EvalData,
+    EvalOptions,
+    EvalSettings,
+    evaluation_setup,
+    open_grid,
+    parse_alphas,
+    run_grid_study,
+    sweep_points,
+)
 from minima.training import RESUMABLE_CHANGES
-from minima.vocab import TORCH_DTYPES, BNPolicy, Dtype, check_choice
+from minima.vocab import BNPolicy, Dtype, check_choice
 
 DEFAULT_POINTS = 21
 
@@ -249,20 +258,10 @@ def _run(req: SurfaceRequest, env: distributed.DistEnv) -> Path:
     out = _validate(req)
     inp = _inputs(req)
     ds, model, plane = inp.ds, inp.model, inp.plane
-    bn_split = ds.train
-    if req.bn_samples is not None and req.bn_samples < len(ds.train):
-        bn_split = ds.train.take(data_mod.stratified_subset(ds.train.labels, req.bn_samples, req.subset_seed))
-    with_bn = has_batchnorm(model)
-    policy = (req.bn or "recompute") if with_bn else "none"
-    s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
-                     dtype=TORCH_DTYPES[req.dtype], device=env.device,
-                     channels_last=is_convolutional(model), fold_bn=req.fold_bn)
-    mean, std = tuple(inp.origin["meta"]["data"]["mean"]), tuple(inp.origin["meta"]["data"]["std"])
-    (train, test, bn_data), placement = data_mod.place([ds.train, ds.test, bn_split], req.data_on_device, env.device)
-    d = EvalData(train, test, bn_data, mean, std)
+    policy, s, d, placement = evaluation_setup(req, model, ds, inp.origin["meta"]["data"], env.device)
     coords = auto_axes(req, plane)
     config = {"x": coords["x"].tolist(), "y": coords["y"].tolist(), "bn": policy, "directions": plane.provenance,
-              "data": ds.describe(), "bn_samples": len(bn_split), "eval_batch_size": req.eval_batch_size,
+              "data": ds.describe(), "bn_samples": len(d.bn), "eval_batch_size": req.eval_batch_size,
               "dtype": req.dtype, "fold_bn": req.fold_bn, "world_size": env.world_size,
               "float32_math": req.float32_math}
     match = {k: v for k, v in config.items() if k not in ("world_size", "x", "y")}

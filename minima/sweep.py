@@ -315,6 +315,23 @@ def _validate(req: SweepRequest) -> tuple[np.ndarray, Path]:
     return alphas, out
 
 
+def evaluation_setup(req: EvalOptions, model: nn.Module, ds: data_mod.Dataset, recorded: dict[str, Any],
+                     device: torch.device) -> tuple[str, EvalSettings, EvalData, data_mod.Placement]:
+    """What every grid point is evaluated with, from the shared options: the BatchNorm policy (``none`` for a model
+    without BatchNorm), the settings, the (placed) data with the BN re-estimation subset, and the placement.
+    ``recorded``: the checkpoint's ``meta["data"]`` (its normalisation)."""
+    bn_split = ds.train
+    if req.bn_samples is not None and req.bn_samples < len(ds.train):
+        bn_split = ds.train.take(data_mod.stratified_subset(ds.train.labels, req.bn_samples, req.subset_seed))
+    with_bn = has_batchnorm(model)
+    policy = (req.bn or "recompute") if with_bn else "none"
+    s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
+                     dtype=TORCH_DTYPES[req.dtype], device=device, channels_last=is_convolutional(model),
+                     fold_bn=req.fold_bn)
+    (train, test, bn_data), placement = data_mod.place([ds.train, ds.test, bn_split], req.data_on_device, device)
+    return policy, s, EvalData(train, test, bn_data, tuple(recorded["mean"]), tuple(recorded["std"])), placement
+
+
 def _load_pair(req: SweepRequest) -> tuple[dict[str, Any], dict[str, Any] | None]:
     ck_a = ckpt_io.load_checkpoint(req.checkpoint_a)
     ck_b = ckpt_io.load_checkpoint(req.checkpoint_b) if req.checkpoint_b is not None else None
@@ -335,16 +352,7 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
     ds = data_mod.load_for_checkpoint(ck_a["meta"]["data"], req.data, req.train_subset, req.test_subset,
                                       req.subset_seed, req.data_root)
     check_model_accepts(model, ds)
-    bn_split = ds.train
-    if req.bn_samples is not None and req.bn_samples < len(ds.train):
-        bn_split = ds.train.take(data_mod.stratified_subset(ds.train.labels, req.bn_samples, req.subset_seed))
-    with_bn = has_batchnorm(model)
-    policy = (req.bn or "recompute") if with_bn else "none"
-    s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
-                     dtype=TORCH_DTYPES[req.dtype], device=env.device,
-                     channels_last=is_convolutional(model), fold_bn=req.fold_bn)
-    (train, test, bn_data), placement = data_mod.place([ds.train, ds.test, bn_split], req.data_on_device, env.device)
-    d = EvalData(train, test, bn_data, tuple(ck_a["meta"]["data"]["mean"]), tuple(ck_a["meta"]["data"]["std"]))
+    policy, s, d, placement = evaluation_setup(req, model, ds, ck_a["meta"]["data"], env.device)
 
     state_a = ck_a["state_dict"]
     if ck_b is not None:
@@ -362,7 +370,7 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
         "alphas": alphas.tolist(), "bn": policy, "direction": req.direction,
         "direction_seed": req.direction_seed if req.direction == "random" else None,
         "filter_normalized": req.direction == "random", "data": ds.describe(),
-        "bn_samples": len(bn_split), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
+        "bn_samples": len(d.bn), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
         "fold_bn": req.fold_bn, "world_size": env.world_size, "float32_math": req.float32_math,
     }
     match = {k: v for k, v in config.items() if k != "world_size"}  # what a resumed file must share
