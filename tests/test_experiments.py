@@ -72,6 +72,12 @@ def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
     assert keskar.main(["--model", "mlp", "--preset", "smoke", "--out", str(out), "--figures", str(tmp_path)]) == 0
     monkeypatch.setenv("MINIMA_CURVES", str(out / "seed0" / "sb_vs_lb.h5"))
     monkeypatch.setenv("MINIMA_SHARPNESS", str(out / "seed0" / "sharpness.h5"))
+    from minima.planes import SurfaceRequest
+    from minima.planes import run as run_surface
+
+    plane = run_surface(SurfaceRequest(checkpoints=[out / "seed0" / "sb" / "final.pt"], x="-1:1:3", y="-1:1:3",
+                                       out=tmp_path / "plane.h5", plot=False, progress=False, device="cpu"))
+    monkeypatch.setenv("MINIMA_SURFACE", str(plane))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own (inline) backend, as in Jupyter
     nb = nbformat.read(ROOT / "notebooks" / "explore_curves.ipynb", as_version=4)
     NotebookClient(nb, timeout=120, kernel_name="python3",
@@ -80,7 +86,8 @@ def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
     text = "".join(o.get("text", "") for o in outputs)
     assert "LB / SB  keskar_full_eps0.001" in text and "d²f/dα²" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2, "both figure cells must display an image (no backend switched behind Jupyter's back)"
+    assert len(images) == 3, "every figure cell must display an image (no backend switched behind Jupyter's back)"
+    assert "3×3 points, 9 computed" in text
     with h5py.File(out / "seed0" / "sb_vs_lb.h5") as f:
         assert f.attrs["format"] == results.GRID_FORMAT and list(f["coords"]) == ["alpha"]
 
