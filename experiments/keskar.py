@@ -37,7 +37,7 @@ from minima.checkpoint import evaluate_checkpoint, run_label
 from minima.config import setting
 from minima.measure import MeasureRequest, measure
 from minima.measure import result_jobs as measure_jobs
-from minima.models import available_models, model_info, model_kind
+from minima.models import available_models, default_data, own_import
 from minima.plots import save_curve_figure
 from minima.sweep import SweepRequest
 from minima.sweep import run as run_interpolation
@@ -145,16 +145,9 @@ def _train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, 
     return train(config, resume=(out / "last.pt").exists(), dataset=ds)
 
 
-def trusted_for(model: str) -> tuple[str, ...]:
-    """Naming an import-path model on the pipeline's command line allows importing its module."""
-    return (model.partition(":")[0],) if model_kind(model) == "import" else ()
-
-
 def data_for(model: str, preset: Preset) -> str | None:
     """The preset's data, or the model's own (c3/c4: CIFAR-100) when the preset names none."""
-    if preset.data is None and model_kind(model) == "registry":
-        return model_info(model).data
-    return preset.data
+    return preset.data if preset.data is not None else default_data(model)
 
 
 def _exact_accuracy(path: Path, ds: data_mod.Dataset, batch_size: int, trusted: Sequence[str]) -> dict[str, float]:
@@ -189,19 +182,19 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
         clock.run(f"seed{seed}/interpolate", False, lambda: run_interpolation(SweepRequest(
             checkpoint_a=sb, checkpoint_b=lb, alphas=preset.interp_alphas, bn="recompute",
             train_subset=preset.interp_train_subset, test_subset=preset.interp_test_subset, out=curve_path,
-            resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size, trust_import=trusted_for(model),
+            resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size, trust_import=own_import(model),
         )))
     sharp_path = out / "sharpness.h5"
     request = MeasureRequest(
         checkpoints=[sb, lb], metrics=["keskar", "hessian"], eps=list(preset.eps), subspace=preset.subspace,
         maxiter=preset.maxiter, topk=1, samples=preset.sharpness_samples, bn=preset.sharpness_bn,
         batch_size=min(preset.eval_batch_size, preset.sharpness_samples or preset.eval_batch_size),
-        out=sharp_path, trust_import=trusted_for(model),
+        out=sharp_path, trust_import=own_import(model),
     )
     clock.run(f"seed{seed}/sharpness", _sharpness_complete(sharp_path, request), lambda: measure(request))
     row: dict[str, Any] = {}
     for name, path in (("sb", sb), ("lb", lb)):
-        for k, v in _exact_accuracy(path, ds, preset.eval_batch_size, trusted_for(model)).items():
+        for k, v in _exact_accuracy(path, ds, preset.eval_batch_size, own_import(model)).items():
             row[f"{name}_{k}"] = v
     for r in results.load_sharpness(sharp_path):
         regime = r["checkpoint_label"]

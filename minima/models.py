@@ -325,6 +325,11 @@ def build_model(name: str, num_classes: int | None = 10, *, trusted: Iterable[st
 
     Raises :class:`ModelSpecError` naming the valid choices or the fix for every other problem."""
     factory, arguments = resolve_model(name, num_classes, trusted=trusted, **kwargs)
+    return instantiate(name, factory, arguments)
+
+
+def instantiate(name: str, factory: Callable[..., Any], arguments: dict[str, Any]) -> nn.Module:
+    """``factory(**arguments)`` as :func:`resolve_model` returned them, checked to be an ``nn.Module``."""
     try:
         model = factory(**arguments)
     except TypeError as exc:
@@ -332,6 +337,18 @@ def build_model(name: str, num_classes: int | None = 10, *, trusted: Iterable[st
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{name} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def own_import(name: str) -> tuple[str, ...]:
+    """The module a model name given on a command line allows importing (naming it is the permission): the module
+    of an import path, nothing for registry and torchvision models."""
+    return (name.partition(":")[0],) if model_kind(name) == "import" else ()
+
+
+def default_data(name: str) -> str | None:
+    """The data set a model is meant for when none is given (``--data`` syntax): a registry entry's ``data`` (c3/c4:
+    CIFAR-100), else None (CIFAR-10's default resolution)."""
+    return model_info(name).data if model_kind(name) == "registry" else None
 
 
 def resolve_model(name: str, num_classes: int | None = 10, *, trusted: Iterable[str] = (),

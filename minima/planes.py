@@ -45,7 +45,6 @@ from minima.directions import (
 from minima.evaluate import check_model_accepts, evaluate
 from minima.models import has_batchnorm, is_convolutional
 from minima.plots import save_surface_figure
-from minima.precision import effective as precision_effective
 from minima.sweep import (
     EvalData,
     EvalOptions,
@@ -258,7 +257,7 @@ def _run(req: SurfaceRequest, env: distributed.DistEnv) -> Path:
     out = _validate(req)
     inp = _inputs(req)
     ds, model, plane = inp.ds, inp.model, inp.plane
-    policy, s, d, placement = evaluation_setup(req, model, ds, inp.origin["meta"]["data"], env.device)
+    policy, s, d, runtime = evaluation_setup(req, model, ds, inp.origin["meta"]["data"], env.device)
     coords = auto_axes(req, plane)
     config = {"x": coords["x"].tolist(), "y": coords["y"].tolist(), "bn": policy, "directions": plane.provenance,
               "data": ds.describe(), "bn_samples": len(d.bn), "eval_batch_size": req.eval_batch_size,
@@ -270,9 +269,7 @@ def _run(req: SurfaceRequest, env: distributed.DistEnv) -> Path:
         "model": inp.origin["model"]["name"], "bn_policy": policy, "config": json.dumps(config),
         "config_key": resume_key(match), "request": json.dumps(to_dict(req)), "marks": json.dumps(plane.marks),
         "directions": json.dumps(plane.provenance),
-        "precision": json.dumps(precision_effective(env.device, req.float32_math,
-                                                    "bfloat16" if req.dtype == "bfloat16" else None)),
-        "data_placement": json.dumps(placement.describe()),
+        **runtime,
     }
     if plane.path is not None:
         attrs["path"] = json.dumps(plane.path.tolist())

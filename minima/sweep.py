@@ -316,10 +316,11 @@ def _validate(req: SweepRequest) -> tuple[np.ndarray, Path]:
 
 
 def evaluation_setup(req: EvalOptions, model: nn.Module, ds: data_mod.Dataset, recorded: dict[str, Any],
-                     device: torch.device) -> tuple[str, EvalSettings, EvalData, data_mod.Placement]:
+                     device: torch.device) -> tuple[str, EvalSettings, EvalData, dict[str, str]]:
     """What every grid point is evaluated with, from the shared options: the BatchNorm policy (``none`` for a model
-    without BatchNorm), the settings, the (placed) data with the BN re-estimation subset, and the placement.
-    ``recorded``: the checkpoint's ``meta["data"]`` (its normalisation)."""
+    without BatchNorm), the settings, the (placed) data with the BN re-estimation subset, and the root attributes
+    every grid file records about how it ran (``precision``, ``data_placement``, JSON). ``recorded``: the
+    checkpoint's ``meta["data"]`` (its normalisation)."""
     bn_split = ds.train
     if req.bn_samples is not None and req.bn_samples < len(ds.train):
         bn_split = ds.train.take(data_mod.stratified_subset(ds.train.labels, req.bn_samples, req.subset_seed))
@@ -329,7 +330,10 @@ def evaluation_setup(req: EvalOptions, model: nn.Module, ds: data_mod.Dataset, r
                      dtype=TORCH_DTYPES[req.dtype], device=device, channels_last=is_convolutional(model),
                      fold_bn=req.fold_bn)
     (train, test, bn_data), placement = data_mod.place([ds.train, ds.test, bn_split], req.data_on_device, device)
-    return policy, s, EvalData(train, test, bn_data, tuple(recorded["mean"]), tuple(recorded["std"])), placement
+    runtime = {"precision": json.dumps(precision_effective(device, req.float32_math,
+                                                           "bfloat16" if req.dtype == "bfloat16" else None)),
+               "data_placement": json.dumps(placement.describe())}
+    return policy, s, EvalData(train, test, bn_data, tuple(recorded["mean"]), tuple(recorded["std"])), runtime
 
 
 def _load_pair(req: SweepRequest) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -352,7 +356,7 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
     ds = data_mod.load_for_checkpoint(ck_a["meta"]["data"], req.data, req.train_subset, req.test_subset,
                                       req.subset_seed, req.data_root)
     check_model_accepts(model, ds)
-    policy, s, d, placement = evaluation_setup(req, model, ds, ck_a["meta"]["data"], env.device)
+    policy, s, d, runtime = evaluation_setup(req, model, ds, ck_a["meta"]["data"], env.device)
 
     state_a = ck_a["state_dict"]
     if ck_b is not None:
@@ -378,10 +382,7 @@ def _run(req: SweepRequest, env: distributed.DistEnv) -> Path:
         "checkpoint_a": str(req.checkpoint_a), "checkpoint_b": str(req.checkpoint_b or ""),
         "sha256_a": ckpt_io.sha256_file(req.checkpoint_a),
         "sha256_b": ckpt_io.sha256_file(req.checkpoint_b) if req.checkpoint_b else "",
-        "model": ck_a["model"]["name"], "bn_policy": policy, "config_key": resume_key(match),
-        "precision": json.dumps(precision_effective(env.device, req.float32_math,
-                                                    "bfloat16" if req.dtype == "bfloat16" else None)),
-        "data_placement": json.dumps(placement.describe()),
+        "model": ck_a["model"]["name"], "bn_policy": policy, "config_key": resume_key(match), **runtime,
     }
     coords = {"alpha": alphas}
 

@@ -44,11 +44,13 @@ from minima.data import DataOnDevice
 from minima.evaluate import batch_sums, check_model_accepts, evaluate, sums_to_result
 from minima.models import (
     available_models,
-    build_model,
+    default_data,
+    instantiate,
     is_convolutional,
     load_imagenet_weights,
     model_info,
     model_kind,
+    own_import,
     resolve_model,
 )
 from minima.precision import Float32Math, float32_math
@@ -206,9 +208,7 @@ def validate_config(c: TrainConfig) -> None:
 
 def load_dataset(c: TrainConfig) -> data_mod.Dataset:
     """The dataset named by the config (or the model's own, for c3/c4), with its stratified subsets taken."""
-    source = c.data
-    if source is None and model_kind(c.model) == "registry":
-        source = model_info(c.model).data
+    source = c.data if c.data is not None else default_data(c.model)
     ds = data_mod.load_source(source, c.train_subset, c.test_subset, root=c.data_root)
     return ds.subset(c.train_subset, c.test_subset, c.subset_seed)
 
@@ -255,9 +255,8 @@ def _initial_model(c: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[st
     kwargs = dict(c.model_kwargs)
     torch.manual_seed(c.seed if c.init_seed is None else c.init_seed)
     # Naming an import-path model in the training config is the user's permission to import its module.
-    trusted = [c.model.partition(":")[0]] if model_kind(c.model) == "import" else []
-    _, stored_kwargs = resolve_model(c.model, num_classes, trusted=trusted, **kwargs)  # what rebuilds it
-    model = build_model(c.model, num_classes, trusted=trusted, **kwargs)
+    factory, stored_kwargs = resolve_model(c.model, num_classes, trusted=own_import(c.model), **kwargs)
+    model = instantiate(c.model, factory, stored_kwargs)  # stored_kwargs are what rebuilds it from the checkpoint
     if c.pretrained:
         if c.model != "mobilenet_v2":
             raise ValueError(f"--pretrained is available for mobilenet_v2 only, not {c.model!r}")
@@ -480,7 +479,6 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
         lr = learning_rate(run.step, run.schedule)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        mine = batches[b][env.rank * plan.per_rank : (env.rank + 1) * plan.per_rank]
         seed = _step_seed(c.seed, run.step, env.rank)
         torch.manual_seed(seed)  # dropout of this step (CPU and CUDA generators)
         aug_gen = torch.Generator().manual_seed(seed)
@@ -500,7 +498,7 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
             sums += batch_sums(logits.detach().float(), y)
         run.optimizer.step()
         run.step += 1
-        seen += len(mine)
+        seen += plan.per_rank  # every global batch is full (the short one at the end is dropped)
         bar.update(1)
         stopping = stop["signal"] is not None  # a Python flag: free to read at every step in one process
         if run.step % CHECK_EVERY == 0 or b == len(batches) - 1:
