@@ -27,13 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from torchvision import transforms
 
-from experiments.bench_interpolate import TorchvisionStyleCIFAR, seeded_c1
+from experiments.bench_interpolate import baseline_sweep, seeded_c1
 from minima import data
 from minima.hessian import hessian_operator, top_eigenvalues
-from minima.models import build_model, textbook_order
+from minima.models import build_model
 from minima.objective import DatasetObjective, FixedBatches
 from minima.precision import float32_math
 from minima.sweep import interpolate
@@ -98,35 +96,6 @@ def bare_images_per_s(ds: data.Dataset, batch: int, device: torch.device, epochs
     return best
 
 
-def reference_sweep(model_a: torch.nn.Module, model_b: torch.nn.Module, ds: data.Dataset, alphas: np.ndarray,
-                    device: torch.device, workers: int) -> dict[str, np.ndarray]:
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(ds.mean, ds.std)])
-    loaders = {name: DataLoader(TorchvisionStyleCIFAR(getattr(ds, name), tf), batch_size=128, shuffle=False,
-                                num_workers=workers, pin_memory=device.type == "cuda",
-                                persistent_workers=workers > 0) for name in ("train", "test")}
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    model = textbook_order(build_model("c1")).to(device)
-    out: dict[str, list[float]] = {f"{s}_{m}": [] for s in ("train", "test") for m in ("loss", "accuracy")}
-    for alpha in alphas:
-        model.load_state_dict({k: (1 - alpha) * v + alpha * sb[k] if v.is_floating_point() else v
-                               for k, v in sa.items()})
-        model.eval()
-        with torch.no_grad():
-            for name, loader in loaders.items():
-                loss = torch.zeros((), dtype=torch.float64, device=device)
-                correct = torch.zeros((), dtype=torch.int64, device=device)
-                count = 0
-                for x, y in loader:
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    logits = model(x)
-                    loss += F.cross_entropy(logits, y, reduction="sum").double()
-                    correct += (logits.argmax(1) == y).sum()
-                    count += len(y)
-                out[f"{name}_loss"].append(float(loss) / count)
-                out[f"{name}_accuracy"].append(int(correct) / count)
-    return {k: np.array(v) for k, v in out.items()}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_gpu", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,9 +127,9 @@ def main() -> None:
     alphas = np.linspace(0.0, 1.0, args.points)
     images = args.points * (len(ds.train) + len(ds.test))
     small = ds.subset(train=500, test=500, seed=0)
-    reference_sweep(model_a, model_b, small, alphas[:1], device, args.workers)  # warm-up: workers, kernels
+    baseline_sweep(model_a, model_b, small, alphas[:1], device, args.workers)  # warm-up: workers, kernels
     t0 = time.perf_counter()
-    ref = reference_sweep(model_a, model_b, ds, alphas, device, args.workers)
+    ref = baseline_sweep(model_a, model_b, ds, alphas, device, args.workers)
     theirs = time.perf_counter() - t0
     with float32_math("fp32"), peak(device, memory, "sweep"):
         interpolate(model_a, model_b, small.train, small.test, alphas[:1], bn="interpolate", mean=ds.mean,

@@ -58,12 +58,17 @@ class TorchvisionStyleCIFAR(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def baseline_sweep(model_a: nn.Module, model_b: nn.Module, ds: data.Dataset, alphas: np.ndarray) -> dict:
+def baseline_sweep(model_a: nn.Module, model_b: nn.Module, ds: data.Dataset, alphas: np.ndarray,
+                   device: torch.device | None = None, workers: int = 0) -> dict:
+    """The reference loop (see the module notes), on ``device`` (default the CPU); on a GPU with ``workers`` pinned
+    DataLoader workers, sums kept on the device until each split is done."""
+    device = device or torch.device("cpu")
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(ds.mean, ds.std)])
     loaders = {name: DataLoader(TorchvisionStyleCIFAR(getattr(ds, name), tf), batch_size=128, shuffle=False,
-                                num_workers=0) for name in ("train", "test")}
+                                num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+               for name in ("train", "test")}
     sa, sb = model_a.state_dict(), model_b.state_dict()
-    model = textbook_order(build_model("c1"))
+    model = textbook_order(build_model("c1")).to(device)
     out = {f"{s}_{m}": [] for s in ("train", "test") for m in ("loss", "accuracy")}
     for alpha in alphas:
         model.load_state_dict({k: (1 - alpha) * v + alpha * sb[k] if v.is_floating_point() else v
@@ -71,14 +76,17 @@ def baseline_sweep(model_a: nn.Module, model_b: nn.Module, ds: data.Dataset, alp
         model.eval()
         with torch.no_grad():
             for name, loader in loaders.items():
-                loss, correct, count = 0.0, 0, 0
+                loss = torch.zeros((), dtype=torch.float64, device=device)
+                correct = torch.zeros((), dtype=torch.int64, device=device)
+                count = 0
                 for x, y in loader:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     logits = model(x)
-                    loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                    correct += int((logits.argmax(1) == y).sum())
+                    loss += F.cross_entropy(logits, y, reduction="sum").double()
+                    correct += (logits.argmax(1) == y).sum()
                     count += len(y)
-                out[f"{name}_loss"].append(loss / count)
-                out[f"{name}_accuracy"].append(correct / count)
+                out[f"{name}_loss"].append(float(loss) / count)
+                out[f"{name}_accuracy"].append(int(correct) / count)
     return {k: np.array(v) for k, v in out.items()}
 
 

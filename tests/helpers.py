@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from minima import checkpoint as ck
@@ -43,3 +46,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def killed_after_points(monkeypatch: Any, done: int, work: Callable[[], object]) -> None:
+    """Run ``work`` as if killed after ``done`` grid points were written: the next ``results.write_point`` raises
+    ``KeyboardInterrupt`` (what Ctrl-C does mid-sweep); the writer is restored afterwards."""
+    from minima import results
+
+    calls = {"n": 0}
+    original = results.write_point
+
+    def dying_write(path: Path, index: int, values: dict) -> None:
+        if calls["n"] == done:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        original(path, index, values)
+
+    monkeypatch.setattr(results, "write_point", dying_write)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            work()
+    finally:
+        monkeypatch.setattr(results, "write_point", original)
+
+
+def rank_worker(rank: int, port: int, work: Callable[[Any], object], request: Any) -> None:
+    """``work(request)`` as rank ``rank`` of a 2-process torchrun-like group on localhost (for ``mp.spawn``)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    work(request)

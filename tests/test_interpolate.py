@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
@@ -15,7 +14,7 @@ from minima import data, results
 from minima.directions import random_direction
 from minima.interpolate import SweepRequest, interpolate, main, parse_alphas, run
 
-from .helpers import free_port, toy_checkpoint, toy_dataset
+from .helpers import free_port, killed_after_points, rank_worker, toy_checkpoint, toy_dataset
 
 
 def _req(a: Path, b: Path | None, out: Path, **kw: object) -> SweepRequest:
@@ -115,19 +114,7 @@ def test_resume_after_kill_matches_uninterrupted(bn_pair: tuple, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     a_path, b_path, _ = bn_pair
     full = results.load_curve(run(_req(a_path, b_path, tmp_path / "full.h5")))
-    calls = {"n": 0}
-    original = results.write_point
-
-    def dying_write(path: Path, index: int, values: dict) -> None:
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        original(path, index, values)
-
-    monkeypatch.setattr(results, "write_point", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run(_req(a_path, b_path, tmp_path / "part.h5"))
-    monkeypatch.setattr(results, "write_point", original)
+    killed_after_points(monkeypatch, 2, lambda: run(_req(a_path, b_path, tmp_path / "part.h5")))
     partial = results.load_curve(tmp_path / "part.h5")
     assert (partial.test_nonfinite >= 0).sum() == 2 and not partial.complete
     with pytest.raises(FileExistsError, match="partially computed.*--resume"):
@@ -148,18 +135,12 @@ def test_resume_after_kill_matches_uninterrupted(bn_pair: tuple, tmp_path: Path,
 
 
 
-def _sweep_worker(rank: int, port: int, req: SweepRequest) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    run(req)
-
-
 @pytest.mark.slow
 def test_two_rank_sweep_equals_one_rank(bn_pair: tuple, tmp_path: Path) -> None:
     a_path, b_path, _ = bn_pair
     one = results.load_curve(run(_req(a_path, b_path, tmp_path / "one.h5")))
-    mp.spawn(_sweep_worker, args=(free_port(), _req(a_path, b_path, tmp_path / "two.h5")), nprocs=2, join=True)
+    mp.spawn(rank_worker, args=(free_port(), run, _req(a_path, b_path, tmp_path / "two.h5")), nprocs=2,
+             join=True)
     two = results.load_curve(tmp_path / "two.h5")
     # float32 with 1 thread per rank vs 2 threads: equal up to summation order
     for name in ("train_loss", "test_loss"):

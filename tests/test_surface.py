@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from minima.planes import SurfaceRequest, run, surface
 from minima.surface import main
 from minima.training import TrainConfig, train
 
-from .helpers import SHAPE, free_port, toy_checkpoint, toy_dataset
+from .helpers import SHAPE, free_port, killed_after_points, rank_worker, toy_checkpoint, toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,19 +149,7 @@ def test_surface_command_writes_records_and_resumes_after_a_kill(tmp_path: Path,
     assert json.loads(full.attrs["sha256"]) == [ck.sha256_file(a)]
     assert json.loads(full.attrs["request"])["norm"] == "filter"
 
-    calls = {"n": 0}
-    original = results.write_point
-
-    def dying_write(path: Path, index: int, values: dict) -> None:
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        original(path, index, values)
-
-    monkeypatch.setattr(results, "write_point", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run(_req([a], tmp_path / "part.h5", x="-1:1:3", y="-0.5:0.5:2"))
-    monkeypatch.setattr(results, "write_point", original)
+    killed_after_points(monkeypatch, 4, lambda: run(_req([a], tmp_path / "part.h5", x="-1:1:3", y="-0.5:0.5:2")))
     assert results.load_grid(tmp_path / "part.h5").done.sum() == 4
     resumed = results.load_grid(run(_req([a], tmp_path / "part.h5", x="-1:1:3", y="-0.5:0.5:2", resume=True)))
     for key in results.POINT_FIELDS:
@@ -250,19 +237,12 @@ def test_plotting_a_surface_never_imports_the_models(tmp_path: Path) -> None:
     assert (tmp_path / "g.png").stat().st_size > 20_000
 
 
-def _surface_worker(rank: int, port: int, req: SurfaceRequest) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    run(req)
-
-
 @pytest.mark.slow
 def test_two_rank_surface_equals_one_rank(tmp_path: Path) -> None:
     ds = toy_dataset()
     a = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=True)
     one = results.load_grid(run(_req([a], tmp_path / "one.h5")))
-    mp.spawn(_surface_worker, args=(free_port(), _req([a], tmp_path / "two.h5")), nprocs=2, join=True)
+    mp.spawn(rank_worker, args=(free_port(), run, _req([a], tmp_path / "two.h5")), nprocs=2, join=True)
     two = results.load_grid(tmp_path / "two.h5")
     for key in ("train/loss", "test/loss"):
         np.testing.assert_allclose(two.values[key], one.values[key], rtol=1e-6)
