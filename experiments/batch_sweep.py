@@ -24,15 +24,15 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from minima import config as cfg
 from minima import data as data_mod
-from minima import results
-from minima.allocator import keep_freed_memory
-from minima.checkpoint import evaluate_checkpoint
-from minima.config import setting
-from minima.measure import MeasureRequest, measure
-from minima.schedule import scaled_lr
-from minima.training import NonFiniteLossError, TrainConfig, train
+from minima.core import config as cfg
+from minima.core.allocator import keep_freed_memory
+from minima.core.config import setting
+from minima.files import results
+from minima.geometry.evaluate import evaluate_checkpoint
+from minima.optim.schedule import scaled_lr
+from minima.studies.sharpness import MeasureRequest, measure
+from minima.studies.train import NonFiniteLossError, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,8 @@ def _run_one(p: SweepPreset, batch: int, warmup: bool, out: Path, ds: data_mod.D
     tr, test = evals["train"], evals["test"]
     sharp = out / "sharpness.h5"
     measure(MeasureRequest(checkpoints=[final], metrics=["keskar"], eps=[p.eps], subspace=None, maxiter=p.maxiter,
-                           samples=p.sharpness_samples, bn="batch", batch_size=min(1000, p.sharpness_samples),
+                           train_subset=p.sharpness_samples, bn_mode="batch",
+                           eval_batch_size=min(1000, p.sharpness_samples),
                            out=sharp))
     phi = next(float(r["phi"]) for r in results.load_sharpness(sharp) if r["metric"].startswith("keskar_full"))
     return {**row, "test_acc": 100 * test.accuracy, "train_acc": 100 * tr.accuracy, "train_loss": tr.loss, "phi": phi}

@@ -6,7 +6,7 @@
 1. Training: ``minima.train`` (C1, synthetic 3×32×32 data resident on the device, exact running metrics,
    per-step seeded RNG, float32 math as PyTorch sets it) against a bare loop with the data already on the device
    (normalised once, no metrics), images/s at batch 256 and 5000 — target ≥ 0.95×.
-2. Sweep: :func:`minima.sweep.interpolate` (BN ``interpolate``, fp32 — TF32 off) against the reference loop of
+2. Sweep: :func:`minima.studies.interpolate.interpolate` (BN ``interpolate``, fp32 — TF32 off) against the reference loop of
    ``experiments.bench_interpolate`` (PIL + ``ToTensor``/``Normalize``, ``DataLoader`` batch 128 with 8 pinned
    workers, textbook C1 on the device) — per-image ratio (target ≥ 25×) and the largest relative difference (≤ 1e-5).
 3. Curvature: one forward+backward, the first HVP at a θ (builds the gradient graph) and a later one (stored graph)
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from experiments.bench_interpolate import baseline_sweep, seeded_c1
 from minima import data
-from minima.hessian import hessian_operator, top_eigenvalues
+from minima.core.precision import float32_math
+from minima.curvature.hessian import hessian_operator, top_eigenvalues
+from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.models import build_model
-from minima.objective import DatasetObjective, FixedBatches
-from minima.precision import float32_math
-from minima.sweep import interpolate
-from minima.training import TrainConfig, train
+from minima.studies.interpolate import interpolate
+from minima.studies.train import TrainConfig, train
 
 
 def _sync(device: torch.device) -> None:

@@ -2,14 +2,14 @@
 
     python -m experiments.bench_hessian [--ckpt C1.pt] [--samples 1000] [--threads 2]
 
-Both methods use the same Hessian-vector product (:class:`minima.objective.DatasetObjective`, eval-mode
+Both methods use the same Hessian-vector product (:class:`minima.curvature.objective.DatasetObjective`, eval-mode
 BatchNorm, one fixed batch of ``--samples`` training images) and are scored against a tightly converged
 reference (``eigsh`` at tol 1e-10):
 
 * power iteration as PyHessian does it: normalise, multiply, stop when the relative change of the Rayleigh
   quotient is below 1e-3 (its rule measures change, not error); top-k by deflation (orthogonalise against
   the eigenvectors found so far at every step);
-* the toolkit: :func:`minima.hessian.top_eigenvalues` at tol 1e-3 (every eigenvalue's residual bound
+* the toolkit: :func:`minima.curvature.hessian.top_eigenvalues` at tol 1e-3 (every eigenvalue's residual bound
   ≤ 1e-3·|λ|), with its default full-reorthogonalisation Lanczos and with ``method="arpack"`` (scipy's eigsh,
   which is also the reference at tol 1e-10).
 
@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minima import checkpoint as ck
 from minima import data
-from minima.allocator import keep_freed_memory, memory_budget
-from minima.hessian import CountingOperator, hessian_operator, top_eigenvalues
-from minima.objective import DatasetObjective, FixedBatches
-from minima.training import TrainConfig, train
+from minima.core.allocator import keep_freed_memory, memory_budget
+from minima.curvature.hessian import CountingOperator, hessian_operator, top_eigenvalues
+from minima.curvature.objective import DatasetObjective, FixedBatches
+from minima.files import checkpoint as ck
+from minima.studies.train import TrainConfig, train
 
 
 def power_iteration(op: CountingOperator, k: int, tol: float = 1e-3, max_iter: int = 100,

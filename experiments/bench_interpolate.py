@@ -11,7 +11,7 @@ float32 forward, loss summed per sample and divided by the count (so both sides 
 Toolkit: :func:`minima.interpolate.interpolate` with the same BatchNorm policy (``interpolate``), on the same
 images: in-memory uint8 batches normalised on the fly, batch 1000, channels_last, BatchNorm folded into the
 preceding layers for evaluation — timed twice: with the default allocator, then after
-:func:`minima.allocator.keep_freed_memory` (what ``python -m minima.interpolate`` runs with). The baseline runs
+:func:`minima.core.allocator.keep_freed_memory` (what ``python -m minima.interpolate`` runs with). The baseline runs
 first, with the default allocator, as the public scripts do.
 
 Both use two C1 models (seeded, with randomised BatchNorm statistics so that interpolating them matters)
@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from minima import checkpoint as ck
 from minima import data
-from minima.allocator import keep_freed_memory
+from minima.core.allocator import keep_freed_memory
+from minima.files import checkpoint as ck
 from minima.models import build_model, textbook_order
-from minima.sweep import interpolate
+from minima.studies.interpolate import interpolate
 
 
 class TorchvisionStyleCIFAR(torch.utils.data.Dataset):

@@ -9,9 +9,9 @@ Baseline (how loss-landscape, Li et al.'s code, evaluates a plane): for every gr
 checkpoint's BatchNorm running statistics, which its directions leave alone); cross-entropy summed per sample and
 divided by the count. C1 in the textbook layer order, default allocator; run first.
 
-Toolkit: :func:`minima.planes.surface` on the same plane (the same two filter-normalised directions, zero on
+Toolkit: :func:`minima.studies.surface.surface` on the same plane (the same two filter-normalised directions, zero on
 biases, BatchNorm parameters and statistics) with the BatchNorm policy that equals the baseline's (``interpolate``:
-the statistics move with the directions, which are zero on them), after :func:`minima.allocator.keep_freed_memory`
+the statistics move with the directions, which are zero on them), after :func:`minima.core.allocator.keep_freed_memory`
 (what ``python -m minima.surface`` runs with): in-memory uint8 batches normalised on the fly, batch 1000,
 channels_last, BatchNorm folded into the convolutions.
 
@@ -33,13 +33,13 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from experiments.bench_interpolate import TorchvisionStyleCIFAR, seeded_c1
-from minima import checkpoint as ck
 from minima import data
-from minima.allocator import keep_freed_memory
-from minima.directions import Plane, random_plane
+from minima.core.allocator import keep_freed_memory
+from minima.core.precision import float32_math
+from minima.files import checkpoint as ck
+from minima.geometry.directions import Plane, random_plane
 from minima.models import build_model, textbook_order
-from minima.planes import surface
-from minima.precision import float32_math
+from minima.studies.surface import surface
 
 
 def baseline_grid(state: dict[str, torch.Tensor], plane: Plane, ds: data.Dataset, xs: np.ndarray,

@@ -12,7 +12,7 @@ synthetic 3×32×32 data (throughput does not depend on pixel values), at the sa
 
 For each batch size the best of two epochs of each side is kept and the ratio toolkit / baseline printed
 (target ≥ 0.95): first both with the default allocator, then both after
-:func:`minima.allocator.keep_freed_memory` (what ``python -m minima.train`` runs with), so the loop's overhead
+:func:`minima.core.allocator.keep_freed_memory` (what ``python -m minima.train`` runs with), so the loop's overhead
 and the allocator's gain are reported separately. Peak resident memory of a toolkit run at the large batch is
 measured in a fresh subprocess, as the command line runs it (target for c1 on CPU: < 2 GB).
 """
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from minima import data
-from minima.allocator import keep_freed_memory
+from minima.core.allocator import keep_freed_memory
 from minima.models import build_model, is_convolutional
-from minima.training import TrainConfig, train
+from minima.studies.train import TrainConfig, train
 
 
 def toolkit_images_per_s(model: str, ds: data.Dataset, batch: int, micro: int | None, out: Path) -> float:
@@ -71,9 +71,9 @@ def baseline_images_per_s(model_name: str, ds: data.Dataset, batch: int, micro: 
 PEAK_RSS = """
 import resource, sys, tempfile
 from minima import data
-from minima.allocator import keep_freed_memory
+from minima.core.allocator import keep_freed_memory
 keep_freed_memory()
-from minima.training import TrainConfig, train
+from minima.studies.train import TrainConfig, train
 ds = data.synthetic(n_train={n}, n_test=16, image_shape=(3, 32, 32), num_classes=10, seed=0)
 with tempfile.TemporaryDirectory() as d:
     train(TrainConfig(model={model!r}, epochs=1, batch_size={batch}, micro_batch={micro}, device="cpu",

@@ -29,20 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from minima import config as cfg
 from minima import data as data_mod
-from minima import results
-from minima.allocator import keep_freed_memory
-from minima.checkpoint import evaluate_checkpoint, run_label
-from minima.config import setting
-from minima.measure import MeasureRequest, measure
-from minima.measure import result_jobs as measure_jobs
+from minima.core import config as cfg
+from minima.core.allocator import keep_freed_memory
+from minima.core.config import setting
+from minima.core.vocab import BNMode
+from minima.figures import save_curve_figure
+from minima.files import results
+from minima.files.naming import run_label
+from minima.geometry.evaluate import evaluate_checkpoint
 from minima.models import available_models, default_data, own_import
-from minima.plots import save_curve_figure
-from minima.sweep import SweepRequest
-from minima.sweep import run as run_interpolation
-from minima.training import TrainConfig, train
-from minima.vocab import BNMode
+from minima.studies.interpolate import SweepRequest
+from minima.studies.interpolate import run as run_interpolation
+from minima.studies.sharpness import MeasureRequest, measure
+from minima.studies.sharpness import result_jobs as measure_jobs
+from minima.studies.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,8 +188,8 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
     sharp_path = out / "sharpness.h5"
     request = MeasureRequest(
         checkpoints=[sb, lb], metrics=["keskar", "hessian"], eps=list(preset.eps), subspace=preset.subspace,
-        maxiter=preset.maxiter, topk=1, samples=preset.sharpness_samples, bn=preset.sharpness_bn,
-        batch_size=min(preset.eval_batch_size, preset.sharpness_samples or preset.eval_batch_size),
+        maxiter=preset.maxiter, topk=1, train_subset=preset.sharpness_samples, bn_mode=preset.sharpness_bn,
+        eval_batch_size=min(preset.eval_batch_size, preset.sharpness_samples or preset.eval_batch_size),
         out=sharp_path, trust_import=own_import(model),
     )
     clock.run(f"seed{seed}/sharpness", _sharpness_complete(sharp_path, request), lambda: measure(request))

@@ -32,17 +32,17 @@ from typing import Any
 import numpy as np
 
 from experiments import keskar
-from minima import config as cfg
-from minima import results
-from minima.allocator import keep_freed_memory
-from minima.config import setting
-from minima.directions import Ignore, Norm
+from minima.core import config as cfg
+from minima.core.allocator import keep_freed_memory
+from minima.core.config import setting
+from minima.figures import save_curves_figure
+from minima.files import results
+from minima.geometry.directions import Ignore, Norm
 from minima.models import available_models
-from minima.planes import SurfaceRequest
-from minima.planes import run as run_surface
-from minima.plots import save_curves_figure
-from minima.sweep import SweepRequest
-from minima.sweep import run as run_curve
+from minima.studies.interpolate import SweepRequest
+from minima.studies.interpolate import run as run_curve
+from minima.studies.surface import SurfaceRequest
+from minima.studies.surface import run as run_surface
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs" / "pipelines"

@@ -1,8 +1,8 @@
 """``python -m minima.interpolate ckptA ckptB``: loss and accuracy along θ(α) = (1 − α)·θ_A + α·θ_B.
 
-The command: flags generated from :class:`minima.sweep.SweepRequest`, then :func:`minima.sweep.run`. The study
-(:mod:`minima.sweep`) holds the machinery; its Python entry points are importable from here as documented:
-``interpolate`` (two models in memory → :class:`minima.results.Curve`), ``run`` and ``SweepRequest``.
+The command: flags generated from :class:`minima.studies.interpolate.SweepRequest`, then :func:`minima.studies.interpolate.run`. The study
+(:mod:`minima.studies.interpolate`) holds the machinery; its Python entry points are importable from here as documented:
+``interpolate`` (two models in memory → :class:`minima.files.results.Curve`), ``run`` and ``SweepRequest``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from minima import config as cfg
-from minima.cli import run_command
-from minima.sweep import EndpointMismatchError, SweepRequest, interpolate, parse_alphas, run
+from minima.core import config as cfg
+from minima.core.cli import run_command
+from minima.studies.interpolate import EndpointMismatchError, SweepRequest, interpolate, parse_alphas, run
 
 __all__ = ["SweepRequest", "interpolate", "main", "parse_alphas", "parse_args", "run"]
 

@@ -3,7 +3,7 @@
 One curve file → the Keskar-style parametric plot; several curve files → one panel overlaying them (Li et al.
 2018, Fig. 3 style: e.g. the filter-normalised curves of SB and LB), the legend naming each; a plane (two-axis grid)
 → contours, filled contours and a 3-D view with its checkpoints and trajectory. Reads files only (never
-recomputes, never imports a model); the figures themselves are drawn by :mod:`minima.plots`.
+recomputes, never imports a model); the figures themselves are drawn by :mod:`minima.figures`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import matplotlib
 
-from minima.plots import save_curve_figure, save_curves_figure, save_surface_figure
-from minima.results import ResultsError, curve_from_values, load_grid
+from minima.figures import save_curve_figure, save_curves_figure, save_surface_figure
+from minima.files.results import ResultsError, curve_from_values, load_grid
 
 
 def main(argv: Sequence[str] | None = None) -> int:

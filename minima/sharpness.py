@@ -1,8 +1,9 @@
 """``python -m minima.sharpness A.pt [B.pt …]``: sharpness and curvature of checkpoints into an HDF5 file.
 
-The command: flags generated from :class:`minima.measure.MeasureRequest` (common settings plus every parameter of
-the metrics registered in :mod:`minima.metrics`), then :func:`minima.measure.measure`. The metric functions are
-importable from here as documented (they live in :mod:`minima.sharpness_metrics`).
+The command: flags generated from the measurement request (:func:`minima.studies.sharpness.measure_request_type`:
+the common settings plus every parameter of the metrics registered in :mod:`minima.curvature.registry` when the
+arguments are parsed, entry-point plugins included), then :func:`minima.studies.sharpness.measure`. The metric
+functions are importable from here as documented (they live in :mod:`minima.curvature.measures`).
 """
 
 from __future__ import annotations
@@ -10,32 +11,48 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from minima import config as cfg
-from minima.cli import run_command
-from minima.measure import MeasureRequest, measure
-from minima.objective import NondeterministicLossError
-from minima.sharpness_metrics import (
+from minima.core import config as cfg
+from minima.core.cli import run_command
+from minima.curvature.measures import (
     DenseSubspace,
     RandomSubspace,
     adaptive_sharpness,
     average_sharpness,
     keskar_sharpness,
 )
+from minima.curvature.objective import NondeterministicLossError
+from minima.curvature.registry import REGISTRY
+from minima.studies.sharpness import DEPRECATED_FLAGS, MeasureOptions, measure, measure_request_type
 
 __all__ = ["DenseSubspace", "RandomSubspace", "adaptive_sharpness", "average_sharpness", "keskar_sharpness", "main",
            "parse_args"]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> MeasureRequest:
-    p = argparse.ArgumentParser(prog="python -m minima.sharpness", description=__doc__.split("\n")[0])
-    cfg.add_arguments(p, MeasureRequest)
-    return cfg.resolve(MeasureRequest, None, p.parse_args(argv))
+def parse_args(argv: Sequence[str] | None = None) -> MeasureOptions:
+    """The measurement request of a command line, with the flags of every metric registered now."""
+    cls = measure_request_type()
+    metrics = "; ".join(f"{m.name} — {m.summary}" for m in REGISTRY.values())
+    p = argparse.ArgumentParser(prog="python -m minima.sharpness", description=__doc__.split("\n")[0],
+                                epilog=f"metrics: {metrics}")
+    cfg.add_arguments(p, cls)
+    cfg.add_deprecated(p, DEPRECATED_FLAGS)
+    args = cfg.apply_deprecated(p.parse_args(argv), DEPRECATED_FLAGS, "minima.sharpness")
+    return cfg.resolve(cls, None, args)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MeasureRequest":  # the request class of the metrics registered now
+        return measure_request_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    req = parse_args(argv)
-    return run_command("minima.sharpness", lambda: measure(req), user_errors=(NondeterministicLossError,),
+    def work() -> None:
+        measure(parse_args(argv))
+
+    return run_command("minima.sharpness", work, user_errors=(NondeterministicLossError,),
                        interrupted="interrupted; finished metrics are saved — rerun the same command")
 
 

@@ -1,7 +1,7 @@
 """``python -m minima.surface A.pt`` | ``A.pt B.pt C.pt`` | ``--trajectory run/epoch_*.pt``: loss surfaces.
 
-The command: flags generated from :class:`minima.planes.SurfaceRequest`, then :func:`minima.planes.run`. The study
-(:mod:`minima.planes`) holds the machinery; ``surface`` (a plane in memory → :class:`minima.results.Grid`) and
+The command: flags generated from :class:`minima.studies.surface.SurfaceRequest`, then :func:`minima.studies.surface.run`. The study
+(:mod:`minima.studies.surface`) holds the machinery; ``surface`` (a plane in memory → :class:`minima.files.results.Grid`) and
 ``run`` are importable from here.
 """
 
@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from minima import config as cfg
-from minima.cli import run_command
-from minima.planes import SurfaceRequest, run, surface
+from minima.core import config as cfg
+from minima.core.cli import run_command
+from minima.studies.surface import SurfaceRequest, run, surface
 
 __all__ = ["SurfaceRequest", "main", "parse_args", "run", "surface"]
 

@@ -1,7 +1,7 @@
 """``python -m minima.train``: train a network, one process or ``torchrun`` DDP, the same command.
 
-The command: flags generated from :class:`minima.training.TrainConfig`, layered over a ``--config`` TOML preset
-(or, with ``--resume`` and no preset, over the run's own ``config.json``), then :func:`minima.training.train`.
+The command: flags generated from :class:`minima.studies.train.TrainConfig`, layered over a ``--config`` TOML preset
+(or, with ``--resume`` and no preset, over the run's own ``config.json``), then :func:`minima.studies.train.train`.
 ``TrainConfig`` and ``train`` are importable from here as documented.
 """
 
@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from minima import config as cfg
-from minima.cli import run_command
-from minima.training import (
+from minima.core import config as cfg
+from minima.core.cli import run_command
+from minima.studies.train import (
     EXIT_INTERRUPTED,
     NonFiniteLossError,
     TrainConfig,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from minima import checkpoint as ck
 from minima import data
+from minima.files import checkpoint as ck
 from minima.models import build_model
 
 SHAPE = (3, 4, 4)
@@ -49,25 +49,25 @@ def free_port() -> int:
 
 
 def killed_after_points(monkeypatch: Any, done: int, work: Callable[[], object]) -> None:
-    """Run ``work`` as if killed after ``done`` grid points were written: the next ``results.write_point`` raises
+    """Run ``work`` as if killed after ``done`` grid points were written: the next ``GridWriter.write`` raises
     ``KeyboardInterrupt`` (what Ctrl-C does mid-sweep); the writer is restored afterwards."""
-    from minima import results
+    from minima.files import results
 
     calls = {"n": 0}
-    original = results.write_point
+    original = results.GridWriter.write
 
-    def dying_write(path: Path, index: int, values: dict) -> None:
+    def dying_write(self: Any, index: int, values: dict) -> None:
         if calls["n"] == done:
             raise KeyboardInterrupt
         calls["n"] += 1
-        original(path, index, values)
+        original(self, index, values)
 
-    monkeypatch.setattr(results, "write_point", dying_write)
+    monkeypatch.setattr(results.GridWriter, "write", dying_write)
     try:
         with pytest.raises(KeyboardInterrupt):
             work()
     finally:
-        monkeypatch.setattr(results, "write_point", original)
+        monkeypatch.setattr(results.GridWriter, "write", original)
 
 
 def rank_worker(rank: int, port: int, work: Callable[[Any], object], request: Any) -> None:

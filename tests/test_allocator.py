@@ -11,7 +11,7 @@ import pytest
 # coalesced (alignment padding keeps the very first freed block from fitting the next request).
 PROBE = """
 import resource, sys, torch
-from minima.allocator import keep_freed_memory
+from minima.core.allocator import keep_freed_memory
 applied = keep_freed_memory()
 def faults_of_one_round():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

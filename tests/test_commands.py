@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from minima import config as cfg
-from minima import metrics, results, sweep
-from minima.checkpoint import load_model
+from minima.core import config as cfg
+from minima.curvature import registry as metrics
+from minima.curvature.objective import DatasetObjective, FixedBatches
+from minima.files import results
+from minima.files.checkpoint import load_model
 from minima.interpolate import main as interpolate_main
-from minima.measure import MeasureRequest, result_jobs
-from minima.objective import DatasetObjective, FixedBatches
 from minima.sharpness import main as sharpness_main
 from minima.sharpness import parse_args as sharpness_args
+from minima.studies import interpolate as sweep
+from minima.studies.sharpness import MeasureRequest, result_jobs
+from minima.studies.train import TrainConfig
 from minima.train import main as train_main
-from minima.training import TrainConfig
 
 from .helpers import toy_checkpoint, toy_dataset
 
@@ -131,7 +133,7 @@ def test_endpoint_mismatch_exits_nonzero_and_keeps_the_curve(tmp_path: Path, cap
 ADD_A_METRIC = '''
 import sys
 import torch
-from minima import metrics
+from minima.curvature import registry as metrics
 
 def gradient_norm(obj, x, f0, job, seed):  # the new metric's function
     _, g = obj.value_and_grad(x)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from minima import config as cfg
+from minima.core import config as cfg
 from minima.train import TrainConfig, parse_args
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from minima.convgrad import constant_input_conv2d, constant_input_convs
+from minima.curvature.convgrad import constant_input_conv2d, constant_input_convs
 
 
 def _first_and_second_derivatives(conv: nn.Conv2d, x: torch.Tensor, u: list[torch.Tensor],

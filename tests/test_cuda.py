@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from minima import data, results
-from minima.measure import MeasureRequest, measure
-from minima.precision import float32_math
-from minima.sweep import SweepRequest, run
-from minima.training import TrainConfig, train
+from minima import data
+from minima.core.precision import float32_math
+from minima.files import results
+from minima.studies.interpolate import SweepRequest, run
+from minima.studies.sharpness import MeasureRequest, measure
+from minima.studies.train import TrainConfig, train
 
 from .helpers import free_port, toy_checkpoint, toy_dataset
 
@@ -111,9 +112,9 @@ def test_torchrun_with_nccl_equals_one_process(tmp_path: Path) -> None:
 
 
 def test_hvps_lanczos_and_hutchinson_keep_parameter_vectors_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    from minima.hessian import hessian_operator, hutchinson_trace, top_eigenvalues
+    from minima.curvature.hessian import hessian_operator, hutchinson_trace, top_eigenvalues
+    from minima.curvature.objective import DatasetObjective, FixedBatches
     from minima.models import build_model
-    from minima.objective import DatasetObjective, FixedBatches
 
     ds = data.synthetic(200, 8, (3, 32, 32), 10, seed=5)
     batches = FixedBatches.from_split(ds.train, ds.mean, ds.std, batch_size=100, device="cuda")

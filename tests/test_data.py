@@ -115,7 +115,13 @@ def test_dataset_subset_keeps_full_split_normalisation(tiny_data: data.Dataset) 
     sub = tiny_data.subset(train=30, test=12, seed=5)
     assert len(sub.train) == 30 and len(sub.test) == 12
     assert sub.mean == tiny_data.mean and sub.std == tiny_data.std
-    assert sub.describe()["subset"] == {"train": {"n": 30, "seed": 5}, "test": {"n": 12, "seed": 5}}
+    assert sub.describe()["subset"] == {"train": [{"n": 30, "seed": 5}], "test": [{"n": 12, "seed": 5}]}
+    nested = sub.subset(train=10, seed=2)  # a subset of the subset: the chain records both, in order
+    assert nested.describe()["subset"]["train"] == [{"n": 30, "seed": 5}, {"n": 10, "seed": 2}]
+    again = tiny_data.apply_subsets(nested.describe()["subset"])
+    assert torch.equal(again.train.images, nested.train.images) and torch.equal(again.test.images, nested.test.images)
+    # the record before chains (one {"n", "seed"} per split) is a chain of one
+    assert torch.equal(tiny_data.apply_subsets({"train": {"n": 30, "seed": 5}}).train.images, sub.train.images)
 
 
 @pytest.mark.parametrize(("n", "world"), [(10, 3), (7, 7), (3, 4), (100, 8), (0, 2)])

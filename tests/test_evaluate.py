@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from minima import data
-from minima.convgrad import constant_input_convs
-from minima.evaluate import batch_sums, evaluate, per_sample_cross_entropy, recompute_bn_stats
-from minima.fold import fold_batchnorm, folded_in_weights
+from minima.curvature.convgrad import constant_input_convs
+from minima.geometry.evaluate import batch_sums, evaluate, per_sample_cross_entropy, recompute_bn_stats
+from minima.geometry.fold import fold_batchnorm, folded_in_weights
 from minima.models import build_model
 
 

@@ -11,8 +11,9 @@ import pytest
 from nbclient import NotebookClient
 
 from experiments import keskar
-from minima import data, results
-from minima.checkpoint import evaluate_checkpoint
+from minima import data
+from minima.files import results
+from minima.geometry.evaluate import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +73,8 @@ def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
     assert keskar.main(["--model", "mlp", "--preset", "smoke", "--out", str(out), "--figures", str(tmp_path)]) == 0
     monkeypatch.setenv("MINIMA_CURVES", str(out / "seed0" / "sb_vs_lb.h5"))
     monkeypatch.setenv("MINIMA_SHARPNESS", str(out / "seed0" / "sharpness.h5"))
-    from minima.planes import SurfaceRequest
-    from minima.planes import run as run_surface
+    from minima.studies.surface import SurfaceRequest
+    from minima.studies.surface import run as run_surface
 
     plane = run_surface(SurfaceRequest(checkpoints=[out / "seed0" / "sb" / "final.pt"], x="-1:1:3", y="-1:1:3",
                                        out=tmp_path / "plane.h5", plot=False, progress=False, device="cpu"))

@@ -9,9 +9,9 @@ import torch.multiprocessing as mp
 from torch.func import functional_call
 
 from minima import data
-from minima.hessian import CountingOperator, hessian_operator, hutchinson_trace, slq_density, top_eigenvalues
+from minima.curvature.hessian import CountingOperator, hessian_operator, hutchinson_trace, slq_density, top_eigenvalues
+from minima.curvature.objective import DatasetObjective, FixedBatches, NondeterministicLossError
 from minima.models import build_model
-from minima.objective import DatasetObjective, FixedBatches, NondeterministicLossError
 from minima.sharpness import (
     DenseSubspace,
     RandomSubspace,

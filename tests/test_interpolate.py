@@ -9,9 +9,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.func import functional_call
 
-from minima import checkpoint as ck
-from minima import data, results
-from minima.directions import random_direction
+from minima import data
+from minima.files import checkpoint as ck
+from minima.files import results
+from minima.geometry.directions import random_direction
 from minima.interpolate import SweepRequest, interpolate, main, parse_alphas, run
 
 from .helpers import free_port, killed_after_points, rank_worker, toy_checkpoint, toy_dataset

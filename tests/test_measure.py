@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from minima import results
-from minima.measure import MeasureRequest, measure
+from minima.files import results
 from minima.sharpness import main
+from minima.studies.sharpness import MeasureRequest, measure
 
 from .helpers import toy_checkpoint, toy_dataset
 
@@ -28,11 +28,16 @@ def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, 
     by = {(r["checkpoint_label"], r["metric"]): r for r in rows}
     k = by[("a", "keskar_full_eps0.001")]
     assert k["phi"] == pytest.approx(100 * (k["f_max"] - k["f0"]) / (1 + k["f0"]), rel=1e-12)
-    assert k["f_max"] >= k["f0"] and k["bn"] == "batch" and k["samples"] == len(ds.train) and k["maxiter"] == 10
+    assert k["f_max"] >= k["f0"] and k["bn_mode"] == "batch" and k["samples"] == len(ds.train) and k["maxiter"] == 10
+    assert k["eval_batch_size"] == 32
     h = by[("a", "hessian_top2")]
     assert h["eigenvalues"].shape == (2,) and h["eigenvalues"][0] >= h["eigenvalues"][1]
     assert np.all(h["residuals"] >= 0) and h["hvps"] > 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # the old spellings still work, each with one deprecation line naming the new flag
+    assert "--bn is deprecated" in captured.err and "use --bn-mode" in captured.err
+    assert "--batch-size is deprecated" in captured.err and "use --eval-batch-size" in captured.err
     assert "hessian_top2" in printed and "keskar_sub4_seed0_eps0.001" in printed
     assert "gradient graphs of 3/3 batches kept" in printed  # 96 samples in batches of 32, all kept by default
 
@@ -51,6 +56,9 @@ def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, 
     assert main([str(a), "--metrics", "bogus", "--out", str(tmp_path / "x.h5")]) == 2
     assert main([str(a), "--metrics", "hessian", "--hvp-cache-gb", "-1", "--out", str(tmp_path / "y.h5")]) == 2
     assert "--hvp-cache-gb must be ≥ 0" in capsys.readouterr().err
+    # old and new spelling disagreeing is refused in one line
+    assert main([str(a), "--samples", "10", "--train-subset", "20", "--out", str(tmp_path / "z.h5")]) == 2
+    assert "--samples (the old spelling of --train-subset) and --train-subset disagree" in capsys.readouterr().err
 
 
 def test_sharpness_appends_to_a_curve_file(tmp_path: Path) -> None:

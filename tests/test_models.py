@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minima import models
+from minima.models import zoo
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,7 @@ def test_vgg_default_width_and_num_classes() -> None:
 
 def test_c1_pooling_is_keras_same_padding() -> None:
     # Keras 'same' 3x3/2 pooling on 32 pixels pads 0 before and 1 after: output pixel 0 covers rows 0..2.
-    pool = models._keras_same_maxpool_3x3_s2()
+    pool = zoo._keras_same_maxpool_3x3_s2()
     x = torch.zeros(1, 1, 32, 32)
     x[0, 0, 31, 31] = 5.0  # only reachable by the last window thanks to the trailing pad
     x[0, 0, 0, 0] = 3.0

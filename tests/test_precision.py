@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima import checkpoint as ck
-from minima import data, results
-from minima.precision import effective, float32_math
-from minima.sweep import SweepRequest, run
-from minima.training import TrainConfig, train
+from minima import data
+from minima.core.precision import effective, float32_math
+from minima.files import checkpoint as ck
+from minima.files import results
+from minima.studies.interpolate import SweepRequest, run
+from minima.studies.train import TrainConfig, train
 
 from .helpers import toy_checkpoint, toy_dataset
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from minima import results
+from minima.files import results
 from minima.plot import main as plot_main
 
 from .helpers import toy_checkpoint, toy_dataset
@@ -80,7 +80,7 @@ def test_legacy_curve_files_open_and_resume(tmp_path: Path) -> None:
 
 def test_a_sweep_resumes_a_legacy_file(tmp_path: Path) -> None:
     """A curve file written by the previous version (minima.curve/1) is resumed by the new sweep."""
-    from minima.sweep import SweepRequest, run
+    from minima.studies.interpolate import SweepRequest, run
 
     ds = toy_dataset()
     a, b = toy_checkpoint(tmp_path / "a.pt", 1, ds), toy_checkpoint(tmp_path / "b.pt", 2, ds)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from minima.schedule import LRSchedule, build_schedule, learning_rate, scaled_lr
+from minima.optim.schedule import LRSchedule, build_schedule, learning_rate, scaled_lr
 
 
 def test_scaling_rules() -> None:

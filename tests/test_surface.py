@@ -13,14 +13,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from minima import checkpoint as ck
-from minima import data, results
-from minima.directions import DirectionError, checkpoint_plane, random_direction, random_plane, trajectory_plane
-from minima.evaluate import evaluate, recompute_bn_stats
+from minima import data
+from minima.files import checkpoint as ck
+from minima.files import results
+from minima.geometry.directions import (
+    DirectionError,
+    checkpoint_plane,
+    random_direction,
+    random_plane,
+    trajectory_plane,
+)
+from minima.geometry.evaluate import evaluate, recompute_bn_stats
 from minima.models import build_model
-from minima.planes import SurfaceRequest, run, surface
+from minima.studies.surface import SurfaceRequest, run, surface
+from minima.studies.train import TrainConfig, train
 from minima.surface import main
-from minima.training import TrainConfig, train
 
 from .helpers import SHAPE, free_port, killed_after_points, rank_worker, toy_checkpoint, toy_dataset
 
@@ -158,8 +165,8 @@ def test_surface_command_writes_records_and_resumes_after_a_kill(tmp_path: Path,
         run(_req([a], tmp_path / "part.h5", x="-1:1:3", y="-0.5:0.5:2", resume=True, norm="layer"))
 
     # a curve file of other settings at --out is refused, never overwritten
-    from minima.sweep import SweepRequest
-    from minima.sweep import run as run_curve
+    from minima.studies.interpolate import SweepRequest
+    from minima.studies.interpolate import run as run_curve
 
     curve = run_curve(SweepRequest(checkpoint_a=a, checkpoint_b=a, alphas="0,1", out=tmp_path / "c.h5",
                                    device="cpu", plot=False, progress=False))
@@ -229,7 +236,7 @@ def test_plotting_a_surface_never_imports_the_models(tmp_path: Path) -> None:
     a = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=True)
     grid = run(_req([a], tmp_path / "g.h5"))
     code = ("import sys; from minima.plot import main; rc = main(sys.argv[1:]); "
-            "assert 'minima.models' not in sys.modules and 'minima.checkpoint' not in sys.modules, sorted(sys.modules);"
+            "assert 'minima.models' not in sys.modules and 'minima.files.checkpoint' not in sys.modules, sorted(sys.modules);"
             " sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, str(grid), "--out", str(tmp_path / "g.png")],
                           capture_output=True, text=True, cwd=ROOT)
@@ -252,8 +259,8 @@ def test_two_rank_surface_equals_one_rank(tmp_path: Path) -> None:
 
 def test_plot_overlays_curves_and_refuses_mixing_a_plane(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from minima.plot import main as plot_main
-    from minima.sweep import SweepRequest
-    from minima.sweep import run as run_curve
+    from minima.studies.interpolate import SweepRequest
+    from minima.studies.interpolate import run as run_curve
 
     ds = toy_dataset()
     a, b = toy_checkpoint(tmp_path / "a.pt", 1, ds), toy_checkpoint(tmp_path / "b.pt", 2, ds)
@@ -261,7 +268,7 @@ def test_plot_overlays_curves_and_refuses_mixing_a_plane(tmp_path: Path, capsys:
                                      device="cpu", plot=False, progress=False)) for c in (a, b)]
     assert plot_main([*map(str, curves)]) == 0
     assert (tmp_path / "overlay.png").stat().st_size > 20_000
-    from minima.plots import curve_label
+    from minima.figures import curve_label
 
     assert [curve_label(results.load_curve(c)) for c in curves] == ["a", "b"]  # the legend names each checkpoint
     plane = run(_req([a], tmp_path / "p.h5"))

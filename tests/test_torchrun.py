@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from minima import checkpoint as ck
-from minima import results
+from minima.files import checkpoint as ck
+from minima.files import results
 
 from .helpers import free_port
 

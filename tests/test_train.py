@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from minima import checkpoint as ck
 from minima import data
+from minima.files import checkpoint as ck
+from minima.studies.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, plan_batches, train
 from minima.train import main
-from minima.training import NonFiniteLossError, TrainConfig, TrainingInterrupted, plan_batches, train
 
 from .helpers import free_port
 

@@ -1,0 +1,38 @@
+"""How every command ends: exit status 0 on success, 2 and one line naming the problem for bad input (every
+``ValueError`` — checkpoint, data, model, results and request errors all are — and ``OSError``: missing files,
+failed downloads), a command's own statuses for its own outcomes, 130 after Ctrl-C with a hint on resuming. No
+traceback reaches the user for any of these."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+
+from minima.core.allocator import keep_freed_memory
+
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+
+
+def run_command(prog: str, work: Callable[[], object], *, user_errors: tuple[type[BaseException], ...] = (),
+                statuses: Mapping[type[BaseException], int] | None = None, interrupted: str | None = None) -> int:
+    """Run ``work()`` (after :func:`minima.core.allocator.keep_freed_memory`) and turn its outcome into an exit status:
+    an exception of a type in ``statuses`` prints its message and returns that status; ``ValueError``,
+    ``OSError`` and ``user_errors`` print ``[prog] error: …`` and return 2; ``KeyboardInterrupt`` prints
+    ``interrupted`` (when given) and returns 130."""
+    statuses = dict(statuses or {})
+    keep_freed_memory()
+    try:
+        work()
+    except tuple(statuses) as exc:
+        print(f"[{prog}] {exc}", file=sys.stderr, flush=True)
+        return next(code for kind, code in statuses.items() if isinstance(exc, kind))
+    except (ValueError, OSError, *user_errors) as exc:
+        print(f"[{prog}] error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"[{prog}] {interrupted}", file=sys.stderr, flush=True)
+        return EXIT_SIGINT
+    return 0

@@ -1,0 +1,218 @@
+"""The metric registry: every sharpness/curvature metric the measurement study can run, with its parameters.
+
+A :class:`Metric` declares its parameters (:class:`Param`: name, type, default, help, unit), how one request of it
+becomes result entries (``jobs``: result name → the parameters that entry was computed with), the function that
+computes an entry on an objective (``compute``), and the fields its result holds (``fields``). From the registry
+come the ``--metrics`` choices, the command-line flags of every parameter, the names under
+``sharpness/<checkpoint>/`` in the HDF5 file and the resume keys. Adding a metric is its function (in its own
+module) and one :func:`register` call here.
+
+``compute(objective, x, f0, params, seed)`` gets a :class:`minima.curvature.objective.DatasetObjective` positioned at the
+checkpoint's parameters ``x`` (float64 vector) with f(x) = ``f0``, and returns ``{"value": headline number,
+**fields}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from minima.curvature.hessian import EigenMethod, hessian_operator, hutchinson_trace, top_eigenvalues
+from minima.curvature.measures import RandomSubspace, adaptive_sharpness, average_sharpness, keskar_sharpness
+from minima.curvature.objective import DatasetObjective
+
+Job = tuple[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a metric: a request field and command-line flag of the same name."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    unit: str = ""
+    default_text: str | None = None
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric (see the module docstring)."""
+
+    name: str
+    summary: str
+    params: tuple[Param, ...]
+    jobs: Callable[[Mapping[str, Any]], list[Job]]
+    compute: Callable[[DatasetObjective, torch.Tensor, float, Mapping[str, Any], int], dict[str, Any]]
+    fields: tuple[str, ...]
+    uses_hessian: bool = False
+
+
+REGISTRY: dict[str, Metric] = {}
+
+
+def register(metric: Metric) -> Metric:
+    """Add ``metric`` to the registry (its name and parameter names must be new: parameters become flags)."""
+    if metric.name in REGISTRY:
+        raise ValueError(f"metric {metric.name!r} is already registered")
+    taken = {p.name for m in REGISTRY.values() for p in m.params}
+    clash = sorted(taken & {p.name for p in metric.params})
+    if clash:
+        raise ValueError(f"metric {metric.name!r} declares parameter(s) {clash} that another metric already has")
+    REGISTRY[metric.name] = metric
+    return metric
+
+
+def get_metric(name: str) -> Metric:
+    """The registered metric ``name``; ``ValueError`` listing the choices for an unknown name."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown metric {name!r}; choose from {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def all_params() -> list[Param]:
+    """Every registered metric's parameters, in registration order."""
+    return [p for m in REGISTRY.values() for p in m.params]
+
+
+ENTRY_POINT_GROUP = "minima.metrics"
+_PLUGINS_LOADED: set[str] = set()
+
+
+def load_plugins() -> list[str]:
+    """Register the metrics of installed packages that declare them under the ``minima.metrics`` entry-point group
+    (``[project.entry-points."minima.metrics"] name = "package.module:metric"``): the object an entry point names
+    is a :class:`Metric` (registered here) or a function that registers its metrics. Installing a package is the
+    permission to import it, as for any plugin; each entry point is loaded once. Returns the names loaded now; a
+    plugin that fails to load is a ``ValueError`` naming it and its distribution."""
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.value in _PLUGINS_LOADED:
+            continue
+        _PLUGINS_LOADED.add(ep.value)
+        source = f"metric plugin {ep.name!r} ({ep.value}" + (f", from {ep.dist.name}" if ep.dist else "") + ")"
+        try:
+            target = ep.load()
+            if isinstance(target, Metric):
+                register(target)
+            elif callable(target):
+                target()
+            else:
+                raise TypeError(f"it names a {type(target).__name__}, not a Metric or a function that registers one")
+        except Exception as exc:  # a plugin's own failure, whatever it is, becomes one line naming the plugin
+            raise ValueError(f"{source} failed to load: {exc}") from exc
+        loaded.append(ep.name)
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------- Keskar
+def _keskar_jobs(p: Mapping[str, Any]) -> list[Job]:
+    jobs: list[Job] = []
+    for eps in p["eps"]:
+        if p["full_space"]:
+            jobs.append((f"keskar_full_eps{eps:g}", {"eps": eps, "p": None, "maxiter": p["maxiter"]}))
+        if p["subspace"]:
+            jobs.append((f"keskar_sub{p['subspace']}_seed{p['subspace_seed']}_eps{eps:g}",
+                         {"eps": eps, "p": p["subspace"], "seed": p["subspace_seed"], "maxiter": p["maxiter"]}))
+    return jobs
+
+
+def _keskar(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    sub = RandomSubspace(obj.numel, job["p"], seed=job["seed"], device=x.device) if job["p"] else None
+    r = keskar_sharpness(obj.value_and_grad, x, job["eps"], subspace=sub, maxiter=job["maxiter"], f0=f0)
+    return {"value": r.phi, **asdict(r)}
+
+
+register(Metric(
+    name="keskar", summary="Keskar et al.'s ε-sharpness φ (percent), full space and/or a random subspace",
+    params=(
+        Param("eps", tuple[float, ...], (1e-3, 5e-4), "box sizes ε (one result per ε)", "relative to |(A⁺x)_i| + 1"),
+        Param("subspace", int | None, 100, "random subspace dimension p (0 or none: no subspace)"),
+        Param("subspace_seed", int, 0, "seed of the random subspace matrix"),
+        Param("full_space", bool, True, "also measure with A = I (the full parameter space)"),
+        Param("maxiter", int, 10, "L-BFGS-B iterations (the paper: 10)"),
+    ),
+    jobs=_keskar_jobs, compute=_keskar,
+    fields=("phi", "f0", "f_max", "eps", "p", "seed", "function_evals", "iterations", "hit_iteration_limit",
+            "message", "seconds"),
+))
+
+
+# --------------------------------------------------------------------------------------- Hessian spectrum
+def _hessian(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    r = top_eigenvalues(hessian_operator(obj), k=job["k"], tol=job["tol"], method=job["method"], seed=seed)
+    return {"value": float(r.eigenvalues[0]), "eigenvalues": r.eigenvalues, "residuals": r.residuals,
+            "relative_error_bounds": r.relative_error_bounds, "hvps": r.hvps, "seconds": r.seconds,
+            "tol": r.tol, "ncv": r.ncv, "method": r.method, "converged": r.converged}
+
+
+register(Metric(
+    name="hessian", summary="top-k Hessian eigenvalues with residual error bounds (value: λ_max)",
+    params=(
+        Param("topk", int, 5, "number of largest Hessian eigenvalues"),
+        Param("eig_tol", float, 1e-3, "stop once every eigenvalue's residual bound is ≤ this × |eigenvalue|"),
+        Param("eig_method", EigenMethod, "lanczos", "lanczos: full reorthogonalisation, fewest products, stores "
+              "its basis; arpack: scipy eigsh, bounded memory"),
+    ),
+    jobs=lambda p: [(f"hessian_top{p['topk']}", {"k": p["topk"], "tol": p["eig_tol"], "method": p["eig_method"]})],
+    compute=_hessian, uses_hessian=True,
+    fields=("eigenvalues", "residuals", "relative_error_bounds", "hvps", "seconds", "tol", "ncv", "method",
+            "converged"),
+))
+
+
+# ----------------------------------------------------------------------------------------- Hessian trace
+def _trace(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    r = hutchinson_trace(hessian_operator(obj), rtol=job["rtol"], max_probes=job["max_probes"], seed=seed)
+    return {"value": r.trace, **asdict(r)}
+
+
+register(Metric(
+    name="trace", summary="Hutchinson estimate of the Hessian trace with its standard error",
+    params=(
+        Param("trace_rtol", float, 1e-2, "stop at this relative standard error"),
+        Param("trace_max_probes", int, 100, "most Rademacher probes", "products"),
+    ),
+    jobs=lambda p: [("trace", {"rtol": p["trace_rtol"], "max_probes": p["trace_max_probes"]})],
+    compute=_trace, uses_hessian=True,
+    fields=("trace", "stderr", "probes", "hvps", "seconds", "converged"),
+))
+
+
+# ---------------------------------------------------------------------------------- adaptive / average
+def _adaptive(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    r = adaptive_sharpness(obj.value_and_grad, x, job["rho"], steps=job["steps"])
+    return {"value": r.sharpness, **asdict(r)}
+
+
+register(Metric(
+    name="adaptive", summary="adaptive worst-case L∞ ρ-sharpness (invariant to ReLU rescaling)",
+    params=(
+        Param("rho", float, 0.05, "box radius", "relative to |w_i|"),
+        Param("adaptive_steps", int, 10, "projected sign-gradient ascent steps"),
+    ),
+    jobs=lambda p: [(f"adaptive_rho{p['rho']:g}", {"rho": p["rho"], "steps": p["adaptive_steps"]})],
+    compute=_adaptive, fields=("sharpness", "f0", "f_max", "rho", "steps", "seconds"),
+))
+
+
+def _average(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    r = average_sharpness(obj.value, x, job["sigma"], samples=job["samples"], seed=seed)
+    return {"value": r.sharpness, **asdict(r)}
+
+
+register(Metric(
+    name="average", summary="average-case sharpness E[f(w + δ)] − f(w), δ_i ~ N(0, (σ|w_i|)²)",
+    params=(
+        Param("sigma", float, 0.01, "noise scale", "relative to |w_i|"),
+        Param("average_samples", int, 10, "Monte-Carlo draws"),
+    ),
+    jobs=lambda p: [(f"average_sigma{p['sigma']:g}", {"sigma": p["sigma"], "samples": p["average_samples"]})],
+    compute=_average, fields=("sharpness", "stderr", "f0", "sigma", "samples", "seed", "seconds"),
+))

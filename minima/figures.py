@@ -1,0 +1,179 @@
+"""Figures from result files only — plotting never computes a metric and never imports a model.
+
+:func:`plot_curve` draws a Keskar-style parametric plot into a given or new axes (pyplot, for notebooks),
+:func:`plot_curves` overlays several curves, :func:`plot_surface` draws a plane (contours of the training loss,
+filled contours of the test accuracy, a 3-D view). The ``save_*`` functions write a file through a bare
+:class:`matplotlib.figure.Figure`, so they need no pyplot state and leave matplotlib's backend and global settings
+as they are (the command ``python -m minima.plot`` chooses a non-interactive backend for itself; notebooks keep
+theirs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from minima.files.results import Curve, Grid
+
+LOSS_COLOR, ACC_COLOR = "tab:blue", "tab:red"
+# Train solid with round markers, test dashed with square markers; long legend handles so the dashes show.
+SPLIT_STYLE = {"train": {"linestyle": "-", "marker": "o"}, "test": {"linestyle": (0, (5, 2)), "marker": "s"}}
+
+
+def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Cross-entropy (log scale, left axis) and accuracy (right axis) against α; train solid, test dashed;
+    α = 0 and α = 1 marked with the checkpoints' names; non-finite or missing points masked, and points with
+    non-finite samples annotated with their count. The legend sits below the axes, off the curves."""
+    if ax is None:
+        import matplotlib.pyplot as plt  # only here: a notebook asking for a new figure
+
+        fig, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
+    fig = ax.figure
+    acc_ax = ax.twinx()
+    a = curve.alpha
+    for split, style in SPLIT_STYLE.items():
+        loss = np.asarray(getattr(curve, f"{split}_loss"), dtype=float)
+        acc = np.asarray(getattr(curve, f"{split}_accuracy"), dtype=float)
+        ok = np.isfinite(loss) & (loss > 0)
+        ax.plot(a[ok], loss[ok], color=LOSS_COLOR, markersize=3, label=f"{split} cross-entropy", **style)
+        acc_ax.plot(a, np.where(np.isfinite(acc), acc, np.nan), color=ACC_COLOR, markersize=3,
+                    label=f"{split} accuracy", **style)
+        nonfinite = np.asarray(getattr(curve, f"{split}_nonfinite"))
+        for x, n in zip(a[nonfinite > 0], nonfinite[nonfinite > 0], strict=True):
+            ax.annotate(f"{n} non-finite ({split})", (x, 1.0), xycoords=("data", "axes fraction"),
+                        rotation=90, va="top", ha="center", fontsize=7, color="0.3")
+    ax.set_yscale("log")
+    ax.set_xlabel("α   (θ = (1 − α)·θ_A + α·θ_B)")
+    ax.set_ylabel("cross-entropy (nats)", color=LOSS_COLOR)
+    acc_ax.set_ylabel("accuracy", color=ACC_COLOR)
+    acc_ax.set_ylim(0.0, 1.02)
+    for x, name in ((0.0, curve.name_a), (1.0, curve.name_b)):
+        ax.axvline(x, color="0.6", lw=0.8, zorder=0)
+        ax.annotate(name, (x, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                    textcoords="offset points", fontsize=8, color="0.25", rotation=90, va="bottom")
+    handles = ax.get_legend_handles_labels()[0] + acc_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=4,
+              handlelength=4.0, frameon=False)
+    policy = curve.attrs.get("bn_policy", "?")
+    ax.set_title(title or f"{curve.name_a} → {curve.name_b}  (BatchNorm: {policy})", fontsize=9)
+    return fig
+
+
+def save_curve_figure(curve: Curve, path: str | Path, dpi: int = 130) -> Path:
+    """Draw :func:`plot_curve` into ``path`` (PNG/PDF/SVG by extension) without pyplot."""
+    fig = Figure(figsize=(7.0, 4.6), layout="constrained")
+    plot_curve(curve, ax=fig.add_subplot())
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ several curves
+def curve_label(curve: Curve) -> str:
+    """How a curve is named in a legend: the checkpoint for a direction through one, A → B for a segment."""
+    if not str(curve.attrs.get("checkpoint_b", "")):
+        return curve.name_a
+    return f"{curve.name_a} → {curve.name_b}"
+
+
+def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] | None = None) -> Figure:
+    """Several curves in one panel (Li et al. 2018, Fig. 3 style): training loss solid, test loss dashed, one
+    colour per curve, the legend naming each (``labels`` or :func:`curve_label`); non-finite points masked and
+    counted in the legend."""
+    if ax is None:
+        import matplotlib.pyplot as plt  # only here: a notebook asking for a new figure
+
+        fig, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
+    fig = ax.figure
+    for k, curve in enumerate(curves):
+        color = f"C{k % 10}"
+        name = labels[k] if labels is not None else curve_label(curve)
+        for split, style in SPLIT_STYLE.items():
+            loss = np.asarray(getattr(curve, f"{split}_loss"), dtype=float)
+            ok = np.isfinite(loss) & (loss > 0)
+            bad = int((~np.isfinite(loss)).sum())
+            extra = f", {bad} non-finite" if bad else ""
+            ax.plot(curve.alpha[ok], loss[ok], color=color, markersize=3, label=f"{name} ({split}{extra})", **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("α")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, handlelength=4.0, frameon=False)
+    return fig
+
+
+def save_curves_figure(curves: list[Curve], path: str | Path, dpi: int = 130) -> Path:
+    """Draw :func:`plot_curves` into ``path`` without pyplot."""
+    fig = Figure(figsize=(7.0, 4.8), layout="constrained")
+    plot_curves(curves, ax=fig.add_subplot())
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------- surfaces
+def _marks(grid: Grid) -> tuple[dict[str, list[float]], np.ndarray | None]:
+    marks = json.loads(grid.attrs.get("marks", "{}"))
+    path = grid.attrs.get("path")
+    return marks, (np.asarray(json.loads(path), dtype=float) if path else None)
+
+
+def _overlay(ax: Axes, grid: Grid) -> None:
+    marks, path = _marks(grid)
+    if path is not None:
+        ax.plot(path[:, 0], path[:, 1], "-o", color="k", markersize=2.5, lw=1.0, label="trajectory")
+    for name, (x, y) in marks.items():
+        ax.plot([x], [y], "o", color="white", markeredgecolor="k", markersize=6)
+        ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+
+
+def plot_surface(grid: Grid, fig: Figure | None = None) -> Figure:
+    """Three panels of a two-axis grid: the training loss as contours with log-spaced levels and its minimum
+    marked (Li et al.'s style), the test accuracy as filled contours, and the training loss as a 3-D surface
+    (log10); the plane's checkpoints and projected trajectory drawn on the first two. Non-finite points are
+    masked and counted in the title."""
+    from matplotlib.colors import LogNorm
+
+    if fig is None:
+        fig = Figure(figsize=(15.0, 4.6), layout="constrained")
+    x, y = grid.coords[grid.axes[0]], grid.coords[grid.axes[1]]
+    loss = np.asarray(grid.values["train/loss"], dtype=float).T  # (y, x) for contour
+    acc = np.asarray(grid.values["test/accuracy"], dtype=float).T
+    bad = ~np.isfinite(loss) | (loss <= 0)
+    masked = np.ma.masked_array(loss, mask=bad)
+    ax1 = fig.add_subplot(1, 3, 1)
+    if (~bad).sum() >= 4 and float(masked.max()) > float(masked.min()):
+        levels = np.geomspace(float(masked.min()), float(masked.max()), 20)
+        cs = ax1.contour(x, y, masked, levels=levels, norm=LogNorm(), cmap="viridis", linewidths=0.8)
+        fig.colorbar(cs, ax=ax1, label="training cross-entropy (nats, log levels)", ticks=levels[::3], format="%.3g")
+        j, i = np.unravel_index(np.argmin(np.where(bad, np.inf, loss)), loss.shape)
+        ax1.plot([x[i]], [y[j]], "*", color="red", markersize=12, label=f"minimum {loss[j, i]:.3g}")
+        ax1.legend(fontsize=7, loc="lower right")
+    _overlay(ax1, grid)
+    ax2 = fig.add_subplot(1, 3, 2)
+    acc_masked = np.ma.masked_invalid(acc)
+    if acc_masked.count() >= 4:
+        cf = ax2.contourf(x, y, acc_masked, levels=np.linspace(0.0, 1.0, 21), cmap="magma")
+        fig.colorbar(cf, ax=ax2, label="test accuracy")
+    _overlay(ax2, grid)
+    ax3 = fig.add_subplot(1, 3, 3, projection="3d")
+    if (~bad).any():
+        xx, yy = np.meshgrid(x, y)
+        ax3.plot_surface(xx, yy, np.log10(np.where(bad, np.nan, loss)), cmap="viridis", linewidth=0)
+    ax3.set_zlabel("log10 training loss")
+    ax3.set_box_aspect(None, zoom=0.8)  # room for the axis labels inside the panel
+    for ax in (ax1, ax2, ax3):
+        ax.set_xlabel(grid.axes[0])
+        ax.set_ylabel(grid.axes[1])
+    kind = json.loads(grid.attrs.get("directions", "{}")).get("kind", "?")
+    note = f"; {int(bad.sum())} non-finite point(s) masked" if bad.any() else ""
+    fig.suptitle(f"{kind} plane, BatchNorm {grid.attrs.get('bn_policy', '?')}{note}", fontsize=9)
+    return fig
+
+
+def save_surface_figure(grid: Grid, path: str | Path, dpi: int = 110) -> Path:
+    """Draw :func:`plot_surface` into ``path`` without pyplot."""
+    fig = plot_surface(grid)
+    fig.savefig(path, dpi=dpi)
+    return Path(path)

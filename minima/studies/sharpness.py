@@ -1,0 +1,227 @@
+"""Measurement study: sharpness and curvature metrics of checkpoints into an HDF5 file.
+
+Each (checkpoint, result) pair is stored under ``sharpness/<label>/<result>`` with its parameters as attributes
+as soon as it finishes, so a killed run resumes by skipping finished pairs; a pair computed with other settings
+(another resume key, :func:`minima.core.config.resume_key`) is recomputed. Which metrics exist, their parameters and
+their result names come from the registry :mod:`minima.curvature.registry`, read when a request type is built
+(:func:`measure_request_type`, called when a command parses its arguments), so a metric registered after importing
+any minima module — or installed under the ``minima.metrics`` entry-point group — has its flags and fields. Under
+``torchrun`` every rank holds a shard of the data, gradients and Hessian-vector products are sum-reduced, and every
+rank runs the same optimiser/Lanczos iterations on identical reduced values; rank 0 writes; a refusal on any rank is
+raised on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from minima.core import distributed
+from minima.core.allocator import memory_budget
+from minima.core.config import resume_key, setting, to_dict
+from minima.core.options import CheckpointData
+from minima.core.precision import effective as precision_effective
+from minima.core.precision import float32_math
+from minima.core.vocab import TORCH_DTYPES, BNMode, CurvatureDtype, check_choice
+from minima.curvature.objective import DatasetObjective, FixedBatches
+from minima.curvature.registry import REGISTRY, Metric, Param, get_metric, load_plugins
+from minima.data import load_for_checkpoint
+from minima.files import checkpoint as ckpt_io
+from minima.files import results
+from minima.files.naming import run_label
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasureOptions(CheckpointData):
+    """The settings of a measurement besides the metrics' own parameters (see :func:`measure_request_type`)."""
+
+    checkpoints: list[Path] = setting(help="checkpoints to measure", positional=True)
+    metrics: tuple[str, ...] = setting(("keskar",), "metrics to compute (names, or one comma-separated list; "
+                                       "--help lists them with their parameters)")
+    bn_mode: BNMode = setting("eval", "BatchNorm inside f: eval (running statistics) or batch (each fixed "
+                              "batch's statistics, as Keskar's Keras code)")
+    dtype: CurvatureDtype = setting("float32", "precision of the network; sums are float64")
+    out: Path | None = setting(None, "output .h5 file (a curve file is accepted too: results go under "
+                               "sharpness/)", default_text="<checkpoint>_sharpness.h5 or sharpness.h5 here")
+    seed: int = setting(0, "seed of Lanczos start vectors, probes and noise")
+    hvp_cache_gb: float | None = setting(None, "memory for gradient graphs kept between Hessian-vector products "
+                                         "at one θ (0 keeps none; the numbers are the same)", unit="GB",
+                                         default_text="a quarter of the available memory")
+
+
+# Old flag → field spellings of the measurement request, accepted for one release with a deprecation line.
+DEPRECATED_FLAGS = {"samples": "train_subset", "batch_size": "eval_batch_size", "bn": "bn_mode"}
+_TYPES: dict[tuple, type] = {}
+
+
+def _metric_field(p: Param) -> tuple[str, Any, Any]:
+    return p.name, p.type, setting(p.default, p.help, unit=p.unit, default_text=p.default_text)
+
+
+def measure_request_type() -> type:
+    """The request class for the metrics registered now (entry-point plugins loaded first):
+    :class:`MeasureOptions` plus one field per metric parameter. Built again whenever the registry has changed, so
+    a metric registered at any time gets its fields; ``minima.studies.sharpness.MeasureRequest`` is this class."""
+    load_plugins()
+    key = tuple((m.name, tuple(p.name for p in m.params)) for m in REGISTRY.values())
+    if key not in _TYPES:
+        cls = dataclasses.make_dataclass(
+            "MeasureRequest", [_metric_field(p) for m in REGISTRY.values() for p in m.params],
+            bases=(MeasureOptions,), frozen=True, kw_only=True)
+        cls.__module__ = __name__
+        cls.__doc__ = ("What to measure on which checkpoints, and how: the common fields (MeasureOptions) plus every "
+                       "registered metric's parameters (minima.curvature.registry). Stored with the results.")
+        _TYPES[key] = cls
+    return _TYPES[key]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MeasureRequest":
+        return measure_request_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def metric_list(requested: Sequence[str]) -> list[Metric]:
+    """The registered metrics named in ``requested`` (entries may be comma-separated lists); unknown names are
+    an error listing the choices."""
+    names = [n.strip() for item in requested for n in str(item).split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"give at least one metric; choose from {sorted(REGISTRY)}")
+    return [get_metric(n) for n in names]
+
+
+def result_jobs(req: MeasureOptions) -> list[tuple[Metric, str, dict[str, Any]]]:
+    """(metric, result name, parameters) in the order they run. A parameter the request has no field for (its
+    type was built before the metric was registered) takes the parameter's default."""
+    values = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}
+    out = []
+    for metric in metric_list(req.metrics):
+        params = {p.name: values.get(p.name, p.default) for p in metric.params}
+        out += [(metric, name, job) for name, job in metric.jobs(params)]
+    return out
+
+
+def _validate(req: MeasureOptions) -> None:
+    check_choice("BatchNorm mode (--bn-mode)", req.bn_mode, BNMode)
+    check_choice("dtype (--dtype)", req.dtype, CurvatureDtype)
+    if not req.checkpoints:
+        raise ValueError("give at least one checkpoint")
+    if req.test_subset is not None:
+        raise ValueError("--test-subset has no effect on sharpness (f is defined on training data); drop it, or use "
+                         "--train-subset")
+    if req.hvp_cache_gb is not None and not req.hvp_cache_gb >= 0:
+        raise ValueError(f"--hvp-cache-gb must be ≥ 0 (0 keeps none), got {req.hvp_cache_gb}")
+    out = _output(req)
+    if out.suffix != ".h5":
+        raise ValueError(f"--out {out} should end in .h5 (an HDF5 results file)")
+    if not out.parent.is_dir():
+        raise ValueError(f"output directory {out.parent} does not exist; create it or choose another --out")
+
+
+def default_output(checkpoints: Sequence[Path]) -> Path:
+    if len(checkpoints) == 1:
+        return Path(f"{run_label(checkpoints[0])}_sharpness.h5")
+    return Path("sharpness.h5")
+
+
+def _output(req: MeasureOptions) -> Path:
+    return Path(req.out) if req.out else default_output(req.checkpoints)
+
+
+def measure(req: MeasureOptions) -> Path:
+    """Compute every requested metric for every checkpoint into ``req.out``; return the path."""
+    env = distributed.setup(req.device)
+    out = _output(req)
+    try:
+        jobs = distributed.agree(env, lambda: (_validate(req), result_jobs(req))[1])
+
+        def start() -> None:
+            results.ensure_sharpness_file(out)
+            results.set_attrs(out, {"sharpness_request": to_dict(req)})
+
+        distributed.from_main(env, start)
+        cache_bytes = (memory_budget(env.device) if req.hvp_cache_gb is None else int(req.hvp_cache_gb * 1e9))
+        with float32_math(req.float32_math):
+            for path in req.checkpoints:
+                _measure_checkpoint(Path(path), req, jobs, out, env, cache_bytes)
+        if env.is_main:
+            table = [(row["checkpoint_label"], row["metric"], float(row["value"]))
+                     for row in results.load_sharpness(out)]
+            print(format_table(table), flush=True)
+            print(f"[minima.sharpness] wrote {out}", flush=True)
+        distributed.barrier()
+    finally:
+        distributed.teardown()
+    return out
+
+
+def _measure_checkpoint(path: Path, req: MeasureOptions, jobs: list[tuple[Metric, str, dict[str, Any]]], out: Path,
+                        env: distributed.DistEnv, cache_bytes: int) -> None:
+    def load() -> tuple[dict[str, Any], Any, Any]:
+        ckpt = ckpt_io.load_checkpoint(path)
+        model = ckpt_io.model_from_checkpoint(ckpt, req.trust_import)
+        ds = load_for_checkpoint(ckpt["meta"]["data"], req.data, req.train_subset, None, req.subset_seed,
+                                 req.data_root)
+        return ckpt, model, ds
+
+    ckpt, model, ds = distributed.agree(env, load)
+    label = run_label(path)
+    train = ds.train
+    common = {"checkpoint": str(path), "sha256": ckpt_io.sha256_file(path), "bn_mode": req.bn_mode,
+              "samples": len(train), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
+              "subset_seed": req.subset_seed, "data": json.dumps(ds.describe()), "seed": req.seed,
+              "float32_math": req.float32_math}
+
+    def key_of(metric: Metric, job: dict[str, Any]) -> str:
+        return resume_key({**common, "metric": metric.name, **job})
+
+    done = distributed.from_main(env, lambda: [name for m, name, job in jobs
+                                               if results.sharpness_done(out, label, name, key_of(m, job))])
+    pending = [j for j in jobs if j[1] not in done]
+    if not pending:
+        return
+    batches = FixedBatches.from_split(train, ckpt["meta"]["data"]["mean"], ckpt["meta"]["data"]["std"],
+                                      batch_size=req.eval_batch_size, device=env.device,
+                                      dtype=TORCH_DTYPES[req.dtype], rank=env.rank, world_size=env.world_size)
+    obj = DatasetObjective(model, batches, bn=req.bn_mode, hvp_cache_bytes=cache_bytes)
+    if any(m.uses_hessian for m, _, _ in pending):
+        obj.check_deterministic(seed=req.seed)
+    x = obj.get_flat()
+    f0 = obj.value(x)
+    if env.is_main:
+        print(f"[minima.sharpness] {label}: f(x) = {f0:.6g} on {len(train)} training samples "
+              f"(BN {req.bn_mode}); {len(pending)} metric(s) to compute", flush=True)
+    bar = tqdm(pending, desc=f"sharpness {label}", disable=None if env.is_main else True, dynamic_ncols=True)
+    for metric, name, job in bar:
+        bar.set_postfix(metric=name)
+        obj.set_flat(x)  # the metrics move θ while they search; every one starts from the checkpoint
+        values = metric.compute(obj, x, f0, job, req.seed)
+        if env.is_main:
+            precision = json.dumps(precision_effective(env.device, req.float32_math))
+            results.write_sharpness(out, label, name, {**common, **job, **values, "settings_key": key_of(metric, job),
+                                                       "metric_kind": metric.name, "precision": precision})
+            cache = obj.hvp_cache_info
+            kept = (f"; gradient graphs of {cache['batches']}/{len(obj.batches)} batches kept "
+                    f"({cache['bytes'] / 1e9:.2f} GB)") if metric.uses_hessian else ""
+            print(f"[minima.sharpness] {label} {name}: {values['value']:.6g} "
+                  f"({values.get('seconds', float('nan')):.1f} s{kept})", flush=True)
+
+
+def format_table(rows: Sequence[tuple[str, str, float]]) -> str:
+    """Checkpoints as columns, metrics as rows."""
+    labels = sorted({r[0] for r in rows})
+    metrics = sorted({r[1] for r in rows})
+    cell = {(r[0], r[1]): r[2] for r in rows}
+    width = max([len(m) for m in metrics] + [6])
+    head = f"{'metric':<{width}} " + " ".join(f"{lab:>14}" for lab in labels)
+    lines = [head]
+    for m in metrics:
+        lines.append(f"{m:<{width}} " + " ".join(
+            f"{cell[(lab, m)]:>14.6g}" if (lab, m) in cell else f"{'-':>14}" for lab in labels))
+    return "\n".join(lines)

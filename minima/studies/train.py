@@ -1,0 +1,598 @@
+"""Training study: the training loop of ``python -m minima.train`` (single process or ``torchrun`` DDP).
+
+Semantics (each stated so a reader can check them against the papers):
+
+* **Global batch** ``B`` is the configured quantity. Each rank takes ``B / world_size`` samples per step;
+  if that exceeds ``micro_batch`` the rank accumulates gradients over ``B / (world_size · micro_batch)``
+  micro-batches (DDP's ``no_sync`` on all but the last). The loss of a micro-batch is its *sum* of
+  per-sample cross-entropies times ``world_size / B``: DDP averages gradients over ranks, so one optimiser
+  step equals the single-process step on the full batch of ``B`` samples.
+* **BatchNorm** statistics are computed per micro-batch (Goyal's per-worker BN); ``sync_bn`` converts to
+  ``SyncBatchNorm`` under DDP (still per micro-batch when accumulating).
+* **Epochs**: one permutation per epoch, identical on every rank (seeded by ``(seed, epoch)``), cut into
+  global batches; each rank takes its contiguous slice of every global batch. The incomplete final batch
+  is dropped, so every step has exactly ``B`` samples.
+* **Randomness** (dropout, augmentation) is re-seeded at every step from ``(seed, step, rank)``: resuming
+  at any step reproduces the uninterrupted run bit for bit on the same machine, with no RNG state to save.
+* **Train metrics** in ``metrics.jsonl`` are exact running sums over the epoch's training samples (train
+  mode: dropout on, BN batch statistics), reduced across ranks and divided by the sample count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from minima import data as data_mod
+from minima.core import config as cfg
+from minima.core import distributed
+from minima.core.config import setting
+from minima.core.options import DataOptions
+from minima.core.precision import Float32Math, float32_math
+from minima.core.precision import effective as precision_effective
+from minima.core.vocab import Amp, DataOnDevice, DeviceName, Optimizer, check_choice
+from minima.files import checkpoint as ckpt_io
+from minima.files.checkpoint import RESUMABLE_CHANGES
+from minima.geometry.evaluate import batch_sums, check_model_accepts, evaluate, sums_to_result
+from minima.models import (
+    available_models,
+    default_data,
+    instantiate,
+    is_convolutional,
+    load_imagenet_weights,
+    model_info,
+    model_kind,
+    own_import,
+    resolve_model,
+)
+from minima.optim.schedule import LRSchedule, ScalingRule, ScheduleKind, build_schedule, learning_rate
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: "try again" — what a requeueing cluster script wants to see
+CHECK_EVERY = 10  # steps between the loop's host reads (non-finite loss, and under DDP the stop signal)
+
+
+@dataclass(frozen=True)
+class TrainConfig(DataOptions):
+    """Every setting of a training run, with units (the data options shared with every command that reads data,
+    :class:`minima.core.options.DataOptions`, plus training's own). Stored in each checkpoint and in
+    ``config.json``."""
+
+    model: str = setting("c1", f"model: one of {available_models()}, torchvision:NAME (e.g. torchvision:resnet18) "
+                         "or package.module:factory (your own; naming it here allows importing it)")
+    model_kwargs: dict = setting(help="extra model arguments", factory=dict)
+    data: str | None = setting(None, "synthetic, torchvision:NAME (CIFAR10, CIFAR100, MNIST, FashionMNIST, SVHN), "
+                               "imagefolder:PATH, npz:PATH, or a path (.npz file or CIFAR-10 directory)",
+                               default_text="the model's own data (c3/c4: CIFAR-100), else $MINIMA_DATA, else "
+                               "the torchvision CIFAR-10 download")
+    epochs: int = setting(20, "maximum number of epochs")
+    batch_size: int = setting(256, "global batch size: samples per optimiser step over all ranks", unit="samples")
+    micro_batch: int | None = setting(None, "largest per-rank forward batch; gradients are accumulated above it",
+                                      unit="samples", default_text="the per-rank batch")
+    optimizer: Optimizer = setting("adam", "optimiser")
+    lr: float = setting(1e-3, "reference learning rate at --ref-batch")
+    ref_batch: int = setting(256, "batch size at which --lr was tuned", unit="samples")
+    scaling: ScalingRule = setting("none", "LR scaling rule from --ref-batch to --batch-size")
+    warmup_epochs: float = setting(0.0, "gradual warmup length (per iteration, from --lr)", unit="epochs")
+    schedule: ScheduleKind = setting("constant", "LR schedule after warmup")
+    milestones: tuple[float, ...] = setting((), "epochs at which the step schedule multiplies the LR by --gamma",
+                                            unit="epochs")
+    gamma: float = setting(0.1, "step-decay factor")
+    momentum: float = setting(0.9, "SGD momentum")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD)")
+    weight_decay: float = setting(0.0, "L2 weight decay coefficient")
+    decay_bn_bias: bool = setting(False, "also apply weight decay to BatchNorm and bias parameters (Goyal: no)")
+    adam_betas: tuple[float, ...] = setting((0.9, 0.999), "Adam betas")
+    adam_eps: float = setting(1e-8, "Adam epsilon")
+    augment: bool = setting(False, "random crop (pad 4) + horizontal flip")
+    seed: int = setting(0, "seed of shuffling, dropout and augmentation")
+    init_seed: int | None = setting(None, "seed of the initial weights; equal values give SB and LB the same x0",
+                                    default_text="--seed")
+    init_from: str | None = setting(None, "start from this checkpoint's weights", default_text="fresh weights")
+    pretrained: str | None = setting(None, "mobilenet_v2 only: 'imagenet' (torchvision download) or a local "
+                                     "ImageNet state-dict file", default_text="none")
+    target_loss: float | None = setting(None, "stop once the epoch's training loss is at or below this",
+                                        unit="nats", default_text="no target")
+    patience: int | None = setting(None, "stop after this many epochs without a training-loss improvement of at "
+                                   "least --min-delta", unit="epochs", default_text="never")
+    min_delta: float = setting(1e-4, "smallest training-loss decrease that counts", unit="nats")
+    channels_last: bool | None = setting(None, "channels_last memory format",
+                                         default_text="on for convolutional models")
+    amp: Amp = setting("none", "bf16: CUDA autocast")
+    data_on_device: DataOnDevice = setting("auto", "keep the data on the compute device (auto: when it takes at most "
+                                           "half its free memory) or in pinned host memory (no); a CPU is always "
+                                           "its own host")
+    float32_math: Float32Math = setting("default", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32, or "
+                                        "default (PyTorch's own flags); recorded in every checkpoint")
+    threads: int | None = setting(None, "torch CPU threads", default_text="torch's default")
+    sync_bn: bool = setting(False, "SyncBatchNorm under DDP")
+    out: str = setting("runs/run", "run directory")
+    save_every: int = setting(0, "also keep epoch_XXXX.pt every K epochs (0: never)", unit="epochs")
+    eval_test: bool = setting(True, "evaluate the test set after every epoch")
+    progress: bool = setting(True, "tqdm progress bar on rank 0")
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived: the current step finished and ``last.pt`` was written."""
+
+    def __init__(self, checkpoint: Path, message: str) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; ``last.pt`` still holds the last good epoch."""
+
+
+@dataclass
+class TrainState:
+    """What callbacks see: position in the run and the running sums of the current epoch."""
+
+    epoch: int
+    batch: int
+    step: int
+    lr: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Batch arithmetic derived from the config and the world size."""
+
+    per_rank: int
+    micro: int
+    accumulation: int
+    steps_per_epoch: int
+
+
+def plan_batches(global_batch: int, world_size: int, micro_batch: int | None, n_train: int) -> Plan:
+    """Per-rank batch, micro-batch and accumulation steps; invalid combinations are refused with the
+    arithmetic spelled out."""
+    if global_batch < 1:
+        raise ValueError(f"batch_size must be ≥ 1; got {global_batch}")
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size} "
+                         f"({global_batch} / {world_size} = {global_batch / world_size:g}); choose a multiple "
+                         f"of {world_size}")
+    per_rank = global_batch // world_size
+    micro = per_rank if micro_batch is None else micro_batch
+    if micro < 1:
+        raise ValueError(f"micro_batch must be ≥ 1; got {micro}")
+    if micro > per_rank:
+        raise ValueError(f"micro-batch {micro} is larger than the per-rank batch {per_rank} "
+                         f"(= {global_batch} / {world_size} ranks); use --micro-batch ≤ {per_rank}")
+    if per_rank % micro:
+        raise ValueError(f"per-rank batch {per_rank} (= {global_batch} / {world_size}) is not divisible by "
+                         f"micro-batch {micro} ({per_rank} / {micro} = {per_rank / micro:g}); choose a divisor")
+    steps = n_train // global_batch
+    if steps == 0:
+        raise ValueError(f"the training set has {n_train} samples, fewer than one global batch of "
+                         f"{global_batch}; use a smaller --batch-size or more data")
+    return Plan(per_rank=per_rank, micro=micro, accumulation=per_rank // micro, steps_per_epoch=steps)
+
+
+def validate_config(c: TrainConfig) -> None:
+    """Refuse settings that name unknown choices or make no sense, before any work starts."""
+    for key, vocabulary in (("optimizer", Optimizer), ("scaling", ScalingRule), ("schedule", ScheduleKind),
+                            ("amp", Amp), ("device", DeviceName)):
+        check_choice(key, getattr(c, key), vocabulary)
+    if model_kind(c.model) == "registry":
+        model_info(c.model)
+    if c.epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1; got {c.epochs}")
+    if c.lr <= 0:
+        raise ValueError(f"lr must be > 0; got {c.lr}")
+    if c.warmup_epochs < 0 or c.warmup_epochs > c.epochs:
+        raise ValueError(f"warmup_epochs must be in [0, epochs={c.epochs}]; got {c.warmup_epochs}")
+    if c.schedule == "step" and not c.milestones:
+        raise ValueError("schedule 'step' needs --milestones (epochs at which the LR is multiplied by --gamma)")
+
+
+def load_dataset(c: TrainConfig) -> data_mod.Dataset:
+    """The dataset named by the config (or the model's own, for c3/c4), with its stratified subsets taken."""
+    source = c.data if c.data is not None else default_data(c.model)
+    ds = data_mod.load_source(source, c.train_subset, c.test_subset, root=c.data_root)
+    return ds.subset(c.train_subset, c.test_subset, c.subset_seed)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 8191 + rank * 131_071 + 12_345) % (2**63 - 1)
+
+
+def _param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) -> list[dict[str, Any]]:
+    # One-dimensional parameters are biases and BatchNorm scales/shifts (Goyal: no weight decay on them).
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if decay_bn_bias or p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, c.weight_decay, c.decay_bn_bias)
+    if c.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps)
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, int | None]]:
+    """Turn SIGTERM/SIGINT into a flag checked after each step (the handlers are restored after)."""
+    flag: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        flag["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _initial_model(c: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    kwargs = dict(c.model_kwargs)
+    torch.manual_seed(c.seed if c.init_seed is None else c.init_seed)
+    # Naming an import-path model in the training config is the user's permission to import its module.
+    factory, stored_kwargs = resolve_model(c.model, num_classes, trusted=own_import(c.model), **kwargs)
+    model = instantiate(c.model, factory, stored_kwargs)  # stored_kwargs are what rebuilds it from the checkpoint
+    if c.pretrained:
+        if c.model != "mobilenet_v2":
+            raise ValueError(f"--pretrained is available for mobilenet_v2 only, not {c.model!r}")
+        load_imagenet_weights(model, c.pretrained)
+    if c.init_from:
+        init = ckpt_io.load_checkpoint(c.init_from)  # weights only: the model is this run's
+        if init["model"]["name"] != c.model:
+            raise ValueError(f"--init-from {c.init_from} holds a {init['model']['name']!r} model, this run trains "
+                             f"{c.model!r}; pass --model {init['model']['name']} or another checkpoint")
+        ckpt_io.check_same_layout(init["state_dict"], model.state_dict(), c.init_from, "this run's model")
+        model.load_state_dict(init["state_dict"])
+    return model, stored_kwargs
+
+
+@dataclass
+class Run:
+    """One training run in progress: its fixed parts (config, data, plan, model, optimiser) and its position
+    (epoch, batch within it, optimiser step, elapsed seconds, running sums of an interrupted epoch, stopping-rule
+    state, the last epoch's metrics)."""
+
+    c: TrainConfig
+    env: distributed.DistEnv
+    ds: data_mod.Dataset
+    plan: Plan
+    schedule: LRSchedule
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    model_kwargs: dict[str, Any]
+    channels_last: bool
+    resolved: dict[str, Any]
+    train_split: data_mod.Split  # where the loop reads batches from (the device, or pinned host memory)
+    test_split: data_mod.Split
+    placement: data_mod.Placement
+    epoch: int = 0
+    batch0: int = 0
+    step: int = 0
+    elapsed: float = 0.0
+    carried: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    trainer: dict[str, Any] = field(default_factory=lambda: {"best_loss": float("inf"), "bad_epochs": 0,
+                                                              "stopped": None})
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.c.out)
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    def checkpoint(self, kind: str, epoch_sums: torch.Tensor | None = None,
+                   position: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A checkpoint of the current weights; ``kind="resume"`` adds what continuing needs."""
+        meta = ckpt_io.make_meta(
+            epoch=position["epoch"] if position else self.epoch, step=self.step, global_batch_size=self.c.batch_size,
+            world_size=self.env.world_size, seed=self.c.seed, train_config=self.resolved, data=self.ds.describe(),
+            metrics=self.last_metrics,
+            # found by check_model_accepts' dry forward: the data's image shape, the model's outputs
+            model_info={"input_shape": list(self.ds.image_shape), "num_classes": self.ds.num_classes,
+                        "convolutional": is_convolutional(self.model)},
+            precision=precision_effective(self.env.device, self.c.float32_math,
+                                          "bfloat16" if self.c.amp == "bf16" else None),
+            data_placement=self.placement.describe(),
+        )
+        extra: dict[str, Any] = {}
+        if kind == "resume":
+            extra = {"optimizer": self.optimizer.state_dict(),
+                     "scheduler": {"step": self.step, **asdict(self.schedule)},
+                     "rng": {"scheme": "torch.manual_seed(f(seed, step, rank)) before every step"},
+                     "position": position, "epoch_sums": epoch_sums, "trainer": dict(self.trainer)}
+        return ckpt_io.make_checkpoint(self.c.model, self.model_kwargs, self.model.state_dict(), meta, **extra)
+
+    def save_resumable(self, epoch_sums: torch.Tensor, batch: int) -> None:
+        """Write ``last.pt`` (rank 0) at (current epoch, ``batch``) with the epoch's running sums."""
+        if self.env.is_main:
+            position = {"epoch": self.epoch, "batch": batch, "elapsed_s": self.elapsed}
+            ckpt_io.save_checkpoint(self.checkpoint("resume", epoch_sums, position), self.last_path)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    dataset: data_mod.Dataset | None = None,
+    on_step: Callable[[TrainState], None] | None = None,
+    on_epoch: Callable[[TrainState], None] | None = None,
+) -> Path:
+    """Train per ``config``; return the path of ``final.pt`` in the run directory ``config.out``.
+
+    ``dataset`` overrides ``config.data`` (the Python API for notebooks and tests). ``resume`` continues
+    from ``last.pt`` if present. Raises :class:`TrainingInterrupted` after SIGTERM/SIGINT (``last.pt``
+    written) and :class:`NonFiniteLossError` when the loss is NaN/inf (``last.pt`` kept from before).
+    """
+    validate_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    env = distributed.setup(config.device)
+    try:
+        with float32_math(config.float32_math):
+            run = _start(config, env, resume, dataset)
+            return _train(run, on_step, on_epoch)
+    finally:
+        distributed.teardown()
+
+
+def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data_mod.Dataset | None) -> Run:
+    """Plan the run: check the run directory (refusing to resume with other settings, naming each difference),
+    load the data, build model and optimiser, and restore the position of ``last.pt`` when resuming."""
+    run_dir = Path(c.out)
+    last_path, final_path = run_dir / "last.pt", run_dir / "final.pt"
+    resolved = cfg.to_dict(c)
+    state: dict[str, Any] | None = None
+    if resume and last_path.exists():
+        state = ckpt_io.load_checkpoint(last_path)
+        # settings added after the run was started count as their defaults (they did not exist then)
+        before = {**cfg.to_dict(TrainConfig()), **state["meta"]["train_config"]}
+        diffs = cfg.differences(before, resolved, ignore=RESUMABLE_CHANGES)
+        if diffs:
+            raise ValueError(f"cannot resume {last_path} with different settings:\n  " + "\n  ".join(diffs)
+                             + "\nstart a new run (another --out) to change them")
+    elif not resume and (last_path.exists() or final_path.exists()):
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, or choose "
+                              "another --out")
+    if c.amp == "bf16" and env.device.type != "cuda":
+        raise ValueError("--amp bf16 is supported on CUDA only; use --amp none on CPU")
+
+    ds = dataset if dataset is not None else load_dataset(c)
+    plan = plan_batches(c.batch_size, env.world_size, c.micro_batch, len(ds.train))
+    model, model_kwargs = _initial_model(c, ds.num_classes)
+    check_model_accepts(model, ds)
+    channels_last = is_convolutional(model) if c.channels_last is None else c.channels_last
+    schedule = build_schedule(
+        ref_lr=c.lr, ref_batch=c.ref_batch, global_batch=c.batch_size, scaling=c.scaling,
+        warmup_epochs=c.warmup_epochs, kind=c.schedule, milestones_epochs=tuple(c.milestones),
+        gamma=c.gamma, epochs=c.epochs, steps_per_epoch=plan.steps_per_epoch,
+    )
+    model = model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = make_optimizer(model, c)
+    (train_split, test_split), placement = data_mod.place([ds.train, ds.test], c.data_on_device, env.device)
+    run = Run(c=c, env=env, ds=ds, plan=plan, schedule=schedule, model=model, net=model, optimizer=optimizer,
+              model_kwargs=model_kwargs, channels_last=channels_last, resolved=resolved, train_split=train_split,
+              test_split=test_split, placement=placement)
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        pos = state["position"]
+        run.epoch, run.batch0, run.elapsed = pos["epoch"], pos["batch"], pos["elapsed_s"]
+        run.step = state["meta"]["step"]
+        run.trainer = dict(state["trainer"])
+        if env.is_main:
+            run.carried = state["epoch_sums"].to(torch.float64)
+    if env.distributed:
+        net: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(model) if c.sync_bn else model
+        run.net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        print(f"[minima.train] {c.model} on {env.device} × {env.world_size}: global batch {c.batch_size} "
+              f"= {env.world_size} ranks × {plan.accumulation} micro-batches × {plan.micro}; "
+              f"{plan.steps_per_epoch} steps/epoch ({len(ds.train) - plan.steps_per_epoch * c.batch_size} "
+              f"samples of each epoch's shuffle dropped); peak LR {schedule.peak_lr:g}", flush=True)
+        print("[minima.train] config: " + json.dumps(resolved, sort_keys=True), flush=True)
+        if state is None:
+            ckpt_io.save_checkpoint(run.checkpoint("final"), run_dir / "init.pt")
+        else:
+            _truncate_metrics(run_dir / "metrics.jsonl", run.epoch)
+    if run.trainer.get("stopped"):
+        run.epoch = c.epochs  # the stopping rule already ended this run before it was interrupted
+    return run
+
+
+def _train(run: Run, on_step: Callable[[TrainState], None] | None,
+           on_epoch: Callable[[TrainState], None] | None) -> Path:
+    """Epochs until the cap or the stopping rule; ``final.pt`` at the end."""
+    c, env = run.c, run.env
+    with _stop_on_signals() as stop:
+        while run.epoch < c.epochs:
+            t0 = time.perf_counter()
+            sums, seen, lr = _train_epoch(run, stop, t0, on_step)
+            stopped = _end_epoch(run, sums, seen, lr, t0)
+            if on_epoch is not None:
+                on_epoch(TrainState(epoch=run.epoch, batch=0, step=run.step, lr=lr, metrics=run.last_metrics))
+            if stopped:
+                break
+            if distributed.any_rank(stop["signal"] is not None, env.device) and run.epoch < c.epochs:
+                raise TrainingInterrupted(run.last_path, (
+                    f"stopped by signal {stop['signal']} at the end of epoch {run.epoch}; {run.last_path} written. "
+                    f"Resume with: python -m minima.train --out {run.run_dir} --resume"))
+    final_path = run.run_dir / "final.pt"
+    if env.is_main:
+        ckpt_io.save_checkpoint(run.checkpoint("final"), final_path)
+        print(f"[minima.train] wrote {final_path}", flush=True)
+    distributed.barrier()
+    return final_path
+
+
+def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
+                 on_step: Callable[[TrainState], None] | None) -> tuple[torch.Tensor, int, float]:
+    """The hot loop: one epoch's optimiser steps from ``run.batch0``. Returns this rank's running sums
+    ``[loss, correct, count, nonfinite]`` (float64 on the device), the samples it saw, and the last LR."""
+    c, env, plan, ds = run.c, run.env, run.plan, run.ds
+    perm = data_mod.epoch_permutation(len(ds.train), c.seed, run.epoch)
+    if run.train_split.images.device != perm.device:  # data resident on the GPU: index it there, one copy per epoch
+        perm = perm.to(run.train_split.images.device)
+    batches = data_mod.global_batches(perm, c.batch_size)
+    # This rank's micro-batches of the rest of the epoch, fetched one ahead when the data is in pinned host memory.
+    chunks = [chunk for b in range(run.batch0, len(batches))
+              for chunk in batches[b][env.rank * plan.per_rank : (env.rank + 1) * plan.per_rank].split(plan.micro)]
+    fetched = iter(data_mod.DeviceBatches(run.train_split, chunks, env.device, run.placement.pinned))
+    sums = torch.zeros(4, dtype=torch.float64, device=env.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.amp == "bf16" else contextlib.nullcontext()
+    run.net.train()
+    seen, lr = 0, learning_rate(run.step, run.schedule)
+    bar = tqdm(total=len(batches), initial=run.batch0, desc=f"epoch {run.epoch + 1}/{c.epochs}",
+               disable=None if (env.is_main and c.progress) else True, leave=False,
+               dynamic_ncols=True)  # None: off when stderr is not a terminal
+    for b in range(run.batch0, len(batches)):
+        lr = learning_rate(run.step, run.schedule)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        seed = _step_seed(c.seed, run.step, env.rank)
+        torch.manual_seed(seed)  # dropout of this step (CPU and CUDA generators)
+        aug_gen = torch.Generator().manual_seed(seed)
+        run.optimizer.zero_grad(set_to_none=True)
+        for m in range(plan.accumulation):
+            x, y = next(fetched)
+            if c.augment:  # on the device: the crop offsets and flips are drawn on the host from the step's seed
+                x = data_mod.augment(x, aug_gen)
+            x = data_mod.normalize(x, ds.mean, ds.std, torch.float32, run.channels_last)
+            sync = (contextlib.nullcontext() if not env.distributed or m == plan.accumulation - 1
+                    else run.net.no_sync())
+            with sync:
+                with autocast:
+                    logits = run.net(x)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") * (env.world_size / c.batch_size)
+                loss.backward()
+            sums += batch_sums(logits.detach().float(), y)
+        run.optimizer.step()
+        run.step += 1
+        seen += plan.per_rank  # every global batch is full (the short one at the end is dropped)
+        bar.update(1)
+        stopping = stop["signal"] is not None  # a Python flag: free to read at every step in one process
+        if run.step % CHECK_EVERY == 0 or b == len(batches) - 1:
+            bad, stopping = _checkpoint_flags(sums, stopping, env)
+            if bad:
+                bar.close()
+                raise NonFiniteLossError(
+                    f"training loss became NaN/inf in epoch {run.epoch + 1} by step {run.step} (LR {lr:g}); "
+                    f"{run.last_path} still holds the last good epoch. Lower --lr, add --warmup-epochs, "
+                    "or check the data.")
+        elif env.distributed:
+            stopping = False  # ranks agree on stopping only at the checks (no collective in between)
+        if on_step is not None:
+            on_step(TrainState(epoch=run.epoch, batch=b + 1, step=run.step, lr=lr))
+        if not env.distributed:
+            stopping = stop["signal"] is not None  # also a signal that arrived during on_step
+        if stopping and b + 1 < len(batches):
+            bar.close()
+            run.elapsed += time.perf_counter() - t0
+            run.save_resumable(distributed.all_reduce_sum(sums).cpu() + run.carried, batch=b + 1)
+            distributed.barrier()
+            raise TrainingInterrupted(run.last_path, (
+                f"stopped by signal {stop['signal']} after step {run.step} (epoch {run.epoch + 1}, batch "
+                f"{b + 1}/{len(batches)}); {run.last_path} written. Resume with: python -m minima.train "
+                f"--out {run.run_dir} --resume"))
+    bar.close()
+    return sums, seen, lr
+
+
+def _checkpoint_flags(sums: torch.Tensor, stopping: bool, env: distributed.DistEnv) -> tuple[bool, bool]:
+    """(the epoch's loss became non-finite on some rank, a stop signal arrived on some rank): both flags in one
+    device tensor, one all-reduce under DDP and one host read — the loop's only synchronisation, every
+    ``CHECK_EVERY`` steps."""
+    bad = (~torch.isfinite(sums[0])) | (sums[3] > 0)
+    flags = torch.stack([bad.to(torch.float64), torch.tensor(float(stopping), dtype=torch.float64,
+                                                             device=sums.device)])
+    if env.distributed:
+        flags = distributed.all_reduce_sum(flags)
+    any_bad, any_stop = flags.tolist()
+    return any_bad > 0, any_stop > 0
+
+
+def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) -> str | None:
+    """Close the epoch: exact train metrics, test evaluation, stopping rule, ``last.pt`` / ``epoch_XXXX.pt`` /
+    ``metrics.jsonl`` on rank 0. Returns the reason to stop, if any."""
+    c, env, ds = run.c, run.env, run.ds
+    train_time = time.perf_counter() - t0
+    total = sums_to_result(distributed.all_reduce_sum(sums).cpu() + run.carried)
+    run.carried = torch.zeros(4, dtype=torch.float64)
+    run.batch0 = 0
+    run.epoch += 1
+    metrics: dict[str, Any] = {
+        "epoch": run.epoch, "step": run.step, "lr": lr, "train_loss": total.loss,
+        "train_accuracy": total.accuracy, "train_samples": total.count,
+        "images_per_s": seen * env.world_size / train_time if train_time > 0 else float("nan"),
+    }
+    if c.eval_test:
+        test = evaluate(run.model, run.test_split, ds.mean, ds.std, batch_size=c.eval_batch_size, device=env.device,
+                        channels_last=run.channels_last, rank=env.rank, world_size=env.world_size)
+        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_nonfinite=test.nonfinite)
+    run.elapsed += time.perf_counter() - t0
+    metrics["elapsed_s"] = run.elapsed
+    run.last_metrics = metrics
+    stopped = _stopping_rule(c, run.trainer, total.loss)
+    if stopped:
+        run.trainer["stopped"] = stopped
+        metrics["stopped"] = stopped
+    if env.is_main:
+        run.save_resumable(torch.zeros(4, dtype=torch.float64), batch=0)
+        if c.save_every and run.epoch % c.save_every == 0:
+            ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / f"epoch_{run.epoch:04d}.pt")
+        with open(run.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        msg = (f"epoch {run.epoch}/{c.epochs} step {run.step} lr {lr:.4g} train loss {total.loss:.4f} "
+               f"acc {total.accuracy:.4f}")
+        if c.eval_test:
+            msg += f" | test loss {metrics['test_loss']:.4f} acc {metrics['test_accuracy']:.4f}"
+        tqdm.write(msg + f" | {metrics['images_per_s']:.0f} img/s")
+        if stopped:
+            tqdm.write(f"[minima.train] stopping: {stopped}")
+    return stopped
+
+
+def _stopping_rule(c: TrainConfig, trainer: dict[str, Any], loss: float) -> str | None:
+    """Keskar trained "until the loss function ceased to improve": a loss target and/or a plateau patience.
+    Updates ``trainer`` (best loss, epochs without improvement); returns the reason to stop, if any."""
+    if c.target_loss is not None and loss <= c.target_loss:
+        return f"training loss {loss:.4g} ≤ target {c.target_loss:g}"
+    if loss < trainer["best_loss"] - c.min_delta:
+        trainer["best_loss"], trainer["bad_epochs"] = loss, 0
+    else:
+        trainer["bad_epochs"] += 1
+    if c.patience is not None and trainer["bad_epochs"] >= c.patience:
+        return f"training loss has not improved by {c.min_delta:g} for {c.patience} epochs"
+    return None
+
+
+def _truncate_metrics(path: Path, completed_epochs: int) -> None:
+    """Drop lines of epochs after the checkpoint being resumed (they will be recomputed)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["epoch"] <= completed_epochs]
+    path.write_text("".join(ln + "\n" for ln in kept))
