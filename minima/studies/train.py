@@ -357,17 +357,34 @@ def train(
 
 
 def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data_mod.Dataset | None) -> Run:
-    """Plan the run: check the run directory (refusing to resume with other settings, naming each difference),
-    load the data, build model and optimiser, and restore the position of ``last.pt`` when resuming."""
+    """Plan the run: the checks (:func:`_resume_state`), then the construction (:func:`_build`), the position of
+    ``last.pt`` when resuming (:func:`_restore`), and rank 0's side effects (:func:`_announce`)."""
+    state = _resume_state(c, env, resume)
+    run = _build(c, env, dataset if dataset is not None else load_dataset(c))
+    if state is not None:
+        _restore(run, state)
+    if env.distributed:
+        net: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(run.model) if c.sync_bn else run.model
+        run.net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if env.is_main:
+        _announce(run, resumed=state is not None)
+    if run.trainer.get("stopped"):
+        run.epoch = c.epochs  # the stopping rule already ended this run before it was interrupted
+    return run
+
+
+def _resume_state(c: TrainConfig, env: distributed.DistEnv, resume: bool) -> dict[str, Any] | None:
+    """Checks only, nothing built or written: the run directory (refusing to resume with other settings, naming each
+    difference, or to start over an existing run) and the device's support; ``last.pt`` when resuming."""
     run_dir = Path(c.out)
     last_path, final_path = run_dir / "last.pt", run_dir / "final.pt"
-    resolved = cfg.to_dict(c)
     state: dict[str, Any] | None = None
     if resume and last_path.exists():
         state = ckpt_io.load_checkpoint(last_path)
         # settings added after the run was started count as their defaults (they did not exist then)
         before = {**cfg.to_dict(TrainConfig()), **state["meta"]["train_config"]}
-        diffs = cfg.differences(before, resolved, ignore=RESUMABLE_CHANGES)
+        diffs = cfg.differences(before, cfg.to_dict(c), ignore=RESUMABLE_CHANGES)
         if diffs:
             raise ValueError(f"cannot resume {last_path} with different settings:\n  " + "\n  ".join(diffs)
                              + "\nstart a new run (another --out) to change them")
@@ -376,8 +393,11 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
                               "another --out")
     if c.amp == "bf16" and env.device.type != "cuda":
         raise ValueError("--amp bf16 is supported on CUDA only; use --amp none on CPU")
+    return state
 
-    ds = dataset if dataset is not None else load_dataset(c)
+
+def _build(c: TrainConfig, env: distributed.DistEnv, ds: data_mod.Dataset) -> Run:
+    """The plan, model, schedule, optimiser and placed data of a run at its start."""
     plan = plan_batches(c.batch_size, env.world_size, c.micro_batch, len(ds.train))
     model, model_kwargs = _initial_model(c, ds.num_classes)
     check_model_accepts(model, ds)
@@ -390,37 +410,38 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
     model = model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, c)
     (train_split, test_split), placement = data_mod.place([ds.train, ds.test], c.data_on_device, env.device)
-    run = Run(c=c, env=env, ds=ds, plan=plan, schedule=schedule, model=model, net=model, optimizer=optimizer,
-              model_kwargs=model_kwargs, channels_last=channels_last, resolved=resolved, train_split=train_split,
-              test_split=test_split, placement=placement)
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        pos = state["position"]
-        run.epoch, run.batch0, run.elapsed = pos["epoch"], pos["batch"], pos["elapsed_s"]
-        run.step = state["meta"]["step"]
-        run.trainer = dict(state["trainer"])
-        if env.is_main:
-            run.carried = state["epoch_sums"].to(torch.float64)
-    if env.distributed:
-        net: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(model) if c.sync_bn else model
-        run.net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        print(f"[minima.train] {c.model} on {env.device} × {env.world_size}: global batch {c.batch_size} "
-              f"= {env.world_size} ranks × {plan.accumulation} micro-batches × {plan.micro}; "
-              f"{plan.steps_per_epoch} steps/epoch ({len(ds.train) - plan.steps_per_epoch * c.batch_size} "
-              f"samples of each epoch's shuffle dropped); peak LR {schedule.peak_lr:g}", flush=True)
-        print("[minima.train] config: " + json.dumps(resolved, sort_keys=True), flush=True)
-        if state is None:
-            ckpt_io.save_checkpoint(run.checkpoint("final"), run_dir / "init.pt")
-        else:
-            _truncate_metrics(run_dir / "metrics.jsonl", run.epoch)
-    if run.trainer.get("stopped"):
-        run.epoch = c.epochs  # the stopping rule already ended this run before it was interrupted
-    return run
+    return Run(c=c, env=env, ds=ds, plan=plan, schedule=schedule, model=model, net=model, optimizer=optimizer,
+               model_kwargs=model_kwargs, channels_last=channels_last, resolved=cfg.to_dict(c),
+               train_split=train_split, test_split=test_split, placement=placement)
+
+
+def _restore(run: Run, state: dict[str, Any]) -> None:
+    """Weights, optimiser, position and stopping-rule state of ``last.pt``."""
+    run.model.load_state_dict(state["state_dict"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    pos = state["position"]
+    run.epoch, run.batch0, run.elapsed = pos["epoch"], pos["batch"], pos["elapsed_s"]
+    run.step = state["meta"]["step"]
+    run.trainer = dict(state["trainer"])
+    if run.env.is_main:
+        run.carried = state["epoch_sums"].to(torch.float64)
+
+
+def _announce(run: Run, resumed: bool) -> None:
+    """Rank 0: the run directory, ``config.json``, the plan printed, ``init.pt`` (a new run) or the metrics of
+    epochs after ``last.pt`` dropped (a resumed one)."""
+    c, plan = run.c, run.plan
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.json").write_text(json.dumps(run.resolved, indent=2) + "\n")
+    print(f"[minima.train] {c.model} on {run.env.device} × {run.env.world_size}: global batch {c.batch_size} "
+          f"= {run.env.world_size} ranks × {plan.accumulation} micro-batches × {plan.micro}; "
+          f"{plan.steps_per_epoch} steps/epoch ({len(run.ds.train) - plan.steps_per_epoch * c.batch_size} "
+          f"samples of each epoch's shuffle dropped); peak LR {run.schedule.peak_lr:g}", flush=True)
+    print("[minima.train] config: " + json.dumps(run.resolved, sort_keys=True), flush=True)
+    if not resumed:
+        ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / "init.pt")
+    else:
+        _truncate_metrics(run.run_dir / "metrics.jsonl", run.epoch)
 
 
 def _train(run: Run, on_step: Callable[[TrainState], None] | None,
@@ -493,22 +514,10 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
         run.step += 1
         seen += plan.per_rank  # every global batch is full (the short one at the end is dropped)
         bar.update(1)
-        stopping = stop["signal"] is not None  # a Python flag: free to read at every step in one process
-        if run.step % CHECK_EVERY == 0 or b == len(batches) - 1:
-            bad, stopping = _checkpoint_flags(sums, stopping, env)
-            if bad:
-                bar.close()
-                raise NonFiniteLossError(
-                    f"training loss became NaN/inf in epoch {run.epoch + 1} by step {run.step} (LR {lr:g}); "
-                    f"{run.last_path} still holds the last good epoch. Lower --lr, add --warmup-epochs, "
-                    "or check the data.")
-        elif env.distributed:
-            stopping = False  # ranks agree on stopping only at the checks (no collective in between)
+        agreed = _check(run, sums, stop, lr, bar) if run.step % CHECK_EVERY == 0 or b == len(batches) - 1 else False
         if on_step is not None:
             on_step(TrainState(epoch=run.epoch, batch=b + 1, step=run.step, lr=lr))
-        if not env.distributed:
-            stopping = stop["signal"] is not None  # also a signal that arrived during on_step
-        if stopping and b + 1 < len(batches):
+        if _stop_now(env, stop, agreed) and b + 1 < len(batches):
             bar.close()
             run.elapsed += time.perf_counter() - t0
             run.save_resumable(distributed.all_reduce_sum(sums).cpu() + run.carried, batch=b + 1)
@@ -521,17 +530,29 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
     return sums, seen, lr
 
 
-def _checkpoint_flags(sums: torch.Tensor, stopping: bool, env: distributed.DistEnv) -> tuple[bool, bool]:
-    """(the epoch's loss became non-finite on some rank, a stop signal arrived on some rank): both flags in one
-    device tensor, one all-reduce under DDP and one host read — the loop's only synchronisation, every
-    ``CHECK_EVERY`` steps."""
+def _check(run: Run, sums: torch.Tensor, stop: dict[str, int | None], lr: float, bar: Any) -> bool:
+    """The loop's only synchronisation, every ``CHECK_EVERY`` steps and after the epoch's last: whether the epoch's
+    loss became non-finite on some rank (raises :class:`NonFiniteLossError`) and whether a stop signal arrived on
+    some rank (returned) — both flags in one device tensor, one all-reduce under DDP and one host read."""
     bad = (~torch.isfinite(sums[0])) | (sums[3] > 0)
-    flags = torch.stack([bad.to(torch.float64), torch.tensor(float(stopping), dtype=torch.float64,
-                                                             device=sums.device)])
-    if env.distributed:
+    flags = torch.stack([bad.to(torch.float64), torch.tensor(float(stop["signal"] is not None),
+                                                             dtype=torch.float64, device=sums.device)])
+    if run.env.distributed:
         flags = distributed.all_reduce_sum(flags)
     any_bad, any_stop = flags.tolist()
-    return any_bad > 0, any_stop > 0
+    if any_bad > 0:
+        bar.close()
+        raise NonFiniteLossError(
+            f"training loss became NaN/inf in epoch {run.epoch + 1} by step {run.step} (LR {lr:g}); "
+            f"{run.last_path} still holds the last good epoch. Lower --lr, add --warmup-epochs, or check the data.")
+    return any_stop > 0
+
+
+def _stop_now(env: distributed.DistEnv, stop: dict[str, int | None], agreed: bool) -> bool:
+    """Whether training stops after this step: in one process as soon as a signal has arrived (a Python flag, free
+    to read at every step, also one that arrived during ``on_step``); under DDP only where every rank agreed at a
+    check (``agreed``), so no rank waits in a collective the others have left."""
+    return stop["signal"] is not None if not env.distributed else agreed
 
 
 def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) -> str | None:
