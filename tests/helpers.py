@@ -80,3 +80,8 @@ def rank_worker(rank: int, port: int, work: Callable[[Any], object], request: An
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     work(request)
+
+
+def plugin_free_mlp(num_classes: int = 10, **kwargs: Any) -> torch.nn.Module:
+    """A user's import-path factory (``tests.helpers:plugin_free_mlp``), for the model-spec tests."""
+    return build_model("mlp", num_classes, **kwargs)

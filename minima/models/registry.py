@@ -18,6 +18,8 @@ from torch import nn
 from minima.models.trust import ModelSpecError, check_trusted
 from minima.models.zoo import C1, C2, MLP, VGG11BN, mobilenet_v2
 
+UNSET: Any = object()  # "num_classes not passed": the model arguments' own num_classes, else 10
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -90,9 +92,10 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def build_model(name: str, num_classes: int | None = 10, *, trusted: Iterable[str] = (),
+def build_model(name: str, num_classes: int | None | object = UNSET, /, *, trusted: Iterable[str] = (),
                 **kwargs: object) -> nn.Module:
-    """Construct the model ``name`` with ``num_classes`` outputs (None: the arguments decide):
+    """Construct the model ``name`` with ``num_classes`` outputs (None: the arguments decide; a ``num_classes`` in
+    ``kwargs`` as well must equal it, see :func:`resolve_model`):
 
     * a registry name (:func:`available_models`);
     * ``torchvision:NAME`` — a torchvision classification model, ``torchvision.models.get_model(NAME, weights=None,
@@ -102,7 +105,7 @@ def build_model(name: str, num_classes: int | None = 10, *, trusted: Iterable[st
       passed when the factory takes it and ``kwargs`` does not set it.
 
     Raises :class:`ModelSpecError` naming the valid choices or the fix for every other problem."""
-    factory, arguments = resolve_model(name, num_classes, trusted=trusted, **kwargs)
+    factory, arguments = resolve_model(name, num_classes, trusted=trusted, **kwargs)  # type: ignore[arg-type]
     return instantiate(name, factory, arguments)
 
 
@@ -123,20 +126,22 @@ def default_data(name: str) -> str | None:
     return model_info(name).data if model_kind(name) == "registry" else None
 
 
-def resolve_model(name: str, num_classes: int | None = 10, *, trusted: Iterable[str] = (),
+def resolve_model(name: str, num_classes: int | None | object = UNSET, /, *, trusted: Iterable[str] = (),
                   **kwargs: object) -> tuple[Callable[..., Any], dict[str, Any]]:
     """(factory, the exact keyword arguments it will be called with) for :func:`build_model` — what a checkpoint
     stores so that the same call rebuilds the model. A ``num_classes`` in ``kwargs`` (e.g. ``--model-kwargs
     '{"num_classes": 10}'``) is accepted when it equals ``num_classes`` (the data's class count) and refused in one
     line naming both otherwise."""
     kind = model_kind(name)
-    if "num_classes" in kwargs:
-        stated = kwargs.pop("num_classes")
+    stated = kwargs.pop("num_classes", UNSET)
+    if num_classes is UNSET:  # only the keyword (or nothing: 10 classes)
+        num_classes = 10 if stated is UNSET else stated
+    elif stated is not UNSET:  # both: the data's count (positional) and the model arguments' own
         if num_classes is not None and stated != num_classes:
             raise ModelSpecError(f"the model arguments set num_classes={stated!r} but the data has {num_classes} "
                                  "classes; drop num_classes from the model arguments (minima sets it from the data) "
                                  "or use data with that many classes")
-        num_classes = stated if num_classes is None else num_classes
+        num_classes = stated
     if kind == "registry":
         ctor = model_info(name).factory
         params = inspect.signature(ctor).parameters

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from tqdm.auto import tqdm
 
 from minima.core import distributed
@@ -140,6 +141,8 @@ def measure(req: MeasureOptions) -> Path:
     out = _output(req)
     try:
         jobs = distributed.agree(env, lambda: (_validate(req), result_jobs(req))[1])
+        # every checkpoint is read and its model rebuilt before the output is touched: a refusal leaves no file
+        loaded = distributed.agree(env, lambda: [_load(Path(p), req) for p in req.checkpoints])
 
         def start() -> None:
             results.ensure_sharpness_file(out)
@@ -148,8 +151,8 @@ def measure(req: MeasureOptions) -> Path:
         distributed.from_main(env, start)
         cache_bytes = (memory_budget(env.device) if req.hvp_cache_gb is None else int(req.hvp_cache_gb * 1e9))
         with float32_math(req.float32_math):
-            for path in req.checkpoints:
-                _measure_checkpoint(Path(path), req, jobs, out, env, cache_bytes)
+            for path, (ckpt, model) in zip(req.checkpoints, loaded, strict=True):
+                _measure_checkpoint(Path(path), ckpt, model, req, jobs, out, env, cache_bytes)
         if env.is_main:
             table = [(row["checkpoint_label"], row["metric"], float(row["value"]))
                      for row in results.load_sharpness(out)]
@@ -161,16 +164,16 @@ def measure(req: MeasureOptions) -> Path:
     return out
 
 
-def _measure_checkpoint(path: Path, req: MeasureOptions, jobs: list[tuple[Metric, str, dict[str, Any]]], out: Path,
-                        env: distributed.DistEnv, cache_bytes: int) -> None:
-    def load() -> tuple[dict[str, Any], Any, Any]:
-        ckpt = ckpt_io.load_checkpoint(path)
-        model = ckpt_io.model_from_checkpoint(ckpt, req.trust_import)
-        ds = load_for_checkpoint(ckpt["meta"]["data"], req.data, req.train_subset, None, req.subset_seed,
-                                 req.data_root)
-        return ckpt, model, ds
+def _load(path: Path, req: MeasureOptions) -> tuple[dict[str, Any], nn.Module]:
+    ckpt = ckpt_io.load_checkpoint(path)
+    return ckpt, ckpt_io.model_from_checkpoint(ckpt, req.trust_import)
 
-    ckpt, model, ds = distributed.agree(env, load)
+
+def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req: MeasureOptions,
+                        jobs: list[tuple[Metric, str, dict[str, Any]]], out: Path, env: distributed.DistEnv,
+                        cache_bytes: int) -> None:
+    ds = distributed.agree(env, lambda: load_for_checkpoint(ckpt["meta"]["data"], req.data, req.train_subset, None,
+                                                            req.subset_seed, req.data_root))
     label = run_label(path)
     train = ds.train
     common = {"checkpoint": str(path), "sha256": ckpt_io.sha256_file(path), "bn_mode": req.bn_mode,
