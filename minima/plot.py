@@ -15,8 +15,9 @@ from pathlib import Path
 
 import matplotlib
 
+from minima.core.cli import run_command
 from minima.figures import save_curve_figure, save_curves_figure, save_surface_figure
-from minima.files.results import ResultsError, curve_from_values, load_grid
+from minima.files.results import curve_from_values, load_grid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,29 +28,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="output image, .png/.pdf/.svg (default: FILE.png beside a single file; for several curves "
                         "overlay.png beside the first)")
     args = p.parse_args(argv)
+    return run_command("minima.plot", lambda: draw(args.files, args.out))
+
+
+def draw(files: Sequence[Path], out: Path | None = None) -> Path:
+    """The figure of one grid file, or the overlay of several curve files; returns its path."""
     matplotlib.use("Agg")  # a command writes files; it never opens a window
-    try:
-        grids = [load_grid(f) for f in args.files]
-    except ResultsError as exc:
-        print(f"[minima.plot] error: {exc}", file=sys.stderr)
-        return 2
+    grids = [load_grid(f) for f in files]
     planes = [g for g in grids if len(g.axes) != 1]
     if len(grids) > 1 and planes:
-        print(f"[minima.plot] error: {planes[0].path} is a {len(planes[0].axes)}-axis grid; only curves can be "
-              "overlaid — plot each plane on its own", file=sys.stderr)
-        return 2
+        raise ValueError(f"{planes[0].path} is a {len(planes[0].axes)}-axis grid; only curves can be overlaid — plot "
+                         "each plane on its own")
     if len(grids) == 1:
         g = grids[0]
-        out = args.out or Path(g.path or "grid.h5").with_suffix(".png")
+        out = out or Path(g.path or "grid.h5").with_suffix(".png")
         if len(g.axes) == 1:
             save_curve_figure(curve_from_values(g.coords[g.axes[0]], g.values, g.attrs, g.path), out)
         else:
             save_surface_figure(g, out)
     else:
         curves = [curve_from_values(g.coords[g.axes[0]], g.values, g.attrs, g.path) for g in grids]
-        out = save_curves_figure(curves, args.out or args.files[0].parent / "overlay.png")
+        out = save_curves_figure(curves, out or Path(files[0]).parent / "overlay.png")
     print(f"wrote {out}")
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -85,3 +85,16 @@ def rank_worker(rank: int, port: int, work: Callable[[Any], object], request: An
 def plugin_free_mlp(num_classes: int = 10, **kwargs: Any) -> torch.nn.Module:
     """A user's import-path factory (``tests.helpers:plugin_free_mlp``), for the model-spec tests."""
     return build_model("mlp", num_classes, **kwargs)
+
+
+def assert_drawn(png: Path, min_ink: float = 0.03, min_colours: int = 16) -> None:
+    """``png`` is a drawn figure, not a blank or text-only canvas: at least ``min_ink`` of its pixels are not
+    white and it holds at least ``min_colours`` distinct colours (lines, contours, anti-aliasing)."""
+    import matplotlib.image
+    import numpy as np
+
+    img = matplotlib.image.imread(png)[..., :3]
+    ink = float((img < 0.95).any(axis=-1).mean())
+    colours = len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+    assert ink >= min_ink, f"{png}: only {ink:.1%} of the pixels are drawn"
+    assert colours >= min_colours, f"{png}: only {colours} colours"

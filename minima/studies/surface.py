@@ -60,7 +60,8 @@ class SurfaceRequest(EvalOptions):
     x: str = setting("auto", "x grid: START:STOP:NUM (both ends included), a comma-separated list, or auto[:NUM]",
                      default_text=f"auto: -1:1:{DEFAULT_POINTS} for a random plane, else the marked points ± a "
                      "margin")
-    y: str = setting("auto", "y grid, as --x", default_text="as --x")
+    y: str = setting("auto", "y grid: START:STOP:NUM, a comma-separated list, or auto[:NUM]",
+                     default_text="auto, chosen for y as for x (not a copy of --x)")
     norm: Norm = setting("filter", "normalisation of random directions (Li et al.): per filter, per layer, or none")
     ignore: Ignore = setting("bn-and-bias", "random directions on 1-D parameters (biases, BatchNorm scale/shift): "
                              "zero (bn-and-bias), or a copy of the weights (none)")

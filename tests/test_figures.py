@@ -1,0 +1,67 @@
+"""Figures hold what they claim: axes, lines or contours and labels from the data — not just a file of some size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.contour import ContourSet
+from matplotlib.figure import Figure
+
+from minima.figures import plot_curve, plot_curves, plot_surface
+from minima.files.results import Grid, curve_from_values
+
+from .helpers import assert_drawn
+
+
+def _values(shape: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    loss = 0.1 + rng.random(shape)
+    return {"train/loss": loss, "test/loss": 1.5 * loss, "train/accuracy": 1 - loss / 2,
+            "test/accuracy": 1 - loss / 1.5, "train/nonfinite": np.zeros(shape, dtype=np.int64),
+            "test/nonfinite": np.zeros(shape, dtype=np.int64), "bn/negative_variance": np.zeros(shape, dtype=np.int64)}
+
+
+def test_a_curve_figure_has_both_axes_four_lines_from_the_data_and_its_labels() -> None:
+    alpha = np.linspace(-1, 2, 7)
+    values = _values((7,))
+    curve = curve_from_values(alpha, values, {"bn_policy": "recompute", "label_a": "sb", "label_b": "lb"})
+    fig = plot_curve(curve, ax=Figure().add_subplot())
+    loss_ax, acc_ax = fig.axes
+    lines = {ln.get_label(): ln for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    assert set(lines) == {"train cross-entropy", "test cross-entropy", "train accuracy", "test accuracy"}
+    np.testing.assert_allclose(lines["test cross-entropy"].get_ydata(), values["test/loss"])
+    np.testing.assert_allclose(lines["train accuracy"].get_xdata(), alpha)
+    assert loss_ax.get_yscale() == "log" and loss_ax.get_ylabel() == "cross-entropy (nats)"
+    assert acc_ax.get_ylabel() == "accuracy" and "sb → lb" in loss_ax.get_title()
+    assert "recompute" in loss_ax.get_title()
+    overlay = plot_curves([curve, curve], ax=Figure().add_subplot(), labels=["one", "two"])
+    assert len([ln for ln in overlay.axes[0].get_lines() if not ln.get_label().startswith("_")]) >= 2
+
+
+def test_a_surface_figure_has_contours_filled_contours_a_3d_panel_and_its_marks() -> None:
+    coords = {"x": np.linspace(-1, 1, 5), "y": np.linspace(-1, 1, 4)}
+    grid = Grid(axes=("x", "y"), coords=coords, values=_values((5, 4)),
+                attrs={"bn_policy": "batch", "directions": json.dumps({"kind": "checkpoints"}),
+                       "marks": json.dumps({"A": [0.0, 0.0], "B": [1.0, 0.0]})})
+    fig = plot_surface(grid)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 3 and panels[2].name == "3d"
+    assert all(ax.get_xlabel() == "x" and ax.get_ylabel() == "y" for ax in panels)
+    contours = [[c for c in ax.get_children() if isinstance(c, ContourSet)] for ax in panels[:2]]
+    assert len(contours[0]) == 1 and not contours[0][0].filled  # training loss: line contours
+    assert len(contours[1]) == 1 and contours[1][0].filled  # test accuracy: filled contours
+    labels = [t.get_text() for ax in panels[:2] for t in ax.texts]
+    assert "A" in labels and "B" in labels, labels
+    assert "checkpoints plane, BatchNorm batch" in fig.get_suptitle()
+    minimum = [ln for ln in panels[0].get_lines() if ln.get_label().startswith("minimum")]
+    assert len(minimum) == 1 and float(minimum[0].get_ydata()[0]) in coords["y"]
+
+
+def test_the_png_check_fails_on_a_blank_figure(tmp_path: Path) -> None:
+    blank = tmp_path / "blank.png"
+    Figure(figsize=(4, 3)).savefig(blank)
+    with pytest.raises(AssertionError, match="pixels are drawn"):
+        assert_drawn(blank)
