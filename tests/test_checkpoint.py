@@ -89,12 +89,12 @@ def test_bad_files_raise_the_intended_errors(tmp_path: Path) -> None:
     with pytest.raises(ck.CheckpointError, match="bare state_dict"):
         ck.load_checkpoint(bare)
     future = tmp_path / "future.pt"
-    torch.save(dict(_ckpt(), format="minima.files.checkpoint/9"), future)
+    torch.save(dict(_ckpt(), format="minima.checkpoint/9"), future)
     with pytest.raises(ck.CheckpointError, match="upgrade minima"):
         ck.load_checkpoint(future)
     foreign = tmp_path / "foreign.pt"
     torch.save({"format": "other/1"}, foreign)
-    with pytest.raises(ck.CheckpointError, match="expected 'minima.files.checkpoint/2'"):
+    with pytest.raises(ck.CheckpointError, match="expected 'minima.checkpoint/2'"):
         ck.load_checkpoint(foreign)
 
 

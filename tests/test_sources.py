@@ -204,7 +204,7 @@ def test_your_own_model_trains_interpolates_measures_and_plots(nets: str, tmp_pa
     assert train_main([*common, "--batch-size", "32", "--out", str(tmp_path / "sb")]) == 0
     assert train_main([*common, "--batch-size", "128", "--out", str(tmp_path / "lb")]) == 0
     stored = ck.load_checkpoint(tmp_path / "sb" / "final.pt")
-    assert stored["format"] == "minima.files.checkpoint/2" and stored["model"] == {
+    assert stored["format"] == "minima.checkpoint/2" and stored["model"] == {
         "name": f"{nets}:make_net", "kwargs": {"width": 6, "num_classes": 10}}
     sb, lb, curve = tmp_path / "sb" / "final.pt", tmp_path / "lb" / "final.pt", tmp_path / "c.h5"
     assert interpolate_main([str(sb), str(lb), "--alphas", "-1:2:4", "--out", str(curve), "--no-progress"]) == 2

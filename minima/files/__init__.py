@@ -1,1 +1,1 @@
-"""files"""
+"""The files between stages: the checkpoint format, grid and sharpness result files, output names. No math."""

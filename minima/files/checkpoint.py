@@ -3,7 +3,7 @@
 A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` can read (tensors, numbers,
 strings, lists, dicts — never a pickled class)::
 
-    {"format": "minima.files.checkpoint/2",
+    {"format": "minima.checkpoint/2",
      "model": {"name": str, "kwargs": dict},  # a registry model, torchvision:NAME or package.module:factory
      "state_dict": {name: tensor},
      "meta": {"epoch", "step", "global_batch_size", "world_size", "seed", "train_config", "data",
@@ -33,9 +33,9 @@ from torch import nn
 from minima import __version__, utc_now
 from minima.models import ModelSpecError, build_model
 
-FORMAT = "minima.files.checkpoint/2"
-READABLE_FORMATS = ("minima.files.checkpoint/1", FORMAT)  # /2: model names may be torchvision:NAME or module:factory
-FORMAT_PREFIX = "minima.files.checkpoint/"
+FORMAT = "minima.checkpoint/2"
+READABLE_FORMATS = ("minima.checkpoint/1", FORMAT)  # /2: model names may be torchvision:NAME or module:factory
+FORMAT_PREFIX = "minima.checkpoint/"
 REQUIRED_META = ("epoch", "step", "global_batch_size", "world_size", "seed", "train_config", "data",
                  "metrics", "torch_version", "minima_version", "created")
 _ZIP_MAGIC = b"PK\x03\x04"
