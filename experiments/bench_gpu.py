@@ -6,9 +6,10 @@
 1. Training: ``minima.train`` (C1, synthetic 3×32×32 data resident on the device, exact running metrics,
    per-step seeded RNG, float32 math as PyTorch sets it) against a bare loop with the data already on the device
    (normalised once, no metrics), images/s at batch 256 and 5000 — target ≥ 0.95×.
-2. Sweep: :func:`minima.studies.interpolate.interpolate` (BN ``interpolate``, fp32 — TF32 off) against the reference loop of
-   ``experiments.bench_interpolate`` (PIL + ``ToTensor``/``Normalize``, ``DataLoader`` batch 128 with 8 pinned
-   workers, textbook C1 on the device) — per-image ratio (target ≥ 25×) and the largest relative difference (≤ 1e-5).
+2. Sweep: :func:`minima.studies.interpolate.interpolate` (BN ``interpolate``, fp32 — TF32 off) against the
+   reference loop of ``experiments.bench_interpolate`` (PIL + ``ToTensor``/``Normalize``, ``DataLoader`` batch 128
+   with 8 pinned workers, textbook C1 on the device) — per-image ratio (target ≥ 25×) and the largest relative
+   difference (≤ 1e-5).
 3. Curvature: one forward+backward, the first HVP at a θ (builds the gradient graph) and a later one (stored graph)
    on 1,000 images; Lanczos top-5 wall time and HVP count.
 4. Peak device memory of each part.
@@ -33,6 +34,7 @@ from minima import data
 from minima.core.precision import float32_math
 from minima.curvature.hessian import hessian_operator, top_eigenvalues
 from minima.curvature.objective import DatasetObjective, FixedBatches
+from minima.geometry.evaluate import Batching
 from minima.models import build_model
 from minima.studies.interpolate import interpolate
 from minima.studies.train import TrainConfig, train
@@ -149,7 +151,7 @@ def main() -> None:
     split = ds.train.take(torch.arange(min(args.hvp_samples, len(ds.train))))
     model = build_model("c1")
     with float32_math("fp32"), peak(device, memory, "curvature"):
-        batches = FixedBatches.from_split(split, ds.mean, ds.std, batch_size=len(split), device=device)
+        batches = FixedBatches.from_split(split, ds.mean, ds.std, Batching(len(split), device))
         stored = DatasetObjective(model, batches, hvp_cache_bytes=2**40)
         fresh = DatasetObjective(model, batches, hvp_cache_bytes=0)
         v = torch.randn(stored.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

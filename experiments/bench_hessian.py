@@ -36,6 +36,7 @@ from minima.core.allocator import keep_freed_memory, memory_budget
 from minima.curvature.hessian import CountingOperator, hessian_operator, top_eigenvalues
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.files import checkpoint as ck
+from minima.geometry.evaluate import Batching
 from minima.studies.train import TrainConfig, train
 
 
@@ -106,7 +107,7 @@ def main() -> None:
                                      progress=False, out=str(Path(tmp) / "c1")), dataset=ds.subset(5000, 1000))
         model, meta = ck.load_model(ckpt)
     split = ds.train.take(data.stratified_subset(ds.train.labels, args.samples, 0))
-    batches = FixedBatches.from_split(split, meta["data"]["mean"], meta["data"]["std"], batch_size=args.samples)
+    batches = FixedBatches.from_split(split, meta["data"]["mean"], meta["data"]["std"], Batching(args.samples))
     obj = DatasetObjective(model, batches, hvp_cache_bytes=memory_budget(torch.device("cpu")))
     print(f"torch {torch.__version__}, {args.threads} threads; {meta['train_config'].get('model', '?')} "
           f"({obj.numel} parameters) at {ckpt}; "

@@ -1,8 +1,9 @@
 """``python -m minima.interpolate ckptA ckptB``: loss and accuracy along θ(α) = (1 − α)·θ_A + α·θ_B.
 
-The command: flags generated from :class:`minima.studies.interpolate.SweepRequest`, then :func:`minima.studies.interpolate.run`. The study
-(:mod:`minima.studies.interpolate`) holds the machinery; its Python entry points are importable from here as documented:
-``interpolate`` (two models in memory → :class:`minima.files.results.Curve`), ``run`` and ``SweepRequest``.
+The command: flags generated from :class:`minima.studies.interpolate.SweepRequest`, then
+:func:`minima.studies.interpolate.run` (on the grid runner, :mod:`minima.studies.grid`). Its Python entry points are
+importable from here as documented: ``interpolate`` (two models in memory → :class:`minima.files.results.Curve`),
+``run``, ``SweepRequest`` and ``parse_alphas``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``python -m minima.surface A.pt`` | ``A.pt B.pt C.pt`` | ``--trajectory run/epoch_*.pt``: loss surfaces.
 
-The command: flags generated from :class:`minima.studies.surface.SurfaceRequest`, then :func:`minima.studies.surface.run`. The study
-(:mod:`minima.studies.surface`) holds the machinery; ``surface`` (a plane in memory → :class:`minima.files.results.Grid`) and
-``run`` are importable from here.
+The command: flags generated from :class:`minima.studies.surface.SurfaceRequest`, then
+:func:`minima.studies.surface.run` (on the grid runner, :mod:`minima.studies.grid`); ``surface`` (a plane in memory →
+:class:`minima.files.results.Grid`), ``run`` and ``SurfaceRequest`` are importable from here.
 """
 
 from __future__ import annotations

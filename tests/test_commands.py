@@ -16,6 +16,7 @@ from minima.curvature import registry as metrics
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.files import results
 from minima.files.checkpoint import load_model
+from minima.geometry.evaluate import Batching
 from minima.interpolate import main as interpolate_main
 from minima.sharpness import main as sharpness_main
 from minima.sharpness import parse_args as sharpness_args
@@ -79,8 +80,8 @@ def test_every_registered_metric_returns_its_declared_fields() -> None:
     from minima.models import build_model
 
     model = build_model("mlp", num_classes=3, input_shape=(3, 4, 4), widths=(4,)).double()
-    obj = DatasetObjective(model, FixedBatches.from_split(ds.train, ds.mean, ds.std, batch_size=48,
-                                                          dtype=torch.float64), hvp_cache_bytes=2**30)
+    obj = DatasetObjective(model, FixedBatches.from_split(ds.train, ds.mean, ds.std,
+                                                          Batching(48, dtype=torch.float64)), hvp_cache_bytes=2**30)
     x = obj.get_flat()
     f0 = obj.value(x)
     small = {"eps": (1e-3,), "subspace": 3, "subspace_seed": 0, "full_space": True, "maxiter": 2, "topk": 2,
@@ -163,7 +164,7 @@ def test_a_metric_added_through_the_registry_gets_flags_results_and_resume(tmp_p
     assert first.returncode == 0, first.stderr
     (row,) = results.load_sharpness(out)
     model_obj = DatasetObjective(load_model(a)[0],
-                                 FixedBatches.from_split(ds.train, ds.mean, ds.std, dtype=torch.float64))
+                                 FixedBatches.from_split(ds.train, ds.mean, ds.std, Batching(dtype=torch.float64)))
     grad = model_obj.value_and_grad()[1]
     assert row["metric"] == "gradnorm_p1" and row["value"] == pytest.approx(float(grad.norm(p=1)), rel=1e-10)
     again = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)

@@ -114,10 +114,11 @@ def test_torchrun_with_nccl_equals_one_process(tmp_path: Path) -> None:
 def test_hvps_lanczos_and_hutchinson_keep_parameter_vectors_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     from minima.curvature.hessian import hessian_operator, hutchinson_trace, top_eigenvalues
     from minima.curvature.objective import DatasetObjective, FixedBatches
+    from minima.geometry.evaluate import Batching
     from minima.models import build_model
 
     ds = data.synthetic(200, 8, (3, 32, 32), 10, seed=5)
-    batches = FixedBatches.from_split(ds.train, ds.mean, ds.std, batch_size=100, device="cuda")
+    batches = FixedBatches.from_split(ds.train, ds.mean, ds.std, Batching(100, "cuda"))
     obj = DatasetObjective(build_model("c1"), batches, hvp_cache_bytes=2**33)
     n, copies = obj.numel, []
     original_to, original_cpu = torch.Tensor.to, torch.Tensor.cpu

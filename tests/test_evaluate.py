@@ -8,7 +8,7 @@ from torch import nn
 
 from minima import data
 from minima.curvature.convgrad import constant_input_convs
-from minima.geometry.evaluate import batch_sums, evaluate, per_sample_cross_entropy, recompute_bn_stats
+from minima.geometry.evaluate import Batching, batch_sums, evaluate, per_sample_cross_entropy, recompute_bn_stats
 from minima.geometry.fold import fold_batchnorm, folded_in_weights
 from minima.models import build_model
 
@@ -53,7 +53,7 @@ def test_evaluate_exact_sums_and_nonfinite_counting() -> None:
     ds = data.synthetic(n_train=10, n_test=10, image_shape=(1, 1, 1), num_classes=3, seed=0)
     logits = torch.randn(10, 3, dtype=torch.float64)
     logits[3, 0] = float("nan")
-    res = evaluate(FixedLogits(logits), ds.test, ds.mean, ds.std, batch_size=3, dtype=torch.float64)
+    res = evaluate(FixedLogits(logits), ds.test, ds.mean, ds.std, Batching(3, dtype=torch.float64))
     losses = torch.logsumexp(logits, 1) - logits[torch.arange(10), ds.test.labels]
     finite = torch.isfinite(losses)
     assert res.count == 10 and res.nonfinite == 1
@@ -67,18 +67,18 @@ def test_batch_stat_evaluation_leaves_model_untouched() -> None:
     model = build_model("mlp", num_classes=3, input_shape=(3, 4, 4), widths=(5,), batchnorm=True, dropout=0.5)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    a = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16, bn="batch")
-    b = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16, bn="batch")
+    a = evaluate(model, ds.test, ds.mean, ds.std, Batching(16), bn="batch")
+    b = evaluate(model, ds.test, ds.mean, ds.std, Batching(16), bn="batch")
     assert a == b  # dropout off, fixed batches: deterministic
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    c = evaluate(model, ds.test, ds.mean, ds.std, batch_size=16)
+    c = evaluate(model, ds.test, ds.mean, ds.std, Batching(16))
     assert c != a
 
 
 def test_recompute_bn_with_one_batch_gives_split_statistics() -> None:
     ds = data.synthetic(n_train=50, n_test=10, image_shape=(3, 2, 2), num_classes=3, seed=2)
     model = build_model("mlp", num_classes=3, input_shape=(3, 2, 2), widths=(4,), batchnorm=True).double()
-    recompute_bn_stats(model, ds.train, ds.mean, ds.std, batch_size=1000, dtype=torch.float64)
+    recompute_bn_stats(model, ds.train, ds.mean, ds.std, Batching(1000, dtype=torch.float64))
     x = data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64).flatten(1)
     h = model.net[1](x)
     bn = model.net[2]

@@ -11,6 +11,7 @@ from torch.func import functional_call
 from minima import data
 from minima.curvature.hessian import CountingOperator, hessian_operator, hutchinson_trace, slq_density, top_eigenvalues
 from minima.curvature.objective import DatasetObjective, FixedBatches, NondeterministicLossError
+from minima.geometry.evaluate import Batching
 from minima.models import build_model
 from minima.sharpness import (
     DenseSubspace,
@@ -32,7 +33,7 @@ def _setup(seed: int = 0, batchnorm: bool = False) -> tuple[torch.nn.Module, dat
 
 def _objective(model: torch.nn.Module, ds: data.Dataset, rank: int = 0, world_size: int = 1,
                **kw: object) -> DatasetObjective:
-    batches = FixedBatches.from_split(ds.train, ds.mean, ds.std, batch_size=25, dtype=torch.float64, rank=rank,
+    batches = FixedBatches.from_split(ds.train, ds.mean, ds.std, Batching(25, dtype=torch.float64), rank=rank,
                                       world_size=world_size)
     kw.setdefault("hvp_cache_bytes", 2**30)
     return DatasetObjective(model, batches, **kw)

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +136,7 @@ def test_an_unknown_metric_parameter_is_one_line(tmp_path: Path, capsys: pytest.
     assert exit_info.value.code == 2 and "unrecognized arguments: --late-q 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_metric_installed_as_an_entry_point_plugin(tmp_path: Path) -> None:
     """A fake installed distribution declaring ``[minima.metrics]`` is found by ``python -m minima.sharpness``:
     its metric and flag exist and its result is stored; a broken plugin is one line naming it."""
@@ -236,3 +238,28 @@ def test_a_grid_file_records_the_chain_of_subsets_and_rebuilds_its_images(tmp_pa
     row = results.load_sharpness(sharp)[0]
     rebuilt = data.rebuild(json.loads(row["data"]))
     assert _image_hash(rebuilt.train) == _image_hash(trained_on.subset(train=12, seed=2).train)
+
+
+def test_a_grid_file_with_the_older_data_record_still_resumes(tmp_path: Path) -> None:
+    """Files written before subset chains record one ``{"n", "seed"}`` per split and no BN subset: resuming them
+    with the same settings computes nothing and refuses nothing."""
+    from minima.files import results
+    from minima.interpolate import SweepRequest, run
+
+    ds = toy_dataset()
+    a, b = toy_checkpoint(tmp_path / "a.pt", 1, ds), toy_checkpoint(tmp_path / "b.pt", 2, ds)
+    req = SweepRequest(checkpoint_a=a, checkpoint_b=b, alphas="0,1", train_subset=30, out=tmp_path / "c.h5",
+                       device="cpu", plot=False, progress=False)
+    run(req)
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        config = json.loads(f.attrs["config"])
+        config["data"]["subset"] = {"train": config["data"]["subset"]["train"][0]}
+        del config["data"]["bn_subset"]
+        f.attrs["config"] = json.dumps(config)
+    expected = {"config": {**{k: v for k, v in config.items() if k != "world_size"},
+                           "data": {**config["data"], "subset": {"train": [{"n": 30, "seed": 0}]},
+                                    "bn_subset": None}}}
+    assert results.pending_points(tmp_path / "c.h5", {"alpha": np.array([0.0, 1.0])}, expected) == []
+    expected["config"]["data"]["subset"] = {"train": [{"n": 31, "seed": 0}]}
+    with pytest.raises(results.ResultsError, match="data"):
+        results.pending_points(tmp_path / "c.h5", {"alpha": np.array([0.0, 1.0])}, expected)

@@ -23,7 +23,7 @@ from minima.geometry.directions import (
     random_plane,
     trajectory_plane,
 )
-from minima.geometry.evaluate import evaluate, recompute_bn_stats
+from minima.geometry.evaluate import Batching, evaluate, recompute_bn_stats
 from minima.models import build_model
 from minima.studies.surface import SurfaceRequest, run, surface
 from minima.studies.train import TrainConfig, train
@@ -74,7 +74,7 @@ def test_plane_through_three_checkpoints_reproduces_each_in_float64() -> None:
     grid = surface(models[0], plane, ds.train, ds.test, [0.0, 1.0, cx], [0.0, cy], bn="interpolate", mean=ds.mean,
                    std=ds.std, dtype=torch.float64)
     for name, (i, j) in (("A", (0, 0)), ("B", (1, 0)), ("C", (2, 1))):
-        direct = evaluate(models["ABC".index(name)], ds.train, ds.mean, ds.std, dtype=torch.float64)
+        direct = evaluate(models["ABC".index(name)], ds.train, ds.mean, ds.std, Batching(dtype=torch.float64))
         assert grid.values["train/loss"][i, j] == pytest.approx(direct.loss, rel=1e-12)
         assert grid.values["train/accuracy"][i, j] == direct.accuracy
     collinear = [states[0], states[1], {k: 2 * v - states[0][k] if v.is_floating_point() else v
@@ -116,9 +116,9 @@ def test_bn_recompute_at_a_grid_point_equals_a_direct_re_estimation() -> None:
                    dtype=torch.float64, batch_size=40)
     direct = _model(5)
     direct.load_state_dict(plane.point(0.5, -0.5))
-    recompute_bn_stats(direct, ds.train, ds.mean, ds.std, batch_size=40, dtype=torch.float64)
+    recompute_bn_stats(direct, ds.train, ds.mean, ds.std, Batching(40, dtype=torch.float64))
     for split in ("train", "test"):
-        ref = evaluate(direct, getattr(ds, split), ds.mean, ds.std, batch_size=40, dtype=torch.float64)
+        ref = evaluate(direct, getattr(ds, split), ds.mean, ds.std, Batching(40, dtype=torch.float64))
         # the grid folds the re-estimated BatchNorm into the weights: equal to float64 rounding
         assert grid.values[f"{split}/loss"][0, 0] == pytest.approx(ref.loss, rel=1e-13)
         assert grid.values[f"{split}/accuracy"][0, 0] == ref.accuracy
@@ -236,7 +236,8 @@ def test_plotting_a_surface_never_imports_the_models(tmp_path: Path) -> None:
     a = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=True)
     grid = run(_req([a], tmp_path / "g.h5"))
     code = ("import sys; from minima.plot import main; rc = main(sys.argv[1:]); "
-            "assert 'minima.models' not in sys.modules and 'minima.files.checkpoint' not in sys.modules, sorted(sys.modules);"
+            "assert 'minima.models' not in sys.modules and 'minima.files.checkpoint' not in sys.modules, "
+            "sorted(sys.modules);"
             " sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, str(grid), "--out", str(tmp_path / "g.png")],
                           capture_output=True, text=True, cwd=ROOT)

@@ -3,6 +3,8 @@
 * :data:`BNPolicy` — what BatchNorm does at a point of a path or grid that is not a trained checkpoint:
   ``recompute`` (reset and re-estimate the running statistics on training data), ``batch`` (normalise with each
   evaluation batch's statistics), ``interpolate`` (move the running statistics with the weights).
+* :data:`BNRecord` — the BatchNorm policy a grid file records: a :data:`BNPolicy`, or ``none`` for a model without
+  BatchNorm (not a choice anyone makes).
 * :data:`BNMode` — how BatchNorm normalises inside one function evaluation: ``eval`` (running statistics) or
   ``batch`` (each fixed evaluation batch's own statistics, running buffers untouched).
 * :data:`Dtype` — the floating-point type of evaluation: ``float32``, ``float64``, or ``bfloat16`` (autocast:
@@ -29,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 BNPolicy = Literal["recompute", "batch", "interpolate"]
+BNRecord = Literal["recompute", "batch", "interpolate", "none"]
 BNMode = Literal["eval", "batch"]
 Dtype = Literal["float32", "float64", "bfloat16"]
 CurvatureDtype = Literal["float32", "float64"]

@@ -22,8 +22,8 @@ from minima.core import distributed
 from minima.core.vocab import BNMode, check_choice
 from minima.curvature.convgrad import constant_input_convs
 from minima.curvature.graphcache import GraphCache, saved_bytes
-from minima.data import Split, eval_batches, normalize, shard
-from minima.geometry.evaluate import bn_mode, per_sample_cross_entropy
+from minima.data import Split, shard
+from minima.geometry.evaluate import Batching, bn_mode, per_sample_cross_entropy
 from minima.geometry.fold import folded_in_weights
 from minima.models import is_convolutional
 
@@ -46,15 +46,13 @@ class FixedBatches:
 
     @classmethod
     def from_split(
-        cls, split: Split, mean: Sequence[float], std: Sequence[float], *, batch_size: int = 1000,
-        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1,
+        cls, split: Split, mean: Sequence[float], std: Sequence[float], feed: Batching = Batching(), *,
+        rank: int = 0, world_size: int = 1,
     ) -> FixedBatches:
-        """Rank ``rank``'s contiguous shard of ``split`` (all of it for one rank) in batches of ``batch_size``,
-        normalised with the training statistics ``mean``/``std`` into ``dtype`` on ``device``."""
+        """Rank ``rank``'s contiguous shard of ``split`` (all of it for one rank) fed as ``feed`` says (batch size,
+        device, dtype), normalised once with the training statistics ``mean``/``std``."""
         mine = split if world_size == 1 else split.take(shard(torch.arange(len(split)), rank, world_size))
-        device = torch.device(device)
-        batches = [(normalize(x.to(device), mean, std, dtype), y.to(device)) for x, y in eval_batches(mine, batch_size)]
-        return cls(batches, len(split), device, dtype)
+        return cls(list(feed.batches(mine, mean, std)), len(split), torch.device(feed.device), feed.dtype)
 
     def __len__(self) -> int:
         return len(self.batches)

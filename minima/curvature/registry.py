@@ -7,8 +7,8 @@ come the ``--metrics`` choices, the command-line flags of every parameter, the n
 ``sharpness/<checkpoint>/`` in the HDF5 file and the resume keys. Adding a metric is its function (in its own
 module) and one :func:`register` call here.
 
-``compute(objective, x, f0, params, seed)`` gets a :class:`minima.curvature.objective.DatasetObjective` positioned at the
-checkpoint's parameters ``x`` (float64 vector) with f(x) = ``f0``, and returns ``{"value": headline number,
+``compute(objective, x, f0, params, seed)`` gets a :class:`minima.curvature.objective.DatasetObjective` positioned
+at the checkpoint's parameters ``x`` (float64 vector) with f(x) = ``f0``, and returns ``{"value": headline number,
 **fields}``.
 """
 

@@ -9,8 +9,8 @@ Three sources share one API (:class:`Dataset`):
 
 Images are kept as one ``uint8`` tensor of shape (N, C, H, W) per split. Normalisation uses the
 per-channel mean and standard deviation of the *full* training split (in units of pixel/255), is
-applied per batch by :func:`minima.data.transforms.normalize`, and is recorded in every checkpoint (:meth:`Dataset.describe`)
-so a later evaluation uses exactly the statistics the model was trained with.
+applied per batch by :func:`minima.data.transforms.normalize`, and is recorded in every checkpoint
+(:meth:`Dataset.describe`) so a later evaluation uses exactly the statistics the model was trained with.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ import torch
 
 from minima import __version__, utc_now
 from minima.core.config import differences
+from minima.data.splits import subset_chain
 
 GRID_FORMAT = "minima.grid/1"
 CURVE_FORMAT = "minima.curve/1"  # the one-dimensional format before grids; still read
@@ -223,7 +224,10 @@ def pending_points(path: str | os.PathLike[str], coords: Mapping[str, np.ndarray
             have = f.attrs.get(key)
             if key == "config":  # compared on the keys asked for (files may record more, e.g. world_size) that the
                 old = json.loads(have) if isinstance(have, str) else {}  # file knows (older files lack newer keys)
-                problems += differences({k: old[k] for k in want if k in old}, {k: want[k] for k in want if k in old})
+                now = {k: want[k] for k in want if k in old}
+                if isinstance(old.get("data"), dict) and isinstance(now.get("data"), dict):
+                    old["data"], now["data"] = _older_data_record(old["data"], now["data"])
+                problems += differences({k: old[k] for k in now}, now)
             elif str(have) != str(want):
                 problems.append(f"{key}: {have!r} → {want!r}")
         if problems:
@@ -262,6 +266,15 @@ class GridWriter:
                 f[name][where] = values[name]
         f[DONE_FIELD][where] = values[DONE_FIELD]
         f.flush()
+
+
+def _older_data_record(old: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A data record of an older file and today's, made comparable: its one-subset-per-split record read as chains,
+    and today's keys the file does not know (e.g. ``bn_subset``) left out."""
+    old = dict(old)
+    if isinstance(old.get("subset"), dict):
+        old["subset"] = subset_chain(old["subset"])
+    return old, {k: v for k, v in now.items() if k in old}
 
 
 def write_point(path: str | os.PathLike[str], index: int, values: Mapping[str, float | int]) -> None:

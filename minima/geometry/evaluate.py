@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,24 @@ from minima.core import distributed
 from minima.core.vocab import BNMode, check_choice
 from minima.data import Dataset, Split, eval_batches, normalize, shard
 from minima.files.checkpoint import load_model
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a split is fed to a model: ``batch_size`` images at a time, moved to ``device``, normalised into
+    ``dtype``, in ``channels_last`` memory format or not. The one argument every evaluation takes for these."""
+
+    batch_size: int = 1000
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+
+    def batches(self, split: Split, mean: Sequence[float], std: Sequence[float]
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised inputs, labels) on the device, in the split's order."""
+        for images, labels in eval_batches(split, self.batch_size):
+            x = normalize(images.to(self.device, non_blocking=True), mean, std, self.dtype, self.channels_last)
+            yield x, labels.to(self.device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -103,16 +121,13 @@ def evaluate(
     split: Split,
     mean: tuple[float, ...] | list[float],
     std: tuple[float, ...] | list[float],
+    feed: Batching = Batching(),
     *,
-    batch_size: int = 1000,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
     bn: BNMode = "eval",
     rank: int = 0,
     world_size: int = 1,
 ) -> EvalResult:
-    """Exact loss and accuracy of ``model`` on ``split`` (dropout off).
+    """Exact loss and accuracy of ``model`` on ``split`` (dropout off), fed as ``feed`` says.
 
     With ``bn="batch"`` BatchNorm uses the statistics of each evaluation batch (fixed order, so the
     result is deterministic), with ``bn="eval"`` its running statistics. Under ``world_size > 1`` each rank
@@ -120,11 +135,10 @@ def evaluate(
     The model's mode and buffers are left as they were.
     """
     mine = split if world_size == 1 else split.take(shard(torch.arange(len(split)), rank, world_size))
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=feed.device)
     with bn_mode(model, bn):
-        for images, labels in eval_batches(mine, batch_size):
-            x = normalize(images.to(device, non_blocking=True), mean, std, dtype, channels_last)
-            sums += batch_sums(model(x), labels.to(device, non_blocking=True))
+        for x, labels in feed.batches(mine, mean, std):
+            sums += batch_sums(model(x), labels)
     if world_size > 1:
         sums = distributed.all_reduce_sum(sums)
     return sums_to_result(sums.cpu())
@@ -146,11 +160,7 @@ def recompute_bn_stats(
     split: Split,
     mean: tuple[float, ...] | list[float],
     std: tuple[float, ...] | list[float],
-    *,
-    batch_size: int = 1000,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
+    feed: Batching = Batching(),
 ) -> None:
     """Re-estimate BatchNorm running statistics on ``split`` as a *cumulative* average over its batches
     (``momentum=None``), with dropout off; leaves the model in eval mode with momenta restored.
@@ -168,8 +178,8 @@ def recompute_bn_stats(
         for m in bns:
             m.momentum = None  # cumulative moving average
             m.train()
-        for images, _ in eval_batches(split, batch_size):
-            model(normalize(images.to(device), mean, std, dtype, channels_last))
+        for x, _ in feed.batches(split, mean, std):
+            model(x)
     finally:
         for m, mom in zip(bns, momenta, strict=True):
             m.momentum = mom
@@ -206,4 +216,4 @@ def evaluate_checkpoint(path: str | os.PathLike[str], splits: dict[str, Split], 
     checkpoint was trained with (its ``meta["data"]`` mean/std)."""
     model, meta = load_model(path, trusted=trusted)
     mean, std = meta["data"]["mean"], meta["data"]["std"]
-    return {name: evaluate(model, split, mean, std, batch_size=batch_size) for name, split in splits.items()}
+    return {name: evaluate(model, split, mean, std, Batching(batch_size)) for name, split in splits.items()}

@@ -13,7 +13,7 @@ test splits (:func:`minima.geometry.evaluate.evaluate`) with an explicit BatchNo
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from minima.core.vocab import BNMode, BNPolicy, check_choice
 from minima.data import Split
 from minima.geometry.directions import StateDict, negative_variance_channels
-from minima.geometry.evaluate import EvalResult, evaluate, recompute_bn_stats
+from minima.geometry.evaluate import Batching, EvalResult, evaluate, recompute_bn_stats
 from minima.geometry.fold import fold_batchnorm
 
 CPU = torch.device("cpu")
@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 @dataclass(frozen=True)
 class EvalSettings:
     """The evaluation spec: BN policy, batch size, dtype, device, memory format, BN folding. The numerics are
-    called through :meth:`evaluate` and :meth:`recompute_bn`, so no caller spells the four keywords again."""
+    called through :meth:`evaluate` and :meth:`recompute_bn` with :attr:`feed`."""
 
     bn: BNPolicy = "recompute"
     batch_size: int = 1000
@@ -47,6 +47,11 @@ class EvalSettings:
         """dtype of the parameters and input batches (float32 under bfloat16 autocast)."""
         return torch.float32 if self.dtype == torch.bfloat16 else self.dtype
 
+    @property
+    def feed(self) -> Batching:
+        """How the data is fed: batch size, device, (storage) dtype, memory format."""
+        return Batching(self.batch_size, self.device, self.storage_dtype, self.channels_last)
+
     def compute(self) -> contextlib.AbstractContextManager:
         """The context every forward pass runs in: bfloat16 autocast for ``dtype=bfloat16``, else nothing."""
         if self.dtype == torch.bfloat16:
@@ -61,15 +66,14 @@ class EvalSettings:
     def evaluate(self, model: nn.Module, split: Split, mean: tuple[float, ...], std: tuple[float, ...],
                  bn: BNMode = "eval", batch_size: int | None = None) -> EvalResult:
         """:func:`minima.geometry.evaluate.evaluate` with this spec, inside :meth:`compute`."""
+        feed = self.feed if batch_size is None else replace(self.feed, batch_size=batch_size)
         with self.compute():
-            return evaluate(model, split, mean, std, batch_size=batch_size or self.batch_size, device=self.device,
-                            dtype=self.storage_dtype, channels_last=self.channels_last, bn=bn)
+            return evaluate(model, split, mean, std, feed, bn=bn)
 
     def recompute_bn(self, model: nn.Module, split: Split, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """:func:`minima.geometry.evaluate.recompute_bn_stats` with this spec, inside :meth:`compute`."""
         with self.compute():
-            recompute_bn_stats(model, split, mean, std, batch_size=self.batch_size, device=self.device,
-                               dtype=self.storage_dtype, channels_last=self.channels_last)
+            recompute_bn_stats(model, split, mean, std, self.feed)
 
 
 @dataclass(frozen=True)

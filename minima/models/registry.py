@@ -92,7 +92,7 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def build_model(name: str, num_classes: int | None | object = UNSET, /, *, trusted: Iterable[str] = (),
+def build_model(name: str, num_classes: int | object | None = UNSET, /, *, trusted: Iterable[str] = (),
                 **kwargs: object) -> nn.Module:
     """Construct the model ``name`` with ``num_classes`` outputs (None: the arguments decide; a ``num_classes`` in
     ``kwargs`` as well must equal it, see :func:`resolve_model`):
@@ -126,7 +126,7 @@ def default_data(name: str) -> str | None:
     return model_info(name).data if model_kind(name) == "registry" else None
 
 
-def resolve_model(name: str, num_classes: int | None | object = UNSET, /, *, trusted: Iterable[str] = (),
+def resolve_model(name: str, num_classes: int | object | None = UNSET, /, *, trusted: Iterable[str] = (),
                   **kwargs: object) -> tuple[Callable[..., Any], dict[str, Any]]:
     """(factory, the exact keyword arguments it will be called with) for :func:`build_model` — what a checkpoint
     stores so that the same call rebuilds the model. A ``num_classes`` in ``kwargs`` (e.g. ``--model-kwargs

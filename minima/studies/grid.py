@@ -36,7 +36,7 @@ from minima.core.config import resume_key, setting
 from minima.core.options import CheckpointData
 from minima.core.precision import effective as precision_effective
 from minima.core.precision import float32_math
-from minima.core.vocab import TORCH_DTYPES, BNPolicy, DataOnDevice, Dtype, check_choice
+from minima.core.vocab import TORCH_DTYPES, BNPolicy, BNRecord, DataOnDevice, Dtype, check_choice
 from minima.data import Dataset, place, stratified_subset
 from minima.files import results
 from minima.geometry.directions import StateDict, bn_buffer_names
@@ -114,7 +114,7 @@ def check_options(req: EvalOptions, out: Path) -> Path:
 
 
 def evaluation_setup(req: EvalOptions, model: nn.Module, ds: Dataset, recorded: dict[str, Any],
-                     device: torch.device) -> tuple[str, EvalSettings, EvalData, dict[str, Any]]:
+                     device: torch.device) -> tuple[BNRecord, EvalSettings, EvalData, dict[str, Any]]:
     """What every grid point is evaluated with: the BatchNorm policy (``none`` for a model without BatchNorm), the
     settings, the (placed) data with the BN re-estimation subset, and what every grid file records about it —
     ``data`` (the data description with its chain of subsets, and the BN subset drawn from the training split),
@@ -124,7 +124,7 @@ def evaluation_setup(req: EvalOptions, model: nn.Module, ds: Dataset, recorded: 
         bn_split = ds.train.take(stratified_subset(ds.train.labels, req.bn_samples, req.subset_seed))
         bn_subset = {"n": int(req.bn_samples), "seed": int(req.subset_seed)}
     with_bn = has_batchnorm(model)
-    policy = (req.bn or "recompute") if with_bn else "none"
+    policy: BNRecord = (req.bn or "recompute") if with_bn else "none"
     s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
                      dtype=TORCH_DTYPES[req.dtype], device=device, channels_last=is_convolutional(model),
                      fold_bn=req.fold_bn)
@@ -183,40 +183,41 @@ def run_grid(req: R, prepare: Callable[[R, distributed.DistEnv], GridStudy],
     return study.out
 
 
-def open_grid(out: Path, coords: dict[str, np.ndarray], *, resume: bool, overwrite: bool,
-              expected: dict[str, Any], attrs: dict[str, Any], create: bool = True) -> list[int]:
-    """Create the grid file ``out`` (with root ``attrs``), or decide which points an existing one still needs:
-    refused unless ``resume`` or ``overwrite``; on resume it must hold the same grid and the ``expected`` attributes.
-    Returns the point numbers to compute. With ``create=False`` nothing is written: the same checks, and every point
-    for a file still to be created."""
-    if out.exists() and not overwrite:
-        if not resume:
-            try:
-                done = results.load_grid(out).complete
-            except results.ResultsError as exc:
-                raise results.ResultsError(f"{exc} (refusing to overwrite it)") from exc
-            state = "complete" if done else "partially computed"
-            raise FileExistsError(f"{out} exists and is {state}; pass --resume to compute only missing points, "
-                                  "--overwrite to start again, or choose another --out")
-        return results.pending_points(out, coords, expected)
-    if create:
-        results.create_grid_file(out, coords, attrs)
-    return list(range(len(results.grid_points(coords))))
+def pending_in(out: Path, coords: dict[str, np.ndarray], *, resume: bool, overwrite: bool,
+               expected: dict[str, Any]) -> list[int] | None:
+    """Which points of ``out`` still need computing — checks only, nothing written: ``None`` when the file is to be
+    created (it does not exist, or ``overwrite``); an existing file is refused unless ``resume``, and on resume it
+    must hold the same grid and the ``expected`` attributes."""
+    if not out.exists() or overwrite:
+        return None
+    if not resume:
+        try:
+            done = results.load_grid(out).complete
+        except results.ResultsError as exc:
+            raise results.ResultsError(f"{exc} (refusing to overwrite it)") from exc
+        state = "complete" if done else "partially computed"
+        raise FileExistsError(f"{out} exists and is {state}; pass --resume to compute only missing points, "
+                              "--overwrite to start again, or choose another --out")
+    return results.pending_points(out, coords, expected)
 
 
 def _open(study: GridStudy, req: EvalOptions, env: distributed.DistEnv) -> list[int]:
-    """Rank 0: check the output, announce the work with its estimate, let the study refuse it, create the file."""
-    opening = dict(resume=req.resume, overwrite=req.overwrite, expected=study.expected, attrs=study.attrs)
-    pending = open_grid(study.out, study.coords, create=False, **opening)  # checks only: nothing written yet
-    if pending:
-        seconds = estimate_seconds(study.model, study.data, study.settings, len(pending)) / env.world_size
-        total = len(results.grid_points(study.coords))
-        print(f"[{study.command}] {len(pending)}/{total} points to compute → {study.out} ({study.what}, BN policy "
+    """Rank 0: check the output once, announce the work with its estimate, let the study refuse it, then create the
+    file (a refusal before this point leaves no file)."""
+    pending = pending_in(study.out, study.coords, resume=req.resume, overwrite=req.overwrite,
+                         expected=study.expected)
+    total = len(results.grid_points(study.coords))
+    todo = list(range(total)) if pending is None else pending
+    if todo:
+        seconds = estimate_seconds(study.model, study.data, study.settings, len(todo)) / env.world_size
+        print(f"[{study.command}] {len(todo)}/{total} points to compute → {study.out} ({study.what}, BN policy "
               f"{study.attrs['bn_policy']}, {len(study.data.train)} train / {len(study.data.test)} test samples, "
               f"{env.world_size} rank(s)); estimated {duration(seconds)}", flush=True)
         if study.confirm is not None:
-            study.confirm(seconds, len(pending))
-    return open_grid(study.out, study.coords, **opening)
+            study.confirm(seconds, len(todo))
+    if pending is None:
+        results.create_grid_file(study.out, study.coords, study.attrs)
+    return todo
 
 
 def _finish(study: GridStudy, req: EvalOptions) -> None:

@@ -36,6 +36,7 @@ from minima.data import load_for_checkpoint
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
 from minima.files.naming import run_label
+from minima.geometry.evaluate import Batching
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,9 +190,9 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
     pending = [j for j in jobs if j[1] not in done]
     if not pending:
         return
-    batches = FixedBatches.from_split(train, ckpt["meta"]["data"]["mean"], ckpt["meta"]["data"]["std"],
-                                      batch_size=req.eval_batch_size, device=env.device,
-                                      dtype=TORCH_DTYPES[req.dtype], rank=env.rank, world_size=env.world_size)
+    feed = Batching(req.eval_batch_size, env.device, TORCH_DTYPES[req.dtype])
+    batches = FixedBatches.from_split(train, ckpt["meta"]["data"]["mean"], ckpt["meta"]["data"]["std"], feed,
+                                      rank=env.rank, world_size=env.world_size)
     obj = DatasetObjective(model, batches, bn=req.bn_mode, hvp_cache_bytes=cache_bytes)
     if any(m.uses_hessian for m, _, _ in pending):
         obj.check_deterministic(seed=req.seed)

@@ -45,7 +45,7 @@ from minima.core.precision import effective as precision_effective
 from minima.core.vocab import Amp, DataOnDevice, DeviceName, Optimizer, check_choice
 from minima.files import checkpoint as ckpt_io
 from minima.files.checkpoint import RESUMABLE_CHANGES
-from minima.geometry.evaluate import batch_sums, check_model_accepts, evaluate, sums_to_result
+from minima.geometry.evaluate import Batching, batch_sums, check_model_accepts, evaluate, sums_to_result
 from minima.models import (
     available_models,
     default_data,
@@ -570,8 +570,8 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         "images_per_s": seen * env.world_size / train_time if train_time > 0 else float("nan"),
     }
     if c.eval_test:
-        test = evaluate(run.model, run.test_split, ds.mean, ds.std, batch_size=c.eval_batch_size, device=env.device,
-                        channels_last=run.channels_last, rank=env.rank, world_size=env.world_size)
+        feed = Batching(c.eval_batch_size, env.device, torch.float32, run.channels_last)
+        test = evaluate(run.model, run.test_split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size)
         metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_nonfinite=test.nonfinite)
     run.elapsed += time.perf_counter() - t0
     metrics["elapsed_s"] = run.elapsed
