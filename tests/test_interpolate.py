@@ -210,10 +210,13 @@ def test_bad_inputs(pair: tuple, tmp_path: Path) -> None:
 
 def test_plot_cli_and_default_output_name(pair: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a_path, b_path, _ = pair
-    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     assert main([str(a_path), str(b_path), "--alphas", "0,0.5,1", "--device", "cpu", "--no-progress"]) == 0
-    assert (tmp_path / "a_vs_b.h5").exists()
+    assert (tmp_path / "a_vs_b.h5").exists()  # beside checkpoint A, not in the working directory
     assert_drawn(tmp_path / "a_vs_b.png")
+    assert not list(elsewhere.iterdir())
     from minima.plot import main as plot_main
 
     assert plot_main([str(tmp_path / "a_vs_b.h5"), "--out", str(tmp_path / "again.png")]) == 0

@@ -79,8 +79,9 @@ class Dataset:
         return (int(c), int(h), int(w))
 
     def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> Dataset:
-        """Deterministic class-stratified subsets of the splits as they are now (``None``, or a size of at least
-        the split's, keeps a split whole); each subset drawn is appended to the split's chain in ``subsets``.
+        """Deterministic class-stratified subsets of the splits as they are now (``None``, or the split's own size,
+        keeps a split whole; a larger size is a :class:`DataError` naming both, never a silent clamp); each subset
+        drawn is appended to the split's chain in ``subsets``.
 
         Normalisation statistics are *not* recomputed: they stay those of the full training split.
         """
@@ -89,7 +90,12 @@ class Dataset:
             if n is None:
                 continue
             split: Split = getattr(out, name)
-            if n >= len(split):  # asking for everything (or more) is the whole split
+            if n > len(split):
+                drawn = f" (itself a subset: {' → '.join(str(link['n']) for link in subsets[name])})" \
+                    if subsets.get(name) else ""
+                raise DataError(f"asked for a {name} subset of {n} images but the {name} split has {len(split)}"
+                                f"{drawn}; ask for at most {len(split)}, or omit --{name}-subset for all of them")
+            if n == len(split):  # the whole split: no subset drawn, none recorded
                 continue
             idx = stratified_subset(split.labels, n, seed)
             out = replace(out, **{name: split.take(idx)})

@@ -317,25 +317,34 @@ def load_curve(path: str | os.PathLike[str]) -> Curve:
 # the metric's parameters and costs) and its arrays as datasets (e.g. ``eigenvalues``).
 
 
-def ensure_sharpness_file(path: str | os.PathLike[str]) -> None:
-    """Create a sharpness file, or accept an existing curve or sharpness file (results go under
-    ``sharpness/``); refuse anything else."""
+def check_sharpness_output(path: str | os.PathLike[str]) -> bool:
+    """Checks only, nothing written: whether ``path`` exists and is a curve, grid or sharpness file (results go
+    under ``sharpness/``); a missing directory or a foreign file is refused."""
     path = Path(path)
     if not path.exists():
         if not path.parent.is_dir():
             raise ResultsError(f"output directory {path.parent} does not exist; create it or choose another --out")
-        with h5py.File(path, "w") as f:
-            _write_header(f, SHARPNESS_FORMAT)
-        return
+        return False
     with _open(path, "r") as f:
         fmt = f.attrs.get("format")
     if fmt not in RESULT_FORMATS:
         raise ResultsError(f"{path} is not a minima grid, curve or sharpness file (format {fmt!r}); choose another "
                            "--out")
+    return True
+
+
+def ensure_sharpness_file(path: str | os.PathLike[str]) -> None:
+    """Create a sharpness file, or accept an existing curve or sharpness file (:func:`check_sharpness_output`)."""
+    if not check_sharpness_output(path):
+        with h5py.File(path, "w") as f:
+            _write_header(f, SHARPNESS_FORMAT)
 
 
 def sharpness_done(path: str | os.PathLike[str], label: str, metric: str, settings_key: str) -> bool:
-    """Whether ``sharpness/<label>/<metric>`` holds a finished result computed with ``settings_key``."""
+    """Whether ``sharpness/<label>/<metric>`` holds a finished result computed with ``settings_key`` (False for a
+    file not written yet)."""
+    if not Path(path).exists():
+        return False
     with _open(Path(path), "r") as f:
         node = f.get(f"sharpness/{label}/{metric}")
         return node is not None and node.attrs.get("settings_key") == settings_key

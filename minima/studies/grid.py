@@ -170,13 +170,19 @@ def run_grid(req: R, prepare: Callable[[R, distributed.DistEnv], GridStudy],
     try:
         with float32_math(req.float32_math):
             study = distributed.agree(env, lambda: prepare(req, env))
-            pending = distributed.from_main(env, lambda: _open(study, req, env))
-            if pending:
+            pending, created = distributed.from_main(env, lambda: _open(study, req, env))
+            written = 0
+            try:
                 with results.GridWriter(study.out) if env.is_main else contextlib.nullcontext() as writer:
                     for i, row in sweep_points(study.model, study.point, results.grid_points(study.coords), pending,
                                                study.data, study.settings, env, progress=env.is_main and req.progress):
                         if writer is not None:
                             writer.write(i, row)
+                            written += 1
+            except BaseException:
+                if env.is_main and created and written == 0:  # nothing finished: leave no new file behind
+                    study.out.unlink(missing_ok=True)
+                raise
             distributed.from_main(env, lambda: _finish(study, req), also=shared)
     finally:
         distributed.teardown()
@@ -201,9 +207,9 @@ def pending_in(out: Path, coords: dict[str, np.ndarray], *, resume: bool, overwr
     return results.pending_points(out, coords, expected)
 
 
-def _open(study: GridStudy, req: EvalOptions, env: distributed.DistEnv) -> list[int]:
+def _open(study: GridStudy, req: EvalOptions, env: distributed.DistEnv) -> tuple[list[int], bool]:
     """Rank 0: check the output once, announce the work with its estimate, let the study refuse it, then create the
-    file (a refusal before this point leaves no file)."""
+    file (a refusal before this point leaves no file). Returns the points to compute and whether the file is new."""
     pending = pending_in(study.out, study.coords, resume=req.resume, overwrite=req.overwrite,
                          expected=study.expected)
     total = len(results.grid_points(study.coords))
@@ -217,7 +223,7 @@ def _open(study: GridStudy, req: EvalOptions, env: distributed.DistEnv) -> list[
             study.confirm(seconds, len(todo))
     if pending is None:
         results.create_grid_file(study.out, study.coords, study.attrs)
-    return todo
+    return todo, pending is None
 
 
 def _finish(study: GridStudy, req: EvalOptions) -> None:

@@ -88,15 +88,16 @@ class SweepRequest(EvalOptions):
     direction: Direction = setting("segment", "segment A→B, or a filter-normalised random direction through A "
                                    "(Li et al. 2018)")
     direction_seed: int = setting(0, "seed of the random direction")
-    out: Path | None = setting(None, "output .h5 file", default_text="<A>_vs_<B>.h5 or <A>_random<seed>.h5 here")
+    out: Path | None = setting(None, "output .h5 file", default_text="<A>_vs_<B>.h5 or <A>_random<seed>.h5 beside A")
 
 
 def default_output(req: SweepRequest) -> Path:
-    a = run_label(req.checkpoint_a)
+    """Beside checkpoint A: ``<A>_vs_<B>.h5``, or ``<A>_random<seed>.h5`` for a random direction."""
+    a, where = run_label(req.checkpoint_a), Path(req.checkpoint_a).parent
     if req.direction == "random":
-        return Path(f"{a}_random{req.direction_seed}.h5")
+        return where / f"{a}_random{req.direction_seed}.h5"
     assert req.checkpoint_b is not None
-    return Path(f"{a}_vs_{run_label(req.checkpoint_b)}.h5")
+    return where / f"{a}_vs_{run_label(req.checkpoint_b)}.h5"
 
 
 def run(req: SweepRequest) -> Path:

@@ -50,7 +50,8 @@ class MeasureOptions(CheckpointData):
                               "batch's statistics, as Keskar's Keras code)")
     dtype: CurvatureDtype = setting("float32", "precision of the network; sums are float64")
     out: Path | None = setting(None, "output .h5 file (a curve file is accepted too: results go under "
-                               "sharpness/)", default_text="<checkpoint>_sharpness.h5 or sharpness.h5 here")
+                               "sharpness/)",
+                               default_text="<label>[_<label2>…]_sharpness.h5 beside the first checkpoint")
     seed: int = setting(0, "seed of Lanczos start vectors, probes and noise")
     hvp_cache_gb: float | None = setting(None, "memory for gradient graphs kept between Hessian-vector products "
                                          "at one θ (0 keeps none; the numbers are the same)", unit="GB",
@@ -127,9 +128,10 @@ def _validate(req: MeasureOptions) -> None:
 
 
 def default_output(checkpoints: Sequence[Path]) -> Path:
-    if len(checkpoints) == 1:
-        return Path(f"{run_label(checkpoints[0])}_sharpness.h5")
-    return Path("sharpness.h5")
+    """Beside the first checkpoint: ``<label>_sharpness.h5``, or ``<label1>_<label2>…_sharpness.h5`` for several."""
+    labels = [run_label(c) for c in checkpoints]
+    name = "_".join(labels[:4]) + ("_etc" if len(labels) > 4 else "")
+    return Path(checkpoints[0]).parent / f"{name}_sharpness.h5"
 
 
 def _output(req: MeasureOptions) -> Path:
@@ -145,11 +147,7 @@ def measure(req: MeasureOptions) -> Path:
         # every checkpoint is read and its model rebuilt before the output is touched: a refusal leaves no file
         loaded = distributed.agree(env, lambda: [_load(Path(p), req) for p in req.checkpoints])
 
-        def start() -> None:
-            results.ensure_sharpness_file(out)
-            results.set_attrs(out, {"sharpness_request": to_dict(req)})
-
-        distributed.from_main(env, start)
+        distributed.from_main(env, lambda: results.check_sharpness_output(out))  # the file is made by the first result
         cache_bytes = (memory_budget(env.device) if req.hvp_cache_gb is None else int(req.hvp_cache_gb * 1e9))
         with float32_math(req.float32_math):
             for path, (ckpt, model) in zip(req.checkpoints, loaded, strict=True):
@@ -208,6 +206,8 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
         values = metric.compute(obj, x, f0, job, req.seed)
         if env.is_main:
             precision = json.dumps(precision_effective(env.device, req.float32_math))
+            results.ensure_sharpness_file(out)
+            results.set_attrs(out, {"sharpness_request": to_dict(req)})
             results.write_sharpness(out, label, name, {**common, **job, **values, "settings_key": key_of(metric, job),
                                                        "metric_kind": metric.name, "precision": precision})
             cache = obj.hvp_cache_info

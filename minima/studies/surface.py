@@ -66,7 +66,7 @@ class SurfaceRequest(EvalOptions):
     ignore: Ignore = setting("bn-and-bias", "random directions on 1-D parameters (biases, BatchNorm scale/shift): "
                              "zero (bn-and-bias), or a copy of the weights (none)")
     direction_seed: int = setting(0, "seed of the first random direction (the second uses seed + 1)")
-    out: Path | None = setting(None, "output .h5 file", default_text="<A>_surface.h5 here")
+    out: Path | None = setting(None, "output .h5 file", default_text="<A>_surface.h5 beside A")
     max_minutes: float = setting(60.0, "ask (or, without a terminal, refuse) above this estimated time", unit="min")
     yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)")
 
@@ -102,8 +102,9 @@ def surface(
 
 
 def default_output(req: SurfaceRequest) -> Path:
-    first = req.trajectory[-1] if req.trajectory else req.checkpoints[0]
-    return Path(f"{run_label(first)}_surface.h5")
+    """Beside the plane's first checkpoint (a trajectory's last): ``<label>_surface.h5``."""
+    first = Path(req.trajectory[-1] if req.trajectory else req.checkpoints[0])
+    return first.parent / f"{run_label(first)}_surface.h5"
 
 
 def run(req: SurfaceRequest) -> Path:
