@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 
 from minima import data as data_mod
 from minima.core import config as cfg
-from minima.core.allocator import keep_freed_memory
+from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.core.vocab import BNMode
 from minima.figures import save_curve_figure
@@ -241,7 +240,7 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
         f"improving by {preset.min_delta:g} for {preset.patience} epochs (cap {preset.epochs} epochs). "
         f"Seeds: {len(rows)}. Sharpness: BatchNorm `{preset.sharpness_bn}`, "
         f"{preset.sharpness_samples or len(ds.train)} training samples, L-BFGS-B {preset.maxiter} iterations, "
-        f"random subspace p = {preset.subspace}. Machine: {platform.machine()} {platform.processor() or ''}, "
+        f"random subspace p = {preset.subspace}. Machine: {cpu_name()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; compute time {compute_s / 60:.1f} min "
         f"(the stages' times when they ran; this invocation {wall_s / 60:.1f} min).",
         "",

@@ -8,7 +8,6 @@ importable from here as documented: ``interpolate`` (two models in memory → :c
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ __all__ = ["SweepRequest", "interpolate", "main", "parse_alphas", "parse_args", 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SweepRequest:
-    p = argparse.ArgumentParser(prog="python -m minima.interpolate", description=__doc__.split("\n")[0])
+    p = cfg.ArgumentParser(prog="python -m minima.interpolate", description=__doc__.split("\n")[0])
     cfg.add_arguments(p, SweepRequest)
     # intermixed: "A.pt --alphas=... B.pt" works as well as "A.pt B.pt --alphas=..."
     args = p.parse_intermixed_args(cfg.join_negative_values(list(sys.argv[1:] if argv is None else argv), ["--alphas"]))

@@ -8,20 +8,20 @@ recomputes, never imports a model); the figures themselves are drawn by :mod:`mi
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
+from minima.core import config as cfg
 from minima.core.cli import run_command
 from minima.figures import save_curve_figure, save_curves_figure, save_surface_figure
 from minima.files.results import curve_from_values, load_grid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minima.plot", description="Redraw figures from .h5 result files.")
+    p = cfg.ArgumentParser(prog="python -m minima.plot", description="Redraw figures from .h5 result files.")
     p.add_argument("files", nargs="+", type=Path,
                    help="grid files (.h5) written by python -m minima.interpolate or python -m minima.surface")
     p.add_argument("--out", type=Path, default=None,

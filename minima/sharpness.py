@@ -8,9 +8,9 @@ functions are importable from here as documented (they live in :mod:`minima.curv
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from minima.core import config as cfg
@@ -24,7 +24,7 @@ from minima.curvature.measures import (
 )
 from minima.curvature.objective import NondeterministicLossError
 from minima.curvature.registry import REGISTRY
-from minima.studies.sharpness import DEPRECATED_FLAGS, MeasureOptions, measure, measure_request_type
+from minima.studies.sharpness import DEPRECATED_FLAGS, MeasureOptions, measure, measure_request_type, show
 
 __all__ = ["DenseSubspace", "RandomSubspace", "adaptive_sharpness", "average_sharpness", "keskar_sharpness", "main",
            "parse_args"]
@@ -34,8 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> MeasureOptions:
     """The measurement request of a command line, with the flags of every metric registered now."""
     cls = measure_request_type()
     metrics = "; ".join(f"{m.name} — {m.summary}" for m in REGISTRY.values())
-    p = argparse.ArgumentParser(prog="python -m minima.sharpness", description=__doc__.split("\n")[0],
-                                epilog=f"metrics: {metrics}")
+    p = cfg.ArgumentParser(prog="python -m minima.sharpness", description=__doc__.split("\n")[0],
+                                epilog=f"metrics: {metrics}. python -m minima.sharpness --show FILE.h5 prints a "
+                                "results file's table with the settings of every result.")
     cfg.add_arguments(p, cls)
     cfg.add_deprecated(p, DEPRECATED_FLAGS)
     args = cfg.apply_deprecated(p.parse_args(argv), DEPRECATED_FLAGS, "minima.sharpness")
@@ -49,8 +50,17 @@ def __getattr__(name: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--show" in args:  # python -m minima.sharpness --show FILE.h5: the table of a results file, nothing computed
+        shown = cfg.ArgumentParser(prog="python -m minima.sharpness --show",
+                                        description="print the results of a sharpness (or curve) file with the "
+                                                    "settings each was measured with")
+        shown.add_argument("--show", type=Path, required=True, metavar="FILE.h5")
+        path = shown.parse_args(args).show
+        return run_command("minima.sharpness", lambda: print(show(path)))
+
     def work() -> None:
-        measure(parse_args(argv))
+        measure(parse_args(args))
 
     return run_command("minima.sharpness", work, user_errors=(NondeterministicLossError,),
                        interrupted="interrupted; finished metrics are saved — rerun the same command")

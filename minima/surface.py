@@ -7,7 +7,6 @@ The command: flags generated from :class:`minima.studies.surface.SurfaceRequest`
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +18,7 @@ __all__ = ["SurfaceRequest", "main", "parse_args", "run", "surface"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SurfaceRequest:
-    p = argparse.ArgumentParser(prog="python -m minima.surface", description=__doc__.split("\n")[0])
+    p = cfg.ArgumentParser(prog="python -m minima.surface", description=__doc__.split("\n")[0])
     cfg.add_arguments(p, SurfaceRequest)
     args = p.parse_intermixed_args(cfg.join_negative_values(list(sys.argv[1:] if argv is None else argv),
                                                             ["--x", "--y"]))

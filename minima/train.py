@@ -7,7 +7,6 @@ The command: flags generated from :class:`minima.studies.train.TrainConfig`, lay
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ __all__ = ["NonFiniteLossError", "TrainConfig", "TrainState", "TrainingInterrupt
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     """Config (defaults ← ``--config`` TOML ← flags, or ← the run's own ``config.json`` on ``--resume``)."""
-    parser = argparse.ArgumentParser(prog="python -m minima.train", description=__doc__.split("\n")[0])
+    parser = cfg.ArgumentParser(prog="python -m minima.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML preset whose keys are the flags' names (e.g. experiments/configs/keskar_c1_sb.toml)")
     parser.add_argument("--resume", action="store_true",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -72,3 +73,17 @@ def memory_budget(device: torch.device, fraction: float = 0.25, fallback_bytes: 
     """``fraction`` of :func:`available_memory_bytes` (``fallback_bytes`` where that is unknown)."""
     available = available_memory_bytes(device)
     return fallback_bytes if available is None else int(available * fraction)
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (``/proc/cpuinfo``), else the platform's machine type: the
+    machine every measured figure names."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

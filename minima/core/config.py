@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
 import sys
@@ -23,7 +24,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,14 +36,32 @@ _NO_DEFAULT = dataclasses.MISSING
 
 
 def setting(default: Any = _NO_DEFAULT, help: str = "", *, unit: str = "", default_text: str | None = None,
-            positional: bool = False, factory: Any = _NO_DEFAULT) -> Any:
+            positional: bool = False, factory: Any = _NO_DEFAULT, switch: bool = False) -> Any:
     """A request field: ``default`` (or ``factory`` for mutable defaults), ``help`` (what it is), ``unit`` (shown
     after the help), ``default_text`` (how to describe the default where the value alone says too little, e.g.
-    ``None`` meaning "all samples"), ``positional`` (a command-line argument without a flag)."""
-    metadata = {"help": help, "unit": unit, "default_text": default_text, "positional": positional}
+    ``None`` meaning "all samples"), ``positional`` (a command-line argument without a flag), ``switch`` (a bool
+    that is an action asked for, ``--yes``, with no ``--no-yes``)."""
+    metadata = {"help": help, "unit": unit, "default_text": default_text, "positional": positional,
+                "switch": switch}
     if factory is not _NO_DEFAULT:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that answers a misspelled flag with the nearest real one ("did you mean
+    --eval-batch-size?"), as Python 3.14's ``suggest_on_error`` does, on every Python."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            flags = [o for a in self._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
+            hints = []
+            for word in message.split(": ", 1)[1].split():
+                near = difflib.get_close_matches(word.split("=")[0], flags, n=1) if word.startswith("--") else []
+                if near:
+                    hints.append(f"did you mean {near[0]} (not {word.split('=')[0]})?")
+            message += "".join(f"; {h}" for h in hints)
+        super().error(message)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -115,7 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str
             parser.add_argument(f.name, nargs=nargs, type=elem, help=doc)
             continue
         flag = "--" + f.name.replace("_", "-")
-        if tp is bool:
+        if tp is bool and f.metadata.get("switch"):
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=doc)
+        elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
         elif origin is Literal:
             parser.add_argument(flag, choices=typing.get_args(tp), default=None, help=doc)

@@ -194,8 +194,8 @@ def _axes(f: h5py.File, path: Path) -> tuple[str, ...]:
     if fmt == CURVE_FORMAT:
         return ("alpha",)
     if fmt == SHARPNESS_FORMAT:
-        raise ResultsError(f"{path} holds sharpness results, not a curve or grid: read it with "
-                           "minima.files.results.load_sharpness, or print its table with python -m minima.sharpness")
+        raise ResultsError(f"{path} holds sharpness results, not a curve or grid: print its table with python -m "
+                           f"minima.sharpness --show {path}, or read it with minima.files.results.load_sharpness")
     raise ResultsError(f"{path} is an HDF5 file but not a minima grid or curve file (format {fmt!r}, expected "
                        f"{GRID_FORMAT!r})")
 

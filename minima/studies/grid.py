@@ -56,8 +56,8 @@ class EvalOptions(CheckpointData):
                                   default_text="recompute for models with BatchNorm")
     bn_samples: int | None = setting(None, "training samples BatchNorm statistics are re-estimated on",
                                      unit="samples", default_text="the whole (sub)set")
-    resume: bool = setting(False, "compute only the points an existing --out still lacks")
-    overwrite: bool = setting(False, "replace an existing --out")
+    resume: bool = setting(False, "compute only the points an existing --out still lacks", switch=True)
+    overwrite: bool = setting(False, "replace an existing --out", switch=True)
     dtype: Dtype = setting("float32", "evaluation precision; bfloat16 is an autocast preview (parameters, "
                            "BatchNorm statistics and sums stay float32/float64)")
     fold_bn: bool = setting(True, "fold eval-mode BatchNorm into the preceding conv/linear layer (exact)")

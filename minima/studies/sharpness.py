@@ -150,13 +150,12 @@ def measure(req: MeasureOptions) -> Path:
         distributed.from_main(env, lambda: results.check_sharpness_output(out))  # the file is made by the first result
         cache_bytes = (memory_budget(env.device) if req.hvp_cache_gb is None else int(req.hvp_cache_gb * 1e9))
         with float32_math(req.float32_math):
-            for path, (ckpt, model) in zip(req.checkpoints, loaded, strict=True):
-                _measure_checkpoint(Path(path), ckpt, model, req, jobs, out, env, cache_bytes)
+            computed = sum(_measure_checkpoint(Path(path), ckpt, model, req, jobs, out, env, cache_bytes)
+                           for path, (ckpt, model) in zip(req.checkpoints, loaded, strict=True))
         if env.is_main:
-            table = [(row["checkpoint_label"], row["metric"], float(row["value"]))
-                     for row in results.load_sharpness(out)]
-            print(format_table(table), flush=True)
-            print(f"[minima.sharpness] wrote {out}", flush=True)
+            print(format_table(results.load_sharpness(out)), flush=True)
+            print(f"[minima.sharpness] wrote {computed} result(s) to {out}" if computed else
+                  f"[minima.sharpness] nothing to compute: every result is already in {out}", flush=True)
         distributed.barrier()
     finally:
         distributed.teardown()
@@ -170,13 +169,14 @@ def _load(path: Path, req: MeasureOptions) -> tuple[dict[str, Any], nn.Module]:
 
 def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req: MeasureOptions,
                         jobs: list[tuple[Metric, str, dict[str, Any]]], out: Path, env: distributed.DistEnv,
-                        cache_bytes: int) -> None:
+                        cache_bytes: int) -> int:
+    """Every pending result of one checkpoint; returns how many were computed."""
     ds = distributed.agree(env, lambda: load_for_checkpoint(ckpt["meta"]["data"], req.data, req.train_subset, None,
                                                             req.subset_seed, req.data_root))
     label = run_label(path)
     train = ds.train
     common = {"checkpoint": str(path), "sha256": ckpt_io.sha256_file(path), "bn_mode": req.bn_mode,
-              "samples": len(train), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
+              "train_samples": len(train), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
               "subset_seed": req.subset_seed, "data": json.dumps(ds.describe()), "seed": req.seed,
               "float32_math": req.float32_math}
 
@@ -187,7 +187,7 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
                                                if results.sharpness_done(out, label, name, key_of(m, job))])
     pending = [j for j in jobs if j[1] not in done]
     if not pending:
-        return
+        return 0
     feed = Batching(req.eval_batch_size, env.device, TORCH_DTYPES[req.dtype])
     batches = FixedBatches.from_split(train, ckpt["meta"]["data"]["mean"], ckpt["meta"]["data"]["std"], feed,
                                       rank=env.rank, world_size=env.world_size)
@@ -215,17 +215,54 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
                     f"({cache['bytes'] / 1e9:.2f} GB)") if metric.uses_hessian else ""
             print(f"[minima.sharpness] {label} {name}: {values['value']:.6g} "
                   f"({values.get('seconds', float('nan')):.1f} s{kept})", flush=True)
+    return len(pending)
 
 
-def format_table(rows: Sequence[tuple[str, str, float]]) -> str:
-    """Checkpoints as columns, metrics as rows."""
-    labels = sorted({r[0] for r in rows})
-    metrics = sorted({r[1] for r in rows})
-    cell = {(r[0], r[1]): r[2] for r in rows}
+SETTINGS_SHOWN = ("bn_mode", "bn", "train_samples", "dtype", "eval_batch_size", "batch_size", "subset_seed",
+                  "float32_math")
+# ("bn" and "batch_size": the names in files written before --bn-mode/--eval-batch-size)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Checkpoints as columns, results as rows, and under them the settings each column was measured with
+    (BatchNorm mode, training images, dtype, batch size, subset seed, float32 math). Results of one column measured
+    with different settings are marked ``*`` and listed, and columns measured with different settings are said to
+    be so: numbers of different protocols are never shown as one table without saying it."""
+    labels = sorted({str(r["checkpoint_label"]) for r in rows})
+    metrics = sorted({str(r["metric"]) for r in rows})
+    cell = {(str(r["checkpoint_label"]), str(r["metric"])): r for r in rows}
+
+    def settings(r: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(f"{k}={r[k]}" for k in SETTINGS_SHOWN if k in r)
+
+    per_column = {lab: [settings(r) for (c, _), r in cell.items() if c == lab] for lab in labels}
+    common = {lab: max(set(s), key=s.count) for lab, s in per_column.items()}
     width = max([len(m) for m in metrics] + [6])
-    head = f"{'metric':<{width}} " + " ".join(f"{lab:>14}" for lab in labels)
-    lines = [head]
+    lines = [f"{'metric':<{width}} " + " ".join(f"{lab:>15}" for lab in labels)]
+    odd = []
     for m in metrics:
-        lines.append(f"{m:<{width}} " + " ".join(
-            f"{cell[(lab, m)]:>14.6g}" if (lab, m) in cell else f"{'-':>14}" for lab in labels))
+        cells = []
+        for lab in labels:
+            r = cell.get((lab, m))
+            if r is None:
+                cells.append(f"{'-':>15}")
+                continue
+            mark = "*" if settings(r) != common[lab] else " "
+            if mark == "*":
+                odd.append(f"  * {lab} {m}: " + ", ".join(settings(r)))
+            cells.append(f"{float(r['value']):>14.6g}{mark}")
+        lines.append(f"{m:<{width}} " + " ".join(cells))
+    lines.append("measured with:")
+    lines += [f"  {lab}: " + ", ".join(common[lab]) for lab in labels]
+    lines += odd
+    if len(set(common.values())) > 1:
+        lines.append("  note: the columns were measured with different settings; compare them with care")
     return "\n".join(lines)
+
+
+def show(path: str | Path) -> str:
+    """The table of a sharpness (or curve/grid) file's results, with their settings (``--show FILE.h5``)."""
+    rows = results.load_sharpness(path)
+    if not rows:
+        raise ValueError(f"{path} holds no sharpness results yet")
+    return format_table(rows)

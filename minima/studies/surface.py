@@ -68,7 +68,7 @@ class SurfaceRequest(EvalOptions):
     direction_seed: int = setting(0, "seed of the first random direction (the second uses seed + 1)")
     out: Path | None = setting(None, "output .h5 file", default_text="<A>_surface.h5 beside A")
     max_minutes: float = setting(60.0, "ask (or, without a terminal, refuse) above this estimated time", unit="min")
-    yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)")
+    yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)", switch=True)
 
 
 @dataclass

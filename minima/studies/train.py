@@ -433,11 +433,16 @@ def _announce(run: Run, resumed: bool) -> None:
     c, plan = run.c, run.plan
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "config.json").write_text(json.dumps(run.resolved, indent=2) + "\n")
-    print(f"[minima.train] {c.model} on {run.env.device} × {run.env.world_size}: global batch {c.batch_size} "
-          f"= {run.env.world_size} ranks × {plan.accumulation} micro-batches × {plan.micro}; "
+    world, acc = run.env.world_size, plan.accumulation
+    print(f"[minima.train] {c.model} on {run.env.device} × {world}: global batch {c.batch_size} "
+          f"= {world} rank{'s' * (world > 1)} × {acc} micro-batch{'es' * (acc > 1)} × {plan.micro}; "
           f"{plan.steps_per_epoch} steps/epoch ({len(run.ds.train) - plan.steps_per_epoch * c.batch_size} "
           f"samples of each epoch's shuffle dropped); peak LR {run.schedule.peak_lr:g}", flush=True)
-    print("[minima.train] config: " + json.dumps(run.resolved, sort_keys=True), flush=True)
+    defaults = cfg.to_dict(TrainConfig())
+    changed = {k: v for k, v in run.resolved.items() if defaults.get(k) != v and k != "out"}
+    print("[minima.train] settings other than the defaults: "
+          + (", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(changed.items())) or "none")
+          + f"; all of them in {run.run_dir / 'config.json'}", flush=True)
     if not resumed:
         ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / "init.pt")
     else:

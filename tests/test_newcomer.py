@@ -1,0 +1,101 @@
+"""What a newcomer meets: outputs beside their inputs, no file left by a failed command, no silent clamp of a
+request, a sharpness table that names its settings, and a hint for a misspelled flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from minima.interpolate import main as interpolate_main
+from minima.sharpness import main as sharpness_main
+from minima.surface import main as surface_main
+
+from .helpers import toy_checkpoint, toy_dataset
+
+
+@pytest.fixture
+def ckpts(tmp_path: Path) -> tuple[Path, Path]:
+    ds = toy_dataset()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    return toy_checkpoint(runs / "a.pt", 1, ds), toy_checkpoint(runs / "b.pt", 2, ds)
+
+
+def test_default_outputs_go_beside_the_first_checkpoint(ckpts: tuple[Path, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = ckpts
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    fast = ["--device", "cpu", "--no-progress", "--no-plot"]
+    assert surface_main([str(a), "--x", "0,1", "--y", "0,1", *fast]) == 0
+    assert sharpness_main([str(a), str(b), "--metrics", "average", "--average-samples", "2", "--device", "cpu"]) == 0
+    assert sharpness_main([str(b), "--metrics", "average", "--average-samples", "2", "--device", "cpu"]) == 0
+    assert {p.name for p in a.parent.iterdir()} >= {"a_surface.h5", "a_b_sharpness.h5", "b_sharpness.h5"}
+    assert not list(cwd.iterdir()), "a command wrote into the working directory"
+
+
+def test_a_failed_command_leaves_no_new_file(ckpts: tuple[Path, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    a, b = ckpts
+    import minima.studies.grid as grid
+
+    def broken(*args: object, **kwargs: object) -> dict:
+        raise ValueError("evaluation failed on purpose")
+
+    monkeypatch.setattr(grid, "evaluate_point", broken)
+    out = tmp_path / "line.h5"
+    assert interpolate_main([str(a), str(b), "--alphas", "0,1", "--out", str(out), "--device", "cpu"]) == 2
+    assert "evaluation failed on purpose" in capsys.readouterr().err and not out.exists()
+
+    import minima.curvature.registry as registry
+
+    average = registry.REGISTRY["average"]
+    monkeypatch.setitem(registry.REGISTRY, "average", type(average)(**{**average.__dict__, "compute": broken}))
+    out = tmp_path / "s.h5"
+    assert sharpness_main([str(a), "--metrics", "average", "--out", str(out), "--device", "cpu"]) == 2
+    assert not out.exists()
+
+
+def test_a_subset_larger_than_the_data_is_refused_not_clamped(ckpts: tuple[Path, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    a, b = ckpts  # trained on 96 training and 48 test images
+    argv = [str(a), str(b), "--alphas", "0,1", "--out", str(tmp_path / "c.h5"), "--device", "cpu"]
+    assert interpolate_main([*argv, "--train-subset", "500"]) == 2
+    err = capsys.readouterr().err
+    assert "asked for a train subset of 500 images but the train split has 96" in err and "Traceback" not in err
+    assert not (tmp_path / "c.h5").exists()
+    assert interpolate_main([*argv, "--train-subset", "96", "--test-subset", "48", "--no-plot"]) == 0  # all: fine
+
+
+def test_the_sharpness_table_names_the_settings_of_every_column(ckpts: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    a, b = ckpts
+    out = tmp_path / "s.h5"
+    base = ["--metrics", "average", "--average-samples", "2", "--out", str(out), "--device", "cpu"]
+    assert sharpness_main([str(a), *base]) == 0
+    assert sharpness_main([str(b), *base, "--bn-mode", "batch", "--train-subset", "30"]) == 0
+    capsys.readouterr()
+    assert sharpness_main(["--show", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "a: bn_mode=eval, train_samples=96" in table and "b: bn_mode=batch, train_samples=30" in table
+    assert "measured with different settings" in table
+    # a re-run that computes nothing says so instead of "wrote"
+    assert sharpness_main([str(a), *base]) == 0
+    assert "nothing to compute: every result is already in" in capsys.readouterr().out
+    # the hint minima.plot gives for a sharpness file works
+    from minima.plot import main as plot_main
+
+    assert plot_main([str(out)]) == 2
+    assert f"python -m minima.sharpness --show {out}" in capsys.readouterr().err
+
+
+def test_a_misspelled_flag_gets_the_nearest_real_one(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        interpolate_main(["a.pt", "b.pt", "--eval-batchsize", "10"])
+    assert exit_info.value.code == 2
+    assert "did you mean --eval-batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        surface_main(["a.pt", "--no-yes"])  # an action asked for has no negative form
+    assert "did you mean --yes" in capsys.readouterr().err
