@@ -108,12 +108,16 @@ class StageClock:
     """Seconds each stage took when it ran, kept in ``stage_seconds.json``: a stage found complete keeps its
     recorded time and a resumed one adds to it, so the summary's compute time does not collapse on a re-run."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, stages: int) -> None:
+        self.path, self.stages, self.started = path, stages, 0
         self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
 
     def run(self, name: str, done: bool, work: Callable[[], Any]) -> Any:
-        """``work()``; timed and added to stage ``name`` unless ``done`` (its output was already complete)."""
+        """``work()``; timed and added to stage ``name`` unless ``done`` (its output was already complete). Says
+        which stage of how many it is."""
+        self.started += 1
+        print(f"[experiments.keskar] stage {self.started}/{self.stages}: {name}"
+              + (" (complete, kept)" if done else ""), flush=True)
         if done:
             return work()
         t0 = time.perf_counter()
@@ -321,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": preset_name, **cfg.to_dict(preset)},
                                                 indent=2) + "\n")
     seeds = args.seeds if args.seeds is not None else preset.seeds
-    clock = StageClock(out / "stage_seconds.json")
+    clock = StageClock(out / "stage_seconds.json", stages=4 * seeds)  # train SB, train LB, interpolate, sharpness
     try:
         rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds, clock) for s in range(seeds)]
     except (ValueError, OSError) as exc:  # bad model/data/settings: one line; finished stages stay on disk

@@ -5,7 +5,9 @@ traceback reaches the user for any of these."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 
 from minima.core.allocator import keep_freed_memory
@@ -19,9 +21,10 @@ def run_command(prog: str, work: Callable[[], object], *, user_errors: tuple[typ
     """Run ``work()`` (after :func:`minima.core.allocator.keep_freed_memory`) and turn its outcome into an exit status:
     an exception of a type in ``statuses`` prints its message and returns that status; ``ValueError``,
     ``OSError`` and ``user_errors`` print ``[prog] error: …`` and return 2; ``KeyboardInterrupt`` prints
-    ``interrupted`` (when given) and returns 130."""
+    ``interrupted`` (when given) and returns 130. A command that succeeds ends with its wall time (rank 0)."""
     statuses = dict(statuses or {})
     keep_freed_memory()
+    t0 = time.perf_counter()
     try:
         work()
     except tuple(statuses) as exc:
@@ -35,4 +38,7 @@ def run_command(prog: str, work: Callable[[], object], *, user_errors: tuple[typ
             raise
         print(f"[{prog}] {interrupted}", file=sys.stderr, flush=True)
         return EXIT_SIGINT
+    if os.environ.get("RANK", "0") == "0":
+        seconds = time.perf_counter() - t0
+        print(f"[{prog}] done in " + (f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.1f} s"), flush=True)
     return 0

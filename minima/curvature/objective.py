@@ -107,6 +107,8 @@ class DatasetObjective:
         self.numel = sum(p.numel() for p in self.params)
         self.count = data.count
         self.evaluations = {"f": 0, "grad": 0, "hvp": 0}
+        # called with "f", "grad" or "hvp" after each evaluation over the data (progress bars; None: nothing)
+        self.observer: Callable[[str], None] | None = None
         self.cache = GraphCache(hvp_cache_bytes)
 
     @property
@@ -192,6 +194,8 @@ class DatasetObjective:
         with torch.no_grad(), self._function():
             (total,) = self.data.sum(self._batch_value, [zero], self._first_order_batches() or self.batches)
         self.evaluations["f"] += 1
+        if self.observer is not None:
+            self.observer("f")
         return float(total)
 
     def value_and_grad(self, theta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
@@ -203,6 +207,8 @@ class DatasetObjective:
             total, *grads = self.data.sum(self._batch_value_and_grad, [zero, *self.params],
                                           self._first_order_batches() or self.batches)
         self.evaluations["grad"] += 1
+        if self.observer is not None:
+            self.observer("grad")
         return float(total), self._flat(grads)
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:
@@ -219,6 +225,8 @@ class DatasetObjective:
         v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64, device=self.device))
         parts = self.data.sum(lambda i, x, y: self._batch_hvp(i, x, y, v, store), self.params, self.batches)
         self.evaluations["hvp"] += 1
+        if self.observer is not None:
+            self.observer("hvp")
         return self._flat(parts)
 
     def _gradient_graph(self, index: int, x: torch.Tensor, y: torch.Tensor,

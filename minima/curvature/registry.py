@@ -50,6 +50,9 @@ class Metric:
     compute: Callable[[DatasetObjective, torch.Tensor, float, Mapping[str, Any], int], dict[str, Any]]
     fields: tuple[str, ...]
     uses_hessian: bool = False
+    # expected evaluations over the data of one job ({"f": n, "grad": n, "hvp": n}), for the estimate printed before
+    # a measurement and its progress bar; None: unknown
+    cost: Callable[[Mapping[str, Any]], dict[str, int]] | None = None
 
 
 REGISTRY: dict[str, Metric] = {}
@@ -138,7 +141,7 @@ register(Metric(
         Param("full_space", bool, True, "also measure with A = I (the full parameter space)"),
         Param("maxiter", int, 10, "L-BFGS-B iterations (the paper: 10)"),
     ),
-    jobs=_keskar_jobs, compute=_keskar,
+    jobs=_keskar_jobs, compute=_keskar, cost=lambda job: {"grad": job["maxiter"] + 1},
     fields=("phi", "f0", "f_max", "eps", "p", "seed", "function_evals", "iterations", "hit_iteration_limit",
             "message", "seconds"),
 ))
@@ -161,7 +164,7 @@ register(Metric(
               "its basis; arpack: scipy eigsh, bounded memory"),
     ),
     jobs=lambda p: [(f"hessian_top{p['topk']}", {"k": p["topk"], "tol": p["eig_tol"], "method": p["eig_method"]})],
-    compute=_hessian, uses_hessian=True,
+    compute=_hessian, uses_hessian=True, cost=lambda job: {"hvp": 10 + 5 * job["k"]},  # Lanczos: ~11–16 for k = 1
     fields=("eigenvalues", "residuals", "relative_error_bounds", "hvps", "seconds", "tol", "ncv", "method",
             "converged"),
 ))
@@ -180,7 +183,7 @@ register(Metric(
         Param("trace_max_probes", int, 100, "most Rademacher probes", "products"),
     ),
     jobs=lambda p: [("trace", {"rtol": p["trace_rtol"], "max_probes": p["trace_max_probes"]})],
-    compute=_trace, uses_hessian=True,
+    compute=_trace, uses_hessian=True, cost=lambda job: {"hvp": job["max_probes"]},  # at most
     fields=("trace", "stderr", "probes", "hvps", "seconds", "converged"),
 ))
 
@@ -198,7 +201,8 @@ register(Metric(
         Param("adaptive_steps", int, 10, "projected sign-gradient ascent steps"),
     ),
     jobs=lambda p: [(f"adaptive_rho{p['rho']:g}", {"rho": p["rho"], "steps": p["adaptive_steps"]})],
-    compute=_adaptive, fields=("sharpness", "f0", "f_max", "rho", "steps", "seconds"),
+    compute=_adaptive, cost=lambda job: {"grad": job["steps"] + 1},
+    fields=("sharpness", "f0", "f_max", "rho", "steps", "seconds"),
 ))
 
 
@@ -214,5 +218,6 @@ register(Metric(
         Param("average_samples", int, 10, "Monte-Carlo draws"),
     ),
     jobs=lambda p: [(f"average_sigma{p['sigma']:g}", {"sigma": p["sigma"], "samples": p["average_samples"]})],
-    compute=_average, fields=("sharpness", "stderr", "f0", "sigma", "samples", "seed", "seconds"),
+    compute=_average, cost=lambda job: {"f": job["samples"] + 1},
+    fields=("sharpness", "stderr", "f0", "sigma", "samples", "seed", "seconds"),
 ))

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,18 +193,31 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
     batches = FixedBatches.from_split(train, ckpt["meta"]["data"]["mean"], ckpt["meta"]["data"]["std"], feed,
                                       rank=env.rank, world_size=env.world_size)
     obj = DatasetObjective(model, batches, bn=req.bn_mode, hvp_cache_bytes=cache_bytes)
+    unit: dict[str, float] = {}
     if any(m.uses_hessian for m, _, _ in pending):
+        obj.observer = _stopwatch(unit, "hvp")  # the second of the check's two products, each building its graph
         obj.check_deterministic(seed=req.seed)
     x = obj.get_flat()
     f0 = obj.value(x)
+    obj.observer = _stopwatch(unit, "f")
+    obj.value()  # timed once more, warm (the same f(x); θ and the stored graphs untouched)
+    obj.observer = None
+    unit["grad"] = 3 * unit["f"]  # a backward pass costs about two forward passes
     if env.is_main:
         print(f"[minima.sharpness] {label}: f(x) = {f0:.6g} on {len(train)} training samples "
-              f"(BN {req.bn_mode}); {len(pending)} metric(s) to compute", flush=True)
-    bar = tqdm(pending, desc=f"sharpness {label}", disable=None if env.is_main else True, dynamic_ncols=True)
-    for metric, name, job in bar:
-        bar.set_postfix(metric=name)
+              f"(BN {req.bn_mode}); {len(pending)} result(s) to compute, estimated "
+              f"{_estimate(pending, unit)}", flush=True)
+    for metric, name, job in pending:
+        calls = metric.cost(job) if metric.cost is not None else {}
+        bar = tqdm(total=sum(calls.values()) or None, desc=f"{label} {name}", unit="eval", leave=False,
+                   disable=None if env.is_main else True, dynamic_ncols=True)
+        obj.observer = lambda kind, bar=bar: bar.update(1)
         obj.set_flat(x)  # the metrics move θ while they search; every one starts from the checkpoint
-        values = metric.compute(obj, x, f0, job, req.seed)
+        try:
+            values = metric.compute(obj, x, f0, job, req.seed)
+        finally:
+            obj.observer = None
+            bar.close()
         if env.is_main:
             precision = json.dumps(precision_effective(env.device, req.float32_math))
             results.ensure_sharpness_file(out)
@@ -221,6 +235,31 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
 SETTINGS_SHOWN = ("bn_mode", "bn", "train_samples", "dtype", "eval_batch_size", "batch_size", "subset_seed",
                   "float32_math")
 # ("bn" and "batch_size": the names in files written before --bn-mode/--eval-batch-size)
+
+
+def _stopwatch(unit: dict[str, float], kind: str) -> Callable[[str], None]:
+    """An objective observer that stores in ``unit[kind]`` the seconds since the previous evaluation it saw."""
+    last = [time.perf_counter()]
+
+    def observe(_: str) -> None:
+        now = time.perf_counter()
+        unit[kind] = now - last[0]
+        last[0] = now
+
+    return observe
+
+
+def _estimate(jobs: Sequence[tuple[Metric, str, dict[str, Any]]], unit: dict[str, float]) -> str:
+    """The time the jobs will take at the measured cost of one f (and one H·v) over the data: each metric's
+    expected evaluations (``Metric.cost``); metrics without a cost model are named as not included."""
+    seconds, unknown = 0.0, []
+    for metric, name, job in jobs:
+        if metric.cost is None:
+            unknown.append(name)
+            continue
+        seconds += sum(n * unit.get(kind, unit["grad"]) for kind, n in metric.cost(job).items())
+    text = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{max(seconds, 1):.0f} s"
+    return text + (f" (without {', '.join(unknown)}: no cost model)" if unknown else "")
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

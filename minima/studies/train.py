@@ -454,10 +454,17 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
     """Epochs until the cap or the stopping rule; ``final.pt`` at the end."""
     c, env = run.c, run.env
     with _stop_on_signals() as stop:
+        first = True
         while run.epoch < c.epochs:
             t0 = time.perf_counter()
             sums, seen, lr = _train_epoch(run, stop, t0, on_step)
             stopped = _end_epoch(run, sums, seen, lr, t0)
+            left = c.epochs - run.epoch
+            if first and env.is_main and left and not stopped:
+                took = time.perf_counter() - t0
+                tqdm.write(f"[minima.train] estimated {_minutes(left * took)} for the remaining {left} epoch(s) "
+                           f"(≤; the stopping rule may end sooner) at {took:.1f} s per epoch")
+            first = False
             if on_epoch is not None:
                 on_epoch(TrainState(epoch=run.epoch, batch=0, step=run.step, lr=lr, metrics=run.last_metrics))
             if stopped:
@@ -533,6 +540,10 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
                 f"--out {run.run_dir} --resume"))
     bar.close()
     return sums, seen, lr
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _check(run: Run, sums: torch.Tensor, stop: dict[str, int | None], lr: float, bar: Any) -> bool:
