@@ -17,11 +17,36 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from minima.files.naming import run_label
 from minima.files.results import Curve, Grid
 
 LOSS_COLOR, ACC_COLOR = "tab:blue", "tab:red"
 # Train solid with round markers, test dashed with square markers; long legend handles so the dashes show.
 SPLIT_STYLE = {"train": {"linestyle": "-", "marker": "o"}, "test": {"linestyle": (0, (5, 2)), "marker": "s"}}
+
+
+def describe(attrs: dict) -> str:
+    """What a result was computed on, for a title: the BatchNorm policy and the images (train / test, and the
+    chain of subsets they were drawn by), from a grid file's attributes."""
+    try:
+        config = json.loads(attrs.get("config", "{}"))
+    except (TypeError, ValueError):
+        config = {}
+    data = config.get("data") or {}
+    parts = [f"BatchNorm {attrs.get('bn_policy', '?')}"]
+    if "train_size" in data:
+        parts.append(f"{data['train_size']:,} train / {data['test_size']:,} test images")
+    return " · ".join(parts)
+
+
+def _readable_log_axis(ax: Axes) -> None:
+    """A log y axis spanning less than a decade gets plain tick labels (0.3, 0.4) instead of 3 × 10⁻¹."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 10:
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g") if hi / lo < 3 else NullFormatter())
 
 
 def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -> Figure:
@@ -47,6 +72,7 @@ def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -
             ax.annotate(f"{n} non-finite ({split})", (x, 1.0), xycoords=("data", "axes fraction"),
                         rotation=90, va="top", ha="center", fontsize=7, color="0.3")
     ax.set_yscale("log")
+    _readable_log_axis(ax)
     ax.set_xlabel("α   (θ = (1 − α)·θ_A + α·θ_B)")
     ax.set_ylabel("cross-entropy (nats)", color=LOSS_COLOR)
     acc_ax.set_ylabel("accuracy", color=ACC_COLOR)
@@ -58,8 +84,7 @@ def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -
     handles = ax.get_legend_handles_labels()[0] + acc_ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=4,
               handlelength=4.0, frameon=False)
-    policy = curve.attrs.get("bn_policy", "?")
-    ax.set_title(title or f"{curve.name_a} → {curve.name_b}  (BatchNorm: {policy})", fontsize=9)
+    ax.set_title(title or f"{curve.name_a} → {curve.name_b} · {describe(curve.attrs)}", fontsize=9)
     return fig
 
 
@@ -98,8 +123,11 @@ def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] |
             extra = f", {bad} non-finite" if bad else ""
             ax.plot(curve.alpha[ok], loss[ok], color=color, markersize=3, label=f"{name} ({split}{extra})", **style)
     ax.set_yscale("log")
+    _readable_log_axis(ax)
     ax.set_xlabel("α")
     ax.set_ylabel("cross-entropy (nats)")
+    if curves:
+        ax.set_title(describe(curves[0].attrs), fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, handlelength=4.0, frameon=False)
     return fig
 
@@ -148,27 +176,35 @@ def plot_surface(grid: Grid, fig: Figure | None = None) -> Figure:
         cs = ax1.contour(x, y, masked, levels=levels, norm=LogNorm(), cmap="viridis", linewidths=0.8)
         fig.colorbar(cs, ax=ax1, label="training cross-entropy (nats, log levels)", ticks=levels[::3], format="%.3g")
         j, i = np.unravel_index(np.argmin(np.where(bad, np.inf, loss)), loss.shape)
-        ax1.plot([x[i]], [y[j]], "*", color="red", markersize=12, label=f"minimum {loss[j, i]:.3g}")
-        ax1.legend(fontsize=7, loc="lower right")
+        ax1.plot([x[i]], [y[j]], "*", color="red", markersize=9, alpha=0.8, label=f"lowest loss {loss[j, i]:.3g}")
+        ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)  # off the plane
     _overlay(ax1, grid)
     ax2 = fig.add_subplot(1, 3, 2)
     acc_masked = np.ma.masked_invalid(acc)
     if acc_masked.count() >= 4:
-        cf = ax2.contourf(x, y, acc_masked, levels=np.linspace(0.0, 1.0, 21), cmap="magma")
+        lo, hi = float(acc_masked.min()), float(acc_masked.max())
+        levels = np.linspace(lo, hi, 21) if hi > lo else np.linspace(0.0, 1.0, 21)  # the scale fits the data
+        cf = ax2.contourf(x, y, acc_masked, levels=levels, cmap="magma")
         fig.colorbar(cf, ax=ax2, label="test accuracy")
     _overlay(ax2, grid)
     ax3 = fig.add_subplot(1, 3, 3, projection="3d")
     if (~bad).any():
         xx, yy = np.meshgrid(x, y)
         ax3.plot_surface(xx, yy, np.log10(np.where(bad, np.nan, loss)), cmap="viridis", linewidth=0)
-    ax3.set_zlabel("log10 training loss")
+    from matplotlib.ticker import MaxNLocator
+
+    ax3.zaxis.set_major_locator(MaxNLocator(4))  # few z ticks: the label stays clear of them
+    ax3.set_zlabel("log₁₀ train loss", labelpad=6)
     ax3.set_box_aspect(None, zoom=0.8)  # room for the axis labels inside the panel
     for ax in (ax1, ax2, ax3):
         ax.set_xlabel(grid.axes[0])
         ax.set_ylabel(grid.axes[1])
     kind = json.loads(grid.attrs.get("directions", "{}")).get("kind", "?")
     note = f"; {int(bad.sum())} non-finite point(s) masked" if bad.any() else ""
-    fig.suptitle(f"{kind} plane, BatchNorm {grid.attrs.get('bn_policy', '?')}{note}", fontsize=9)
+    through = ", ".join(run_label(p) for p in json.loads(grid.attrs.get("checkpoints", "[]"))) or ", ".join(
+        json.loads(grid.attrs.get("marks", "{}")))
+    fig.suptitle(f"{kind} plane" + (f" through {through}" if through else "") + f" · {describe(grid.attrs)}{note}",
+                 fontsize=9)
     return fig
 
 

@@ -27,7 +27,9 @@ def _values(shape: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
 def test_a_curve_figure_has_both_axes_four_lines_from_the_data_and_its_labels() -> None:
     alpha = np.linspace(-1, 2, 7)
     values = _values((7,))
-    curve = curve_from_values(alpha, values, {"bn_policy": "recompute", "label_a": "sb", "label_b": "lb"})
+    config = json.dumps({"data": {"train_size": 5000, "test_size": 1000}})
+    curve = curve_from_values(alpha, values, {"bn_policy": "recompute", "label_a": "sb", "label_b": "lb",
+                                              "config": config})
     fig = plot_curve(curve, ax=Figure().add_subplot())
     loss_ax, acc_ax = fig.axes
     lines = {ln.get_label(): ln for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")}
@@ -36,7 +38,14 @@ def test_a_curve_figure_has_both_axes_four_lines_from_the_data_and_its_labels() 
     np.testing.assert_allclose(lines["train accuracy"].get_xdata(), alpha)
     assert loss_ax.get_yscale() == "log" and loss_ax.get_ylabel() == "cross-entropy (nats)"
     assert acc_ax.get_ylabel() == "accuracy" and "sb → lb" in loss_ax.get_title()
-    assert "recompute" in loss_ax.get_title()
+    assert loss_ax.get_title() == "sb → lb · BatchNorm recompute · 5,000 train / 1,000 test images"
+    # a log axis spanning under a decade is labelled in plain numbers, not 2.75 × 10⁰
+    narrow = {**values, "train/loss": np.linspace(2.5, 4.0, 7), "test/loss": np.linspace(2.6, 4.2, 7)}
+    fig = plot_curve(curve_from_values(alpha, narrow, curve.attrs), ax=Figure().add_subplot())
+    fig.canvas.draw()
+    axis = fig.axes[0].yaxis
+    labels = [t.get_text() for t in axis.get_majorticklabels() + axis.get_minorticklabels() if t.get_text()]
+    assert labels and not any("times" in s or "10^" in s for s in labels), labels
     overlay = plot_curves([curve, curve], ax=Figure().add_subplot(), labels=["one", "two"])
     assert len([ln for ln in overlay.axes[0].get_lines() if not ln.get_label().startswith("_")]) >= 2
 
@@ -53,10 +62,13 @@ def test_a_surface_figure_has_contours_filled_contours_a_3d_panel_and_its_marks(
     contours = [[c for c in ax.get_children() if isinstance(c, ContourSet)] for ax in panels[:2]]
     assert len(contours[0]) == 1 and not contours[0][0].filled  # training loss: line contours
     assert len(contours[1]) == 1 and contours[1][0].filled  # test accuracy: filled contours
+    accuracy = grid.values["test/accuracy"]
+    assert contours[1][0].levels[0] == pytest.approx(accuracy.min()) and contours[1][0].levels[-1] == pytest.approx(
+        accuracy.max())  # the colour scale fits the data
     labels = [t.get_text() for ax in panels[:2] for t in ax.texts]
     assert "A" in labels and "B" in labels, labels
-    assert "checkpoints plane, BatchNorm batch" in fig.get_suptitle()
-    minimum = [ln for ln in panels[0].get_lines() if ln.get_label().startswith("minimum")]
+    assert fig.get_suptitle().startswith("checkpoints plane through A, B · BatchNorm batch")
+    minimum = [ln for ln in panels[0].get_lines() if ln.get_label().startswith("lowest loss")]
     assert len(minimum) == 1 and float(minimum[0].get_ydata()[0]) in coords["y"]
 
 

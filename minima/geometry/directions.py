@@ -142,12 +142,12 @@ def _unflat(vector: torch.Tensor, like: Mapping[str, torch.Tensor], keys: Sequen
 
 
 def random_plane(model: nn.Module, state: StateDict, seed: int, norm: Norm = "filter",
-                 ignore: Ignore = "bn-and-bias") -> Plane:
+                 ignore: Ignore = "bn-and-bias", name: str = "origin") -> Plane:
     """The plane through ``state`` spanned by two independent random directions (seeds ``seed`` and ``seed + 1``),
-    each normalised as :func:`random_direction`; the checkpoint sits at (0, 0)."""
+    each normalised as :func:`random_direction`; the checkpoint, marked ``name``, sits at (0, 0)."""
     d1 = random_direction(model, state, seed, norm, ignore)
     d2 = random_direction(model, state, seed + 1, norm, ignore)
-    return Plane(origin=state, d1=d1, d2=d2, marks={"origin": (0.0, 0.0)},
+    return Plane(origin=state, d1=d1, d2=d2, marks={name: (0.0, 0.0)},
                  provenance={"kind": "random", "seeds": [seed, seed + 1], "norm": norm, "ignore": ignore})
 
 

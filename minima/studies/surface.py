@@ -158,7 +158,7 @@ def _inputs(req: SurfaceRequest) -> _Inputs:
     elif len(paths) == 3:
         plane = checkpoint_plane(states, names)
     else:
-        plane = random_plane(model, states[0], req.direction_seed, req.norm, req.ignore)
+        plane = random_plane(model, states[0], req.direction_seed, req.norm, req.ignore, name=names[0])
     ds = load_for_checkpoint(origin["meta"]["data"], req.data, req.train_subset, req.test_subset,
                                       req.subset_seed, req.data_root)
     check_model_accepts(model, ds)
