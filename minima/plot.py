@@ -2,8 +2,10 @@
 
 One curve file → the Keskar-style parametric plot; several curve files → one panel overlaying them (Li et al.
 2018, Fig. 3 style: e.g. the filter-normalised curves of SB and LB), the legend naming each; a plane (two-axis grid)
-→ contours, filled contours and a 3-D view with its checkpoints and trajectory. Reads files only (never
-recomputes, never imports a model); the figures themselves are drawn by :mod:`minima.figures`.
+→ contours, filled contours and a 3-D view with its checkpoints and trajectory. Surface files of loss-landscape
+(Li et al.'s code) are drawn the same way, and ``--to-loss-landscape OUT.h5`` writes a minima curve or plane in
+their layout (:mod:`minima.files.landscape`). Reads files only (never recomputes, never imports a model); the
+figures themselves are drawn by :mod:`minima.figures`.
 """
 
 from __future__ import annotations
@@ -17,24 +19,37 @@ import matplotlib
 from minima.core import config as cfg
 from minima.core.cli import run_command
 from minima.figures import save_curve_figure, save_curves_figure, save_surface_figure
-from minima.files.results import curve_from_values, load_grid
+from minima.files import landscape
+from minima.files.results import curve_from_values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cfg.ArgumentParser(prog="python -m minima.plot", description="Redraw figures from .h5 result files.")
     p.add_argument("files", nargs="+", type=Path,
-                   help="grid files (.h5) written by python -m minima.interpolate or python -m minima.surface")
+                   help="grid files (.h5) written by python -m minima.interpolate or python -m minima.surface, or "
+                        "loss-landscape surface files")
     p.add_argument("--out", type=Path, default=None,
                    help="output image, .png/.pdf/.svg (default: FILE.png beside a single file; for several curves "
                         "overlay.png beside the first)")
+    p.add_argument("--to-loss-landscape", type=Path, default=None, metavar="OUT.h5",
+                   help="also write the (one) grid in loss-landscape's surface-file layout (xcoordinates, "
+                        "ycoordinates, train_loss, train_acc, …; accuracy in percent)")
     args = p.parse_args(argv)
-    return run_command("minima.plot", lambda: draw(args.files, args.out))
+
+    def work() -> None:
+        draw(args.files, args.out)
+        if args.to_loss_landscape is not None:
+            if len(args.files) != 1:
+                raise ValueError("--to-loss-landscape writes one grid; give one file")
+            print(f"wrote {landscape.save(landscape.load_any(args.files[0]), args.to_loss_landscape)}")
+
+    return run_command("minima.plot", work)
 
 
 def draw(files: Sequence[Path], out: Path | None = None) -> Path:
     """The figure of one grid file, or the overlay of several curve files; returns its path."""
     matplotlib.use("Agg")  # a command writes files; it never opens a window
-    grids = [load_grid(f) for f in files]
+    grids = [landscape.load_any(f) for f in files]
     planes = [g for g in grids if len(g.axes) != 1]
     if len(grids) > 1 and planes:
         raise ValueError(f"{planes[0].path} is a {len(planes[0].axes)}-axis grid; only curves can be overlaid — plot "

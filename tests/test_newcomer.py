@@ -99,3 +99,45 @@ def test_a_misspelled_flag_gets_the_nearest_real_one(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         surface_main(["a.pt", "--no-yes"])  # an action asked for has no negative form
     assert "did you mean --yes" in capsys.readouterr().err
+
+
+def test_loss_landscape_surface_files_round_trip_and_plot(tmp_path: Path) -> None:
+    """A file in loss-landscape's layout — built here as their code fills it: values in ``np.meshgrid(x, y)`` order
+    under the shape (nx, ny), accuracy in percent, −1 not computed — reads as the [x, y] grid, draws, and a minima
+    plane written back in that layout reads as itself."""
+    import h5py
+    import numpy as np
+
+    from minima.files import landscape
+    from minima.plot import main as plot_main
+
+    from .helpers import assert_drawn
+
+    x, y = np.linspace(-1, 1, 4), np.linspace(-0.5, 0.5, 3)
+    xx, yy = np.meshgrid(x, y)  # their order: (ny, nx)
+    loss = 1 + xx**2 + 2 * yy**2
+    theirs = tmp_path / "ll.h5"
+    with h5py.File(theirs, "w") as f:
+        f["dir_file"] = "resnet56_directions.h5"
+        f["xcoordinates"], f["ycoordinates"] = x, y
+        flat = loss.ravel().copy()
+        flat[5] = -1  # a point their code has not computed yet
+        f["train_loss"] = flat.reshape(len(x), len(y))  # declared (nx, ny), filled in meshgrid order
+        f["train_acc"] = (100 - 10 * loss).ravel().reshape(len(x), len(y))
+    grid = landscape.load(theirs)
+    assert grid.axes == ("x", "y") and grid.values["train/loss"].shape == (4, 3)
+    ix, iy = 2, 1
+    assert grid.values["train/loss"][ix, iy] == pytest.approx(1 + x[ix] ** 2 + 2 * y[iy] ** 2)
+    assert grid.values["train/accuracy"][ix, iy] == pytest.approx((100 - 10 * loss[iy, ix]) / 100)
+    assert np.isnan(grid.values["train/loss"][5 % 4, 5 // 4])  # −1 → not computed
+    assert plot_main([str(theirs), "--out", str(tmp_path / "ll.png")]) == 0
+    assert_drawn(tmp_path / "ll.png")
+
+    back = tmp_path / "back.h5"
+    landscape.save(grid, back)
+    with h5py.File(back, "r") as f:  # the layout their code reads: flat index k ↔ (x[k % nx], y[k // nx])
+        flat = f["train_loss"][()].reshape(-1)
+        assert flat[iy * len(x) + ix] == pytest.approx(1 + x[ix] ** 2 + 2 * y[iy] ** 2) and flat[5] == -1
+    again = landscape.load(back)
+    np.testing.assert_allclose(again.values["train/loss"], grid.values["train/loss"], equal_nan=True)
+    np.testing.assert_allclose(again.values["train/accuracy"], grid.values["train/accuracy"], equal_nan=True)
