@@ -141,3 +141,24 @@ def test_loss_landscape_surface_files_round_trip_and_plot(tmp_path: Path) -> Non
     again = landscape.load(back)
     np.testing.assert_allclose(again.values["train/loss"], grid.values["train/loss"], equal_nan=True)
     np.testing.assert_allclose(again.values["train/accuracy"], grid.values["train/accuracy"], equal_nan=True)
+
+
+def test_the_sharpness_estimate_is_printed_and_learns_from_finished_results(ckpts: tuple[Path, Path],
+                                                                           tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    from minima.curvature.registry import get_metric
+    from minima.studies.sharpness import _seconds
+
+    a, _ = ckpts
+    assert sharpness_main([str(a), "--metrics", "average,adaptive", "--average-samples", "2", "--out",
+                           str(tmp_path / "s.h5"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "2 result(s) to compute, estimated " in out and "1/2 done, about " in out and "done in " in out
+    unit = {"f": 0.5, "grad": 1.5, "hvp": 2.0}
+    average, adaptive = get_metric("average"), get_metric("adaptive")
+    jobs = [(average, "average_sigma0.01", {"sigma": 0.01, "samples": 3}),
+            (adaptive, "adaptive_rho0.05", {"rho": 0.05, "steps": 4})]
+    assert _seconds(jobs, unit) == pytest.approx(4 * 0.5 + 5 * 1.5)  # samples + 1 values, steps + 1 gradients
+    # a measured ratio scales its own kind; a kind not measured yet takes the mean ratio of those that were
+    assert _seconds(jobs, unit, {"average_sigma": 2.0}) == pytest.approx(2 * (4 * 0.5 + 5 * 1.5))
+    assert _seconds(jobs[1:], unit, {"average_sigma": 2.0, "keskar_full_eps": 8.0}) == pytest.approx(4 * 5 * 1.5)

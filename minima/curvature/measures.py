@@ -177,6 +177,33 @@ def keskar_sharpness(
     )
 
 
+def keskar_overheads(n: int, device: torch.device | str = "cpu", probe: int = 200_000) -> dict[str, float]:
+    """Seconds of Keskar's machinery besides the objective, for an estimate before a measurement, timed on a probe
+    of ``probe`` variables and scaled to ``n``: ``lbfgsb`` — scipy's L-BFGS-B set-up and steps on n boxed variables
+    (linear in n, about as long as the few iterations of a Keskar run), per run; ``subspace_columns`` — drawing one
+    column of a random subspace, per column; ``subspace_products`` — one n-long dot product of float64 columns (the
+    Gram matrix takes p²/2 of them); ``subspace_passes`` — one column's share of an A·y and an Aᵀ·g (each function
+    evaluation in the subspace makes one of each, reading every column again)."""
+    probe = min(probe, n)
+    hw = np.full(probe, 1e-3)
+    t0 = time.perf_counter()
+    minimize(lambda y: (0.5 * float(y @ y), y), np.zeros(probe), jac=True, method="L-BFGS-B",
+             bounds=np.stack([-hw, hw], axis=1), options={"maxiter": 2})
+    lbfgsb = (time.perf_counter() - t0) * n / probe
+    t0 = time.perf_counter()
+    sub = RandomSubspace(probe, 8, seed=0, block=8, device=device)
+    columns = (time.perf_counter() - t0) / 8 * n / probe
+    t0 = time.perf_counter()
+    for _ in range(4):
+        sub.gram()
+    products = (time.perf_counter() - t0) / (4 * 64) * n / probe
+    t0 = time.perf_counter()
+    for _ in range(4):
+        sub.rmatvec(sub.matvec(torch.ones(8, dtype=torch.float64)))
+    passes = (time.perf_counter() - t0) / (4 * 8) * n / probe
+    return {"lbfgsb": lbfgsb, "subspace_columns": columns, "subspace_products": products, "subspace_passes": passes}
+
+
 # -------------------------------------------------------------------------- adaptive / average-case
 @dataclass(frozen=True)
 class AdaptiveResult:

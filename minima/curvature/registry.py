@@ -141,7 +141,10 @@ register(Metric(
         Param("full_space", bool, True, "also measure with A = I (the full parameter space)"),
         Param("maxiter", int, 10, "L-BFGS-B iterations (the paper: 10)"),
     ),
-    jobs=_keskar_jobs, compute=_keskar, cost=lambda job: {"grad": job["maxiter"] + 1},
+    jobs=_keskar_jobs, compute=_keskar,
+    cost=lambda job: {"grad": job["maxiter"] + 1, **(
+        {"subspace_columns": job["p"], "subspace_products": job["p"] ** 2 // 2,
+         "subspace_passes": job["p"] * (job["maxiter"] + 2)} if job["p"] else {"lbfgsb": 1})},
     fields=("phi", "f0", "f_max", "eps", "p", "seed", "function_evals", "iterations", "hit_iteration_limit",
             "message", "seconds"),
 ))

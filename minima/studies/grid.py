@@ -309,8 +309,10 @@ def confirm_limit(command: str, max_minutes: float, yes: bool,
 
 
 def duration(seconds: float) -> str:
-    """A duration as people read it: minutes (at least 1), or hours above 90 minutes."""
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{max(1, math.ceil(seconds / 60))} min"
+    """A duration as people read it: seconds (at least 1) below 90 s, minutes below 90 min, else hours."""
+    if seconds < 90:
+        return f"{max(1, math.ceil(seconds))} s"
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{math.ceil(seconds / 60)} min"
 
 
 def recorded_attrs(record: dict[str, Any], config: dict[str, Any], request: dict[str, Any],

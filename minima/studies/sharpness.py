@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,6 +33,7 @@ from minima.core.options import CheckpointData
 from minima.core.precision import effective as precision_effective
 from minima.core.precision import float32_math
 from minima.core.vocab import TORCH_DTYPES, BNMode, CurvatureDtype, check_choice
+from minima.curvature.measures import keskar_overheads
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.curvature.registry import REGISTRY, Metric, Param, get_metric, load_plugins
 from minima.data import load_for_checkpoint
@@ -203,11 +206,15 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
     obj.value()  # timed once more, warm (the same f(x); θ and the stored graphs untouched)
     obj.observer = None
     unit["grad"] = 3 * unit["f"]  # a backward pass costs about two forward passes
+    if any(m.name == "keskar" for m, _, _ in pending):
+        unit.update(keskar_overheads(obj.numel, env.device))
     if env.is_main:
         print(f"[minima.sharpness] {label}: f(x) = {f0:.6g} on {len(train)} training samples "
               f"(BN {req.bn_mode}); {len(pending)} result(s) to compute, estimated "
-              f"{_estimate(pending, unit)}", flush=True)
-    for metric, name, job in pending:
+              f"{_estimate(pending, unit)} from the cost of f, ∇f and H·v (corrected after each result)", flush=True)
+    ratio: dict[str, float] = {}  # measured / modelled seconds, per metric: corrects the estimate as results finish
+    for done_count, (metric, name, job) in enumerate(pending, start=1):
+        t_job = time.perf_counter()
         calls = metric.cost(job) if metric.cost is not None else {}
         bar = tqdm(total=sum(calls.values()) or None, desc=f"{label} {name}", unit="eval", leave=False,
                    disable=None if env.is_main else True, dynamic_ncols=True)
@@ -227,8 +234,14 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
             cache = obj.hvp_cache_info
             kept = (f"; gradient graphs of {cache['batches']}/{len(obj.batches)} batches kept "
                     f"({cache['bytes'] / 1e9:.2f} GB)") if metric.uses_hessian else ""
+            modelled = _seconds([(metric, name, job)], unit)
+            if modelled > 0:
+                ratio[_kind(name)] = (time.perf_counter() - t_job) / modelled
+            rest = pending[done_count:]
+            left = (f"; {done_count}/{len(pending)} done, about {_duration(_seconds(rest, unit, ratio))} left"
+                    if rest else "")
             print(f"[minima.sharpness] {label} {name}: {values['value']:.6g} "
-                  f"({values.get('seconds', float('nan')):.1f} s{kept})", flush=True)
+                  f"({values.get('seconds', float('nan')):.1f} s{kept}{left})", flush=True)
     return len(pending)
 
 
@@ -249,17 +262,36 @@ def _stopwatch(unit: dict[str, float], kind: str) -> Callable[[str], None]:
     return observe
 
 
-def _estimate(jobs: Sequence[tuple[Metric, str, dict[str, Any]]], unit: dict[str, float]) -> str:
-    """The time the jobs will take at the measured cost of one f (and one H·v) over the data: each metric's
-    expected evaluations (``Metric.cost``); metrics without a cost model are named as not included."""
-    seconds, unknown = 0.0, []
+def _seconds(jobs: Sequence[tuple[Metric, str, dict[str, Any]]], unit: dict[str, float],
+             ratio: dict[str, float] | None = None) -> float:
+    """Modelled seconds of ``jobs``: each metric's expected evaluations (``Metric.cost``) at the measured cost of
+    one f, ∇f and H·v (``unit``), times the measured/modelled ratio of that metric's finished results (``ratio``:
+    what the model misses, e.g. L-BFGS-B's own work on millions of parameters, is learnt from the first one)."""
+    ratio = ratio or {}
+    # a kind not measured yet takes the mean ratio of those that were (what the model misses is often shared)
+    fallback = float(np.exp(np.mean(np.log(list(ratio.values()))))) if ratio else 1.0
+    total = 0.0
     for metric, name, job in jobs:
-        if metric.cost is None:
-            unknown.append(name)
-            continue
-        seconds += sum(n * unit.get(kind, unit["grad"]) for kind, n in metric.cost(job).items())
-    text = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{max(seconds, 1):.0f} s"
-    return text + (f" (without {', '.join(unknown)}: no cost model)" if unknown else "")
+        if metric.cost is not None:
+            total += sum(n * unit.get(kind, unit["grad"]) for kind, n in metric.cost(job).items()) * (
+                ratio.get(_kind(name), fallback))
+    return total
+
+
+def _kind(name: str) -> str:
+    """A result name without its numbers (``keskar_sub100_seed0_eps0.001`` → ``keskar_sub_seed_eps``): results of
+    one kind share a measured/modelled ratio."""
+    return re.sub(r"[0-9.]+", "", name)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{max(seconds, 1):.0f} s"
+
+
+def _estimate(jobs: Sequence[tuple[Metric, str, dict[str, Any]]], unit: dict[str, float]) -> str:
+    """The up-front estimate of ``jobs`` (:func:`_seconds`); metrics without a cost model are named."""
+    unknown = [name for metric, name, _ in jobs if metric.cost is None]
+    return _duration(_seconds(jobs, unit)) + (f" (without {', '.join(unknown)}: no cost model)" if unknown else "")
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
