@@ -318,10 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ds = data_mod.load_source(data_for(args.model, preset), preset.train_subset, preset.test_subset,
                                   root=args.data_root)
+        ds = ds.subset(preset.train_subset, preset.test_subset, seed=0)  # a subset larger than the data is refused
     except data_mod.DataError as exc:
         print(f"[experiments.keskar] error: {exc}", file=sys.stderr)
         return 2
-    ds = ds.subset(preset.train_subset, preset.test_subset, seed=0)
     (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": preset_name, **cfg.to_dict(preset)},
                                                 indent=2) + "\n")
     seeds = args.seeds if args.seeds is not None else preset.seeds

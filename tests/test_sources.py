@@ -229,7 +229,7 @@ def test_keskar_pipeline_with_c3_on_cifar100_and_with_your_own_model(nets: str, 
 
     from experiments import keskar
 
-    _write_cifar100(tmp_path / "tv", n_train=600, n_test=100)
+    _write_cifar100(tmp_path / "tv", n_train=600, n_test=128)  # the smoke preset's subsets: 512 / 128
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
     out = tmp_path / "c3"
     assert keskar.main(["--model", "c3", "--preset", "smoke", "--data", "torchvision:CIFAR100", "--data-root",

@@ -50,8 +50,9 @@ class MeasureOptions(CheckpointData):
     checkpoints: list[Path] = setting(help="checkpoints to measure", positional=True)
     metrics: tuple[str, ...] = setting(("keskar",), "metrics to compute (names, or one comma-separated list; "
                                        "--help lists them with their parameters)")
-    bn_mode: BNMode = setting("eval", "BatchNorm inside f: eval (running statistics) or batch (each fixed "
-                              "batch's statistics, as Keskar's Keras code)")
+    bn_mode: BNMode = setting("eval", "BatchNorm inside f: eval (running statistics: the function the network "
+                              "computes when it predicts, the default) or batch (each fixed batch's statistics, "
+                              "as Keskar's Keras code and experiments.keskar compute it)")
     dtype: CurvatureDtype = setting("float32", "precision of the network; sums are float64")
     out: Path | None = setting(None, "output .h5 file (a curve file is accepted too: results go under "
                                "sharpness/)",
