@@ -163,8 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     ds = data_mod.load_source(p.data, p.train_subset, p.test_subset)
     ds = ds.subset(p.train_subset, p.test_subset, seed=0)
-    rows = [_run_one(p, b, True, out / f"b{b}", ds, args.pretrained) for b in batches]
-    rows.append(_run_one(p, batches[-1], False, out / f"b{batches[-1]}_nowarmup", ds, args.pretrained))
+    runs = [(b, True, out / f"b{b}") for b in batches] + [(batches[-1], False, out / f"b{batches[-1]}_nowarmup")]
+    rows = []
+    for k, (b, warmup, where) in enumerate(runs, start=1):
+        print(f"[experiments.batch_sweep] stage {k}/{len(runs)}: batch {b}{'' if warmup else ' without warmup'}"
+              + (" (complete, kept)" if (where / "sharpness.h5").exists() else ""), flush=True)
+        rows.append(_run_one(p, b, warmup, where, ds, args.pretrained))
     wall = time.perf_counter() - t0
     md = table_markdown(rows, p, name, ds, wall)
     (out / "summary.md").write_text(md)

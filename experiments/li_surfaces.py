@@ -116,13 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "x0_sb_lb": SurfaceRequest(checkpoints=[ckpts["x0"], ckpts["sb"], ckpts["lb"]], out=out / "x0_sb_lb.h5",
                                    x=f"auto:{li.grid_points}", y=f"auto:{li.grid_points}", **common),
     }
-    for req in planes.values():
-        if not (req.out.exists() and results.load_grid(req.out).complete):
+    stages = len(planes) + 2  # the planes, then the SB and LB curves
+    for k, req in enumerate(planes.values(), start=1):
+        done = req.out.exists() and results.load_grid(req.out).complete
+        print(f"[experiments.li_surfaces] stage {k}/{stages}: {req.out.stem}" + (" (complete, kept)" if done else ""),
+              flush=True)
+        if not done:
             run_surface(cfg.resolve(SurfaceRequest, None, {**cfg.to_dict(req), "resume": req.out.exists()}))
     curves = {}
-    for regime in ("sb", "lb"):
+    for k, regime in enumerate(("sb", "lb"), start=len(planes) + 1):
         path = out / f"{regime}_random_curve.h5"
-        if not (path.exists() and results.load_curve(path).complete):
+        done = path.exists() and results.load_curve(path).complete
+        print(f"[experiments.li_surfaces] stage {k}/{stages}: {path.stem}" + (" (complete, kept)" if done else ""),
+              flush=True)
+        if not done:
             run_curve(SweepRequest(checkpoint_a=ckpts[regime], direction="random", direction_seed=li.direction_seed,
                                    alphas=f"{-li.extent}:{li.extent}:{li.curve_points}", data=args.data,
                                    train_subset=li.train_subset, test_subset=li.test_subset, out=path,

@@ -200,7 +200,10 @@ def test_cli_smoke_c1_one_epoch(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "config:" in proc.stdout
+    # one short line of the settings that differ from the defaults (the whole config is in config.json)
+    line = next(ln for ln in proc.stdout.splitlines() if "settings other than the defaults" in ln)
+    assert 'batch_size=64' in line and 'data="synthetic"' in line and len(line) < 400, line
+    assert "1 rank × 1 micro-batch × 64" in proc.stdout and "[minima.train] done in " in proc.stdout
     _, meta = ck.load_model(out / "final.pt")
     assert meta["epoch"] == 1 and meta["step"] == 2 and meta["data"]["source"]["kind"] == "synthetic"
     assert json.loads((out / "config.json").read_text())["model"] == "c1"
