@@ -178,9 +178,10 @@ def keskar_sharpness(
 
 
 def keskar_overheads(n: int, device: torch.device | str = "cpu", probe: int = 200_000) -> dict[str, float]:
-    """Seconds of Keskar's machinery besides the objective, for an estimate before a measurement, timed on a probe
-    of ``probe`` variables and scaled to ``n``: ``lbfgsb`` — scipy's L-BFGS-B set-up and steps on n boxed variables
-    (linear in n, about as long as the few iterations of a Keskar run), per run; ``subspace_columns`` — drawing one
+    """Seconds of Keskar's machinery besides the objective, for an estimate before a measurement: ``lbfgsb`` —
+    scipy's L-BFGS-B set-up and steps on n boxed variables (linear in n, about as long as the few iterations of a
+    Keskar run; timed on ``probe`` variables and scaled), per run; and, timed on four columns of the real length n
+    (the work is memory-bound, so a short probe would flatter it): ``subspace_columns`` — drawing one
     column of a random subspace, per column; ``subspace_products`` — one n-long dot product of float64 columns (the
     Gram matrix takes p²/2 of them); ``subspace_passes`` — one column's share of an A·y and an Aᵀ·g (each function
     evaluation in the subspace makes one of each, reading every column again)."""
@@ -190,17 +191,16 @@ def keskar_overheads(n: int, device: torch.device | str = "cpu", probe: int = 20
     minimize(lambda y: (0.5 * float(y @ y), y), np.zeros(probe), jac=True, method="L-BFGS-B",
              bounds=np.stack([-hw, hw], axis=1), options={"maxiter": 2})
     lbfgsb = (time.perf_counter() - t0) * n / probe
+    width = 4
     t0 = time.perf_counter()
-    sub = RandomSubspace(probe, 8, seed=0, block=8, device=device)
-    columns = (time.perf_counter() - t0) / 8 * n / probe
+    sub = RandomSubspace(n, width, seed=0, block=width, device=device)
+    columns = (time.perf_counter() - t0) / width
     t0 = time.perf_counter()
-    for _ in range(4):
-        sub.gram()
-    products = (time.perf_counter() - t0) / (4 * 64) * n / probe
+    sub.gram()
+    products = (time.perf_counter() - t0) / (width * width)
     t0 = time.perf_counter()
-    for _ in range(4):
-        sub.rmatvec(sub.matvec(torch.ones(8, dtype=torch.float64)))
-    passes = (time.perf_counter() - t0) / (4 * 8) * n / probe
+    sub.rmatvec(sub.matvec(torch.ones(width, dtype=torch.float64)))
+    passes = (time.perf_counter() - t0) / width
     return {"lbfgsb": lbfgsb, "subspace_columns": columns, "subspace_products": products, "subspace_passes": passes}
 
 

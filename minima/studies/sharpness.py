@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -201,6 +200,7 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
     if any(m.uses_hessian for m, _, _ in pending):
         obj.observer = _stopwatch(unit, "hvp")  # the second of the check's two products, each building its graph
         obj.check_deterministic(seed=req.seed)
+        obj.observer = None
     x = obj.get_flat()
     f0 = obj.value(x)
     obj.observer = _stopwatch(unit, "f")
@@ -252,10 +252,13 @@ SETTINGS_SHOWN = ("bn_mode", "bn", "train_samples", "dtype", "eval_batch_size", 
 
 
 def _stopwatch(unit: dict[str, float], kind: str) -> Callable[[str], None]:
-    """An objective observer that stores in ``unit[kind]`` the seconds since the previous evaluation it saw."""
+    """An objective observer that stores in ``unit[kind]`` the seconds since the previous evaluation of that kind
+    it saw (evaluations of other kinds are ignored)."""
     last = [time.perf_counter()]
 
-    def observe(_: str) -> None:
+    def observe(seen: str) -> None:
+        if seen != kind:
+            return
         now = time.perf_counter()
         unit[kind] = now - last[0]
         last[0] = now
@@ -269,13 +272,11 @@ def _seconds(jobs: Sequence[tuple[Metric, str, dict[str, Any]]], unit: dict[str,
     one f, ∇f and H·v (``unit``), times the measured/modelled ratio of that metric's finished results (``ratio``:
     what the model misses, e.g. L-BFGS-B's own work on millions of parameters, is learnt from the first one)."""
     ratio = ratio or {}
-    # a kind not measured yet takes the mean ratio of those that were (what the model misses is often shared)
-    fallback = float(np.exp(np.mean(np.log(list(ratio.values()))))) if ratio else 1.0
     total = 0.0
     for metric, name, job in jobs:
         if metric.cost is not None:
             total += sum(n * unit.get(kind, unit["grad"]) for kind, n in metric.cost(job).items()) * (
-                ratio.get(_kind(name), fallback))
+                ratio.get(_kind(name), 1.0))
     return total
 
 
