@@ -209,7 +209,9 @@ def pending_in(out: Path, coords: dict[str, np.ndarray], *, resume: bool, overwr
 
 def _open(study: GridStudy, req: EvalOptions, env: distributed.DistEnv) -> tuple[list[int], bool]:
     """Rank 0: check the output once, announce the work with its estimate, let the study refuse it, then create the
-    file (a refusal before this point leaves no file). Returns the points to compute and whether the file is new."""
+    file (a refusal before this point leaves no file). Returns the points to compute and whether the file is new
+    (did not exist before: only then may a run that finishes no point remove it)."""
+    existed = study.out.exists()
     pending = pending_in(study.out, study.coords, resume=req.resume, overwrite=req.overwrite,
                          expected=study.expected)
     total = len(results.grid_points(study.coords))
@@ -223,7 +225,7 @@ def _open(study: GridStudy, req: EvalOptions, env: distributed.DistEnv) -> tuple
             study.confirm(seconds, len(todo))
     if pending is None:
         results.create_grid_file(study.out, study.coords, study.attrs)
-    return todo, pending is None
+    return todo, pending is None and not existed
 
 
 def _finish(study: GridStudy, req: EvalOptions) -> None:
