@@ -43,7 +43,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
     return dev
 
 
