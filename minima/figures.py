@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patheffects import withStroke
 
 from minima.files.naming import run_label
 from minima.files.results import Curve, Grid
@@ -147,13 +148,30 @@ def _marks(grid: Grid) -> tuple[dict[str, list[float]], np.ndarray | None]:
     return marks, (np.asarray(json.loads(path), dtype=float) if path else None)
 
 
+HALO = [withStroke(linewidth=2.5, foreground="white")]  # labels stay legible on dark filled contours
+# Where a mark's label may go, in points from the mark, tried in order until it overlaps no label placed before.
+LABEL_OFFSETS = ((4, 4), (4, -11), (-6, 4), (-6, -11), (4, 14), (4, -21), (-6, 14), (-6, -21))
+
+
 def _overlay(ax: Axes, grid: Grid) -> None:
     marks, path = _marks(grid)
     if path is not None:
         ax.plot(path[:, 0], path[:, 1], "-o", color="k", markersize=2.5, lw=1.0, label="trajectory")
+    placed = []
     for name, (x, y) in marks.items():
         ax.plot([x], [y], "o", color="white", markeredgecolor="k", markersize=6)
-        ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        for dx, dy in LABEL_OFFSETS:  # the first place where the label overlaps no other label
+            text = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                               ha="left" if dx > 0 else "right", path_effects=HALO)
+            box = text.get_window_extent()
+            if not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        else:
+            text = ax.annotate(name, (x, y), xytext=LABEL_OFFSETS[0], textcoords="offset points", fontsize=7,
+                               path_effects=HALO)
+            box = text.get_window_extent()
+        placed.append(box)
 
 
 def plot_surface(grid: Grid, fig: Figure | None = None) -> Figure:

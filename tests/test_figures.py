@@ -77,3 +77,20 @@ def test_the_png_check_fails_on_a_blank_figure(tmp_path: Path) -> None:
     Figure(figsize=(4, 3)).savefig(blank)
     with pytest.raises(AssertionError, match="pixels are drawn"):
         assert_drawn(blank)
+
+
+def test_labels_of_marks_close_together_do_not_overlap(tmp_path: Path) -> None:
+    """x0, SB and LB a few pixels apart on a plane: after drawing, no two text boxes of a panel intersect."""
+    coords = {"x": np.linspace(-1, 2, 21), "y": np.linspace(-1, 1, 21)}
+    marks = {"x0 (sb)": [0.0, 0.0], "sb": [0.04, 0.02], "lb": [0.02, -0.03]}
+    grid = Grid(axes=("x", "y"), coords=coords, values=_values((21, 21)),
+                attrs={"bn_policy": "recompute", "directions": json.dumps({"kind": "checkpoints"}),
+                       "marks": json.dumps(marks)})
+    fig = plot_surface(grid)
+    fig.savefig(tmp_path / "marks.png")  # lays the figure out: the boxes are final
+    for ax in [a for a in fig.axes if a.get_label() != "<colorbar>"][:2]:
+        boxes = [t.get_window_extent() for t in ax.texts]
+        assert len(boxes) == 3
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                assert not boxes[i].overlaps(boxes[j]), (ax.texts[i].get_text(), ax.texts[j].get_text())

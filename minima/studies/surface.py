@@ -167,8 +167,12 @@ def _inputs(req: SurfaceRequest) -> _Inputs:
 
 
 def _mark_name(path: Path) -> str:
+    """How a checkpoint is marked on a plane: its run's label, ``x0 (run)`` for a run's initial weights, ``run/epoch_k``
+    for a saved epoch."""
     label = run_label(path)
-    return f"{label}/{path.stem}" if path.stem.startswith("epoch_") or path.stem in ("init", "last") else label
+    if path.stem == "init":
+        return f"x0 ({label})"
+    return f"{label}/{path.stem}" if path.stem.startswith("epoch_") or path.stem == "last" else label
 
 
 def auto_axes(req: SurfaceRequest, plane: Plane) -> dict[str, np.ndarray]:
