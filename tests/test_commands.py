@@ -172,3 +172,29 @@ def test_a_metric_added_through_the_registry_gets_flags_results_and_resume(tmp_p
     help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
                                cwd=ROOT).stdout
     assert "--grad-norm-p FLOAT" in help_text and "gradnorm — norm of the gradient" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("command", ["train", "interpolate", "surface", "sharpness"])
+def test_every_documented_default_is_what_the_command_parses(command: str) -> None:
+    """The "(default: X)" that --help prints for a flag is the value the command gets when the flag is not given; a
+    default described in prose (``default_text``) names the value when it is a word (``--y``'s said "as --x" while
+    the command got ``auto``)."""
+    import dataclasses
+    import importlib
+
+    from minima.core.config import _show, help_text
+
+    module = importlib.import_module(f"minima.{command}")
+    required = {"train": [], "interpolate": ["a.pt", "b.pt"], "surface": ["a.pt"], "sharpness": ["a.pt"]}[command]
+    parsed = module.parse_args(required)
+    req = parsed[0] if isinstance(parsed, tuple) else parsed
+    for f in dataclasses.fields(req):
+        if f.metadata.get("positional"):
+            continue
+        shown = help_text(f).replace("%%", "%").rsplit("(default: ", 1)[1][:-1]
+        value = getattr(req, f.name)
+        if f.metadata.get("default_text"):
+            if isinstance(value, str):
+                assert value in shown, f"--{f.name}: help says {shown!r}, the command gets {value!r}"
+        else:
+            assert shown == _show(value), f"--{f.name}: help says {shown!r}, the command gets {value!r}"
