@@ -226,6 +226,45 @@ def plot_surface(grid: Grid, fig: Figure | None = None) -> Figure:
     return fig
 
 
+def plot_planes(grids: list[Grid], ax: Axes | None = None, labels: list[str] | None = None) -> Figure:
+    """The training-loss contours of several planes on one panel (e.g. a loss-landscape surface and the minima plane
+    computed with the same direction file): the first in colour, the others dashed, at the same log-spaced levels,
+    each named in the legend."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.lines import Line2D
+
+    if ax is None:
+        import matplotlib.pyplot as plt  # only here: a notebook asking for a new figure
+
+        fig, ax = plt.subplots(figsize=(6.4, 5.4), layout="constrained")
+    fig = ax.figure
+    losses = [np.ma.masked_invalid(np.asarray(g.values["train/loss"], dtype=float).T) for g in grids]
+    low = min(float(m.min()) for m in losses if m.count())
+    high = max(float(m.max()) for m in losses if m.count())
+    levels = np.geomspace(max(low, 1e-12), high, 16) if high > low else None
+    handles = []
+    for k, (grid, loss) in enumerate(zip(grids, losses, strict=True)):
+        x, y = grid.coords[grid.axes[0]], grid.coords[grid.axes[1]]
+        name = labels[k] if labels is not None else Path(grid.path or f"plane {k + 1}").stem
+        style = {"cmap": "viridis", "norm": LogNorm()} if k == 0 else {"colors": f"C{k}", "linestyles": "dashed"}
+        ax.contour(x, y, loss, levels=levels, linewidths=0.9, **style)
+        handles.append(Line2D([], [], color="tab:green" if k == 0 else f"C{k}", linestyle="-" if k == 0 else "--",
+                              label=f"{name} · {describe(grid.attrs)}"))
+    ax.set_xlabel(grids[0].axes[0])
+    ax.set_ylabel(grids[0].axes[1])
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.set_title("training cross-entropy, log-spaced levels shared by all planes", fontsize=9)
+    return fig
+
+
+def save_planes_figure(grids: list[Grid], path: str | Path, dpi: int = 130) -> Path:
+    """Draw :func:`plot_planes` into ``path`` without pyplot."""
+    fig = Figure(figsize=(6.4, 5.6), layout="constrained")
+    plot_planes(grids, ax=fig.add_subplot())
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
+
+
 def save_surface_figure(grid: Grid, path: str | Path, dpi: int = 110) -> Path:
     """Draw :func:`plot_surface` into ``path`` without pyplot."""
     fig = plot_surface(grid)

@@ -18,7 +18,7 @@ import matplotlib
 
 from minima.core import config as cfg
 from minima.core.cli import run_command
-from minima.figures import save_curve_figure, save_curves_figure, save_surface_figure
+from minima.figures import save_curve_figure, save_curves_figure, save_planes_figure, save_surface_figure
 from minima.files import landscape
 from minima.files.results import curve_from_values
 
@@ -51,9 +51,13 @@ def draw(files: Sequence[Path], out: Path | None = None) -> Path:
     matplotlib.use("Agg")  # a command writes files; it never opens a window
     grids = [landscape.load_any(f) for f in files]
     planes = [g for g in grids if len(g.axes) != 1]
+    if len(grids) > 1 and planes and len(planes) == len(grids) and all(len(g.axes) == 2 for g in grids):
+        out = save_planes_figure(grids, out or Path(files[0]).parent / "planes_overlay.png")
+        print(f"wrote {out}")
+        return out
     if len(grids) > 1 and planes:
-        raise ValueError(f"{planes[0].path} is a {len(planes[0].axes)}-axis grid; only curves can be overlaid — plot "
-                         "each plane on its own")
+        raise ValueError(f"{planes[0].path} is a {len(planes[0].axes)}-axis grid; curves overlay curves and planes "
+                         "overlay planes — not both in one figure")
     if len(grids) == 1:
         g = grids[0]
         out = out or Path(g.path or "grid.h5").with_suffix(".png")

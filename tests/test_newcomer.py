@@ -162,3 +162,49 @@ def test_the_sharpness_estimate_is_printed_and_learns_from_finished_results(ckpt
     # a measured ratio scales its own kind only (kinds differ: a line search is not a Lanczos step)
     assert _seconds(jobs, unit, {"average_sigma": 2.0}) == pytest.approx(2 * 4 * 0.5 + 5 * 1.5)
     assert _seconds(jobs[1:], unit, {"average_sigma": 2.0, "keskar_full_eps": 8.0}) == pytest.approx(5 * 1.5)
+
+
+def test_a_plane_from_a_loss_landscape_direction_file_and_the_overlay(ckpts: tuple[Path, Path], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """``--directions`` reads loss-landscape's xdirection/ydirection (weights: one tensor per parameter): the plane's
+    point (x, y) is θ + x·d1 + y·d2 with exactly those tensors; minima.plot overlays it on their surface file; a
+    direction file of another architecture is one line."""
+    import h5py
+    import numpy as np
+    import torch
+
+    from minima.files import checkpoint as ck
+    from minima.files import landscape
+    from minima.plot import main as plot_main
+    from minima.studies.surface import SurfaceRequest, _inputs
+
+    from .helpers import assert_drawn
+
+    a, _ = ckpts
+    model = ck.load_model(a)[0]
+    rng = np.random.default_rng(0)
+    dir_file = tmp_path / "dirs.h5"
+    with h5py.File(dir_file, "w") as f:  # as net_plotter.write_list writes them, net.parameters() order
+        for axis in ("xdirection", "ydirection"):
+            group = f.create_group(axis)
+            for i, p in enumerate(model.parameters()):
+                group.create_dataset(str(i), data=rng.normal(size=tuple(p.shape)).astype(np.float32))
+    plane = _inputs(SurfaceRequest(checkpoints=[a], directions=dir_file, device="cpu")).plane
+    with h5py.File(dir_file, "r") as f:
+        for i, (name, p) in enumerate(model.named_parameters()):
+            expected = p.detach().double() + 0.5 * torch.as_tensor(f["xdirection"][str(i)][()]).double() \
+                - 0.25 * torch.as_tensor(f["ydirection"][str(i)][()]).double()
+            torch.testing.assert_close(plane.point(0.5, -0.25)[name].double(), expected, rtol=1e-6, atol=1e-6)
+    ours = tmp_path / "ours.h5"
+    assert surface_main([str(a), "--directions", str(dir_file), "--x", "-1:1:4", "--y", "-1:1:3", "--out", str(ours),
+                         "--device", "cpu", "--no-progress", "--no-plot"]) == 0
+    theirs = tmp_path / "theirs.h5"
+    landscape.save(landscape.load_any(ours), theirs)  # their file of the same plane
+    assert plot_main([str(theirs), str(ours), "--out", str(tmp_path / "both.png")]) == 0
+    assert_drawn(tmp_path / "both.png")
+    with h5py.File(dir_file, "r+") as f:
+        del f["ydirection"]["0"]
+        f["ydirection"].create_dataset("0", data=np.zeros((2, 2), dtype=np.float32))
+    assert surface_main([str(a), "--directions", str(dir_file), "--out", str(tmp_path / "bad.h5"), "--device",
+                         "cpu"]) == 2
+    assert "ydirection/0 has shape (2, 2)" in capsys.readouterr().err and not (tmp_path / "bad.h5").exists()

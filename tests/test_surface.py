@@ -274,4 +274,4 @@ def test_plot_overlays_curves_and_refuses_mixing_a_plane(tmp_path: Path, capsys:
     assert [curve_label(results.load_curve(c)) for c in curves] == ["a", "b"]  # the legend names each checkpoint
     plane = run(_req([a], tmp_path / "p.h5"))
     assert plot_main([str(curves[0]), str(plane)]) == 2
-    assert "only curves can be overlaid" in capsys.readouterr().err
+    assert "curves overlay curves and planes overlay planes" in capsys.readouterr().err

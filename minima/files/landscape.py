@@ -82,3 +82,42 @@ def load_any(path: str | os.PathLike[str]) -> Grid:
     """A minima grid or curve file, or a loss-landscape surface file."""
     return load(path) if is_loss_landscape(path) else load_grid(path)
 
+
+
+def load_directions(path: str | os.PathLike[str], state: dict, parameter_names: list[str]) -> tuple[dict, dict, str]:
+    """The two directions of a loss-landscape direction file (groups ``xdirection`` and ``ydirection``, one dataset
+    ``"0"``, ``"1"``, … per tensor) as state dicts of the model whose ``state`` and ``parameter_names`` (in
+    ``named_parameters()`` order) are given: one tensor per parameter is their ``--dir_type weights`` (in
+    ``net.parameters()`` order), one per state-dict entry their ``--dir_type states``. Returns (d1, d2, dir_type);
+    a file of another architecture is one error naming the first tensor that does not fit."""
+    import torch
+
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ResultsError(f"{path} is not a readable HDF5 file ({exc})") from exc
+    with f:
+        if "xdirection" not in f or "ydirection" not in f:
+            raise ResultsError(f"{path} is not a loss-landscape direction file (it needs the groups xdirection and "
+                               "ydirection, as net_plotter.setup_direction writes them)")
+        count = len(f["xdirection"])
+        if count == len(parameter_names):
+            keys, kind = parameter_names, "weights"
+        elif count == len(state):
+            keys, kind = list(state), "states"
+        else:
+            raise ResultsError(f"{path} holds {count} tensors per direction; this model has {len(parameter_names)} "
+                               f"parameters and {len(state)} state-dict entries — it was made for another "
+                               "architecture")
+        directions = []
+        for axis in ("xdirection", "ydirection"):
+            d = {}
+            for i, key in enumerate(keys):
+                array = np.asarray(f[axis][str(i)][()])
+                if tuple(array.shape) != tuple(state[key].shape):
+                    raise ResultsError(f"{path}: {axis}/{i} has shape {array.shape} but {key} is "
+                                       f"{tuple(state[key].shape)}; the file was made for another architecture")
+                d[key] = torch.as_tensor(array, dtype=state[key].dtype) if state[key].is_floating_point() else None
+            directions.append({k: v for k, v in d.items() if v is not None})
+    return directions[0], directions[1], kind

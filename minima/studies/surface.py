@@ -26,7 +26,7 @@ from minima.core.vocab import BNPolicy, Ignore, Norm
 from minima.data import Dataset, Split, load_for_checkpoint
 from minima.figures import save_surface_figure
 from minima.files import checkpoint as ckpt_io
-from minima.files import results
+from minima.files import landscape, results
 from minima.files.checkpoint import RESUMABLE_CHANGES
 from minima.files.naming import run_label
 from minima.geometry.directions import DirectionError, Plane, checkpoint_plane, random_plane, trajectory_plane
@@ -66,6 +66,10 @@ class SurfaceRequest(EvalOptions):
     ignore: Ignore = setting("bn-and-bias", "random directions on 1-D parameters (biases, BatchNorm scale/shift): "
                              "zero (bn-and-bias), or a copy of the weights (none)")
     direction_seed: int = setting(0, "seed of the first random direction (the second uses seed + 1)")
+    directions: Path | None = setting(None, "a loss-landscape direction file (net_plotter's xdirection/ydirection, "
+                                      "--dir_type weights or states) instead of minima's random directions: the plane "
+                                      "of a loss-landscape surface, to compare or overlay with python -m minima.plot",
+                                      default_text="minima's own")
     out: Path | None = setting(None, "output .h5 file", default_text="<A>_surface.h5 beside A")
     max_minutes: float = setting(60.0, "ask (or, without a terminal, refuse) above this estimated time", unit="min")
     yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)", switch=True)
@@ -115,6 +119,8 @@ def run(req: SurfaceRequest) -> Path:
 def _validate(req: SurfaceRequest) -> Path:
     if req.trajectory and req.checkpoints:
         raise ValueError("give checkpoints or --trajectory, not both")
+    if req.directions is not None and (req.trajectory or len(req.checkpoints) != 1):
+        raise ValueError("--directions takes the plane through one checkpoint; give exactly one checkpoint")
     if not req.trajectory and len(req.checkpoints) not in (1, 3):
         raise ValueError(f"a plane needs one checkpoint (random directions through it), three (the plane through "
                          f"them) or --trajectory CKPT…; got {len(req.checkpoints)} checkpoint(s)"
@@ -157,6 +163,12 @@ def _inputs(req: SurfaceRequest) -> _Inputs:
         plane = trajectory_plane(states, names, params)
     elif len(paths) == 3:
         plane = checkpoint_plane(states, names)
+    elif req.directions is not None:
+        parameters = [n for n, _ in model.named_parameters()]
+        d1, d2, kind = landscape.load_directions(req.directions, states[0], parameters)
+        plane = Plane(origin=states[0], d1=d1, d2=d2, marks={names[0]: (0.0, 0.0)},
+                      provenance={"kind": "loss-landscape", "dir_file": str(req.directions), "dir_type": kind,
+                                  "sha256": ckpt_io.sha256_file(req.directions)})
     else:
         plane = random_plane(model, states[0], req.direction_seed, req.norm, req.ignore, name=names[0])
     ds = load_for_checkpoint(origin["meta"]["data"], req.data, req.train_subset, req.test_subset,
@@ -189,7 +201,7 @@ def auto_axes(req: SurfaceRequest, plane: Plane) -> dict[str, np.ndarray]:
         if text.partition(":")[0] != "auto" or not count.isdigit() or int(count) < 1:
             raise ValueError(f"{name} grid {text!r}: auto takes a point count ≥ 1, e.g. auto:21")
         points = int(count)
-        if plane.provenance["kind"] == "random":
+        if plane.provenance["kind"] in ("random", "loss-landscape"):
             axes[name] = np.linspace(-1.0, 1.0, points)
         else:
             lo, hi = float(marked[:, k].min()), float(marked[:, k].max())
