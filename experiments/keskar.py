@@ -182,12 +182,12 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
                                   lambda b=batch, n=name: _train_regime(model, preset, b, seed, out / n, ds))
     sb, lb = regimes["sb"], regimes["lb"]
     curve_path = out / "sb_vs_lb.h5"
-    if not (curve_path.exists() and results.load_curve(curve_path).complete):
-        clock.run(f"seed{seed}/interpolate", False, lambda: run_interpolation(SweepRequest(
-            checkpoint_a=sb, checkpoint_b=lb, alphas=preset.interp_alphas, bn="recompute",
-            train_subset=preset.interp_train_subset, test_subset=preset.interp_test_subset, out=curve_path,
-            resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size, trust_import=own_import(model),
-        )))
+    complete = curve_path.exists() and results.load_curve(curve_path).complete
+    clock.run(f"seed{seed}/interpolate", complete, lambda: None if complete else run_interpolation(SweepRequest(
+        checkpoint_a=sb, checkpoint_b=lb, alphas=preset.interp_alphas, bn="recompute",
+        train_subset=preset.interp_train_subset, test_subset=preset.interp_test_subset, out=curve_path,
+        resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size, trust_import=own_import(model),
+    )))
     sharp_path = out / "sharpness.h5"
     request = MeasureRequest(
         checkpoints=[sb, lb], metrics=["keskar", "hessian"], eps=list(preset.eps), subspace=preset.subspace,

@@ -133,7 +133,7 @@ def test_li_surfaces_smoke_writes_planes_curves_and_summary(tmp_path: Path) -> N
         assert grid.complete and grid.shape == (5, 5)
         assert_drawn(figs / f"li_mlp_{name}.png")
     marks = json.loads(results.load_grid(out / "x0_sb_lb.h5").attrs["marks"])
-    assert marks["sb/init"] == [0.0, 0.0] and marks["sb"] == [1.0, 0.0] and marks["lb"][1] > 0  # x0, SB, LB
+    assert marks["x0 (sb)"] == [0.0, 0.0] and marks["sb"] == [1.0, 0.0] and marks["lb"][1] > 0  # x0, SB, LB
     summary = json.loads((out / "summary.json").read_text())
     for regime in ("sb_random", "lb_random"):
         grid = results.load_grid(out / f"{regime}.h5")

@@ -281,13 +281,17 @@ def in_memory(model: nn.Module, point: PointFn, coords: dict[str, np.ndarray], d
 
 def estimate_seconds(model: nn.Module, d: EvalData, s: EvalSettings, points: int) -> float:
     """Seconds the grid will take: ``points`` × images per point (train + test + BN re-estimation) at the speed of
-    one timed evaluation batch of this model on this device (after one warm-up batch)."""
-    split = d.train.take(torch.arange(min(len(d.train), s.batch_size, 256)))
+    one evaluation batch of the real size on this device (the faster of two timed batches, after a warm-up: a
+    smaller batch would time the per-batch overhead, not the images)."""
+    split = d.train.take(torch.arange(min(len(d.train), s.batch_size)))
     work = s.place(copy.deepcopy(model))
     s.evaluate(work, split, d.mean, d.std, batch_size=len(split))
-    t0 = time.perf_counter()
-    s.evaluate(work, split, d.mean, d.std, batch_size=len(split))
-    per_image = (time.perf_counter() - t0) / len(split)
+    timed = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        s.evaluate(work, split, d.mean, d.std, batch_size=len(split))
+        timed.append(time.perf_counter() - t0)
+    per_image = min(timed) / len(split)
     recompute = s.bn == "recompute" and bool(bn_buffer_names(work))
     images = len(d.train) + len(d.test) + (len(d.bn_split) if recompute else 0)
     return points * images * per_image
