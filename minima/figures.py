@@ -219,8 +219,8 @@ def plot_surface(grid: Grid, fig: Figure | None = None) -> Figure:
         ax.set_ylabel(grid.axes[1])
     kind = json.loads(grid.attrs.get("directions", "{}")).get("kind", "?")
     note = f"; {int(bad.sum())} non-finite point(s) masked" if bad.any() else ""
-    through = ", ".join(run_label(p) for p in json.loads(grid.attrs.get("checkpoints", "[]"))) or ", ".join(
-        json.loads(grid.attrs.get("marks", "{}")))
+    through = ", ".join(json.loads(grid.attrs.get("marks", "{}"))) or ", ".join(
+        run_label(p) for p in json.loads(grid.attrs.get("checkpoints", "[]")))  # the marks name x0 as x0
     fig.suptitle(f"{kind} plane" + (f" through {through}" if through else "") + f" · {describe(grid.attrs)}{note}",
                  fontsize=9)
     return fig
