@@ -119,7 +119,8 @@ def table_markdown(rows: list[dict[str, Any]], p: SweepPreset, name: str, ds: da
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
+def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Test accuracy and φ against the batch size; ``title`` says what was trained on what."""
     ok = [r for r in rows if "diverged" not in r]
     warm = [r for r in ok if r["warmup"]]
     cold = [r for r in ok if not r["warmup"]]
@@ -135,6 +136,8 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel(lab)
     a2.set_yscale("log")
     a1.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=130)
     return path
 
@@ -173,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = table_markdown(rows, p, name, ds, wall)
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"preset": cfg.to_dict(p), "rows": rows}, indent=2) + "\n")
-    fig = plot_sweep(rows, out / "batch_sweep.png")
+    fig = plot_sweep(rows, out / "batch_sweep.png", title=(
+        f"{p.model}, {len(ds.train):,} train / {len(ds.test):,} test images ({ds.spec.get('kind')}), "
+        f"{p.epochs} epochs, SGD + linear LR rule, cosine; φ on {p.sharpness_samples:,} training images"))
     if args.figures is not None:
         args.figures.mkdir(parents=True, exist_ok=True)
         fig = Path(shutil.copy(fig, args.figures / fig.name))
