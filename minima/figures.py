@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -89,12 +90,17 @@ def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -
     return fig
 
 
-def save_curve_figure(curve: Curve, path: str | Path, dpi: int = 130) -> Path:
-    """Draw :func:`plot_curve` into ``path`` (PNG/PDF/SVG by extension) without pyplot."""
-    fig = Figure(figsize=(7.0, 4.6), layout="constrained")
-    plot_curve(curve, ax=fig.add_subplot())
+def _save(draw: Any, what: Any, path: str | Path, size: tuple[float, float], dpi: int) -> Path:
+    """``draw(what, ax=…)`` on one panel of a bare :class:`Figure` (no pyplot state), written to ``path``."""
+    fig = Figure(figsize=size, layout="constrained")
+    draw(what, ax=fig.add_subplot())
     fig.savefig(path, dpi=dpi)
     return Path(path)
+
+
+def save_curve_figure(curve: Curve, path: str | Path, dpi: int = 130) -> Path:
+    """Draw :func:`plot_curve` into ``path`` (PNG/PDF/SVG by extension) without pyplot."""
+    return _save(plot_curve, curve, path, (7.0, 4.6), dpi)
 
 
 # ------------------------------------------------------------------------------------------ several curves
@@ -135,10 +141,7 @@ def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] |
 
 def save_curves_figure(curves: list[Curve], path: str | Path, dpi: int = 130) -> Path:
     """Draw :func:`plot_curves` into ``path`` without pyplot."""
-    fig = Figure(figsize=(7.0, 4.8), layout="constrained")
-    plot_curves(curves, ax=fig.add_subplot())
-    fig.savefig(path, dpi=dpi)
-    return Path(path)
+    return _save(plot_curves, curves, path, (7.0, 4.8), dpi)
 
 
 # ----------------------------------------------------------------------------------------------- surfaces
@@ -259,10 +262,7 @@ def plot_planes(grids: list[Grid], ax: Axes | None = None, labels: list[str] | N
 
 def save_planes_figure(grids: list[Grid], path: str | Path, dpi: int = 130) -> Path:
     """Draw :func:`plot_planes` into ``path`` without pyplot."""
-    fig = Figure(figsize=(6.4, 5.6), layout="constrained")
-    plot_planes(grids, ax=fig.add_subplot())
-    fig.savefig(path, dpi=dpi)
-    return Path(path)
+    return _save(plot_planes, grids, path, (6.4, 5.6), dpi)
 
 
 def save_surface_figure(grid: Grid, path: str | Path, dpi: int = 110) -> Path:
