@@ -21,6 +21,7 @@ from matplotlib.patheffects import withStroke
 
 from minima.files.naming import run_label
 from minima.files.results import Curve, Grid
+from minima.geometry.barriers import barriers
 
 LOSS_COLOR, ACC_COLOR = "tab:blue", "tab:red"
 # Train solid with round markers, test dashed with square markers; long legend handles so the dashes show.
@@ -86,7 +87,11 @@ def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -
     handles = ax.get_legend_handles_labels()[0] + acc_ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=4,
               handlelength=4.0, frameon=False)
-    ax.set_title(title or f"{curve.name_a} → {curve.name_b} · {describe(curve.attrs)}", fontsize=9)
+    found = barriers(curve) if str(curve.attrs.get("checkpoint_b", "segment")) else {}  # not along a random direction
+    extra = ("\nbarrier (max above the endpoints' line, α ∈ [0, 1]): loss train "
+             f"{found['barrier_train_loss']:.3g}, test {found['barrier_test_loss']:.3g}; accuracy train "
+             f"{found['barrier_train_accuracy']:.3g}, test {found['barrier_test_accuracy']:.3g}") if found else ""
+    ax.set_title(title or f"{curve.name_a} → {curve.name_b} · {describe(curve.attrs)}{extra}", fontsize=9)
     return fig
 
 

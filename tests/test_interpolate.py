@@ -244,3 +244,32 @@ def test_bfloat16_mode_is_close_to_float32_and_recorded(bn_pair: tuple, tmp_path
             assert np.any(got != ref)  # the forward pass really ran in bfloat16
     # each endpoint compared with its checkpoint evaluated in the same precision
     assert half.attrs["endpoint_a_max_rel_diff"] <= 1e-2 and half.attrs["endpoint_b_max_rel_diff"] <= 1e-2
+
+
+def test_barriers_against_hand_computed_values(pair: tuple, tmp_path: Path) -> None:
+    """On a synthetic curve: the loss barrier is the largest rise above the endpoints' line inside [0, 1] (α outside
+    is ignored), the accuracy barrier the largest fall below it; a line without α = 1 has none. On a real line the
+    file records them and the summary prints them."""
+    from minima.files.results import curve_from_values
+    from minima.geometry.barriers import barriers
+
+    alpha = np.array([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5])
+    loss = np.array([9.0, 1.0, 2.5, 2.0, 1.75, 2.0, 9.0])  # line 1 → 2: at 0.25 the rise is 2.5 − 1.25 = 1.25
+    acc = np.array([0.0, 0.9, 0.6, 0.5, 0.7, 0.8, 0.0])  # line 0.9 → 0.8: at 0.5 the fall is 0.85 − 0.5 = 0.35
+    values = {"train/loss": loss, "test/loss": loss + 1, "train/accuracy": acc, "test/accuracy": acc,
+              "train/nonfinite": np.zeros(7, int), "test/nonfinite": np.zeros(7, int),
+              "bn/negative_variance": np.zeros(7, int)}
+    found = barriers(curve_from_values(alpha, values, {}))
+    assert found["barrier_train_loss"] == pytest.approx(1.25) and found["barrier_train_loss_alpha"] == 0.25
+    assert found["barrier_test_loss"] == pytest.approx(1.25)
+    assert found["barrier_train_accuracy"] == pytest.approx(0.35) and found["barrier_train_accuracy_alpha"] == 0.5
+    assert barriers(curve_from_values(alpha[:5], {k: v[:5] for k, v in values.items()}, {})) == {}
+
+    a_path, b_path, _ = pair
+    out = run(_req(a_path, b_path, tmp_path / "c.h5", alphas="0,0.5,1", bn="recompute"))
+    curve = results.load_curve(out)
+    stored = {k: curve.attrs[k] for k in curve.attrs if str(k).startswith("barrier_")}
+    assert stored == pytest.approx(barriers(curve)) and len(stored) == 8
+    # the midpoint is the only interior point: the barrier is its rise above the endpoints' mean
+    mid = curve.train_loss[1] - (curve.train_loss[0] + curve.train_loss[2]) / 2
+    assert stored["barrier_train_loss"] == pytest.approx(max(mid, 0.0), abs=1e-12)

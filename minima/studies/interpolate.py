@@ -27,6 +27,8 @@ from minima.figures import save_curve_figure
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
 from minima.files.naming import run_label
+from minima.geometry.barriers import barriers
+from minima.geometry.barriers import describe as describe_barriers
 from minima.geometry.directions import StateDict, lerp_state, random_direction, shift_state
 from minima.geometry.evaluate import check_model_accepts
 from minima.geometry.points import EvalData, EvalSettings
@@ -170,13 +172,16 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
                 "config": {k: v for k, v in config.items() if k != "world_size"}}
 
     def check(path: Path, grid: results.Grid) -> None:
+        found = barriers(_as_curve(grid)) if req.direction == "segment" else {}
+        if found:
+            results.set_attrs(path, found)
         if policy == "interpolate":
             _endpoint_check(path, _as_curve(grid), ck_a, ck_b, d, s, req.trust_import)
 
     return GridStudy(
         command="minima.interpolate", out=out, coords={"alpha": alphas}, point=point, model=model, settings=s,
         data=d, attrs=attrs, expected=expected, what=f"α line, {req.direction}",
-        summary=lambda grid: _curve_summary(_as_curve(grid)),
+        summary=lambda grid: _curve_summary(_as_curve(grid), segment=req.direction == "segment"),
         figure=lambda grid, path: save_curve_figure(_as_curve(grid), path), check=check)
 
 
@@ -218,12 +223,13 @@ def _endpoint_check(out: Path, curve: results.Curve, ck_a: dict, ck_b: dict | No
           f"max relative difference {max(checks.values()):.2e}", flush=True)
 
 
-def _curve_summary(curve: results.Curve) -> str:
+def _curve_summary(curve: results.Curve, segment: bool = True) -> str:
     lines = [f"{'alpha':>7} {'train loss':>11} {'train acc':>9} {'test loss':>11} {'test acc':>9} {'nonfinite':>9}"]
     for i, a in enumerate(curve.alpha):
         nf = int(curve.train_nonfinite[i]) + int(curve.test_nonfinite[i])
         lines.append(f"{a:7.3f} {curve.train_loss[i]:11.4g} {curve.train_accuracy[i]:9.4f} "
                      f"{curve.test_loss[i]:11.4g} {curve.test_accuracy[i]:9.4f} {nf:9d}")
-    return "\n".join(lines)
+    found = describe_barriers(barriers(curve)) if segment else ""
+    return "\n".join([*lines, *([f"[minima.interpolate] {found}"] if found else [])])
 
 
