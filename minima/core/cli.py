@@ -16,6 +16,16 @@ EXIT_USAGE = 2
 EXIT_SIGINT = 130
 
 
+def duration(seconds: float) -> str:
+    """A duration as every command prints it (estimates, time left, wall time): seconds below 90 s (one decimal
+    below 10 s), minutes below 90 min, else hours."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def run_command(prog: str, work: Callable[[], object], *, user_errors: tuple[type[BaseException], ...] = (),
                 statuses: Mapping[type[BaseException], int] | None = None, interrupted: str | None = None) -> int:
     """Run ``work()`` (after :func:`minima.core.allocator.keep_freed_memory`) and turn its outcome into an exit status:
@@ -40,5 +50,5 @@ def run_command(prog: str, work: Callable[[], object], *, user_errors: tuple[typ
         return EXIT_SIGINT
     if os.environ.get("RANK", "0") == "0":
         seconds = time.perf_counter() - t0
-        print(f"[{prog}] done in " + (f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.1f} s"), flush=True)
+        print(f"[{prog}] done in {duration(seconds)}", flush=True)
     return 0

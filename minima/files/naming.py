@@ -1,4 +1,4 @@
-"""Names of outputs: a readable label for a checkpoint, and where a command's output goes by default."""
+"""Names of outputs: a readable label for a checkpoint, and the checks every ``--out`` passes."""
 
 from __future__ import annotations
 
@@ -14,3 +14,13 @@ def run_label(path: str | os.PathLike[str]) -> str:
     if path.stem in ("final", "last", "init") or re.fullmatch(r"epoch_\d+", path.stem):
         return path.resolve().parent.name
     return path.stem
+
+
+def check_output(out: Path, what: str) -> Path:
+    """``out`` if it can be written as ``what`` (e.g. "an HDF5 grid file"): an ``.h5`` name in an existing
+    directory; else a ``ValueError`` saying how to fix ``--out``."""
+    if out.suffix != ".h5":
+        raise ValueError(f"--out {out} should end in .h5 ({what})")
+    if not out.parent.is_dir():
+        raise ValueError(f"output directory {out.parent} does not exist; create it or choose another --out")
+    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minima.core import distributed
+from minima.core.cli import duration
 from minima.core.config import resume_key, setting
 from minima.core.options import CheckpointData
 from minima.core.precision import effective as precision_effective
@@ -39,6 +39,7 @@ from minima.core.precision import float32_math
 from minima.core.vocab import TORCH_DTYPES, BNPolicy, BNRecord, DataOnDevice, Dtype, check_choice
 from minima.data import Dataset, place, stratified_subset
 from minima.files import results
+from minima.files.naming import check_output
 from minima.geometry.directions import StateDict, bn_buffer_names
 from minima.geometry.points import EvalData, EvalSettings, evaluate_point
 from minima.models import has_batchnorm, is_convolutional
@@ -106,11 +107,7 @@ def check_options(req: EvalOptions, out: Path) -> Path:
     if req.resume and req.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: --resume keeps the finished points of "
                          "--out, --overwrite discards them; pass one")
-    if out.suffix != ".h5":
-        raise ValueError(f"--out {out} should end in .h5 (an HDF5 grid file)")
-    if not out.parent.is_dir():
-        raise ValueError(f"output directory {out.parent} does not exist; create it or choose another --out")
-    return out
+    return check_output(out, "an HDF5 grid file")
 
 
 def evaluation_setup(req: EvalOptions, model: nn.Module, ds: Dataset, recorded: dict[str, Any],
@@ -312,13 +309,6 @@ def confirm_limit(command: str, max_minutes: float, yes: bool,
         raise ValueError(f"{what}; pass --yes to run it anyway, or use a smaller grid (--x/--y) or subsets "
                          "(--train-subset/--test-subset/--bn-samples)")
     return confirm
-
-
-def duration(seconds: float) -> str:
-    """A duration as people read it: seconds (at least 1) below 90 s, minutes below 90 min, else hours."""
-    if seconds < 90:
-        return f"{max(1, math.ceil(seconds))} s"
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{math.ceil(seconds / 60)} min"
 
 
 def recorded_attrs(record: dict[str, Any], config: dict[str, Any], request: dict[str, Any],

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from minima.core import distributed
 from minima.core.allocator import memory_budget
+from minima.core.cli import duration
 from minima.core.config import resume_key, setting, to_dict
 from minima.core.options import CheckpointData
 from minima.core.precision import effective as precision_effective
@@ -38,7 +39,7 @@ from minima.curvature.registry import REGISTRY, Metric, Param, get_metric, load_
 from minima.data import load_for_checkpoint
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
-from minima.files.naming import run_label
+from minima.files.naming import check_output, run_label
 from minima.geometry.evaluate import Batching
 
 
@@ -124,11 +125,7 @@ def _validate(req: MeasureOptions) -> None:
                          "--train-subset")
     if req.hvp_cache_gb is not None and not req.hvp_cache_gb >= 0:
         raise ValueError(f"--hvp-cache-gb must be ≥ 0 (0 keeps none), got {req.hvp_cache_gb}")
-    out = _output(req)
-    if out.suffix != ".h5":
-        raise ValueError(f"--out {out} should end in .h5 (an HDF5 results file)")
-    if not out.parent.is_dir():
-        raise ValueError(f"output directory {out.parent} does not exist; create it or choose another --out")
+    check_output(_output(req), "an HDF5 results file")
 
 
 def default_output(checkpoints: Sequence[Path]) -> Path:
@@ -239,7 +236,7 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
             if modelled > 0:
                 ratio[_kind(name)] = (time.perf_counter() - t_job) / modelled
             rest = pending[done_count:]
-            left = (f"; {done_count}/{len(pending)} done, about {_duration(_seconds(rest, unit, ratio))} left"
+            left = (f"; {done_count}/{len(pending)} done, about {duration(_seconds(rest, unit, ratio))} left"
                     if rest else "")
             print(f"[minima.sharpness] {label} {name}: {values['value']:.6g} "
                   f"({values.get('seconds', float('nan')):.1f} s{kept}{left})", flush=True)
@@ -286,14 +283,10 @@ def _kind(name: str) -> str:
     return re.sub(r"[0-9.]+", "", name)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{max(seconds, 1):.0f} s"
-
-
 def _estimate(jobs: Sequence[tuple[Metric, str, dict[str, Any]]], unit: dict[str, float]) -> str:
     """The up-front estimate of ``jobs`` (:func:`_seconds`); metrics without a cost model are named."""
     unknown = [name for metric, name, _ in jobs if metric.cost is None]
-    return _duration(_seconds(jobs, unit)) + (f" (without {', '.join(unknown)}: no cost model)" if unknown else "")
+    return duration(_seconds(jobs, unit)) + (f" (without {', '.join(unknown)}: no cost model)" if unknown else "")
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

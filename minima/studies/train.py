@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core import distributed
+from minima.core.cli import duration
 from minima.core.config import setting
 from minima.core.options import DataOptions
 from minima.core.precision import Float32Math, float32_math
@@ -462,7 +463,7 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
             left = c.epochs - run.epoch
             if first and env.is_main and left and not stopped:
                 took = time.perf_counter() - t0
-                tqdm.write(f"[minima.train] estimated {_minutes(left * took)} for the remaining {left} epoch(s) "
+                tqdm.write(f"[minima.train] estimated {duration(left * took)} for the remaining {left} epoch(s) "
                            f"(≤; the stopping rule may end sooner) at {took:.1f} s per epoch")
             first = False
             if on_epoch is not None:
@@ -540,10 +541,6 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
                 f"--out {run.run_dir} --resume"))
     bar.close()
     return sums, seen, lr
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _check(run: Run, sums: torch.Tensor, stop: dict[str, int | None], lr: float, bar: Any) -> bool:
