@@ -98,3 +98,36 @@ def assert_drawn(png: Path, min_ink: float = 0.03, min_colours: int = 16) -> Non
     colours = len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0))
     assert ink >= min_ink, f"{png}: only {ink:.1%} of the pixels are drawn"
     assert colours >= min_colours, f"{png}: only {colours} colours"
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(width)
+        self.conv2 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(out)))
+
+
+class TinyResNet(torch.nn.Module):
+    """A user's ResNet-style network: stem, ``blocks`` residual blocks on one stream, global pooling, a linear head."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8, blocks: int = 2, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(in_channels, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+                                        torch.nn.ReLU())
+        self.blocks = torch.nn.Sequential(*[_Block(width) for _ in range(blocks)])
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def tiny_resnet(num_classes: int = 10, **kwargs: Any) -> torch.nn.Module:
+    """The import-path factory of :class:`TinyResNet` (``tests.helpers:tiny_resnet``)."""
+    return TinyResNet(num_classes, **kwargs)

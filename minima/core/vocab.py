@@ -46,6 +46,7 @@ ScalingRule = Literal["linear", "sqrt", "none"]
 ScheduleKind = Literal["constant", "step", "cosine"]
 Optimizer = Literal["adam", "sgd"]
 Amp = Literal["none", "bf16"]
+AlignMethod = Literal["weights", "activations"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
                                         "bfloat16": torch.bfloat16}

@@ -16,11 +16,11 @@ def run_label(path: str | os.PathLike[str]) -> str:
     return path.stem
 
 
-def check_output(out: Path, what: str) -> Path:
-    """``out`` if it can be written as ``what`` (e.g. "an HDF5 grid file"): an ``.h5`` name in an existing
-    directory; else a ``ValueError`` saying how to fix ``--out``."""
-    if out.suffix != ".h5":
-        raise ValueError(f"--out {out} should end in .h5 ({what})")
+def check_output(out: Path, what: str, suffix: str = ".h5") -> Path:
+    """``out`` if it can be written as ``what`` (e.g. "an HDF5 grid file"): a name ending in ``suffix`` in an
+    existing directory; else a ``ValueError`` saying how to fix ``--out``."""
+    if out.suffix != suffix:
+        raise ValueError(f"--out {out} should end in {suffix} ({what})")
     if not out.parent.is_dir():
         raise ValueError(f"output directory {out.parent} does not exist; create it or choose another --out")
     return out
