@@ -37,6 +37,8 @@ def describe(attrs: dict) -> str:
         config = {}
     data = config.get("data") or {}
     parts = [f"BatchNorm {attrs.get('bn_policy', '?')}"]
+    if config.get("repair"):
+        parts.append("REPAIR")
     if "train_size" in data:
         parts.append(f"{data['train_size']:,} train / {data['test_size']:,} test images")
     return " · ".join(parts)

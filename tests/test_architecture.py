@@ -19,7 +19,8 @@ LAYERS = ["base", "data", "models", "optim", "files", "geometry", "curvature", "
 FOLDERS = {"core": "base", "data": "data", "models": "models", "optim": "optim", "files": "files",
            "geometry": "geometry", "curvature": "curvature", "studies": "studies"}
 TOP_LEVEL = {"__init__": "base", "figures": "figures", "train": "commands", "interpolate": "commands",
-             "surface": "commands", "sharpness": "commands", "plot": "commands"}
+             "surface": "commands", "sharpness": "commands", "plot": "commands", "align": "commands",
+             "curve": "commands"}
 SHARED_STUDY_MODULES = {"studies.grid", "studies.__init__"}  # what every study may import besides lower layers
 ARGPARSE_ALLOWED = {"core.config"}  # flags are generated from requests there; commands parse
 

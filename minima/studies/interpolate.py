@@ -10,8 +10,9 @@ the largest relative difference is stored and a mismatch beyond the dtype's tole
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 from minima.core import distributed
 from minima.core.config import setting, to_dict
 from minima.core.vocab import BNPolicy, Direction, check_choice
-from minima.data import Split, load_for_checkpoint
+from minima.data import Dataset, Split, load_for_checkpoint, normalize
 from minima.figures import save_curve_figure
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
@@ -31,7 +32,9 @@ from minima.geometry.barriers import barriers
 from minima.geometry.barriers import describe as describe_barriers
 from minima.geometry.directions import StateDict, lerp_state, random_direction, shift_state
 from minima.geometry.evaluate import check_model_accepts
+from minima.geometry.permute import permutation_spec
 from minima.geometry.points import EvalData, EvalSettings
+from minima.geometry.repair import repair_state, repaired_layers, repaired_model, unit_statistics
 from minima.models import has_batchnorm, is_convolutional
 from minima.studies.grid import (
     EvalOptions,
@@ -90,6 +93,9 @@ class SweepRequest(EvalOptions):
     direction: Direction = setting("segment", "segment A→B, or a filter-normalised random direction through A "
                                    "(Li et al. 2018)")
     direction_seed: int = setting(0, "seed of the random direction")
+    repair: bool = setting(False, "REPAIR (Jordan et al. 2023) at every point: each hidden unit's pre-activation mean "
+                           "and std on training data reset to the interpolation of the endpoints'; for networks "
+                           "without BatchNorm (with BatchNorm, --bn recompute is the equivalent reset)", switch=True)
     out: Path | None = setting(None, "output .h5 file", default_text="<A>_vs_<B>.h5 or <A>_random<seed>.h5 beside A")
 
 
@@ -114,6 +120,9 @@ def _validate(req: SweepRequest) -> tuple[np.ndarray, Path]:
                          "one checkpoint use --direction random")
     if req.direction == "random" and req.checkpoint_b is not None:
         raise ValueError("--direction random takes one checkpoint, got two")
+    if req.repair and req.direction != "segment":
+        raise ValueError("--repair interpolates the statistics of two endpoints; it needs a segment A→B, not "
+                         "--direction random")
     out = check_options(req, Path(req.out) if req.out is not None else default_output(req))
     return parse_axis(req.alphas), out
 
@@ -141,7 +150,9 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
     policy, s, d, record = evaluation_setup(req, model, ds, ck_a["meta"]["data"], env.device)
 
     state_a = ck_a["state_dict"]
-    if ck_b is not None:
+    if ck_b is not None and req.repair:
+        model, s, point = _repair_setup(model, state_a, ck_b["state_dict"], s, d, ds)
+    elif ck_b is not None:
         state_b = ck_b["state_dict"]
 
         def point(c: np.ndarray) -> StateDict:
@@ -158,6 +169,7 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
         "filter_normalized": req.direction == "random", "data": record["data"],
         "bn_samples": len(d.bn_split), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
         "fold_bn": req.fold_bn, "world_size": env.world_size, "float32_math": req.float32_math,
+        "repair": req.repair,
     }
     identity = {
         "checkpoint_a": str(req.checkpoint_a), "checkpoint_b": str(req.checkpoint_b or ""),
@@ -180,9 +192,39 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
 
     return GridStudy(
         command="minima.interpolate", out=out, coords={"alpha": alphas}, point=point, model=model, settings=s,
-        data=d, attrs=attrs, expected=expected, what=f"α line, {req.direction}",
+        data=d, attrs=attrs, expected=expected, what=f"α line, {req.direction}{', REPAIR' if req.repair else ''}",
         summary=lambda grid: _curve_summary(_as_curve(grid), segment=req.direction == "segment"),
         figure=lambda grid, path: save_curve_figure(_as_curve(grid), path), check=check)
+
+
+def _repair_setup(model: nn.Module, state_a: StateDict, state_b: StateDict, s: EvalSettings, d: EvalData,
+                  ds: Dataset) -> tuple[nn.Module, EvalSettings, Callable[[np.ndarray], StateDict]]:
+    """The model with a BatchNorm after every hidden layer, the settings that re-estimate them at every point, and
+    the point function of REPAIR (:mod:`minima.geometry.repair`); refused for a network with BatchNorm."""
+    if has_batchnorm(model):
+        raise ValueError("--repair is for networks without BatchNorm; this one has BatchNorm, whose re-estimation at "
+                         "every point (--bn recompute, the default) is the equivalent reset")
+    spec = permutation_spec(model, normalize(ds.train.images[:2], ds.mean, ds.std))
+    layers = repaired_layers(spec)
+    if not layers:
+        raise ValueError("--repair: this network has no hidden units to repair")
+    work = s.place(copy.deepcopy(model))
+    stats = []
+    for state in (state_a, state_b):
+        work.load_state_dict(state)
+        with s.compute():
+            stats.append(unit_statistics(work, layers, d.bn_split, d.mean, d.std, s.feed))
+    repaired = repaired_model(model, layers)
+    scratch = s.place(copy.deepcopy(repaired))
+
+    def point(c: np.ndarray) -> StateDict:
+        alpha = float(c[0])
+        with s.compute():
+            return repair_state(scratch, lerp_state(state_a, state_b, alpha), layers, stats[0], stats[1], alpha,
+                                d.bn_split, d.mean, d.std, s.feed)
+
+    # the inserted BatchNorm layers hold the statistics set at the point: evaluated as they are, never re-estimated
+    return repaired, replace(s, bn="interpolate"), point
 
 
 def _as_curve(grid: results.Grid) -> results.Curve:
