@@ -14,14 +14,8 @@ from pathlib import Path
 
 from minima.core import config as cfg
 from minima.core.cli import run_command
-from minima.studies.train import (
-    EXIT_INTERRUPTED,
-    NonFiniteLossError,
-    TrainConfig,
-    TrainingInterrupted,
-    TrainState,
-    train,
-)
+from minima.optim.steps import EXIT_INTERRUPTED, TrainingInterrupted
+from minima.studies.train import NonFiniteLossError, TrainConfig, TrainState, train
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "TrainState", "TrainingInterrupted", "main", "parse_args", "train"]
 

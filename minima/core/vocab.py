@@ -47,6 +47,7 @@ ScheduleKind = Literal["constant", "step", "cosine"]
 Optimizer = Literal["adam", "sgd"]
 Amp = Literal["none", "bf16"]
 AlignMethod = Literal["weights", "activations"]
+CurveKind = Literal["bezier", "polychain"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
                                         "bfloat16": torch.bfloat16}

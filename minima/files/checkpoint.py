@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,7 @@ from minima.models import ModelSpecError, build_model
 FORMAT = "minima.checkpoint/2"
 READABLE_FORMATS = ("minima.checkpoint/1", FORMAT)  # /2: model names may be torchvision:NAME or module:factory
 FORMAT_PREFIX = "minima.checkpoint/"
+CURVE_FORMAT = "minima.curve-checkpoint/1"  # a trained curve's bends (make_curve_checkpoint)
 REQUIRED_META = ("epoch", "step", "global_batch_size", "world_size", "seed", "train_config", "data",
                  "metrics", "torch_version", "minima_version", "created")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -136,8 +138,39 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
     Raises :class:`CheckpointError` (or its subclass :class:`UnsafeCheckpointError`) with a message that
     names the problem: missing file, not a checkpoint, truncated/corrupt, pickled objects, foreign dict,
-    or an unknown format version.
+    a curve checkpoint, or an unknown format version.
     """
+    return validate_checkpoint(_load_file(path, map_location), str(path))
+
+
+def load_curve_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a curve checkpoint (:func:`make_curve_checkpoint`); a network checkpoint, or any other
+    file, is a :class:`CheckpointError` saying what it is."""
+    obj = _load_file(path, map_location)
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if isinstance(fmt, str) and fmt in READABLE_FORMATS:
+        raise CheckpointError(f"{path} is a network checkpoint ({fmt}), not a curve; train a curve between two "
+                              "checkpoints with python -m minima.curve A.pt B.pt")
+    if fmt != CURVE_FORMAT:
+        raise CheckpointError(f"{path} is not a minima curve checkpoint (format {fmt!r}, expected {CURVE_FORMAT!r})")
+    for key in ("model", "curve", "bends", "meta"):
+        if key not in obj:
+            raise CheckpointError(f"{path} lacks the {key!r} entry required by {CURVE_FORMAT}")
+    return obj
+
+
+def make_curve_checkpoint(model: dict[str, Any], curve: dict[str, Any], bends: list[dict[str, torch.Tensor]],
+                          meta: dict[str, Any], **resume_state: Any) -> dict[str, Any]:
+    """A curve between two checkpoints: ``model`` (the endpoints' ``{"name", "kwargs"}``), ``curve`` (``kind``,
+    ``bends`` and the ``endpoints``: each ``{"path", "sha256"}``), the bends' state dicts (on CPU) and ``meta``
+    (training settings, position, metrics); ``resume_state`` as for :func:`make_checkpoint`."""
+    return {"format": CURVE_FORMAT, "model": dict(model), "curve": dict(curve),
+            "bends": [{k: v.detach().to("cpu", copy=True) for k, v in b.items()} for b in bends], "meta": meta,
+            **resume_state}
+
+
+def _load_file(path: str | os.PathLike[str], map_location: str | torch.device) -> Any:
+    """The object in a PyTorch file, read with ``weights_only=True``, or a :class:`CheckpointError` naming why not."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -166,7 +199,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                 "it, or resume from an earlier checkpoint"
             ) from exc
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load failed: {exc!r})") from exc
-    return validate_checkpoint(obj, str(path))
+    return obj
 
 
 def _is_text(head: bytes) -> bool:
@@ -186,6 +219,9 @@ def validate_checkpoint(obj: Any, where: str = "checkpoint") -> dict[str, Any]:
                     "(model name, kwargs, state_dict, meta) and save_checkpoint.")
         raise CheckpointError(f"{where} is a PyTorch file but not a minima checkpoint (no 'format' key).{hint}")
     fmt = obj["format"]
+    if fmt == CURVE_FORMAT:
+        raise CheckpointError(f"{where} is a curve checkpoint ({CURVE_FORMAT}), not one network's weights; evaluate "
+                              f"the curve with python -m minima.curve --evaluate {where}, or pass a network checkpoint")
     if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
         raise CheckpointError(f"{where} has format {fmt!r}; expected {FORMAT!r}")
     if fmt not in READABLE_FORMATS:
@@ -235,6 +271,17 @@ def check_compatible(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", na
         raise IncompatibleCheckpointsError(
             f"checkpoints {name_a} and {name_b} do not share one architecture:\n  - " + "\n  - ".join(problems)
         )
+
+
+def check_same_normalisation(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", name_b: str = "B") -> None:
+    """Raise :class:`IncompatibleCheckpointsError` unless both checkpoints were trained with the same input
+    normalisation (``meta["data"]`` mean/std): otherwise no single input pipeline evaluates a mixture of them."""
+    norm_a = (a["meta"]["data"]["mean"], a["meta"]["data"]["std"])
+    norm_b = (b["meta"]["data"]["mean"], b["meta"]["data"]["std"])
+    if not np.allclose(norm_a, norm_b, rtol=0, atol=1e-12):
+        raise IncompatibleCheckpointsError(
+            f"{name_a} was trained with input normalisation mean/std {norm_a}, {name_b} with {norm_b}: no single "
+            "input pipeline evaluates a mixture of them as both were trained; retrain on the same data")
 
 
 def check_same_layout(sa: dict[str, torch.Tensor], sb: dict[str, torch.Tensor], name_a: str = "A",

@@ -132,11 +132,7 @@ def _load_pair(req: SweepRequest) -> tuple[dict[str, Any], dict[str, Any] | None
     ck_b = ckpt_io.load_checkpoint(req.checkpoint_b) if req.checkpoint_b is not None else None
     if ck_b is not None:
         ckpt_io.check_compatible(ck_a, ck_b, str(req.checkpoint_a), str(req.checkpoint_b))
-        norm_a = (ck_a["meta"]["data"]["mean"], ck_a["meta"]["data"]["std"])
-        norm_b = (ck_b["meta"]["data"]["mean"], ck_b["meta"]["data"]["std"])
-        if not np.allclose(norm_a, norm_b, rtol=0, atol=1e-12):
-            raise ValueError(f"A was trained with input normalisation mean/std {norm_a}, B with {norm_b}: no single "
-                             "input pipeline evaluates θ(α) as both were trained; retrain on the same data")
+        ckpt_io.check_same_normalisation(ck_a, ck_b)
     return ck_a, ck_b
 
 

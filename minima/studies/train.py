@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +57,8 @@ from minima.models import (
     resolve_model,
 )
 from minima.optim.schedule import LRSchedule, ScalingRule, ScheduleKind, build_schedule, learning_rate
+from minima.optim.steps import TrainingInterrupted, step_seed, stop_on_signals
 
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: "try again" — what a requeueing cluster script wants to see
 CHECK_EVERY = 10  # steps between the loop's host reads (non-finite loss, and under DDP the stop signal)
 
 
@@ -122,14 +120,6 @@ class TrainConfig(DataOptions):
     save_every: int = setting(0, "also keep epoch_XXXX.pt every K epochs (0: never)", unit="epochs")
     eval_test: bool = setting(True, "evaluate the test set after every epoch")
     progress: bool = setting(True, "tqdm progress bar on rank 0")
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM/SIGINT arrived: the current step finished and ``last.pt`` was written."""
-
-    def __init__(self, checkpoint: Path, message: str) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -207,10 +197,6 @@ def load_dataset(c: TrainConfig) -> data_mod.Dataset:
     return ds.subset(c.train_subset, c.test_subset, c.subset_seed)
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 8191 + rank * 131_071 + 12_345) % (2**63 - 1)
-
-
 def _param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) -> list[dict[str, Any]]:
     # One-dimensional parameters are biases and BatchNorm scales/shifts (Goyal: no weight decay on them).
     decay, no_decay = [], []
@@ -224,25 +210,6 @@ def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
     if c.optimizer == "adam":
         return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps)
     return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[dict[str, int | None]]:
-    """Turn SIGTERM/SIGINT into a flag checked after each step (the handlers are restored after)."""
-    flag: dict[str, int | None] = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        flag["signal"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _initial_model(c: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
@@ -454,7 +421,7 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
            on_epoch: Callable[[TrainState], None] | None) -> Path:
     """Epochs until the cap or the stopping rule; ``final.pt`` at the end."""
     c, env = run.c, run.env
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         first = True
         while run.epoch < c.epochs:
             t0 = time.perf_counter()
@@ -506,7 +473,7 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
         lr = learning_rate(run.step, run.schedule)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        seed = _step_seed(c.seed, run.step, env.rank)
+        seed = step_seed(c.seed, run.step, env.rank)
         torch.manual_seed(seed)  # dropout of this step (CPU and CUDA generators)
         aug_gen = torch.Generator().manual_seed(seed)
         run.optimizer.zero_grad(set_to_none=True)
