@@ -118,7 +118,8 @@ def curve_label(curve: Curve) -> str:
     return f"{curve.name_a} → {curve.name_b}"
 
 
-def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] | None = None) -> Figure:
+def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] | None = None,
+                xlabel: str = "α", title: str | None = None) -> Figure:
     """Several curves in one panel (Li et al. 2018, Fig. 3 style): training loss solid, test loss dashed, one
     colour per curve, the legend naming each (``labels`` or :func:`curve_label`); non-finite points masked and
     counted in the legend."""
@@ -138,17 +139,18 @@ def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] |
             ax.plot(curve.alpha[ok], loss[ok], color=color, markersize=3, label=f"{name} ({split}{extra})", **style)
     ax.set_yscale("log")
     _readable_log_axis(ax)
-    ax.set_xlabel("α")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy (nats)")
     if curves:
-        ax.set_title(describe(curves[0].attrs), fontsize=9)
+        ax.set_title((f"{title}\n" if title else "") + describe(curves[0].attrs), fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, handlelength=4.0, frameon=False)
     return fig
 
 
-def save_curves_figure(curves: list[Curve], path: str | Path, dpi: int = 130) -> Path:
+def save_curves_figure(curves: list[Curve], path: str | Path, dpi: int = 130, labels: list[str] | None = None,
+                       xlabel: str = "α", title: str | None = None) -> Path:
     """Draw :func:`plot_curves` into ``path`` without pyplot."""
-    return _save(plot_curves, curves, path, (7.0, 4.8), dpi)
+    return _save(lambda c, ax: plot_curves(c, ax, labels, xlabel, title), curves, path, (7.0, 4.8), dpi)
 
 
 # ----------------------------------------------------------------------------------------------- surfaces

@@ -35,7 +35,7 @@ def barriers(curve: Curve) -> dict[str, float]:
             if not inside.any():
                 return {}
             k = int(np.flatnonzero(inside)[np.argmax(gap[inside])])
-            out[f"barrier_{split}_{field}"] = float(gap[k])
+            out[f"barrier_{split}_{field}"] = float(gap[k]) + 0.0  # never "-0": the endpoints give 0
             out[f"barrier_{split}_{field}_alpha"] = float(alpha[k])
     return out
 

@@ -44,12 +44,13 @@ def initial_bends(state_a: StateDict, state_b: StateDict, bends: int) -> list[St
 
 def combine(points: Sequence[dict[str, torch.Tensor]], coeffs: Sequence[float]) -> dict[str, torch.Tensor]:
     """Σ_i coeffs[i]·points[i] for every floating entry (differentiable; in the entries' dtype), non-floating
-    entries from the first point. Entries with a zero coefficient are skipped, so an endpoint is reproduced
-    exactly."""
+    entries (BatchNorm's batch counters) from the point of the largest coefficient. Entries with a zero coefficient
+    are skipped, so an endpoint is reproduced exactly."""
     out = {}
+    heaviest = points[max(range(len(coeffs)), key=lambda i: coeffs[i])]
     for key, first in points[0].items():
         if not first.is_floating_point():
-            out[key] = first
+            out[key] = heaviest[key]
             continue
         terms = [c * p[key] for c, p in zip(coeffs, points, strict=True) if c != 0.0]
         total = terms[0]
