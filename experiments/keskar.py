@@ -132,7 +132,9 @@ class StageClock:
         return sum(self.seconds.values())
 
 
-def _train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, ds: data_mod.Dataset) -> Path:
+def train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, ds: data_mod.Dataset) -> Path:
+    """The SB (or LB) network of one seed, trained into ``out`` (kept when ``final.pt`` exists, resumed from
+    ``last.pt``)."""
     final = out / "final.pt"
     if final.exists():
         return final
@@ -179,7 +181,7 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
     regimes = {}
     for name, batch in (("sb", preset.sb_batch), ("lb", preset.lb_batch)):
         regimes[name] = clock.run(f"seed{seed}/train_{name}", (out / name / "final.pt").exists(),
-                                  lambda b=batch, n=name: _train_regime(model, preset, b, seed, out / n, ds))
+                                  lambda b=batch, n=name: train_regime(model, preset, b, seed, out / n, ds))
     sb, lb = regimes["sb"], regimes["lb"]
     curve_path = out / "sb_vs_lb.h5"
     complete = curve_path.exists() and results.load_curve(curve_path).complete

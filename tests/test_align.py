@@ -27,6 +27,7 @@ MODELS = {
     "c3": lambda: build_model("c3"),
     "c4": lambda: build_model("c4"),
     "vgg11_bn": lambda: build_model("vgg11_bn", 10),
+    "vgg11": lambda: build_model("vgg11", 10),
     "mobilenet_v2": lambda: build_model("mobilenet_v2", 10, width_mult=0.25),
     "resnet_factory": lambda: TinyResNet(10, width=6),
 }

@@ -128,18 +128,22 @@ VGG11_PLAN: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512,
 class VGG11BN(nn.Module):
     """VGG configuration A with BatchNorm for 32×32 inputs (five pools → 1×1×512), classifier
     Dropout → 512→W → ReLU → Dropout → W→W → ReLU → W→classes. ``width=512`` is the common CIFAR
-    variant; ``width=4096`` reproduces Keskar's PyTorch script (28,149,514 parameters)."""
+    variant; ``width=4096`` reproduces Keskar's PyTorch script (28,149,514 parameters). ``batchnorm=False``: the
+    plain VGG11 of the connectivity papers (REPAIR's CIFAR-10 VGG11)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 512,
-                 dropout: float = 0.5) -> None:
+                 dropout: float = 0.5, batchnorm: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
         for item in VGG11_PLAN:
             if item == "M":
                 _append_pool(layers, nn.MaxPool2d(2, 2))
-            else:
+            elif batchnorm:
                 layers += _conv_bn_relu(cin, int(item), 3, 1e-5)
+                cin = int(item)
+            else:
+                layers += [nn.Conv2d(cin, int(item), 3, padding=1), nn.ReLU(True)]
                 cin = int(item)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
@@ -149,6 +153,11 @@ class VGG11BN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def vgg11(num_classes: int = 10, in_channels: int = 3, width: int = 512, dropout: float = 0.5) -> VGG11BN:
+    """VGG configuration A without BatchNorm (conv → ReLU), otherwise :class:`VGG11BN`."""
+    return VGG11BN(num_classes, in_channels, width, dropout, batchnorm=False)
 
 
 class MLP(nn.Module):
