@@ -184,7 +184,7 @@ def sb_lb(p: Preset, out: Path, kdir: Path, stages: Stages) -> dict[str, dict[st
 
 def figure(pair: dict[str, dict[str, Any]], sblb: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     """Left: test accuracy along the seed pair's lines; right: training loss along the SB–LB paths."""
-    fig = Figure(figsize=(12.0, 4.8), layout="constrained")
+    fig = Figure(figsize=(12.0, 5.6), layout="constrained")
     left, right = fig.subplots(1, 2)
     for k, (name, row) in enumerate(pair.items()):
         curve = _as_curve(row["file"])
@@ -192,15 +192,18 @@ def figure(pair: dict[str, dict[str, Any]], sblb: dict[str, dict[str, Any]], pat
                   marker="o", ms=3, label=name)
     left.set(xlabel="α (0: seed 0, 1: seed 1, aligned or not)", ylabel="test accuracy (%)",
              title="two seeds: the line before and after alignment, ± REPAIR")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, handlelength=4.0)
     for k, (name, row) in enumerate(sblb.items()):
         curve = _as_curve(row["file"])
-        right.plot(curve.alpha, curve.train_loss, color=f"C{k}", marker="o", ms=3, label=f"{name} (train)")
-        right.plot(curve.alpha, curve.test_loss, color=f"C{k}", ls="--", marker="s", ms=3, label=f"{name} (test)")
+        wide = {"lw": 4.0, "alpha": 0.45} if k == 0 else {}  # visible under a line that coincides with it
+        right.plot(curve.alpha, curve.train_loss, color=f"C{k}", marker="o", ms=3, label=f"{name} (train)", **wide)
+        right.plot(curve.alpha, curve.test_loss, color=f"C{k}", ls="--", marker="s", ms=3, label=f"{name} (test)",
+                   **wide)
     right.set_yscale("log")
     right.set(xlabel="α along the lines, t along the curve (0: SB, 1: LB)", ylabel="cross-entropy (nats)",
               title="Keskar's SB and LB minima: line, aligned line, trained curve")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, handlelength=4.0, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2,
+                 frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=130)
     return path

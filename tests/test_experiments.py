@@ -143,3 +143,35 @@ def test_li_surfaces_smoke_writes_planes_curves_and_summary(tmp_path: Path) -> N
     stamp = (out / "sb_random.h5").stat().st_mtime_ns
     assert li_surfaces.main(argv) == 0  # a re-run recomputes nothing
     assert (out / "sb_random.h5").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_connectivity_smoke_writes_every_table_row_and_resumes(tmp_path: Path) -> None:
+    from experiments import connectivity
+
+    out, figs = tmp_path / "conn", tmp_path / "figs"
+    argv = ["--preset", "smoke", "--keskar-out", str(tmp_path / "k"), "--out", str(out), "--figures", str(figs)]
+    assert connectivity.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [name for name, _, _ in connectivity.VARIANTS] == list(summary["pair"])
+    assert len(summary["sb_lb"]) == 3
+    for row in (*summary["pair"].values(), *summary["sb_lb"].values()):
+        assert row["barrier_train_loss"] >= 0 and 0 <= row["midpoint_test_acc"] <= 100
+    pair = summary["pair"]  # every line shares its endpoints: seed 0 and seed 1's function, aligned or not
+    for row in pair.values():
+        assert row["endpoint_test_acc"] == pytest.approx(pair["naive"]["endpoint_test_acc"], abs=1e-9)
+    assert_drawn(figs / "connectivity_smoke.png")
+    aligned = torch_load_meta(out / "pair" / "seed1_weights_aligned.pt")
+    assert aligned["alignment"]["method"] == "weights"
+    md = (out / "summary.md").read_text()
+    assert "REPAIR's CIFAR-10 MLP" in md and "Same ordering here" in md
+    # a second run finds every stage complete
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")}
+    assert connectivity.main(argv) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")}
+
+
+def torch_load_meta(path: Path) -> dict:
+    from minima.files import checkpoint as ck
+
+    return ck.load_checkpoint(path)["meta"]
