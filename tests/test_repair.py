@@ -55,13 +55,13 @@ def test_repaired_units_carry_the_interpolated_statistics(batch: int) -> None:
     stats_b = unit_statistics(model_b, layers, ds.train, ds.mean, ds.std, feed)
     work = repaired_model(model_a, layers)
     for alpha in (0.0, 0.4, 1.0):
-        state = repair_state(work, lerp_state(model_a.state_dict(), model_b.state_dict(), alpha), layers, stats_a,
-                             stats_b, alpha, ds.train, ds.mean, ds.std, feed)
+        state = repair_state(work, lerp_state(model_a.state_dict(), model_b.state_dict(), alpha), layers,
+                             [stats_a, stats_b], [1 - alpha, alpha], ds.train, ds.mean, ds.std, feed)
         work.load_state_dict(state)
         # outputs of every (layer, inserted BN) pair, and of the layer alone (z)
         got = unit_statistics(work, layers + [f"{x}.0" for x in layers], ds.train, ds.mean, ds.std, feed)
         for layer in layers:
-            mu, sigma = target(stats_a, stats_b, layer, alpha)
+            mu, sigma = target([stats_a, stats_b], [1 - alpha, alpha], layer)
             assert torch.allclose(got[layer][0], mu, atol=1e-5)
             z_var = got[f"{layer}.0"][1]  # BatchNorm's ε: var_out = σ_target²·var(z)/(var(z) + ε)
             assert torch.allclose(got[layer][1] * (z_var + EPS) / z_var, sigma**2, rtol=1e-4, atol=1e-7)
@@ -83,3 +83,23 @@ def test_repair_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "needs a segment" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
     assert ck.load_checkpoint(a)  # inputs untouched
+
+
+def test_repair_on_the_plane_through_three_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from minima.surface import SurfaceRequest
+    from minima.surface import main as surface_main
+    from minima.surface import run as surface_run
+
+    ds = toy_dataset()
+    a, b, c = (toy_checkpoint(tmp_path / f"{n}.pt", seed, ds, widths=(6, 5)) for n, seed in (("a", 1), ("b", 2),
+                                                                                           ("c", 3)))
+    common = dict(checkpoints=[a, b, c], x="0,0.5,1", y="0,0.4", device="cpu", plot=False, progress=False)
+    plain = results.load_grid(surface_run(SurfaceRequest(out=tmp_path / "plain.h5", **common)))
+    fixed = results.load_grid(surface_run(SurfaceRequest(out=tmp_path / "repair.h5", repair=True, **common)))
+    assert '"repair": true' in fixed.attrs["config"]
+    for i in (0, 2):  # (0, 0) is A and (1, 0) is B: REPAIR changes nothing there
+        for key in ("train/loss", "test/loss", "test/accuracy"):
+            assert fixed.values[key][i, 0] == pytest.approx(plain.values[key][i, 0], rel=1e-5, abs=1e-7), key
+    assert abs(fixed.values["train/loss"][1, 1] - plain.values["train/loss"][1, 1]) > 1e-4
+    assert surface_main([str(a), "--repair", "--out", str(tmp_path / "r.h5")]) == 2
+    assert "three checkpoints" in capsys.readouterr().err

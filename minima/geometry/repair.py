@@ -8,13 +8,15 @@ on training data equal
 
     μ_target = (1 − α)·μ_A + α·μ_B,    σ_target = (1 − α)·σ_A + α·σ_B,    σ = √(var + ε),
 
-the statistics of the endpoints' own units (population statistics over every image and position of the data,
-ε = :data:`EPS`). The correction is an affine map per unit, z ↦ (z − μ)/√(var + ε)·σ_target + μ_target, held by a
-BatchNorm layer inserted after the layer (eval mode, running statistics μ and var of z *as the corrected network
-computes it*): the layers are corrected in order, each measured after the ones before it are fixed — one pass over
-the data per layer, exact (Jordan et al. measure all layers in one pass with BatchNorm in batch mode, which is
-exact only when one batch holds the data). The inserted layers fold into the preceding ones for evaluation. At α = 0
-and α = 1 the correction is the identity up to float rounding.
+the statistics of the endpoints' own units (population statistics over every image and position of the data, ε =
+:data:`EPS`); on the plane through three checkpoints, the same mixture with the point's barycentric weights (outside
+their triangle the weights extrapolate, and a σ_target below 0 is clamped to 0). The correction is an affine map per
+unit, z ↦ (z − μ)/√(var + ε)·σ_target + μ_target, held by a BatchNorm layer inserted after the layer (eval mode,
+running statistics μ and var of z *as the corrected network computes it*): the layers are corrected in order, each
+measured after the ones before it are fixed — one pass over the data per layer, exact (Jordan et al. measure all
+layers in one pass with BatchNorm in batch mode, which is exact only when one batch holds the data). The inserted
+layers fold into the preceding ones for evaluation. At α = 0 and α = 1 the correction is the identity up to float
+rounding.
 
 A network with BatchNorm has its own equivalent reset: re-estimating its running statistics at every point
 (``--bn recompute``); REPAIR is for networks without it.
@@ -23,7 +25,7 @@ A network with BatchNorm has its own equivalent reset: re-estimating its running
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,7 +33,9 @@ from torch import nn
 from minima.data import Split
 from minima.geometry.directions import StateDict
 from minima.geometry.evaluate import Batching
-from minima.geometry.permute import PermutationSpec
+from minima.geometry.permute import PermutationSpec, permutation_spec
+from minima.geometry.points import EvalData, EvalSettings
+from minima.models import has_batchnorm
 
 EPS = 1e-5
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer → (mean, unbiased variance) per unit, float64
@@ -62,18 +66,20 @@ def _set_bn(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, weight: torch.
             buf.copy_(value.to(buf.dtype))
 
 
-def target(stats_a: Stats, stats_b: Stats, layer: str, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ_target, σ_target) of ``layer``'s units at α."""
-    (mean_a, var_a), (mean_b, var_b) = stats_a[layer], stats_b[layer]
-    return ((1 - alpha) * mean_a + alpha * mean_b,
-            (1 - alpha) * torch.sqrt(var_a + EPS) + alpha * torch.sqrt(var_b + EPS))
+def target(stats: Sequence[Stats], weights: Sequence[float], layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ_target, σ_target) of ``layer``'s units: the endpoints' statistics mixed with ``weights`` (1 − α, α on a
+    line)."""
+    mu = sum(w * st[layer][0] for w, st in zip(weights, stats, strict=True))
+    sigma = sum(w * torch.sqrt(st[layer][1] + EPS) for w, st in zip(weights, stats, strict=True))
+    return mu, sigma.clamp_min(0.0)
 
 
-def repair_state(work: nn.Module, state: StateDict, layers: list[str], stats_a: Stats, stats_b: Stats, alpha: float,
-                 split: Split, mean: tuple[float, ...], std: tuple[float, ...], feed: Batching) -> StateDict:
-    """The state of the repaired model ``work`` (:func:`repaired_model`) at θ(α) = ``state``: the layers' tensors
-    renamed into their ``Sequential``, then every inserted BatchNorm set, layer by layer in order, to map its
-    input's statistics on ``split`` to (μ_target, σ_target). ``work`` is used as scratch."""
+def repair_state(work: nn.Module, state: StateDict, layers: list[str], stats: Sequence[Stats],
+                 weights: Sequence[float], split: Split, mean: tuple[float, ...], std: tuple[float, ...],
+                 feed: Batching) -> StateDict:
+    """The state of the repaired model ``work`` (:func:`repaired_model`) at ``state`` (the point θ): the layers'
+    tensors renamed into their ``Sequential``, then every inserted BatchNorm set, layer by layer in order, to map
+    its input's statistics on ``split`` to (μ_target, σ_target) of ``weights``. ``work`` is used as scratch."""
     moved = {f"{layer}.": f"{layer}.0." for layer in layers}
     renamed = {}
     for key, value in state.items():
@@ -86,9 +92,39 @@ def repair_state(work: nn.Module, state: StateDict, layers: list[str], stats_a: 
         _set_bn(bn, torch.zeros_like(ones), ones - EPS, ones, torch.zeros_like(ones))
     for layer in layers:  # the model's order: each layer measured with the ones before it corrected
         z_mean, z_var = unit_statistics(work, [f"{layer}.0"], split, mean, std, feed)[f"{layer}.0"]
-        mu, sigma = target(stats_a, stats_b, layer, alpha)
+        mu, sigma = target(stats, weights, layer)
         _set_bn(work.get_submodule(f"{layer}.1"), z_mean, z_var, sigma, mu)
     return {k: v.detach().clone() for k, v in work.state_dict().items()}
+
+
+class Repairer:
+    """REPAIR between given endpoints for the grid runner: refuses a network with BatchNorm, traces the hidden
+    layers, measures each endpoint's unit statistics once on ``d.bn_split`` (as ``s`` evaluates), and gives the
+    repaired model (:attr:`model`, what the grid evaluates) and the state at any point (:meth:`state`)."""
+
+    def __init__(self, model: nn.Module, endpoints: Sequence[StateDict], example: torch.Tensor, d: EvalData,
+                 s: EvalSettings) -> None:
+        if has_batchnorm(model):
+            raise ValueError("--repair is for networks without BatchNorm; this one has BatchNorm, whose "
+                             "re-estimation at every point (--bn recompute, the default) is the equivalent reset")
+        self.layers = repaired_layers(permutation_spec(model, example))
+        if not self.layers:
+            raise ValueError("--repair: this network has no hidden units to repair")
+        self.d, self.s = d, s
+        work = s.place(copy.deepcopy(model))
+        self.stats = []
+        for state in endpoints:
+            work.load_state_dict(state)
+            with s.compute():
+                self.stats.append(unit_statistics(work, self.layers, d.bn_split, d.mean, d.std, s.feed))
+        self.model = repaired_model(model, self.layers)
+        self.scratch = s.place(copy.deepcopy(self.model))
+
+    def state(self, theta: StateDict, weights: Sequence[float]) -> StateDict:
+        """The repaired model's state at the point ``theta`` whose endpoint weights are ``weights``."""
+        with self.s.compute():
+            return repair_state(self.scratch, theta, self.layers, self.stats, weights, self.d.bn_split, self.d.mean,
+                                self.d.std, self.s.feed)
 
 
 @torch.inference_mode()

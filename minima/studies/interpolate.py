@@ -10,8 +10,7 @@ the largest relative difference is stored and a mismatch beyond the dtype's tole
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from torch import nn
 from minima.core import distributed
 from minima.core.config import setting, to_dict
 from minima.core.vocab import BNPolicy, Direction, check_choice
-from minima.data import Dataset, Split, load_for_checkpoint, normalize
+from minima.data import Split, load_for_checkpoint, normalize
 from minima.figures import save_curve_figure
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
@@ -32,9 +31,8 @@ from minima.geometry.barriers import barriers
 from minima.geometry.barriers import describe as describe_barriers
 from minima.geometry.directions import StateDict, lerp_state, random_direction, shift_state
 from minima.geometry.evaluate import check_model_accepts
-from minima.geometry.permute import permutation_spec
 from minima.geometry.points import EvalData, EvalSettings
-from minima.geometry.repair import repair_state, repaired_layers, repaired_model, unit_statistics
+from minima.geometry.repair import Repairer
 from minima.models import has_batchnorm, is_convolutional
 from minima.studies.grid import (
     EvalOptions,
@@ -147,7 +145,14 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
 
     state_a = ck_a["state_dict"]
     if ck_b is not None and req.repair:
-        model, s, point = _repair_setup(model, state_a, ck_b["state_dict"], s, d, ds)
+        repairer = Repairer(model, [state_a, ck_b["state_dict"]], normalize(ds.train.images[:2], ds.mean, ds.std), d, s)
+        # the inserted BatchNorm layers hold the statistics set at the point: evaluated as they are
+        model, s = repairer.model, replace(s, bn="interpolate")
+        state_b = ck_b["state_dict"]
+
+        def point(c: np.ndarray) -> StateDict:
+            alpha = float(c[0])
+            return repairer.state(lerp_state(state_a, state_b, alpha), [1.0 - alpha, alpha])
     elif ck_b is not None:
         state_b = ck_b["state_dict"]
 
@@ -191,36 +196,6 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
         data=d, attrs=attrs, expected=expected, what=f"α line, {req.direction}{', REPAIR' if req.repair else ''}",
         summary=lambda grid: _curve_summary(_as_curve(grid), segment=req.direction == "segment"),
         figure=lambda grid, path: save_curve_figure(_as_curve(grid), path), check=check)
-
-
-def _repair_setup(model: nn.Module, state_a: StateDict, state_b: StateDict, s: EvalSettings, d: EvalData,
-                  ds: Dataset) -> tuple[nn.Module, EvalSettings, Callable[[np.ndarray], StateDict]]:
-    """The model with a BatchNorm after every hidden layer, the settings that re-estimate them at every point, and
-    the point function of REPAIR (:mod:`minima.geometry.repair`); refused for a network with BatchNorm."""
-    if has_batchnorm(model):
-        raise ValueError("--repair is for networks without BatchNorm; this one has BatchNorm, whose re-estimation at "
-                         "every point (--bn recompute, the default) is the equivalent reset")
-    spec = permutation_spec(model, normalize(ds.train.images[:2], ds.mean, ds.std))
-    layers = repaired_layers(spec)
-    if not layers:
-        raise ValueError("--repair: this network has no hidden units to repair")
-    work = s.place(copy.deepcopy(model))
-    stats = []
-    for state in (state_a, state_b):
-        work.load_state_dict(state)
-        with s.compute():
-            stats.append(unit_statistics(work, layers, d.bn_split, d.mean, d.std, s.feed))
-    repaired = repaired_model(model, layers)
-    scratch = s.place(copy.deepcopy(repaired))
-
-    def point(c: np.ndarray) -> StateDict:
-        alpha = float(c[0])
-        with s.compute():
-            return repair_state(scratch, lerp_state(state_a, state_b, alpha), layers, stats[0], stats[1], alpha,
-                                d.bn_split, d.mean, d.std, s.feed)
-
-    # the inserted BatchNorm layers hold the statistics set at the point: evaluated as they are, never re-estimated
-    return repaired, replace(s, bn="interpolate"), point
 
 
 def _as_curve(grid: results.Grid) -> results.Curve:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch import nn
 from minima.core import distributed
 from minima.core.config import differences, setting, to_dict
 from minima.core.vocab import BNPolicy, Ignore, Norm
-from minima.data import Dataset, Split, load_for_checkpoint
+from minima.data import Dataset, Split, load_for_checkpoint, normalize
 from minima.figures import save_surface_figure
 from minima.files import checkpoint as ckpt_io
 from minima.files import landscape, results
@@ -32,6 +32,7 @@ from minima.files.naming import run_label
 from minima.geometry.directions import DirectionError, Plane, checkpoint_plane, random_plane, trajectory_plane
 from minima.geometry.evaluate import check_model_accepts
 from minima.geometry.points import EvalData, EvalSettings
+from minima.geometry.repair import Repairer
 from minima.models import has_batchnorm, is_convolutional
 from minima.studies.grid import (
     EvalOptions,
@@ -70,6 +71,9 @@ class SurfaceRequest(EvalOptions):
                                       "--dir_type weights or states) instead of minima's random directions: the plane "
                                       "of a loss-landscape surface, to compare or overlay with python -m minima.plot",
                                       default_text="minima's own")
+    repair: bool = setting(False, "REPAIR (Jordan et al. 2023) at every point of the plane through three checkpoints "
+                           "of a network without BatchNorm: each hidden unit's pre-activation mean and std reset to "
+                           "the mixture of the three checkpoints' with the point's barycentric weights", switch=True)
     out: Path | None = setting(None, "output .h5 file", default_text="<A>_surface.h5 beside A")
     max_minutes: float = setting(60.0, "ask (or, without a terminal, refuse) above this estimated time", unit="min")
     yes: bool = setting(False, "run even when the estimate exceeds --max-minutes (scripts)", switch=True)
@@ -83,6 +87,7 @@ class _Inputs:
     ds: Dataset
     sources: list[Path]
     hashes: list[str] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
 
 
 def surface(
@@ -126,6 +131,9 @@ def _validate(req: SurfaceRequest) -> Path:
                          f"them) or --trajectory CKPT…; got {len(req.checkpoints)} checkpoint(s)"
                          + ("; for the segment between two use python -m minima.interpolate A.pt B.pt"
                             if len(req.checkpoints) == 2 else ""))
+    if req.repair and (req.trajectory or len(req.checkpoints) != 3):
+        raise ValueError("--repair mixes the unit statistics of the plane's checkpoints; it needs the plane through "
+                         "three checkpoints (A.pt B.pt C.pt), not a random or trajectory plane")
     return check_options(req, Path(req.out) if req.out is not None else default_output(req))
 
 
@@ -175,7 +183,7 @@ def _inputs(req: SurfaceRequest) -> _Inputs:
                                       req.subset_seed, req.data_root)
     check_model_accepts(model, ds)
     return _Inputs(plane=plane, model=model, origin=origin, ds=ds, sources=paths,
-                   hashes=[ckpt_io.sha256_file(p) for p in paths])
+                   hashes=[ckpt_io.sha256_file(p) for p in paths], states=states)
 
 
 def _mark_name(path: Path) -> str:
@@ -217,10 +225,13 @@ def _prepare(req: SurfaceRequest, env: distributed.DistEnv) -> GridStudy:
     plane = inp.plane
     policy, s, d, record = evaluation_setup(req, inp.model, inp.ds, inp.origin["meta"]["data"], env.device)
     coords = auto_axes(req, plane)
+    model, point = inp.model, lambda c: plane.point(float(c[0]), float(c[1]))
+    if req.repair:
+        model, s, point = _repair(inp, d, s)
     config = {"x": coords["x"].tolist(), "y": coords["y"].tolist(), "bn": policy, "directions": plane.provenance,
               "data": record["data"], "bn_samples": len(d.bn_split), "eval_batch_size": req.eval_batch_size,
               "dtype": req.dtype, "fold_bn": req.fold_bn, "world_size": env.world_size,
-              "float32_math": req.float32_math}
+              "float32_math": req.float32_math, "repair": req.repair}
     identity: dict[str, Any] = {
         "checkpoints": json.dumps([str(p) for p in inp.sources]), "sha256": json.dumps(inp.hashes),
         "model": inp.origin["model"]["name"], "marks": json.dumps(plane.marks),
@@ -231,10 +242,29 @@ def _prepare(req: SurfaceRequest, env: distributed.DistEnv) -> GridStudy:
     expected = {"sha256": attrs["sha256"], "bn_policy": policy,
                 "config": {k: v for k, v in config.items() if k not in ("world_size", "x", "y")}}
     return GridStudy(
-        command="minima.surface", out=out, coords=coords, point=lambda c: plane.point(float(c[0]), float(c[1])),
-        model=inp.model, settings=s, data=d, attrs=attrs, expected=expected, what=f"{plane.provenance['kind']} plane",
+        command="minima.surface", out=out, coords=coords, point=point, model=model, settings=s, data=d, attrs=attrs,
+        expected=expected, what=f"{plane.provenance['kind']} plane{', REPAIR' if req.repair else ''}",
         summary=lambda grid: _lowest(grid), figure=save_surface_figure,
         confirm=confirm_limit("minima.surface", req.max_minutes, req.yes))
+
+
+def _repair(inp: _Inputs, d: EvalData, s: EvalSettings) -> tuple[nn.Module, EvalSettings, Any]:
+    """The repaired model, the settings that evaluate it as set, and the point function of REPAIR on the plane
+    through three checkpoints: at (x, y) the statistics mix with the barycentric weights of the point."""
+    marks = list(inp.plane.marks.values())
+    if len(marks) != 3:
+        raise ValueError("--repair needs the three checkpoints marked apart on the plane; two share a name — pass "
+                         "checkpoints of different runs or file names")
+    (xb, yb), (xc, yc) = marks[1], marks[2]  # A is the origin
+    solve = np.linalg.inv(np.array([[xb, xc], [yb, yc]], dtype=np.float64))
+    repairer = Repairer(inp.model, inp.states, normalize(inp.ds.train.images[:2], inp.ds.mean, inp.ds.std), d, s)
+    plane = inp.plane
+
+    def point(c: np.ndarray) -> dict[str, torch.Tensor]:
+        w_b, w_c = solve @ np.asarray(c[:2], dtype=np.float64)
+        return repairer.state(plane.point(float(c[0]), float(c[1])), [1.0 - w_b - w_c, float(w_b), float(w_c)])
+
+    return repairer.model, replace(s, bn="interpolate"), point
 
 
 def _lowest(grid: results.Grid) -> str:
