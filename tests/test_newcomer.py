@@ -4,8 +4,10 @@ request, a sharpness table that names its settings, and a hint for a misspelled 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from minima.interpolate import main as interpolate_main
 from minima.sharpness import main as sharpness_main
@@ -208,3 +210,57 @@ def test_a_plane_from_a_loss_landscape_direction_file_and_the_overlay(ckpts: tup
     assert surface_main([str(a), "--directions", str(dir_file), "--out", str(tmp_path / "bad.h5"), "--device",
                          "cpu"]) == 2
     assert "ydirection/0 has shape (2, 2)" in capsys.readouterr().err and not (tmp_path / "bad.h5").exists()
+
+
+class _FakeTime:
+    """A clock that moves only when images are normalised for a forward pass: 1 ms per image."""
+
+    now = 0.0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("command", ["interpolate", "surface"])
+def test_grid_estimates_count_the_work_that_follows(tmp_path: Path, command: str, batchnorm: bool,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """The printed estimate against the wall time the command then reports, on a clock that charges every image a
+    forward pass sees the same time: the estimate's accounting (points, train + test + BatchNorm re-estimation
+    images, the timed batch) must be within 2× of the work done — here exactly, on a fixed tiny workload — without a
+    timed test's noise."""
+    import re
+
+    from minima.core import cli
+    from minima.geometry import evaluate as evaluate_mod
+    from minima.studies import grid
+
+    real = evaluate_mod.normalize
+    _FakeTime.now = 0.0
+
+    def charged(images: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _FakeTime.now += 1e-3 * images.shape[0]
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "normalize", charged)
+    monkeypatch.setattr(grid, "time", _FakeTime)
+    monkeypatch.setattr(cli, "time", _FakeTime)
+    ds = toy_dataset()  # 96 train / 48 test images; with BatchNorm every point also re-estimates on the 96
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=batchnorm)
+    b = toy_checkpoint(tmp_path / "b.pt", 2, ds, batchnorm=batchnorm)
+    if command == "interpolate":
+        status = interpolate_main([str(a), str(b), "--alphas", "0:1:4", "--out", str(tmp_path / "l.h5"), "--no-plot",
+                                   "--eval-batch-size", "32"])
+    else:
+        status = surface_main([str(a), "--x", "-1:1:3", "--y", "-1:1:3", "--out", str(tmp_path / "s.h5"),
+                               "--no-plot", "--eval-batch-size", "32"])
+    assert status == 0
+    out = capsys.readouterr().out
+    seconds = [float(v) for v in re.findall(r"(?:estimated|done in) ([\d.]+) s", out)]
+    assert len(seconds) == 2, out
+    estimate, measured = seconds
+    # the timed batches of the estimate itself are part of the measured time: 3 batches of 32 images
+    assert 0.5 <= estimate / measured <= 2.0, (estimate, measured)
+    assert estimate == pytest.approx(measured - 3 * 32e-3, rel=0.05, abs=0.05)
