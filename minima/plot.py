@@ -1,11 +1,12 @@
 """``python -m minima.plot FILE.h5 [FILE2.h5 ...] [--out FIG.png]``: redraw figures from result files.
 
-One curve file → the Keskar-style parametric plot; several curve files → one panel overlaying them (Li et al.
-2018, Fig. 3 style: e.g. the filter-normalised curves of SB and LB), the legend naming each; a plane (two-axis grid)
-→ contours, filled contours and a 3-D view with its checkpoints and trajectory. Surface files of loss-landscape
-(Li et al.'s code) are drawn the same way, and ``--to-loss-landscape OUT.h5`` writes a minima curve or plane in
-their layout (:mod:`minima.files.landscape`). Reads files only (never recomputes, never imports a model); the
-figures themselves are drawn by :mod:`minima.figures`.
+A sharpness file with eigenvalue densities (``--metrics density``) → the densities overlaid, one per checkpoint
+(PyHessian style). One curve file → the Keskar-style parametric plot; several curve files → one panel overlaying
+them (Li et al. 2018, Fig. 3 style: e.g. the filter-normalised curves of SB and LB), the legend naming each; a plane
+(two-axis grid) → contours, filled contours and a 3-D view with its checkpoints and trajectory. Surface files of
+loss-landscape (Li et al.'s code) are drawn the same way, and ``--to-loss-landscape OUT.h5`` writes a minima curve
+or plane in their layout (:mod:`minima.files.landscape`). Reads files only (never recomputes, never imports a
+model); the figures themselves are drawn by :mod:`minima.figures`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ import matplotlib
 
 from minima.core import config as cfg
 from minima.core.cli import run_command
-from minima.figures import save_curve_figure, save_curves_figure, save_planes_figure, save_surface_figure
+from minima.figures import (
+    save_curve_figure,
+    save_curves_figure,
+    save_density_figure,
+    save_planes_figure,
+    save_surface_figure,
+)
 from minima.files import landscape
-from minima.files.results import curve_from_values
+from minima.files.results import SHARPNESS_FORMAT, curve_from_values, load_sharpness, read_format
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def draw(files: Sequence[Path], out: Path | None = None) -> Path:
     """The figure of one grid file, or the overlay of several curve files; returns its path."""
     matplotlib.use("Agg")  # a command writes files; it never opens a window
+    if any(read_format(f) == SHARPNESS_FORMAT for f in files):
+        return _densities(files, out)
     grids = [landscape.load_any(f) for f in files]
     planes = [g for g in grids if len(g.axes) != 1]
     if len(grids) > 1 and planes and len(planes) == len(grids) and all(len(g.axes) == 2 for g in grids):
@@ -68,6 +77,17 @@ def draw(files: Sequence[Path], out: Path | None = None) -> Path:
     else:
         curves = [curve_from_values(g.coords[g.axes[0]], g.values, g.attrs, g.path) for g in grids]
         out = save_curves_figure(curves, out or Path(files[0]).parent / "overlay.png")
+    print(f"wrote {out}")
+    return out
+
+
+def _densities(files: Sequence[Path], out: Path | None) -> Path:
+    """The Hessian eigenvalue densities stored in sharpness files, overlaid (e.g. SB and LB)."""
+    found = [r for f in files for r in load_sharpness(f) if str(r["metric"]).startswith("density")]
+    if not found:
+        raise ValueError(f"{files[0]} holds sharpness results but no eigenvalue density; print its table with python "
+                         f"-m minima.sharpness --show {files[0]}, or measure one with --metrics density")
+    out = save_density_figure(found, out or Path(files[0]).with_name(Path(files[0]).stem + "_density.png"))
     print(f"wrote {out}")
     return out
 

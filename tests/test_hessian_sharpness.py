@@ -288,3 +288,51 @@ def test_conv_objective_matches_dense_hessian_in_every_layout() -> None:
     for layout in (None, True):
         assert results[layout][0] == pytest.approx(results[False][0], rel=1e-13)
         torch.testing.assert_close(results[layout][1], results[False][1], rtol=1e-11, atol=1e-13)
+
+
+def test_slq_density_moments_are_the_probes_quadratic_forms() -> None:
+    """Σ τ_j θ_j^k = qᵀH^kq/n exactly for k ≤ 2m − 1 (the quadrature of full Lanczos), which holds only with the
+    weights τ_j = (first components of T_m's eigenvectors)²; and within the stochastic error of tr(H^k)/n."""
+    from minima.curvature.hessian import _start_vector, broadened, spectral_density
+
+    model, ds = _setup()
+    obj = _objective(model, ds)
+    dense = _dense_hessian(model.eval(), ds).numpy()
+    n = obj.numel
+    r = spectral_density(hessian_operator(obj), steps=n, probes=6, seed=3)
+    assert r.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    rng = np.random.default_rng(3)
+    probes = [_start_vector(rng, n, torch.device("cpu"), "rademacher").numpy() for _ in range(6)]
+    for k in (1, 2, 3):
+        quad = np.mean([q @ np.linalg.matrix_power(dense, k) @ q / n for q in probes])
+        assert float((r.weights * r.nodes**k).sum()) == pytest.approx(quad, rel=1e-8)
+    for k in (1, 2):
+        exact = np.trace(np.linalg.matrix_power(dense, k)) / n
+        samples = [q @ np.linalg.matrix_power(dense, k) @ q / n for q in probes]
+        assert abs(float((r.weights * r.nodes**k).sum()) - exact) <= 4 * np.std(samples, ddof=1) / np.sqrt(6)
+    # the broadened density integrates to 1 for any width
+    grid = np.linspace(r.nodes.min() - 1, r.nodes.max() + 1, 20001)
+    for width in (0.01, 0.1):
+        dens = broadened(r.nodes, r.weights, grid, width)
+        assert float(np.sum((dens[1:] + dens[:-1]) * np.diff(grid)) / 2) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_hutchpp_beats_hutchinson_on_a_spectrum_with_a_few_large_eigenvalues() -> None:
+    from minima.curvature.hessian import hutchpp_trace
+
+    rng = np.random.default_rng(0)
+    n = 300
+    basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eigenvalues = np.concatenate([[400.0, 250.0, 120.0, 80.0, 50.0], rng.uniform(0, 1, n - 5)])
+    h = torch.from_numpy((basis * eigenvalues) @ basis.T)
+    exact = float(eigenvalues.sum())
+    errors = {"hutchinson": [], "hutchpp": []}
+    for seed in range(10):
+        op = CountingOperator(n, lambda v: h @ v)
+        r = hutchinson_trace(op, rtol=0.0, min_probes=30, max_probes=30, seed=seed)
+        errors["hutchinson"].append(abs(r.trace - exact))
+        op = CountingOperator(n, lambda v: h @ v)
+        r = hutchpp_trace(op, products=30, seed=seed)
+        assert r.hvps == 30
+        errors["hutchpp"].append(abs(r.trace - exact))
+    assert np.mean(errors["hutchpp"]) < 0.2 * np.mean(errors["hutchinson"]), errors

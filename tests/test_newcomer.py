@@ -264,3 +264,25 @@ def test_grid_estimates_count_the_work_that_follows(tmp_path: Path, command: str
     # the timed batches of the estimate itself are part of the measured time: 3 batches of 32 images
     assert 0.5 <= estimate / measured <= 2.0, (estimate, measured)
     assert estimate == pytest.approx(measured - 3 * 32e-3, rel=0.05, abs=0.05)
+
+
+def test_density_results_are_drawn_and_the_trace_methods_recorded(ckpts: tuple[Path, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    from minima.files import results
+    from minima.plot import main as plot_main
+
+    from .helpers import assert_drawn
+
+    a, b = ckpts
+    out = tmp_path / "d.h5"
+    base = ["--metrics", "density", "trace", "--density-probes", "2", "--density-steps", "8", "--trace-method",
+            "hutchpp", "--trace-max-probes", "12", "--out", str(out), "--device", "cpu"]
+    assert sharpness_main([str(a), str(b), *base]) == 0
+    rows = {(r["checkpoint_label"], r["metric"]): r for r in results.load_sharpness(out)}
+    dens = rows[("a", "density_m8_probes2")]
+    assert dens["weights"].sum() == pytest.approx(1.0) and set(dens["probe"]) == {0, 1}
+    assert dens["value"] == pytest.approx(dens["nodes"].max())
+    assert rows[("b", "trace_hutchpp")]["hvps"] == 12
+    capsys.readouterr()
+    assert plot_main([str(out)]) == 0
+    assert_drawn(tmp_path / "d_density.png")

@@ -48,6 +48,7 @@ Optimizer = Literal["adam", "sgd"]
 Amp = Literal["none", "bf16"]
 AlignMethod = Literal["weights", "activations"]
 CurveKind = Literal["bezier", "polychain"]
+TraceMethod = Literal["hutchinson", "hutchpp"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
                                         "bfloat16": torch.bfloat16}

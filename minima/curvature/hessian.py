@@ -17,6 +17,16 @@ Hutchinson's trace estimate.
   README's measured section compares their product counts on a trained C1.
 * **Trace**: tr(H) = E[zᵀHz] for Rademacher z; the mean over probes with its standard error
   s/√m, stopping once the standard error is below ``rtol·|mean|`` (after ``min_probes``) or at ``max_probes``.
+  Hutch++ (Meyer, Musco, Musco, Woodruff 2021) spends a third of its products on a sketch Q of the top of the
+  spectrum, takes tr(QᵀHQ) exactly and estimates the rest with Hutchinson on (I − QQᵀ)H(I − QQᵀ): far smaller
+  error when a few eigenvalues dominate, as in trained networks.
+* **Spectral density** (Ghorbani et al. 2019; PyHessian): stochastic Lanczos quadrature. Per Rademacher probe q,
+  m Lanczos steps give T_m = S Θ Sᵀ; the density is Σ_j τ_j δ(λ − θ_j) with weights τ_j = (S_{1j})² — the
+  squared *first components* of T_m's eigenvectors (PyHessian used the eigenvalues' squares until 2024) —
+  averaged over probes. Σ τ_j θ_j^k = qᵀH^kq/n exactly for k ≤ 2m − 1, so the moments are Hutchinson estimates of
+  tr(H^k)/n.
+* **Blocks**: :func:`block_operator` restricts an operator to a set of coordinates — the diagonal block H_BB of one
+  layer or module — so every method above measures a block.
 
 HVP counts are reported with every result: HVPs are what curvature estimation costs.
 """
@@ -228,15 +238,53 @@ def hutchinson_trace(
                        seconds=time.perf_counter() - t0, converged=converged)
 
 
-def slq_density(
-    op: CountingOperator, *, steps: int = 30, probes: int = 4, seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Spectral density by stochastic Lanczos quadrature: Ritz nodes and weights (each probe's weights sum
-    to 1/probes), from ``steps`` Lanczos steps with full reorthogonalisation per Rademacher probe."""
+def hutchpp_trace(op: CountingOperator, *, products: int = 99, seed: int = 0) -> TraceResult:
+    """Hutch++ estimate of tr(H) from about ``products`` Hessian-vector products (a multiple of 3 is used: k
+    sketch, k projection and k Hutchinson products, k = products // 3 ≥ 2). ``stderr`` is the standard error of the
+    Hutchinson part (the sketched part is exact)."""
+    k = products // 3
+    if k < 2:
+        raise ValueError(f"Hutch++ needs at least 6 products (3 × 2); got {products}")
     rng = np.random.default_rng(seed)
     n = op.shape[0]
-    nodes, weights = [], []
-    for _ in range(probes):
+    start, t0 = op.products, time.perf_counter()
+    k = min(k, n)
+    sketch = torch.stack([op.apply(_start_vector(rng, n, op.device, "rademacher")) for _ in range(k)], dim=1)
+    q, _ = torch.linalg.qr(sketch)  # n × k orthonormal basis of H S
+    exact = sum(float(q[:, j] @ op.apply(q[:, j].contiguous())) for j in range(q.shape[1]))
+    samples = []
+    for _ in range(k):
+        g = _start_vector(rng, n, op.device, "rademacher")
+        g = g - q @ (q.T @ g)
+        samples.append(float(g @ op.apply(g)))
+    rest, se = float(np.mean(samples)), float(np.std(samples, ddof=1) / np.sqrt(len(samples)))
+    return TraceResult(trace=exact + rest, stderr=se, probes=k, hvps=op.products - start,
+                       seconds=time.perf_counter() - t0, converged=True)
+
+
+@dataclass(frozen=True)
+class DensityResult:
+    """Stochastic Lanczos quadrature: Ritz ``nodes`` and ``weights`` of every probe (``probe`` says which; each
+    probe's weights sum to 1/probes), ``steps`` Lanczos steps per probe (fewer when an invariant subspace is found)."""
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    probe: np.ndarray
+    probes: int
+    steps: int
+    hvps: int
+    seconds: float
+
+
+def spectral_density(op: CountingOperator, *, steps: int = 30, probes: int = 4, seed: int = 0) -> DensityResult:
+    """The SLQ density of ``op`` (see the module docstring), full reorthogonalisation, Rademacher probes."""
+    if steps < 1 or probes < 1:
+        raise ValueError(f"need ≥ 1 Lanczos step and ≥ 1 probe; got {steps}, {probes}")
+    rng = np.random.default_rng(seed)
+    n = op.shape[0]
+    nodes, weights, which = [], [], []
+    start, t0 = op.products, time.perf_counter()
+    for i in range(probes):
         q = _start_vector(rng, n, op.device, "rademacher")
         for step in _lanczos_steps(op, q, min(steps, n)):
             if step[3] < 1e-12:  # β_m ≈ 0: invariant subspace, T_m is exact
@@ -244,4 +292,35 @@ def slq_density(
         evals, evecs = _ritz(step[1], step[2])  # T_m of the last step taken
         nodes.append(evals)
         weights.append(evecs[0] ** 2 / probes)
-    return np.concatenate(nodes), np.concatenate(weights)
+        which.append(np.full(len(evals), i))
+    return DensityResult(np.concatenate(nodes), np.concatenate(weights), np.concatenate(which), probes,
+                         min(steps, n), op.products - start, time.perf_counter() - t0)
+
+
+def slq_density(
+    op: CountingOperator, *, steps: int = 30, probes: int = 4, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ritz nodes and weights of :func:`spectral_density`."""
+    r = spectral_density(op, steps=steps, probes=probes, seed=seed)
+    return r.nodes, r.weights
+
+
+def broadened(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, width: float) -> np.ndarray:
+    """The density Σ_j τ_j·N(λ; θ_j, width²) on ``grid`` (Gaussian broadening of the quadrature, as PyHessian
+    draws it); integrates to Σ τ_j = 1 over the real line."""
+    z = (grid[:, None] - nodes[None, :]) / width
+    return (np.exp(-0.5 * z * z) / (width * np.sqrt(2 * np.pi))) @ weights
+
+
+def block_operator(op: CountingOperator, index: torch.Tensor) -> CountingOperator:
+    """The diagonal block H_BB of ``op`` on the coordinates ``index`` (v ↦ (H [v on B, 0 elsewhere])_B); its
+    products count on ``op`` as well."""
+    index = index.to(op.device)
+    n = op.shape[0]
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(n, dtype=v.dtype, device=v.device)
+        full[index] = v
+        return op.apply(full)[index]
+
+    return CountingOperator(len(index), matvec, op.device)

@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from minima.curvature.hessian import EigenMethod, hessian_operator, hutchinson_trace, top_eigenvalues
+from minima.core.vocab import TraceMethod
+from minima.curvature.hessian import (
+    EigenMethod,
+    hessian_operator,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    top_eigenvalues,
+)
 from minima.curvature.measures import RandomSubspace, adaptive_sharpness, average_sharpness, keskar_sharpness
 from minima.curvature.objective import DatasetObjective
 
@@ -175,19 +183,53 @@ register(Metric(
 
 # ----------------------------------------------------------------------------------------- Hessian trace
 def _trace(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    r = hutchinson_trace(hessian_operator(obj), rtol=job["rtol"], max_probes=job["max_probes"], seed=seed)
+    op = hessian_operator(obj)
+    if job.get("method", "hutchinson") == "hutchpp":
+        r = hutchpp_trace(op, products=job["max_probes"], seed=seed)
+    else:
+        r = hutchinson_trace(op, rtol=job["rtol"], max_probes=job["max_probes"], seed=seed)
     return {"value": r.trace, **asdict(r)}
 
 
+def _trace_jobs(p: Mapping[str, Any]) -> list[Job]:
+    if p["trace_method"] == "hutchpp":  # a fixed budget of products: no stopping rule
+        return [("trace_hutchpp", {"method": "hutchpp", "max_probes": p["trace_max_probes"]})]
+    return [("trace", {"rtol": p["trace_rtol"], "max_probes": p["trace_max_probes"]})]
+
+
 register(Metric(
-    name="trace", summary="Hutchinson estimate of the Hessian trace with its standard error",
+    name="trace", summary="Hessian trace with its standard error: Hutchinson, or Hutch++ (Meyer et al. 2021)",
     params=(
-        Param("trace_rtol", float, 1e-2, "stop at this relative standard error"),
-        Param("trace_max_probes", int, 100, "most Rademacher probes", "products"),
+        Param("trace_rtol", float, 1e-2, "Hutchinson: stop at this relative standard error"),
+        Param("trace_max_probes", int, 100, "Hutchinson: most Rademacher probes; Hutch++: its budget", "products"),
+        Param("trace_method", TraceMethod, "hutchinson", "hutchinson (stops at --trace-rtol) or hutchpp (a third of "
+              "the products sketch the top of the spectrum, taken exactly; far smaller error when a few eigenvalues "
+              "dominate)"),
     ),
-    jobs=lambda p: [("trace", {"rtol": p["trace_rtol"], "max_probes": p["trace_max_probes"]})],
-    compute=_trace, uses_hessian=True, cost=lambda job: {"hvp": job["max_probes"]},  # at most
+    jobs=_trace_jobs, compute=_trace, uses_hessian=True, cost=lambda job: {"hvp": job["max_probes"]},  # at most
     fields=("trace", "stderr", "probes", "hvps", "seconds", "converged"),
+))
+
+
+# ------------------------------------------------------------------------------------ spectral density
+def _density(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
+             ) -> dict[str, Any]:
+    r = spectral_density(hessian_operator(obj), steps=job["steps"], probes=job["probes"], seed=seed)
+    return {"value": float(r.nodes.max()), "nodes": r.nodes, "weights": r.weights, "probe": r.probe,
+            "probes": r.probes, "steps": r.steps, "dimension": obj.numel, "hvps": r.hvps, "seconds": r.seconds}
+
+
+register(Metric(
+    name="density", summary="Hessian eigenvalue density by stochastic Lanczos quadrature (value: largest Ritz value; "
+    "python -m minima.plot draws it)",
+    params=(
+        Param("density_probes", int, 4, "Rademacher probes (independent Lanczos runs)"),
+        Param("density_steps", int, 60, "Lanczos steps per probe (full reorthogonalisation)"),
+    ),
+    jobs=lambda p: [(f"density_m{p['density_steps']}_probes{p['density_probes']}",
+                     {"steps": p["density_steps"], "probes": p["density_probes"]})],
+    compute=_density, uses_hessian=True, cost=lambda job: {"hvp": job["steps"] * job["probes"]},
+    fields=("nodes", "weights", "probe", "probes", "steps", "dimension", "hvps", "seconds"),
 ))
 
 

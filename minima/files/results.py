@@ -365,6 +365,16 @@ def write_sharpness(path: str | os.PathLike[str], label: str, metric: str, value
         f.flush()
 
 
+def read_format(path: str | os.PathLike[str]) -> str | None:
+    """The ``format`` attribute of an HDF5 file; None for a file that is not HDF5 or has none (checks only)."""
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+    except OSError:
+        return None
+    return fmt.decode() if isinstance(fmt, bytes) else (str(fmt) if fmt is not None else None)
+
+
 def load_sharpness(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every stored sharpness result as a dict (``checkpoint_label``, ``metric`` and its attributes/arrays)."""
     out: list[dict[str, Any]] = []
