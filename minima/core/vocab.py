@@ -49,6 +49,8 @@ Amp = Literal["none", "bf16"]
 AlignMethod = Literal["weights", "activations"]
 CurveKind = Literal["bezier", "polychain"]
 TraceMethod = Literal["hutchinson", "hutchpp"]
+WorstNorm = Literal["linf", "l2"]
+L2Step = Literal["invariant", "authors"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
                                         "bfloat16": torch.bfloat16}

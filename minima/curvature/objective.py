@@ -39,10 +39,11 @@ class FixedBatches:
     and the reduction that turns per-rank sums into sums over the whole split (``count`` samples)."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], count: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, local: bool = False) -> None:
         if count < 1:
             raise ValueError("the objective needs at least one sample")
         self.batches, self.count, self.device, self.dtype = batches, int(count), torch.device(device), dtype
+        self.local = local  # this rank's own data only: sums are not reduced over ranks
 
     @classmethod
     def from_split(
@@ -57,10 +58,9 @@ class FixedBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    @staticmethod
-    def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        """The sum of this rank's ``tensor`` over all ranks (itself in one process)."""
-        return distributed.all_reduce_sum(tensor)
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of this rank's ``tensor`` over all ranks (itself in one process, or for ``local`` data)."""
+        return tensor if self.local else distributed.all_reduce_sum(tensor)
 
     def sum(self, per_batch: Callable[[int, torch.Tensor, torch.Tensor], Sequence[torch.Tensor]],
             like: Sequence[torch.Tensor], batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,

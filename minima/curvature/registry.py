@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from minima.core.vocab import TraceMethod
+from minima.core import distributed
+from minima.core.vocab import L2Step, TraceMethod, WorstNorm
 from minima.curvature.hessian import (
     EigenMethod,
     hessian_operator,
@@ -30,7 +31,8 @@ from minima.curvature.hessian import (
     top_eigenvalues,
 )
 from minima.curvature.measures import RandomSubspace, adaptive_sharpness, average_sharpness, keskar_sharpness
-from minima.curvature.objective import DatasetObjective
+from minima.curvature.objective import DatasetObjective, FixedBatches
+from minima.curvature.worstcase import worst_case_sharpness
 
 Job = tuple[str, dict[str, Any]]
 
@@ -266,3 +268,72 @@ register(Metric(
     compute=_average, cost=lambda job: {"f": job["samples"] + 1},
     fields=("sharpness", "stderr", "f0", "sigma", "samples", "seed", "seconds"),
 ))
+
+
+# ------------------------------------------------------------------------------------- worst-case (APGD)
+def _batch_objectives(obj: DatasetObjective, n: int, m: int) -> list[DatasetObjective]:
+    """Objectives of this rank's first images of the measured data in batches of ``m`` (BatchNorm eval, sums not
+    reduced over ranks); in one process the first ``n`` images, under torchrun ⌈n / ranks⌉ of each rank's shard."""
+    if m > n:
+        raise ValueError(f"--worst-m {m} exceeds --worst-n {n}: a batch cannot hold more images than are measured")
+    if n % m:
+        raise ValueError(f"--worst-n {n} is not a multiple of --worst-m {m}; pass n = k·m (e.g. 1024 and 128)")
+    if n > obj.count:
+        raise ValueError(f"--worst-n {n} exceeds the {obj.count} training images measured; pass --train-subset ≥ "
+                         f"{n} or a smaller --worst-n")
+    xs = torch.cat([x for x, _ in obj.batches])
+    ys = torch.cat([y for _, y in obj.batches])
+    take = min(len(ys), -(-n // distributed.world_size()))
+    take -= take % m
+    out = []
+    for start in range(0, take, m):
+        data = FixedBatches([(xs[start:start + m], ys[start:start + m])], m, obj.device, obj.dtype, local=True)
+        sub = DatasetObjective(obj.model, data, bn="eval")
+        if obj.observer is not None:  # the progress bar counts images
+            sub.observer = lambda kind, parent=obj.observer, k=m: [parent(kind) for _ in range(k)]
+        out.append(sub)
+    return out
+
+
+def _worst_case(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
+                ) -> dict[str, Any]:
+    subs = _batch_objectives(obj, job["n"], job["m"])
+    reduce = (lambda v: distributed.all_reduce_sum(torch.as_tensor(v, device=obj.device)).cpu().numpy()
+              ) if distributed.world_size() > 1 else None
+    r = worst_case_sharpness([s.value_and_grad for s in subs], x, job["rho"], m=job["m"], n=job["n"],
+                             norm=job["norm"], adaptive=job["adaptive"], iterations=job["iterations"],
+                             l2_step=job["l2_step"], reduce=reduce)
+    return {"value": r.sharpness, **asdict(r), "bn_mode_used": "eval"}
+
+
+def _worst_jobs(p: Mapping[str, Any]) -> list[Job]:
+    if p["worst_rho"] <= 0:
+        raise ValueError(f"--worst-rho must be > 0, got {p['worst_rho']}")
+    kind = ("adaptive_" if p["worst_adaptive"] else "") + p["worst_norm"]
+    step = "_authors" if p["worst_norm"] == "l2" and p["worst_l2_step"] == "authors" else ""
+    return [(f"worst_{kind}{step}_rho{p['worst_rho']:g}_m{p['worst_m']}_n{p['worst_n']}",
+             {"rho": p["worst_rho"], "norm": p["worst_norm"], "adaptive": p["worst_adaptive"], "m": p["worst_m"],
+              "n": p["worst_n"], "iterations": p["worst_iterations"], "l2_step": p["worst_l2_step"]})]
+
+
+register(Metric(
+    name="worst_case", summary="adaptive worst-case m-sharpness by Auto-PGD (Andriushchenko et al. 2023): mean over "
+    "batches of m images of max over the box/ellipsoid of the loss increase, BatchNorm eval",
+    params=(
+        Param("worst_rho", float, 0.002, "radius ρ of the box |δ_i| ≤ ρ|w_i| or the ellipsoid ‖δ ⊘ |w|‖ ≤ ρ "
+              "(the authors' ResNet-18 grids: ℓ∞ 0.001–0.008, ℓ2 0.25–2)"),
+        Param("worst_norm", WorstNorm, "linf", "ℓ∞ box or ℓ2 ellipsoid"),
+        Param("worst_adaptive", bool, True, "scale the set by |w| (adaptive, invariant to ReLU rescaling); off: |w| "
+              "→ 1"),
+        Param("worst_m", int, 128, "images per batch (m-sharpness)", "samples"),
+        Param("worst_n", int, 1024, "images measured (the first n of the training data measured)", "samples"),
+        Param("worst_iterations", int, 20, "Auto-PGD iterations per batch"),
+        Param("worst_l2_step", L2Step, "invariant", "ℓ2 ascent step: normalised in the scaled coordinates "
+              "(invariant), or g/‖g‖ ⊙ |w| with a Euclidean projection (the authors' code; not invariant)"),
+    ),
+    jobs=_worst_jobs, compute=_worst_case,
+    cost=lambda job: {"grad_image": (job["iterations"] + 1) * job["n"]},
+    fields=("sharpness", "stderr", "batches", "m", "n", "rho", "norm", "adaptive", "l2_step", "iterations",
+            "f0_mean", "f_max_mean", "seconds", "bn_mode_used"),
+))
+

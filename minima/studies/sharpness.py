@@ -204,6 +204,7 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
     obj.value()  # timed once more, warm (the same f(x); θ and the stored graphs untouched)
     obj.observer = None
     unit["grad"] = 3 * unit["f"]  # a backward pass costs about two forward passes
+    unit["grad_image"] = unit["grad"] / len(train)  # ∇f of one image (metrics working on batches of their own)
     if any(m.name == "keskar" for m, _, _ in pending):
         unit.update(keskar_overheads(obj.numel, env.device))
     if env.is_main:
