@@ -33,6 +33,7 @@ from minima.core.options import CheckpointData
 from minima.core.precision import effective as precision_effective
 from minima.core.precision import float32_math
 from minima.core.vocab import TORCH_DTYPES, BNMode, CurvatureDtype, check_choice
+from minima.curvature.blocks import parameter_blocks
 from minima.curvature.measures import keskar_overheads
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.curvature.registry import REGISTRY, Metric, Param, get_metric, load_plugins
@@ -58,6 +59,10 @@ class MeasureOptions(CheckpointData):
                                "sharpness/)",
                                default_text="<label>[_<label2>…]_sharpness.h5 beside the first checkpoint")
     seed: int = setting(0, "seed of Lanczos start vectors, probes and noise")
+    blocks: str = setting("all", "restrict hessian, trace and density to diagonal Hessian blocks: all (the whole "
+                          "network), layers (each weight with its bias), modules (each module's parameters) or "
+                          "REGEX[,REGEX…] (each a block of the parameter names it matches); one result per block, "
+                          "named <result>@<block>")
     hvp_cache_gb: float | None = setting(None, "memory for gradient graphs kept between Hessian-vector products "
                                          "at one θ (0 keeps none; the numbers are the same)", unit="GB",
                                          default_text="a quarter of the available memory")
@@ -147,12 +152,13 @@ def measure(req: MeasureOptions) -> Path:
         jobs = distributed.agree(env, lambda: (_validate(req), result_jobs(req))[1])
         # every checkpoint is read and its model rebuilt before the output is touched: a refusal leaves no file
         loaded = distributed.agree(env, lambda: [_load(Path(p), req) for p in req.checkpoints])
+        per_checkpoint = distributed.agree(env, lambda: [block_jobs(jobs, model, req.blocks) for _, model in loaded])
 
         distributed.from_main(env, lambda: results.check_sharpness_output(out))  # the file is made by the first result
         cache_bytes = (memory_budget(env.device) if req.hvp_cache_gb is None else int(req.hvp_cache_gb * 1e9))
         with float32_math(req.float32_math):
-            computed = sum(_measure_checkpoint(Path(path), ckpt, model, req, jobs, out, env, cache_bytes)
-                           for path, (ckpt, model) in zip(req.checkpoints, loaded, strict=True))
+            computed = sum(_measure_checkpoint(Path(path), ckpt, model, req, mine, out, env, cache_bytes)
+                           for path, (ckpt, model), mine in zip(req.checkpoints, loaded, per_checkpoint, strict=True))
         if env.is_main:
             print(format_table(results.load_sharpness(out)), flush=True)
             print(f"[minima.sharpness] wrote {computed} result(s) to {out}" if computed else
@@ -160,6 +166,23 @@ def measure(req: MeasureOptions) -> Path:
         distributed.barrier()
     finally:
         distributed.teardown()
+    return out
+
+
+def block_jobs(jobs: list[tuple[Metric, str, dict[str, Any]]], model: nn.Module, spec: str
+               ) -> list[tuple[Metric, str, dict[str, Any]]]:
+    """``jobs`` with every blockwise metric's job replaced by one job per block of ``spec`` (result name
+    ``<name>@<block>``, the block's label, parameter names and size in the job); unchanged for ``all``."""
+    blocks = parameter_blocks([(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad], spec)
+    if not blocks:
+        return jobs
+    out = []
+    for metric, name, job in jobs:
+        if metric.blockwise:
+            out += [(metric, f"{name}@{b.label}", {**job, "block": b.label, "block_params": list(b.names),
+                                                    "block_size": b.size}) for b in blocks]
+        else:
+            out.append((metric, name, job))
     return out
 
 
