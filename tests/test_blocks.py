@@ -132,3 +132,60 @@ def test_per_block_densities_are_drawn_as_small_multiples(tmp_path: Path) -> Non
                            "--density-steps", "6", "--out", str(out)]) == 0
     assert plot_main([str(out)]) == 0
     assert_drawn(tmp_path / "d_density.png")
+
+
+def _jacobian_ggn(model: nn.Module, ds: data.Dataset) -> torch.Tensor:
+    """Dense (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i with J from torch.autograd (eval mode)."""
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    x = data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64)
+
+    def logits(theta: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = theta[offset:offset + s.numel()].view(s)
+            offset += s.numel()
+        return functional_call(model, params, (x,))
+
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    jac = torch.autograd.functional.jacobian(logits, theta)  # N × C × n
+    prob = torch.softmax(logits(theta), dim=1)
+    h_out = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    return torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / len(x)
+
+
+def test_ggn_equals_the_dense_gauss_newton_matrix_and_the_hessian_of_a_linear_model() -> None:
+    from minima.curvature.hessian import ggn_operator
+
+    torch.manual_seed(0)
+    ds = data.synthetic(n_train=40, n_test=4, image_shape=(1, 4, 4), num_classes=3, seed=2)
+    model = build_model("mlp", 3, input_shape=[1, 4, 4], widths=[5]).double().eval()
+    obj = _objective(model, ds, "eval")
+    eye = torch.eye(obj.numel, dtype=torch.float64)
+    ggn = torch.stack([obj.ggn_vp(eye[i]) for i in range(obj.numel)])
+    torch.testing.assert_close(ggn, _jacobian_ggn(model, ds), rtol=1e-9, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(0.5 * (ggn + ggn.T)).min()) >= -1e-12  # positive semi-definite
+    assert float((ggn - torch.from_numpy(_dense(obj))).abs().max()) > 1e-6  # not the Hessian of a ReLU network
+    linear = build_model("mlp", 3, input_shape=[1, 4, 4], widths=[]).double().eval()  # logits linear in θ
+    lin = _objective(linear, ds, "eval")
+    eye = torch.eye(lin.numel, dtype=torch.float64)
+    torch.testing.assert_close(torch.stack([lin.ggn_vp(eye[i]) for i in range(lin.numel)]),
+                               torch.from_numpy(_dense(lin)), rtol=1e-9, atol=1e-12)
+    op = ggn_operator(obj)
+    first = torch.zeros(obj.numel, dtype=torch.float64)
+    first[0] = 1.0
+    torch.testing.assert_close(op.apply(first), ggn[0], rtol=1e-12, atol=1e-14)
+    assert op.products == 1
+
+
+def test_ggn_results_on_the_command_line(tmp_path: Path) -> None:
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds, widths=(6,), batchnorm=True)
+    out = tmp_path / "g.h5"
+    assert sharpness_main([str(a), "--metrics", "hessian", "--topk", "1", "--curvature", "ggn", "--blocks", "layers",
+                           "--out", str(out)]) == 0
+    names = {r["metric"] for r in results.load_sharpness(out)}
+    assert names == {"hessian_top1_ggn@net.1", "hessian_top1_ggn@net.2", "hessian_top1_ggn@net.4"}
+    assert all(r["value"] >= -1e-9 for r in results.load_sharpness(out))  # PSD: no negative top eigenvalue

@@ -78,6 +78,11 @@ def hessian_operator(objective: object) -> CountingOperator:
     return CountingOperator(objective.numel, objective.hvp, objective.vector_device)  # type: ignore[attr-defined]
 
 
+def ggn_operator(objective: object) -> CountingOperator:
+    """The generalised Gauss–Newton matrix of a :class:`minima.curvature.objective.DatasetObjective` (``ggn_vp``)."""
+    return CountingOperator(objective.numel, objective.ggn_vp, objective.vector_device)  # type: ignore[attr-defined]
+
+
 def _start_vector(rng: np.random.Generator, n: int, device: torch.device, kind: str) -> torch.Tensor:
     """A seeded start or probe vector drawn on the host (the same numbers on every device), then moved."""
     draw = rng.standard_normal(n) if kind == "gaussian" else rng.integers(0, 2, n).astype(np.float64) * 2.0 - 1.0

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, vjp
 
 from minima.core import distributed
 from minima.core.vocab import BNMode, check_choice
@@ -228,6 +228,34 @@ class DatasetObjective:
         if self.observer is not None:
             self.observer("hvp")
         return self._flat(parts)
+
+    def ggn_vp(self, vector: torch.Tensor) -> torch.Tensor:
+        """G(θ)·v for the generalised Gauss–Newton matrix G = (1/N) Σ_i J_iᵀ H_i J_i of the cross-entropy (J_i: the
+        Jacobian of sample i's logits in θ, H_i = diag(p_i) − p_i p_iᵀ: the loss's Hessian in the logits), positive
+        semi-definite; equal to the Hessian when the logits are linear in θ. One forward-mode and one reverse-mode
+        pass per batch (``torch.func.jvp`` and ``vjp``), in the function f is defined on (BatchNorm mode, folding)."""
+        v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64, device=self.device))
+        parts = self.data.sum(lambda i, x, y: self._batch_ggn(x, v), self.params, self.batches)
+        self.evaluations["hvp"] += 1
+        if self.observer is not None:
+            self.observer("hvp")
+        return self._flat(parts)
+
+    def _batch_ggn(self, x: torch.Tensor, v: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        buffers = dict(self.model.named_buffers())
+        primals = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
+
+        def logits_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(self.model, (params, buffers), (x,))
+
+        with self._function():
+            logits, jv = jvp(logits_of, (primals,), (dict(zip(self.names, v, strict=True)),))
+            prob = torch.softmax(logits.to(torch.float64), dim=1)
+            jv = jv.to(torch.float64)
+            u = prob * jv - prob * (prob * jv).sum(dim=1, keepdim=True)  # H_out · (J v), per sample
+            _, pull = vjp(logits_of, primals)
+            (out,) = pull((u / self.count).to(logits.dtype))
+        return tuple(out[n] for n in self.names)
 
     def _gradient_graph(self, index: int, x: torch.Tensor, y: torch.Tensor,
                         store: bool) -> tuple[tuple[torch.Tensor, ...], bool]:

@@ -27,6 +27,7 @@ from minima.curvature.hessian import (
     CountingOperator,
     EigenMethod,
     block_operator,
+    ggn_operator,
     hessian_operator,
     hutchinson_trace,
     hutchpp_trace,
@@ -167,8 +168,9 @@ register(Metric(
 
 # --------------------------------------------------------------------------------------- Hessian spectrum
 def _operator(obj: DatasetObjective, job: Mapping[str, Any]) -> CountingOperator:
-    """The Hessian of ``obj``, or its diagonal block on the parameters ``job["block_params"]``."""
-    op = hessian_operator(obj)
+    """The Hessian of ``obj`` (or its generalised Gauss–Newton matrix for ``job["curvature"] == "ggn"``), or its
+    diagonal block on the parameters ``job["block_params"]``."""
+    op = ggn_operator(obj) if job.get("curvature", "hessian") == "ggn" else hessian_operator(obj)
     if "block_params" not in job:
         return op
     named = [(n, p.numel()) for n, p in zip(obj.names, obj.params, strict=True)]

@@ -32,7 +32,7 @@ from minima.core.config import resume_key, setting, to_dict
 from minima.core.options import CheckpointData
 from minima.core.precision import effective as precision_effective
 from minima.core.precision import float32_math
-from minima.core.vocab import TORCH_DTYPES, BNMode, CurvatureDtype, check_choice
+from minima.core.vocab import TORCH_DTYPES, BNMode, Curvature, CurvatureDtype, check_choice
 from minima.curvature.blocks import parameter_blocks
 from minima.curvature.measures import keskar_overheads
 from minima.curvature.objective import DatasetObjective, FixedBatches
@@ -63,6 +63,9 @@ class MeasureOptions(CheckpointData):
                           "network), layers (each weight with its bias), modules (each module's parameters) or "
                           "REGEX[,REGEX…] (each a block of the parameter names it matches); one result per block, "
                           "named <result>@<block>")
+    curvature: Curvature = setting("hessian", "the matrix hessian, trace and density measure: the Hessian, or the "
+                                   "generalised Gauss–Newton matrix Jᵀ H_out J (positive semi-definite; results named "
+                                   "<result>_ggn)")
     hvp_cache_gb: float | None = setting(None, "memory for gradient graphs kept between Hessian-vector products "
                                          "at one θ (0 keeps none; the numbers are the same)", unit="GB",
                                          default_text="a quarter of the available memory")
@@ -152,7 +155,8 @@ def measure(req: MeasureOptions) -> Path:
         jobs = distributed.agree(env, lambda: (_validate(req), result_jobs(req))[1])
         # every checkpoint is read and its model rebuilt before the output is touched: a refusal leaves no file
         loaded = distributed.agree(env, lambda: [_load(Path(p), req) for p in req.checkpoints])
-        per_checkpoint = distributed.agree(env, lambda: [block_jobs(jobs, model, req.blocks) for _, model in loaded])
+        per_checkpoint = distributed.agree(env, lambda: [block_jobs(jobs, model, req.blocks, req.curvature)
+                                                         for _, model in loaded])
 
         distributed.from_main(env, lambda: results.check_sharpness_output(out))  # the file is made by the first result
         cache_bytes = (memory_budget(env.device) if req.hvp_cache_gb is None else int(req.hvp_cache_gb * 1e9))
@@ -169,10 +173,15 @@ def measure(req: MeasureOptions) -> Path:
     return out
 
 
-def block_jobs(jobs: list[tuple[Metric, str, dict[str, Any]]], model: nn.Module, spec: str
-               ) -> list[tuple[Metric, str, dict[str, Any]]]:
-    """``jobs`` with every blockwise metric's job replaced by one job per block of ``spec`` (result name
-    ``<name>@<block>``, the block's label, parameter names and size in the job); unchanged for ``all``."""
+def block_jobs(jobs: list[tuple[Metric, str, dict[str, Any]]], model: nn.Module, spec: str,
+               curvature: str = "hessian") -> list[tuple[Metric, str, dict[str, Any]]]:
+    """``jobs`` with every blockwise metric's job measuring ``curvature`` (``ggn``: result ``<name>_ggn``) and
+    replaced by one job per block of ``spec`` (result ``<name>@<block>``, the block's label, parameter names and size
+    in the job); unchanged for the Hessian of the whole network."""
+    check_choice("curvature (--curvature)", curvature, Curvature)
+    if curvature == "ggn":
+        jobs = [(m, f"{name}_ggn", {**job, "curvature": "ggn"}) if m.blockwise else (m, name, job)
+                for m, name, job in jobs]
     blocks = parameter_blocks([(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad], spec)
     if not blocks:
         return jobs
