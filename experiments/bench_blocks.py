@@ -2,7 +2,7 @@
 
     python -m experiments.bench_blocks [--train 1000] [--threads 2]
 
-On a seeded BN-MLP (3×32×32 → 512 → 512 → 10, 2.1 M parameters, BatchNorm eval) and synthetic images, in this
+On a seeded BN-MLP (3×32×32 → 512 → 512 → 10, 1.8 M parameters, BatchNorm eval) and synthetic images, in this
 process: λ_max (Lanczos, tolerance 1e-3), the trace (Hutch++, 30 products) and the density (2 probes × 20 steps),
 each for the whole network and for its blocks (``--blocks layers``: the three Linear layers and the two BatchNorms),
 and the Gauss–Newton λ_max beside the Hessian's. Prints per metric the products and seconds of all blocks together
