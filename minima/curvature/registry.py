@@ -290,7 +290,7 @@ register(Metric(
 
 
 # ------------------------------------------------------------------------------------- worst-case (APGD)
-def _batch_objectives(obj: DatasetObjective, n: int, m: int) -> list[DatasetObjective]:
+def batch_objectives(obj: DatasetObjective, n: int, m: int) -> list[DatasetObjective]:
     """Objectives of this rank's first images of the measured data in batches of ``m`` (BatchNorm eval, sums not
     reduced over ranks); in one process the first ``n`` images, under torchrun ⌈n / ranks⌉ of each rank's shard."""
     if m > n:
@@ -316,7 +316,7 @@ def _batch_objectives(obj: DatasetObjective, n: int, m: int) -> list[DatasetObje
 
 def _worst_case(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
                 ) -> dict[str, Any]:
-    subs = _batch_objectives(obj, job["n"], job["m"])
+    subs = batch_objectives(obj, job["n"], job["m"])
     reduce = (lambda v: distributed.all_reduce_sum(torch.as_tensor(v, device=obj.device)).cpu().numpy()
               ) if distributed.world_size() > 1 else None
     r = worst_case_sharpness([s.value_and_grad for s in subs], x, job["rho"], m=job["m"], n=job["n"],
@@ -351,7 +351,8 @@ register(Metric(
               "(invariant), or g/‖g‖ ⊙ |w| with a Euclidean projection (the authors' code; not invariant)"),
     ),
     jobs=_worst_jobs, compute=_worst_case,
-    cost=lambda job: {"grad_image": (job["iterations"] + 1) * job["n"]},
+    cost=lambda job: {"grad_image": (job["iterations"] + 1) * job["n"],
+                      "apgd_iteration": job["iterations"] * (job["n"] // job["m"])},
     fields=("sharpness", "stderr", "batches", "m", "n", "rho", "norm", "adaptive", "l2_step", "iterations",
             "f0_mean", "f_max_mean", "seconds", "bn_mode_used"),
 ))

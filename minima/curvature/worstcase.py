@@ -139,6 +139,16 @@ def apgd(value_and_grad: ValueAndGrad, w: torch.Tensor, rho: float, *, norm: str
     return AscentResult(f0=float(f0), f_best=float(best), evaluations=iterations + 1)
 
 
+def iteration_seconds(w: torch.Tensor, rho: float, *, norm: str = "linf", adaptive: bool = True,
+                      l2_step: str = "invariant", iterations: int = 4) -> float:
+    """Seconds of one Auto-PGD iteration's own vector work on a vector like ``w`` (a loss that costs nothing and
+    a fixed gradient), for estimates: with millions of parameters it is not small next to a gradient of m images."""
+    g = torch.ones_like(w, dtype=torch.float64)
+    t0 = time.perf_counter()
+    apgd(lambda x: (float(x[0]), g), w, rho, norm=norm, adaptive=adaptive, iterations=iterations, l2_step=l2_step)
+    return (time.perf_counter() - t0) / iterations
+
+
 @dataclass(frozen=True)
 class WorstCaseResult:
     """m-sharpness: the mean over ``batches`` batches of m images of the best loss increase, with its standard

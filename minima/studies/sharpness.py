@@ -36,7 +36,8 @@ from minima.core.vocab import TORCH_DTYPES, BNMode, Curvature, CurvatureDtype, c
 from minima.curvature.blocks import parameter_blocks
 from minima.curvature.measures import keskar_overheads
 from minima.curvature.objective import DatasetObjective, FixedBatches
-from minima.curvature.registry import REGISTRY, Metric, Param, get_metric, load_plugins
+from minima.curvature.registry import REGISTRY, Metric, Param, batch_objectives, get_metric, load_plugins
+from minima.curvature.worstcase import iteration_seconds
 from minima.data import load_for_checkpoint
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
@@ -237,6 +238,11 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
     obj.observer = None
     unit["grad"] = 3 * unit["f"]  # a backward pass costs about two forward passes
     unit["grad_image"] = unit["grad"] / len(train)  # ∇f of one image (metrics working on batches of their own)
+    worst = [job for m, _, job in pending if m.name == "worst_case" and job["m"] <= len(train)]
+    if worst:  # small batches cost more per image (per-call work on every weight), and Auto-PGD's vector work
+        unit["grad_image"] = _small_batch_seconds(obj, x, worst[0]["m"]) / worst[0]["m"]
+        unit["apgd_iteration"] = iteration_seconds(x, worst[0]["rho"], norm=worst[0]["norm"],
+                                                   adaptive=worst[0]["adaptive"], l2_step=worst[0]["l2_step"])
     if any(m.name == "keskar" for m, _, _ in pending):
         unit.update(keskar_overheads(obj.numel, env.device))
     if env.is_main:
@@ -279,6 +285,20 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
 SETTINGS_SHOWN = ("bn_mode", "bn", "train_samples", "dtype", "eval_batch_size", "batch_size", "subset_seed",
                   "float32_math")
 # ("bn" and "batch_size": the names in files written before --bn-mode/--eval-batch-size)
+
+
+def _small_batch_seconds(obj: DatasetObjective, x: Any, m: int) -> float:
+    """Seconds of one ∇f on a batch of ``m`` of the measured images (the faster of two, after the first)."""
+    sub = batch_objectives(obj, m, m)[:1]
+    if not sub:
+        return 0.0
+    sub[0].value_and_grad(x)
+    timed = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        sub[0].value_and_grad(x)
+        timed.append(time.perf_counter() - t0)
+    return min(timed)
 
 
 def _stopwatch(unit: dict[str, float], kind: str) -> Callable[[str], None]:
