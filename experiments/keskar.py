@@ -34,13 +34,14 @@ from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.core.vocab import BNMode
 from minima.figures import save_curve_figure
+from minima.files import checkpoint as ckpt_io
 from minima.files import results
 from minima.files.naming import run_label
 from minima.geometry.evaluate import evaluate_checkpoint
 from minima.models import available_models, default_data, own_import
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_interpolation
-from minima.studies.sharpness import MeasureRequest, measure
+from minima.studies.sharpness import MeasureRequest, block_jobs, measure
 from minima.studies.sharpness import result_jobs as measure_jobs
 from minima.studies.train import TrainConfig, train
 
@@ -90,6 +91,11 @@ class Preset:
     sharpness_bn: BNMode = setting("batch", "BatchNorm inside f for sharpness (the paper's Keras code: batch)")
     eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
     seeds: int = setting(1, "independent runs (mean ± std over them)")
+    layer_samples: int | None = setting(None, "training images the per-layer curvature and the eigenvalue densities "
+                                        "are measured on", unit="samples", default_text="all")
+    layer_trace_products: int = setting(12, "Hutch++ products per layer for its Hessian trace", unit="products")
+    density_probes: int = setting(2, "probes of each eigenvalue density (SLQ)")
+    density_steps: int = setting(30, "Lanczos steps per density probe")
 
 
 CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
@@ -170,8 +176,35 @@ def _sharpness_complete(path: Path, req: Any) -> bool:
     if not path.exists():
         return False
     have = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(path)}
-    want = {(run_label(c), name) for c in req.checkpoints for _, name, _ in measure_jobs(req)}
+    model = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(req.checkpoints[0]), req.trust_import)
+    want = {(run_label(c), name) for c in req.checkpoints
+            for _, name, _ in block_jobs(measure_jobs(req), model, req.blocks, req.curvature)}
     return want <= have
+
+
+def curvature_requests(model: str, preset: Preset, sb: Path, lb: Path, out: Path) -> list[Any]:
+    """Per-layer λ_max and Hessian trace (blocks ``layers``, Hutch++) and the whole network's eigenvalue density of
+    SB and LB, with the sharpness stage's BatchNorm mode, into one file."""
+    common = dict(checkpoints=[sb, lb], train_subset=preset.layer_samples, bn_mode=preset.sharpness_bn,
+                  eval_batch_size=min(preset.eval_batch_size, preset.layer_samples or preset.eval_batch_size),
+                  out=out, trust_import=own_import(model))
+    return [MeasureRequest(metrics=["hessian", "trace"], topk=1, blocks="layers", trace_method="hutchpp",
+                           trace_max_probes=preset.layer_trace_products, **common),
+            MeasureRequest(metrics=["density"], density_probes=preset.density_probes,
+                           density_steps=preset.density_steps, **common)]
+
+
+def layer_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """``{block: {"params": n, "sb_lambda_max", "lb_lambda_max", "sb_trace", "lb_trace"}}`` from a curvature file,
+    in the model's order."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in results.load_sharpness(path):
+        metric, regime = str(r["metric"]), r["checkpoint_label"]
+        if "@" not in metric:
+            continue
+        row = rows.setdefault(str(r["block"]), {"params": int(r["block_size"])})
+        row[f"{regime}_{'lambda_max' if metric.startswith('hessian') else 'trace'}"] = float(r["value"])
+    return rows
 
 
 def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Dataset, clock: StageClock
@@ -198,6 +231,10 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
         out=sharp_path, trust_import=own_import(model),
     )
     clock.run(f"seed{seed}/sharpness", _sharpness_complete(sharp_path, request), lambda: measure(request))
+    curv_path = out / "curvature.h5"
+    curvature = curvature_requests(model, preset, sb, lb, curv_path)
+    clock.run(f"seed{seed}/curvature", all(_sharpness_complete(curv_path, r) for r in curvature),
+              lambda: [measure(r) for r in curvature])
     row: dict[str, Any] = {}
     for name, path in (("sb", sb), ("lb", lb)):
         for k, v in _exact_accuracy(path, ds, preset.eval_batch_size, own_import(model)).items():
@@ -210,6 +247,10 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
             row[f"{regime}_phi_sub_{r['eps']:g}"] = float(r["phi"])
         elif r["metric"].startswith("hessian"):
             row[f"{regime}_lambda_max"] = float(r["eigenvalues"][0])
+    row["layers"] = layer_rows(curv_path)
+    for r in results.load_sharpness(curv_path):
+        if str(r["metric"]).startswith("density"):
+            row[f"{r['checkpoint_label']}_density_max"] = float(np.max(r["nodes"]))
     return row
 
 
@@ -276,7 +317,52 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
         f"({lb_phi:.1f} vs {sb_phi:.1f}).",
         "Stopping: " + "; ".join(f"seed {i}: SB {r['sb_stopped']}, LB {r['lb_stopped']}" for i, r in enumerate(rows)),
     ]
+    layers = rows[0].get("layers") or {}
+    if layers:
+        lines += [
+            "",
+            f"Per layer (seed 0; BatchNorm `{preset.sharpness_bn}`, {preset.layer_samples or len(ds.train)} training "
+            "images): λ_max by Lanczos on each layer's diagonal Hessian block (a weight with its bias, a BatchNorm "
+            f"scale with its shift), its trace by Hutch++ ({preset.layer_trace_products} products). The eigenvalue "
+            f"densities (SLQ, {preset.density_probes} probes × {preset.density_steps} steps) are in "
+            f"`keskar_<model>_curvature.png`; their largest Ritz values: SB {rows[0].get('sb_density_max', 0):.4g}, "
+            f"LB {rows[0].get('lb_density_max', 0):.4g}.",
+            "",
+            "| layer (parameters) | SB λ_max | LB λ_max | SB trace | LB trace |",
+            "|---|---|---|---|---|",
+            *(f"| {name} ({v['params']:,}) | {v.get('sb_lambda_max', float('nan')):.4g} | "
+              f"{v.get('lb_lambda_max', float('nan')):.4g} | {v.get('sb_trace', float('nan')):.4g} | "
+              f"{v.get('lb_trace', float('nan')):.4g} |" for name, v in layers.items()),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def curvature_figure(path: Path, out: Path, title: str) -> Path:
+    """Left: λ_max of every layer's Hessian block, SB beside LB (log scale); right: the two eigenvalue densities."""
+    from matplotlib.figure import Figure
+
+    from minima.figures import plot_density
+
+    rows = layer_rows(path)
+    order = {"sb": 0, "lb": 1}  # SB first: the same colours as the bars
+    densities = sorted((r for r in results.load_sharpness(path) if str(r["metric"]).startswith("density")),
+                       key=lambda r: order.get(r["checkpoint_label"], 2))
+    fig = Figure(figsize=(12.0, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    labels = list(rows)
+    where = np.arange(len(labels))
+    for k, regime in enumerate(("sb", "lb")):
+        left.bar(where + (k - 0.5) * 0.4, [rows[b].get(f"{regime}_lambda_max", np.nan) for b in labels], 0.4,
+                 label=regime.upper(), color=f"C{k}")
+    left.set_yscale("log")
+    left.set_xticks(where, [f"{b}\n({rows[b]['params']:,})" for b in labels], fontsize=7)
+    left.set(ylabel="λ_max of the layer's Hessian block", title="per layer (parameters)")
+    left.legend(fontsize=8)
+    if densities:
+        plot_density(densities, right)
+    fig.suptitle(f"Curvature of SB and LB — {title}", fontsize=9)
+    fig.savefig(out, dpi=130)
+    return out
 
 
 def parse_summary_table(markdown: str) -> dict[str, list[str]]:
@@ -327,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": preset_name, **cfg.to_dict(preset)},
                                                 indent=2) + "\n")
     seeds = args.seeds if args.seeds is not None else preset.seeds
-    clock = StageClock(out / "stage_seconds.json", stages=4 * seeds)  # train SB, train LB, interpolate, sharpness
+    # train SB, train LB, interpolate, sharpness, per-layer curvature and densities
+    clock = StageClock(out / "stage_seconds.json", stages=5 * seeds)
     try:
         rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds, clock) for s in range(seeds)]
     except (ValueError, OSError) as exc:  # bad model/data/settings: one line; finished stages stay on disk
@@ -338,11 +425,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     fig = save_curve_figure(results.load_curve(out / "seed0" / "sb_vs_lb.h5"), out / f"keskar_{tag}.png")
+    curv = curvature_figure(out / "seed0" / "curvature.h5", out / f"keskar_{tag}_curvature.png",
+                            f"{args.model}, preset {preset_name}, seed 0")
     if args.figures is not None:
         args.figures.mkdir(parents=True, exist_ok=True)
         fig = Path(shutil.copy(fig, args.figures / fig.name))
+        curv = Path(shutil.copy(curv, args.figures / curv.name))
     print(md)
-    print(f"[experiments.keskar] wrote {out / 'summary.md'} and {fig}; this invocation {wall / 60:.1f} min")
+    print(f"[experiments.keskar] wrote {out / 'summary.md'}, {fig} and {curv}; this invocation {wall / 60:.1f} min")
     return 0
 
 

@@ -309,18 +309,17 @@ def plot_density(densities: list[dict], ax: Axes | None = None, width: float = D
                       f"n = {int(d['dimension']):,})")
         top = float(np.max(d["nodes"]))
         ax.axvline(top, color=color, ls=":", lw=1.0)
-        ax.annotate(f"{top:.3g}", (top, 1.0), xycoords=("data", "axes fraction"), color=color, fontsize=7,
-                    ha="right", va="top", rotation=90)
+        ax.annotate(f"{top:.3g}", (top, 0.99), xycoords=("data", "axes fraction"), color=color, fontsize=7,
+                    ha="right", va="top", rotation=90, xytext=(-2, 0), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_ylim(bottom=1e-8)
     ax.set_xlabel("Hessian eigenvalue λ")
     ax.set_ylabel("density (Gaussian-broadened SLQ)")
     meta = densities[0]
     ax.set_title(f"Hessian eigenvalue density · BatchNorm {meta.get('bn_mode', '?')} · "
-                 f"{int(meta.get('train_samples', 0)):,} training images\nGaussian broadening σ = {sigma:.3g} "
-                 f"({width:g} × the range of the Ritz values); dotted: each checkpoint's largest Ritz value",
-                 fontsize=8)
-    ax.legend(fontsize=7)
+                 f"{int(meta.get('train_samples', 0)):,} training images\nbroadening σ = {sigma:.3g} "
+                 f"({100 * width:g} % of the Ritz values' range); dotted: largest Ritz value", fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)  # clear of the marks
     return fig
 
 

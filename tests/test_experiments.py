@@ -33,7 +33,13 @@ def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path)
     metrics = {r["metric"] for r in results.load_sharpness(out / "seed0" / "sharpness.h5")}
     assert {"keskar_full_eps0.001", "keskar_sub5_seed0_eps0.0005", "hessian_top1"} <= metrics
     assert_drawn(figs / "keskar_mlp.png")
+    assert_drawn(figs / "keskar_mlp_curvature.png")
+    curvature = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(out / "seed0" / "curvature.h5")}
+    for regime in ("sb", "lb"):  # every layer of the toy BN-MLP (16 units) and the whole network's density
+        assert {(regime, f"hessian_top1@{b}") for b in ("net.1", "net.2", "net.4")} <= curvature
+        assert (regime, "trace_hutchpp@net.4") in curvature and (regime, "density_m6_probes2") in curvature
     table = keskar.parse_summary_table((out / "summary.md").read_text())
+    assert set(table["net.2 (32)"]) != {"nan"}  # the per-layer table: BatchNorm's 16 scales and 16 shifts
     assert set(table["test accuracy (%)"][2:]) == {"—"}  # no paper numbers for the MLP
     # the table reports exactly what the files and checkpoints hold
     stored = {(r["checkpoint_label"], r["metric"]): r for r in results.load_sharpness(out / "seed0" / "sharpness.h5")}
@@ -46,7 +52,8 @@ def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path)
     # a second run finds every stage complete: no file is rewritten, the recorded compute time is kept
     stamp = (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns
     clock = (out / "stage_seconds.json").read_text()
-    assert set(json.loads(clock)) == {"seed0/train_sb", "seed0/train_lb", "seed0/interpolate", "seed0/sharpness"}
+    assert set(json.loads(clock)) == {"seed0/train_sb", "seed0/train_lb", "seed0/interpolate", "seed0/sharpness",
+                                      "seed0/curvature"}
     compute = re.search(r"compute time ([\d.]+) min", (out / "summary.md").read_text()).group(1)
     assert keskar.main(argv) == 0
     assert (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns == stamp
