@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -196,7 +197,7 @@ def curvature_requests(model: str, preset: Preset, sb: Path, lb: Path, out: Path
 
 def layer_rows(path: Path) -> dict[str, dict[str, Any]]:
     """``{block: {"params": n, "sb_lambda_max", "lb_lambda_max", "sb_trace", "lb_trace"}}`` from a curvature file,
-    in the model's order."""
+    blocks in the natural order of their names (``net.2`` before ``net.10``: a sequential model's order)."""
     rows: dict[str, dict[str, Any]] = {}
     for r in results.load_sharpness(path):
         metric, regime = str(r["metric"]), r["checkpoint_label"]
@@ -204,7 +205,11 @@ def layer_rows(path: Path) -> dict[str, dict[str, Any]]:
             continue
         row = rows.setdefault(str(r["block"]), {"params": int(r["block_size"])})
         row[f"{regime}_{'lambda_max' if metric.startswith('hessian') else 'trace'}"] = float(r["value"])
-    return rows
+
+    def natural(name: str) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+    return {name: rows[name] for name in sorted(rows, key=natural)}
 
 
 def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Dataset, clock: StageClock

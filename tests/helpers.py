@@ -131,3 +131,22 @@ class TinyResNet(torch.nn.Module):
 def tiny_resnet(num_classes: int = 10, **kwargs: Any) -> torch.nn.Module:
     """The import-path factory of :class:`TinyResNet` (``tests.helpers:tiny_resnet``)."""
     return TinyResNet(num_classes, **kwargs)
+
+
+def logits_of_flat(model: torch.nn.Module, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                        torch.Tensor]:
+    """(θ ↦ the model's logits on ``x`` with its parameters taken from the flat vector θ, the current θ): for dense
+    derivatives with ``torch.autograd.functional``."""
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def logits(theta: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = theta[offset:offset + s.numel()].view(s)
+            offset += s.numel()
+        return functional_call(model, params, (x,))
+
+    return logits, torch.cat([p.detach().reshape(-1) for p in model.parameters()])

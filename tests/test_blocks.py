@@ -18,7 +18,7 @@ from minima.geometry.evaluate import Batching
 from minima.models import build_model
 from minima.sharpness import main as sharpness_main
 
-from .helpers import toy_checkpoint, toy_dataset
+from .helpers import logits_of_flat, toy_checkpoint, toy_dataset
 
 
 def _conv_bn() -> nn.Module:
@@ -136,20 +136,8 @@ def test_per_block_densities_are_drawn_as_small_multiples(tmp_path: Path) -> Non
 
 def _jacobian_ggn(model: nn.Module, ds: data.Dataset) -> torch.Tensor:
     """Dense (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i with J from torch.autograd (eval mode)."""
-    from torch.func import functional_call
-
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
     x = data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64)
-
-    def logits(theta: torch.Tensor) -> torch.Tensor:
-        params, offset = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            params[n] = theta[offset:offset + s.numel()].view(s)
-            offset += s.numel()
-        return functional_call(model, params, (x,))
-
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    logits, theta = logits_of_flat(model, x)
     jac = torch.autograd.functional.jacobian(logits, theta)  # N × C × n
     prob = torch.softmax(logits(theta), dim=1)
     h_out = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]

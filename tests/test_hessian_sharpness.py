@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.func import functional_call
 
 from minima import data
 from minima.curvature.hessian import CountingOperator, hessian_operator, hutchinson_trace, slq_density, top_eigenvalues
@@ -21,7 +20,7 @@ from minima.sharpness import (
     keskar_sharpness,
 )
 
-from .helpers import free_port
+from .helpers import free_port, logits_of_flat
 
 
 def _setup(seed: int = 0, batchnorm: bool = False) -> tuple[torch.nn.Module, data.Dataset]:
@@ -40,19 +39,13 @@ def _objective(model: torch.nn.Module, ds: data.Dataset, rank: int = 0, world_si
 
 
 def _dense_hessian(model: torch.nn.Module, ds: data.Dataset) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
     x = data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64)
+    logits_of, theta = logits_of_flat(model, x)
 
     def f(theta: torch.Tensor) -> torch.Tensor:
-        params, offset = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            params[n] = theta[offset : offset + s.numel()].view(s)
-            offset += s.numel()
-        logits = functional_call(model, params, (x,))
+        logits = logits_of(theta)
         return (torch.logsumexp(logits, 1) - logits[torch.arange(len(x)), ds.train.labels]).mean()
 
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return torch.autograd.functional.hessian(f, theta)
 
 
