@@ -22,6 +22,7 @@ from tests.helpers import SHAPE, TinyResNet, toy_checkpoint, toy_dataset
 MODELS = {
     "mlp": lambda: build_model("mlp", 10, widths=[12, 10]),
     "mlp_bn": lambda: build_model("mlp", 10, widths=[12, 10], batchnorm=True),
+    "fc_tanh": lambda: build_model("fc_tanh", 10),
     "c1": lambda: build_model("c1", 10),
     "c2": lambda: build_model("c2", 10),
     "c3": lambda: build_model("c3"),

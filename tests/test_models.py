@@ -48,7 +48,7 @@ def test_c1_pooling_is_keras_same_padding() -> None:
 
 
 def test_build_model_errors_list_choices() -> None:
-    choices = r"\['c1', 'c2', 'c3', 'c4', 'mlp', 'mobilenet_v2', 'vgg11', 'vgg11_bn'\]"
+    choices = r"\['c1', 'c2', 'c3', 'c4', 'fc_tanh', 'mlp', 'mobilenet_v2', 'vgg11', 'vgg11_bn'\]"
     with pytest.raises(ValueError, match=rf"unknown model 'resnet'.*{choices}.*torchvision:NAME"):
         models.build_model("resnet")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['depth'\].*valid arguments"):
@@ -111,3 +111,12 @@ def test_pool_before_relu_is_the_same_function_gradient_and_keys(name: str) -> N
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # max and ReLU commute exactly
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_fc_tanh_is_cohen_et_al_s_network() -> None:
+    model = models.build_model("fc_tanh")
+    assert models.count_parameters(model) == 656_810
+    assert [type(m).__name__ for m in model.net] == ["Flatten", "Linear", "Tanh", "Linear", "Tanh", "Linear"]
+    with pytest.raises(ValueError, match="unknown activation 'sigmoid'"):
+        models.build_model("mlp", activation="sigmoid")
+

@@ -146,6 +146,16 @@ def test_stopping_rule_target_loss(tmp_path: Path) -> None:
     assert ck.load_checkpoint(final)["meta"]["epoch"] == len(lines)
 
 
+def test_stopping_rule_target_accuracy(tmp_path: Path) -> None:
+    ds = _toy_data(32)
+    final = train(_sgd_config(tmp_path / "acc", epochs=50, batch_size=8, lr=0.2, target_accuracy=0.9), dataset=ds)
+    lines = [json.loads(x) for x in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["train_accuracy"] >= 0.9 and all(x["train_accuracy"] < 0.9 for x in lines[:-1])
+    assert "training accuracy" in lines[-1]["stopped"] and ck.load_checkpoint(final)["meta"]["epoch"] == len(lines)
+    with pytest.raises(ValueError, match="fraction in"):
+        train(_sgd_config(tmp_path / "bad", target_accuracy=99.0), dataset=ds)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

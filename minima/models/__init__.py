@@ -30,6 +30,7 @@ from minima.models.zoo import (
     KERAS_BN_EPS,
     MLP,
     VGG11BN,
+    fc_tanh,
     load_imagenet_weights,
     mobilenet_v2,
     textbook_order,
@@ -39,6 +40,6 @@ from minima.models.zoo import (
 __all__ = [
     "C1", "C2", "KERAS_BN_EPS", "MLP", "REGISTRY", "TORCHVISION_PREFIX", "TRUST_ENV", "VGG11BN", "ModelInfo",
     "ModelSpecError", "UntrustedImportError", "available_models", "build_model", "count_parameters", "default_data",
-    "has_batchnorm", "instantiate", "is_convolutional", "load_imagenet_weights", "mobilenet_v2", "model_info",
-    "model_kind", "own_import", "resolve_model", "textbook_order", "trusted_modules", "vgg11",
+    "fc_tanh", "has_batchnorm", "instantiate", "is_convolutional", "load_imagenet_weights", "mobilenet_v2",
+    "model_info", "model_kind", "own_import", "resolve_model", "textbook_order", "trusted_modules", "vgg11",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from minima.models.trust import ModelSpecError, check_trusted
-from minima.models.zoo import C1, C2, MLP, VGG11BN, mobilenet_v2, vgg11
+from minima.models.zoo import C1, C2, MLP, VGG11BN, fc_tanh, mobilenet_v2, vgg11
 
 UNSET: Any = object()  # "num_classes not passed": the model arguments' own num_classes, else 10
 
@@ -49,6 +49,8 @@ REGISTRY: dict[str, ModelInfo] = {info.name: info for info in (
     ModelInfo("vgg11_bn", VGG11BN, (3, 32, 32), 10, True, "VGG-A with BatchNorm for 32×32 inputs"),
     ModelInfo("vgg11", vgg11, (3, 32, 32), 10, True, "VGG-A without BatchNorm (REPAIR's CIFAR-10 VGG11)"),
     ModelInfo("mlp", MLP, (3, 32, 32), 10, False, "fully connected net, optional BatchNorm and dropout"),
+    ModelInfo("fc_tanh", fc_tanh, (3, 32, 32), 10, False, "Cohen et al.'s edge-of-stability network: 3072-200-200-10, "
+              "tanh (656,810 parameters)"),
     ModelInfo("mobilenet_v2", mobilenet_v2, (3, 32, 32), 10, True, "torchvision MobileNetV2, stride-1 stem"),
 )}
 TORCHVISION_PREFIX = "torchvision:"

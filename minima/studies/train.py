@@ -103,6 +103,8 @@ class TrainConfig(DataOptions):
                                      "ImageNet state-dict file", default_text="none")
     target_loss: float | None = setting(None, "stop once the epoch's training loss is at or below this",
                                         unit="nats", default_text="no target")
+    target_accuracy: float | None = setting(None, "stop once the epoch's training accuracy is at or above this "
+                                            "(a fraction, e.g. 0.99: Cohen et al.'s goal)", default_text="no target")
     patience: int | None = setting(None, "stop after this many epochs without a training-loss improvement of at "
                                    "least --min-delta", unit="epochs", default_text="never")
     min_delta: float = setting(1e-4, "smallest training-loss decrease that counts", unit="nats")
@@ -186,6 +188,8 @@ def validate_config(c: TrainConfig) -> None:
         raise ValueError(f"lr must be > 0; got {c.lr}")
     if c.warmup_epochs < 0 or c.warmup_epochs > c.epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={c.epochs}]; got {c.warmup_epochs}")
+    if c.target_accuracy is not None and not 0 < c.target_accuracy <= 1:
+        raise ValueError(f"--target-accuracy is a fraction in (0, 1]; got {c.target_accuracy} (99 % is 0.99)")
     if c.schedule == "step" and not c.milestones:
         raise ValueError("schedule 'step' needs --milestones (epochs at which the LR is multiplied by --gamma)")
 
@@ -556,7 +560,7 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
     run.elapsed += time.perf_counter() - t0
     metrics["elapsed_s"] = run.elapsed
     run.last_metrics = metrics
-    stopped = _stopping_rule(c, run.trainer, total.loss)
+    stopped = _stopping_rule(c, run.trainer, total.loss, total.accuracy)
     if stopped:
         run.trainer["stopped"] = stopped
         metrics["stopped"] = stopped
@@ -576,11 +580,14 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
     return stopped
 
 
-def _stopping_rule(c: TrainConfig, trainer: dict[str, Any], loss: float) -> str | None:
-    """Keskar trained "until the loss function ceased to improve": a loss target and/or a plateau patience.
-    Updates ``trainer`` (best loss, epochs without improvement); returns the reason to stop, if any."""
+def _stopping_rule(c: TrainConfig, trainer: dict[str, Any], loss: float, accuracy: float = 0.0) -> str | None:
+    """Keskar trained "until the loss function ceased to improve": a loss target and/or a plateau patience; Cohen et
+    al. until a training-accuracy goal. Updates ``trainer`` (best loss, epochs without improvement); returns the
+    reason to stop, if any."""
     if c.target_loss is not None and loss <= c.target_loss:
         return f"training loss {loss:.4g} ≤ target {c.target_loss:g}"
+    if c.target_accuracy is not None and accuracy >= c.target_accuracy:
+        return f"training accuracy {accuracy:.4f} ≥ target {c.target_accuracy:g}"
     if loss < trainer["best_loss"] - c.min_delta:
         trainer["best_loss"], trainer["bad_epochs"] = loss, 0
     else:
