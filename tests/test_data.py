@@ -195,3 +195,19 @@ def test_real_cifar10_npz(real_npz: Path) -> None:
     np.testing.assert_allclose(ds.mean, (0.4913, 0.4821, 0.4465), atol=2e-4)
     np.testing.assert_allclose(ds.std, (0.2452, 0.2428, 0.2606), atol=2e-4)
     assert torch.bincount(ds.train.labels).tolist() == [5000] * 10
+
+
+def test_first_n_subsets_are_the_first_images_recorded_and_rebuilt() -> None:
+    ds = data.synthetic(n_train=200, n_test=50, image_shape=(3, 4, 4), num_classes=5, seed=3)
+    first = ds.subset(train=60, test=20, mode="first")
+    assert torch.equal(first.train.images, ds.train.images[:60]) and torch.equal(first.test.labels, ds.test.labels[:20])
+    assert first.mean == ds.mean and first.std == ds.std  # standardised with the full training split's statistics
+    assert first.describe()["subset"] == {"train": [{"n": 60, "seed": 0, "mode": "first"}],
+                                          "test": [{"n": 20, "seed": 0, "mode": "first"}]}
+    again = ds.apply_subsets(first.describe()["subset"])
+    assert torch.equal(again.train.images, first.train.images) and again.subsets == first.subsets
+    # a stratified subset of the first 60 is a chain of two links, replayed in order
+    chain = first.subset(train=30, seed=2)
+    assert torch.equal(ds.apply_subsets(chain.describe()["subset"]).train.images, chain.train.images)
+    with pytest.raises(ValueError, match=r"unknown subset mode \(--subset-mode\) 'last'"):
+        ds.subset(train=10, mode="last")

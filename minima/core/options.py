@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minima.core.config import setting
-from minima.core.vocab import DeviceName, Float32Math
+from minima.core.vocab import DeviceName, Float32Math, SubsetMode
 
 DATA_HELP = "data: synthetic, torchvision:NAME, imagefolder:PATH, npz:PATH or a path (.npz file or CIFAR-10 directory)"
 
@@ -26,6 +26,9 @@ class DataOptions:
                                        "given; the chain of subsets is recorded)", unit="samples", default_text="all")
     test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
     subset_seed: int = setting(0, "seed of the stratified subsets")
+    subset_mode: SubsetMode = setting("stratified", "how --train-subset/--test-subset pick images: class-stratified "
+                                      "(seeded), or the first N of the split (Cohen et al.'s cifar10-5k); either way "
+                                      "normalised with the full training split's statistics")
     device: DeviceName = setting("auto", "compute device")
     float32_math: Float32Math = setting("fp32", "float32 matmuls/convolutions on CUDA: fp32 (TF32 off), tf32 or "
                                         "default (PyTorch's flags); recorded in every output")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from minima.core.allocator import available_memory_bytes
+from minima.core.vocab import SubsetMode
 from minima.data.splits import DataError, Dataset, Split
 from minima.data.transforms import channel_stats
 
@@ -303,14 +304,15 @@ def rebuild(description: dict[str, Any], download: bool = True) -> Dataset:
 
 def load_for_checkpoint(recorded: dict[str, Any], data: str | None = None, train_subset: int | None = None,
                         test_subset: int | None = None, subset_seed: int = 0,
-                        root: str | os.PathLike[str] | None = None) -> Dataset:
+                        root: str | os.PathLike[str] | None = None, mode: SubsetMode = "stratified") -> Dataset:
     """The data a checkpoint was trained on — its ``meta["data"]`` (``recorded``: source spec and chain of
     subsets) — or the source ``data`` names if given, then optional further stratified subsets of
     ``train_subset`` / ``test_subset`` samples drawn with ``subset_seed`` from those (appended to the chain, so
-    :func:`rebuild` of the result's ``describe()`` gives the same images)."""
+    :func:`rebuild` of the result's ``describe()`` gives the same images). ``mode``: stratified subsets, or the
+    first images of the split (``first``)."""
     ds = load_source(data, root=root) if data is not None else rebuild(recorded)
     if train_subset is not None:
-        ds = ds.subset(train=train_subset, seed=subset_seed)
+        ds = ds.subset(train=train_subset, seed=subset_seed, mode=mode)
     if test_subset is not None:
-        ds = ds.subset(test=test_subset, seed=subset_seed)
+        ds = ds.subset(test=test_subset, seed=subset_seed, mode=mode)
     return ds

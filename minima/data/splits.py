@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from minima.core.vocab import SubsetMode, check_choice
+
 
 class DataError(ValueError):
     """A data source is missing, malformed, or inconsistent with what the caller asked for."""
@@ -78,13 +80,16 @@ class Dataset:
         c, h, w = self.train.images.shape[1:]
         return (int(c), int(h), int(w))
 
-    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> Dataset:
-        """Deterministic class-stratified subsets of the splits as they are now (``None``, or the split's own size,
-        keeps a split whole; a larger size is a :class:`DataError` naming both, never a silent clamp); each subset
-        drawn is appended to the split's chain in ``subsets``.
+    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0,
+               mode: SubsetMode = "stratified") -> Dataset:
+        """Deterministic subsets of the splits as they are now — class-stratified, or (``mode="first"``) the first n
+        images in the split's order, as Cohen et al.'s ``cifar10-5k`` (``None``, or the split's own size, keeps a
+        split whole; a larger size is a :class:`DataError` naming both, never a silent clamp); each subset drawn is
+        appended to the split's chain in ``subsets`` (a ``first`` link records ``"mode": "first"``).
 
         Normalisation statistics are *not* recomputed: they stay those of the full training split.
         """
+        check_choice("subset mode (--subset-mode)", mode, SubsetMode)
         out, subsets = self, {k: list(v) for k, v in self.subsets.items()}
         for name, n in (("train", train), ("test", test)):
             if n is None:
@@ -97,9 +102,10 @@ class Dataset:
                                 f"{drawn}; ask for at most {len(split)}, or omit --{name}-subset for all of them")
             if n == len(split):  # the whole split: no subset drawn, none recorded
                 continue
-            idx = stratified_subset(split.labels, n, seed)
+            idx = stratified_subset(split.labels, n, seed) if mode == "stratified" else torch.arange(n)
             out = replace(out, **{name: split.take(idx)})
-            subsets[name] = [*subsets.get(name, []), {"n": int(n), "seed": int(seed)}]
+            link: dict[str, Any] = {"n": int(n), "seed": int(seed)}
+            subsets[name] = [*subsets.get(name, []), link if mode == "stratified" else {**link, "mode": mode}]
         return replace(out, subsets=subsets)
 
     def apply_subsets(self, chain: dict[str, Any]) -> Dataset:
@@ -108,7 +114,7 @@ class Dataset:
         out = self
         for name, links in subset_chain(chain).items():
             for link in links:
-                out = out.subset(**{name: link["n"]}, seed=link["seed"])
+                out = out.subset(**{name: link["n"]}, seed=link["seed"], mode=link.get("mode", "stratified"))
         return out
 
     def describe(self) -> dict[str, Any]:

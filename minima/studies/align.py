@@ -73,7 +73,8 @@ def align(req: AlignRequest) -> tuple[Path, Matching]:
     ckpt_io.check_compatible(ck_a, ck_b, str(req.checkpoint_a), str(req.checkpoint_b))
     model_a = ckpt_io.model_from_checkpoint(ck_a, req.trust_import).eval()
     model_b = ckpt_io.model_from_checkpoint(ck_b, req.trust_import).eval()
-    ds = load_for_checkpoint(ck_b["meta"]["data"], req.data, req.train_subset, None, req.subset_seed, req.data_root)
+    ds = load_for_checkpoint(ck_b["meta"]["data"], req.data, req.train_subset, None, req.subset_seed, req.data_root,
+                             mode=req.subset_mode)
     check_model_accepts(model_a, ds)
     mean, std = tuple(ck_b["meta"]["data"]["mean"]), tuple(ck_b["meta"]["data"]["std"])
     example = normalize(ds.train.images[:2], mean, std)

@@ -147,7 +147,7 @@ def _train_curve(req: CurveRequest, env: distributed.DistEnv, on_step: Any) -> P
     ck_a, ck_b = load_endpoints(req.checkpoint_a, req.checkpoint_b)
     model = ckpt_io.model_from_checkpoint(ck_a, req.trust_import)
     ds = load_for_checkpoint(ck_a["meta"]["data"], req.data, req.train_subset, req.test_subset, req.subset_seed,
-                             req.data_root)
+                             req.data_root, mode=req.subset_mode)
     check_model_accepts(model, ds)
     trainer = _Trainer(req, env, model, ds, ck_a["state_dict"], ck_b["state_dict"])
     if isinstance(state, dict):
@@ -414,7 +414,7 @@ def curve_paths(req: CurveRequest, curve_file: Path) -> tuple[list[PathSpec], nn
     ck_a, ck_b = load_endpoints(Path(ends[0]["path"]), Path(ends[1]["path"]))
     model = ckpt_io.model_from_checkpoint(ck_a, req.trust_import)
     ds = load_for_checkpoint(ck_a["meta"]["data"], req.data, req.train_subset, req.test_subset, req.subset_seed,
-                             req.data_root)
+                             req.data_root, mode=req.subset_mode)
     folder = Path(curve_file).parent if req.out is None else Path(req.out)
     names = (run_label(ends[0]["path"]), run_label(ends[1]["path"]))
     base = {"checkpoint_a": ends[0]["path"], "checkpoint_b": ends[1]["path"], "sha256_a": ends[0]["sha256"],

@@ -139,7 +139,7 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
     ck_a, ck_b = _load_pair(req)
     model = ckpt_io.model_from_checkpoint(ck_a, req.trust_import)
     ds = load_for_checkpoint(ck_a["meta"]["data"], req.data, req.train_subset, req.test_subset, req.subset_seed,
-                             req.data_root)
+                             req.data_root, mode=req.subset_mode)
     check_model_accepts(model, ds)
     policy, s, d, record = evaluation_setup(req, model, ds, ck_a["meta"]["data"], env.device)
 

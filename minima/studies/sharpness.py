@@ -206,7 +206,7 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
                         cache_bytes: int) -> int:
     """Every pending result of one checkpoint; returns how many were computed."""
     ds = distributed.agree(env, lambda: load_for_checkpoint(ckpt["meta"]["data"], req.data, req.train_subset, None,
-                                                            req.subset_seed, req.data_root))
+                                                            req.subset_seed, req.data_root, mode=req.subset_mode))
     label = run_label(path)
     train = ds.train
     common = {"checkpoint": str(path), "sha256": ckpt_io.sha256_file(path), "bn_mode": req.bn_mode,

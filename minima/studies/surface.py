@@ -180,7 +180,7 @@ def _inputs(req: SurfaceRequest) -> _Inputs:
     else:
         plane = random_plane(model, states[0], req.direction_seed, req.norm, req.ignore, name=names[0])
     ds = load_for_checkpoint(origin["meta"]["data"], req.data, req.train_subset, req.test_subset,
-                                      req.subset_seed, req.data_root)
+                                      req.subset_seed, req.data_root, mode=req.subset_mode)
     check_model_accepts(model, ds)
     return _Inputs(plane=plane, model=model, origin=origin, ds=ds, sources=paths,
                    hashes=[ckpt_io.sha256_file(p) for p in paths], states=states)

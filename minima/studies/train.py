@@ -198,7 +198,7 @@ def load_dataset(c: TrainConfig) -> data_mod.Dataset:
     """The dataset named by the config (or the model's own, for c3/c4), with its stratified subsets taken."""
     source = c.data if c.data is not None else default_data(c.model)
     ds = data_mod.load_source(source, c.train_subset, c.test_subset, root=c.data_root)
-    return ds.subset(c.train_subset, c.test_subset, c.subset_seed)
+    return ds.subset(c.train_subset, c.test_subset, c.subset_seed, mode=c.subset_mode)
 
 
 def _param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) -> list[dict[str, Any]]:
