@@ -53,6 +53,7 @@ WorstNorm = Literal["linf", "l2"]
 L2Step = Literal["invariant", "authors"]
 Curvature = Literal["hessian", "ggn"]
 SubsetMode = Literal["stratified", "first"]
+Loss = Literal["cross_entropy", "mse"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
                                         "bfloat16": torch.bfloat16}

@@ -19,11 +19,11 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
 
 from minima.core import distributed
-from minima.core.vocab import BNMode, check_choice
+from minima.core.vocab import BNMode, Loss, check_choice
 from minima.curvature.convgrad import constant_input_convs
 from minima.curvature.graphcache import GraphCache, saved_bytes
 from minima.data import Split, shard
-from minima.geometry.evaluate import Batching, bn_mode, per_sample_cross_entropy
+from minima.geometry.evaluate import Batching, bn_mode, per_sample_loss
 from minima.geometry.fold import folded_in_weights
 from minima.models import is_convolutional
 
@@ -90,11 +90,11 @@ class DatasetObjective:
     """
 
     def __init__(self, model: nn.Module, data: FixedBatches, *, bn: BNMode = "eval", hvp_cache_bytes: int = 0,
-                 channels_last: bool | None = None, hvp_mode: str = "reverse") -> None:
+                 channels_last: bool | None = None, hvp_mode: str = "reverse", loss: Loss = "cross_entropy") -> None:
         check_choice("BatchNorm mode", bn, BNMode)
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {list(HVP_MODES)}")
-        self.bn, self.hvp_mode, self.data = bn, hvp_mode, data
+        self.bn, self.hvp_mode, self.data, self.loss = bn, hvp_mode, data, loss
         self.device, self.dtype = data.device, data.dtype
         self.model = copy.deepcopy(model).to(self.device, dtype=self.dtype).eval()
         self.batches = data.batches
@@ -161,7 +161,7 @@ class DatasetObjective:
     # ------------------------------------------------------------------------- per batch: f, ∇f, H·v
     def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # Sum over the batch divided by the global count: batch terms add up to the dataset mean.
-        return per_sample_cross_entropy(self.model(x), y).sum() / self.count
+        return per_sample_loss(self.model(x), y, self.loss).sum() / self.count
 
     def _batch_value(self, _index: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
         return (self._batch_loss(x, y).to(torch.float64),)
@@ -230,10 +230,11 @@ class DatasetObjective:
         return self._flat(parts)
 
     def ggn_vp(self, vector: torch.Tensor) -> torch.Tensor:
-        """G(θ)·v for the generalised Gauss–Newton matrix G = (1/N) Σ_i J_iᵀ H_i J_i of the cross-entropy (J_i: the
-        Jacobian of sample i's logits in θ, H_i = diag(p_i) − p_i p_iᵀ: the loss's Hessian in the logits), positive
-        semi-definite; equal to the Hessian when the logits are linear in θ. One forward-mode and one reverse-mode
-        pass per batch (``torch.func.jvp`` and ``vjp``), in the function f is defined on (BatchNorm mode, folding)."""
+        """G(θ)·v for the generalised Gauss–Newton matrix G = (1/N) Σ_i J_iᵀ H_i J_i of the loss (J_i: the Jacobian of
+        sample i's logits in θ; H_i: the loss's Hessian in the logits, diag(p_i) − p_i p_iᵀ for cross-entropy, I for
+        MSE), positive semi-definite; equal to the Hessian when the logits are linear in θ. One forward-mode and one
+        reverse-mode pass per batch (``torch.func.jvp`` and ``vjp``), in the function f is defined on (BatchNorm mode,
+        folding)."""
         v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64, device=self.device))
         parts = self.data.sum(lambda i, x, y: self._batch_ggn(x, v), self.params, self.batches)
         self.evaluations["hvp"] += 1
@@ -250,9 +251,12 @@ class DatasetObjective:
 
         with self._function():
             logits, jv = jvp(logits_of, (primals,), (dict(zip(self.names, v, strict=True)),))
-            prob = torch.softmax(logits.to(torch.float64), dim=1)
             jv = jv.to(torch.float64)
-            u = prob * jv - prob * (prob * jv).sum(dim=1, keepdim=True)  # H_out · (J v), per sample
+            if self.loss == "mse":  # ½‖f − y‖²: H_out = I
+                u = jv
+            else:
+                prob = torch.softmax(logits.to(torch.float64), dim=1)
+                u = prob * jv - prob * (prob * jv).sum(dim=1, keepdim=True)  # H_out · (J v), per sample
             _, pull = vjp(logits_of, primals)
             (out,) = pull((u / self.count).to(logits.dtype))
         return tuple(out[n] for n in self.names)
@@ -296,7 +300,7 @@ class DatasetObjective:
 
         def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = functional_call(self.model, (params, buffers), (x,))
-            return per_sample_cross_entropy(logits, y).sum() / self.count
+            return per_sample_loss(logits, y, self.loss).sum() / self.count
 
         primals = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
         tangents = dict(zip(self.names, v, strict=True))

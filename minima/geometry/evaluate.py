@@ -1,10 +1,12 @@
 """Exact dataset loss and accuracy, and BatchNorm running-statistics re-estimation.
 
-Loss per sample is ``−log_softmax(logits)[y]`` — the numerically stable form (log-sum-exp with the max
-subtracted), finite even for logits of order 1e4 where ``softmax`` then ``log`` underflows to −inf.
-Per-sample losses are summed in float64 over the whole split and divided by the exact sample count (never a
-mean of batch means). A sample whose loss is not finite is *counted* in ``nonfinite`` and left out of the
-sum, so one NaN never silently turns into an average.
+Two losses, chosen per training run and honoured by every analysis of its checkpoints (:func:`recorded_loss`):
+``cross_entropy`` (the default) and ``mse``, ½ Σ_k (f_k − onehot(y)_k)² per sample (Cohen et al. 2021's square
+loss), both averaged over samples. Cross-entropy per sample is ``−log_softmax(logits)[y]`` — the numerically stable
+form (log-sum-exp with the max subtracted), finite even for logits of order 1e4 where ``softmax`` then ``log``
+underflows to −inf. Per-sample losses are summed in float64 over the whole split and divided by the exact sample
+count (never a mean of batch means). A sample whose loss is not finite is *counted* in ``nonfinite`` and left out of
+the sum, so one NaN never silently turns into an average.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from minima.core import distributed
-from minima.core.vocab import BNMode, check_choice
+from minima.core.vocab import BNMode, Loss, check_choice
 from minima.data import Dataset, Split, eval_batches, normalize, shard
 from minima.files.checkpoint import load_model
 
@@ -66,7 +68,23 @@ def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torc
     return -torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
 
 
-def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, loss: Loss = "cross_entropy") -> torch.Tensor:
+    """The loss of every sample, in the dtype of ``logits``: cross-entropy, or ½ Σ_k (f_k − onehot(y)_k)²."""
+    if loss == "cross_entropy":
+        return per_sample_cross_entropy(logits, labels)
+    if loss == "mse":
+        target = torch.nn.functional.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        return 0.5 * ((logits - target) ** 2).sum(dim=1)
+    raise ValueError(f"unknown loss {loss!r}; choose one of cross_entropy, mse")
+
+
+def recorded_loss(meta: dict) -> Loss:
+    """The loss a checkpoint was trained with (``meta["train_config"]["loss"]``; cross-entropy for checkpoints
+    written before the choice existed)."""
+    return (meta.get("train_config") or {}).get("loss", "cross_entropy")
+
+
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor, loss: Loss = "cross_entropy") -> torch.Tensor:
     """float64 tensor ``[loss_sum over finite samples, correct, count, nonfinite]`` for one batch.
 
     Kept as a tensor (no ``.item()``) so hot loops never synchronise with the device. Logits of a
@@ -75,7 +93,7 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()
-    losses = per_sample_cross_entropy(logits, labels).to(torch.float64)
+    losses = per_sample_loss(logits, labels, loss).to(torch.float64)
     finite = torch.isfinite(losses)
     correct = (logits.argmax(dim=1) == labels).sum()
     return torch.stack([
@@ -126,6 +144,7 @@ def evaluate(
     bn: BNMode = "eval",
     rank: int = 0,
     world_size: int = 1,
+    loss: Loss = "cross_entropy",
 ) -> EvalResult:
     """Exact loss and accuracy of ``model`` on ``split`` (dropout off), fed as ``feed`` says.
 
@@ -138,7 +157,7 @@ def evaluate(
     sums = torch.zeros(4, dtype=torch.float64, device=feed.device)
     with bn_mode(model, bn):
         for x, labels in feed.batches(mine, mean, std):
-            sums += batch_sums(model(x), labels)
+            sums += batch_sums(model(x), labels, loss)
     if world_size > 1:
         sums = distributed.all_reduce_sum(sums)
     return sums_to_result(sums.cpu())

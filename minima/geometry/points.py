@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from minima.core.vocab import BNMode, BNPolicy, check_choice
+from minima.core.vocab import BNMode, BNPolicy, Loss, check_choice
 from minima.data import Split
 from minima.geometry.directions import StateDict, negative_variance_channels
 from minima.geometry.evaluate import Batching, EvalResult, evaluate, recompute_bn_stats
@@ -38,6 +38,7 @@ class EvalSettings:
     device: torch.device = CPU
     channels_last: bool = False
     fold_bn: bool = True
+    loss: Loss = "cross_entropy"
 
     def __post_init__(self) -> None:
         check_choice("BatchNorm policy", self.bn, BNPolicy)
@@ -68,7 +69,7 @@ class EvalSettings:
         """:func:`minima.geometry.evaluate.evaluate` with this spec, inside :meth:`compute`."""
         feed = self.feed if batch_size is None else replace(self.feed, batch_size=batch_size)
         with self.compute():
-            return evaluate(model, split, mean, std, feed, bn=bn)
+            return evaluate(model, split, mean, std, feed, bn=bn, loss=self.loss)
 
     def recompute_bn(self, model: nn.Module, split: Split, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """:func:`minima.geometry.evaluate.recompute_bn_stats` with this spec, inside :meth:`compute`."""

@@ -1,12 +1,12 @@
 """Trained curves between two minima (Garipov et al. 2018) and the evaluation of any path θ(t) on the grid runner.
 
 Training: the bends of a Bézier curve or polygonal chain (:mod:`minima.geometry.curves`) between fixed endpoints A
-and B are trained as Garipov et al. do: one t ~ U(0, 1) per optimiser step (the same on every rank), loss =
-cross-entropy of the network at θ(t) + ½·wd·‖θ(t)‖² over its parameters, BatchNorm in batch mode, SGD with momentum.
-The loop has the trainer's habits (:mod:`minima.optim.steps`): data placed once (:func:`minima.data.place`), every
-step seeded from (seed, step, rank), gradients all-reduced across torchrun ranks, a bar per epoch on rank 0, an
-estimate after the first epoch, ``last.pt`` at every epoch end and on SIGTERM/SIGINT (then
-:class:`~minima.optim.steps.TrainingInterrupted`), and ``--resume`` continuing bit for bit. The result is
+and B are trained as Garipov et al. do: one t ~ U(0, 1) per optimiser step (the same on every rank), loss = the
+endpoints' training loss (cross-entropy or MSE, as recorded) at θ(t) + ½·wd·‖θ(t)‖² over its parameters, BatchNorm
+in batch mode, SGD with momentum. The loop has the trainer's habits (:mod:`minima.optim.steps`): data placed once
+(:func:`minima.data.place`), every step seeded from (seed, step, rank), gradients all-reduced across torchrun ranks,
+a bar per epoch on rank 0, an estimate after the first epoch, ``last.pt`` at every epoch end and on SIGTERM/SIGINT
+(then :class:`~minima.optim.steps.TrainingInterrupted`), and ``--resume`` continuing bit for bit. The result is
 ``curve.pt`` in the curve's directory: a curve checkpoint (:func:`minima.files.checkpoint.make_curve_checkpoint`)
 naming its endpoints by path and sha256.
 
@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -42,7 +41,7 @@ from minima.geometry.barriers import barriers
 from minima.geometry.barriers import describe as describe_barriers
 from minima.geometry.curves import coefficients, combine, initial_bends, point_on_curve
 from minima.geometry.directions import StateDict
-from minima.geometry.evaluate import batch_sums, check_model_accepts
+from minima.geometry.evaluate import batch_sums, check_model_accepts, per_sample_loss, recorded_loss
 from minima.optim.schedule import build_schedule, learning_rate
 from minima.optim.steps import TrainingInterrupted, step_seed, stop_on_signals
 from minima.studies.grid import EvalOptions, GridStudy, check_options, evaluation_setup, parse_axis, recorded_attrs
@@ -149,7 +148,7 @@ def _train_curve(req: CurveRequest, env: distributed.DistEnv, on_step: Any) -> P
     ds = load_for_checkpoint(ck_a["meta"]["data"], req.data, req.train_subset, req.test_subset, req.subset_seed,
                              req.data_root, mode=req.subset_mode)
     check_model_accepts(model, ds)
-    trainer = _Trainer(req, env, model, ds, ck_a["state_dict"], ck_b["state_dict"])
+    trainer = _Trainer(req, env, model, ds, ck_a["state_dict"], ck_b["state_dict"], recorded_loss(ck_a["meta"]))
     if isinstance(state, dict):
         trainer.restore(state)
     if env.is_main:
@@ -184,8 +183,8 @@ class _Trainer:
     """One curve training run: fixed endpoints, trainable bends, optimiser, schedule and data, and its position."""
 
     def __init__(self, req: CurveRequest, env: distributed.DistEnv, model: nn.Module, ds: Dataset,
-                 state_a: StateDict, state_b: StateDict) -> None:
-        self.req, self.env, self.model, self.ds = req, env, model.to(env.device), ds
+                 state_a: StateDict, state_b: StateDict, loss: str = "cross_entropy") -> None:
+        self.req, self.env, self.model, self.ds, self.loss = req, env, model.to(env.device), ds, loss
         self.param_keys = [k for k, _ in model.named_parameters()]
         dev = env.device
         self.ends = [{k: state_a[k].to(dev) for k in self.param_keys}, {k: state_b[k].to(dev) for k in self.param_keys}]
@@ -299,13 +298,14 @@ class _Trainer:
             logits = functional_call(self.model, {**theta, **self.buffers}, (x,))
             penalty = 0.5 * req.weight_decay * sum((v * v).sum() for v in theta.values())
             # averaged over the ranks (as DDP does): the mean cross-entropy of the global batch plus the penalty
-            loss = F.cross_entropy(logits, y, reduction="sum") * (env.world_size / req.batch_size) + penalty
+            loss = (per_sample_loss(logits, y, self.loss).sum() * (env.world_size / req.batch_size)  # the run's loss
+                    + penalty)
             loss.backward()
             if env.distributed:
                 self._reduce_gradients()
             self.optimizer.step()
             self.step += 1
-            sums += batch_sums(logits.detach(), y)
+            sums += batch_sums(logits.detach(), y, self.loss)
             bar.update(1)
             if on_step is not None:
                 on_step(self.step)
@@ -346,6 +346,7 @@ class PathSpec:
     out: Path
     label: str
     identity: dict[str, Any]
+    loss: str = "cross_entropy"
 
 
 def evaluate_path(req: CurveRequest, path: PathSpec, model: nn.Module, ds: Dataset, recorded: dict[str, Any],
@@ -354,7 +355,7 @@ def evaluate_path(req: CurveRequest, path: PathSpec, model: nn.Module, ds: Datas
     ts = check_request(req)
     check_options(req, path.out)
     check_model_accepts(model, ds)
-    policy, s, d, record = evaluation_setup(req, model, ds, recorded, env.device)
+    policy, s, d, record = evaluation_setup(req, model, ds, recorded, env.device, path.loss)
     config = {"t": ts.tolist(), "curve": path.kind, "bends": len(path.points) - 2, "bn": policy,
               "data": record["data"], "bn_samples": len(d.bn_split), "eval_batch_size": req.eval_batch_size,
               "dtype": req.dtype, "fold_bn": req.fold_bn, "world_size": env.world_size,
@@ -397,7 +398,8 @@ def line_path(ck_a: dict[str, Any], ck_b: dict[str, Any], a: Path, b: Path, out:
     identity = {"checkpoint_a": str(a), "checkpoint_b": str(b), "sha256_a": ckpt_io.sha256_file(a),
                 "sha256_b": ckpt_io.sha256_file(b), "model": ck_a["model"]["name"], "label_a": run_label(a),
                 "label_b": run_label(b), "path_kind": label}
-    return PathSpec([ck_a["state_dict"], ck_b["state_dict"]], "polychain", out, label, identity)
+    return PathSpec([ck_a["state_dict"], ck_b["state_dict"]], "polychain", out, label, identity,
+                    recorded_loss(ck_a["meta"]))
 
 
 def curve_paths(req: CurveRequest, curve_file: Path) -> tuple[list[PathSpec], nn.Module, Dataset, dict[str, Any]]:
@@ -424,6 +426,6 @@ def curve_paths(req: CurveRequest, curve_file: Path) -> tuple[list[PathSpec], nn
     curve = PathSpec([state_a, *bends, state_b], kind, folder / "curve.h5",
                      f"{kind} curve, {len(bends)} bend(s)",
                      {**base, "path_kind": f"{kind} curve ({len(bends)} bend(s))", "curve_checkpoint": str(curve_file),
-                      "sha256_curve": ckpt_io.sha256_file(curve_file)})
+                      "sha256_curve": ckpt_io.sha256_file(curve_file)}, recorded_loss(ck_a["meta"]))
     line = line_path(ck_a, ck_b, Path(ends[0]["path"]), Path(ends[1]["path"]), folder / "line.h5", "straight line")
     return [curve, line], model, ds, ck_a["meta"]["data"]

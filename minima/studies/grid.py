@@ -36,7 +36,7 @@ from minima.core.config import resume_key, setting
 from minima.core.options import CheckpointData
 from minima.core.precision import effective as precision_effective
 from minima.core.precision import float32_math
-from minima.core.vocab import TORCH_DTYPES, BNPolicy, BNRecord, DataOnDevice, Dtype, check_choice
+from minima.core.vocab import TORCH_DTYPES, BNPolicy, BNRecord, DataOnDevice, Dtype, Loss, check_choice
 from minima.data import Dataset, place, stratified_subset
 from minima.files import results
 from minima.files.naming import check_output
@@ -111,11 +111,13 @@ def check_options(req: EvalOptions, out: Path) -> Path:
 
 
 def evaluation_setup(req: EvalOptions, model: nn.Module, ds: Dataset, recorded: dict[str, Any],
-                     device: torch.device) -> tuple[BNRecord, EvalSettings, EvalData, dict[str, Any]]:
+                     device: torch.device, loss: Loss = "cross_entropy",
+                     ) -> tuple[BNRecord, EvalSettings, EvalData, dict[str, Any]]:
     """What every grid point is evaluated with: the BatchNorm policy (``none`` for a model without BatchNorm), the
     settings, the (placed) data with the BN re-estimation subset, and what every grid file records about it —
     ``data`` (the data description with its chain of subsets, and the BN subset drawn from the training split),
-    ``precision`` and ``data_placement``. ``recorded``: the checkpoint's ``meta["data"]`` (its normalisation)."""
+    ``precision``, ``data_placement`` and ``loss``. ``recorded``: the checkpoint's ``meta["data"]`` (its
+    normalisation); ``loss``: the loss it was trained with."""
     bn_split, bn_subset = ds.train, None
     if req.bn_samples is not None and req.bn_samples < len(ds.train):
         bn_split = ds.train.take(stratified_subset(ds.train.labels, req.bn_samples, req.subset_seed))
@@ -124,12 +126,12 @@ def evaluation_setup(req: EvalOptions, model: nn.Module, ds: Dataset, recorded: 
     policy: BNRecord = (req.bn or "recompute") if with_bn else "none"
     s = EvalSettings(bn=policy if with_bn else "recompute", batch_size=req.eval_batch_size,
                      dtype=TORCH_DTYPES[req.dtype], device=device, channels_last=is_convolutional(model),
-                     fold_bn=req.fold_bn)
+                     fold_bn=req.fold_bn, loss=loss)
     (train, test, bn_data), placement = place([ds.train, ds.test, bn_split], req.data_on_device, device)
     record = {"policy": policy, "data": {**ds.describe(), "bn_subset": bn_subset},
               "precision": precision_effective(device, req.float32_math,
                                                "bfloat16" if req.dtype == "bfloat16" else None),
-              "data_placement": placement.describe()}
+              "data_placement": placement.describe(), "loss": loss}
     return policy, s, EvalData(train, test, bn_data, tuple(recorded["mean"]), tuple(recorded["std"])), record
 
 
@@ -319,4 +321,4 @@ def recorded_attrs(record: dict[str, Any], config: dict[str, Any], request: dict
     match = {k: v for k, v in config.items() if k != "world_size"}
     return {**identity, "bn_policy": record["policy"], "config": json.dumps(config), "config_key": resume_key(match),
             "request": json.dumps(request), "precision": json.dumps(record["precision"]),
-            "data_placement": json.dumps(record["data_placement"])}
+            "data_placement": json.dumps(record["data_placement"]), "loss": record.get("loss", "cross_entropy")}

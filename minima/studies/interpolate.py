@@ -30,7 +30,7 @@ from minima.files.naming import run_label
 from minima.geometry.barriers import barriers
 from minima.geometry.barriers import describe as describe_barriers
 from minima.geometry.directions import StateDict, lerp_state, random_direction, shift_state
-from minima.geometry.evaluate import check_model_accepts
+from minima.geometry.evaluate import check_model_accepts, recorded_loss
 from minima.geometry.points import EvalData, EvalSettings
 from minima.geometry.repair import Repairer
 from minima.models import has_batchnorm, is_convolutional
@@ -141,7 +141,8 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
     ds = load_for_checkpoint(ck_a["meta"]["data"], req.data, req.train_subset, req.test_subset, req.subset_seed,
                              req.data_root, mode=req.subset_mode)
     check_model_accepts(model, ds)
-    policy, s, d, record = evaluation_setup(req, model, ds, ck_a["meta"]["data"], env.device)
+    policy, s, d, record = evaluation_setup(req, model, ds, ck_a["meta"]["data"], env.device,
+                                            recorded_loss(ck_a["meta"]))
 
     state_a = ck_a["state_dict"]
     if ck_b is not None and req.repair:

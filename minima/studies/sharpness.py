@@ -42,7 +42,7 @@ from minima.data import load_for_checkpoint
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
 from minima.files.naming import check_output, run_label
-from minima.geometry.evaluate import Batching
+from minima.geometry.evaluate import Batching, recorded_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,7 +212,10 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
     common = {"checkpoint": str(path), "sha256": ckpt_io.sha256_file(path), "bn_mode": req.bn_mode,
               "train_samples": len(train), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
               "subset_seed": req.subset_seed, "data": json.dumps(ds.describe()), "seed": req.seed,
-              "float32_math": req.float32_math}
+              "float32_math": req.float32_math,
+              # the loss enters the record (and the resume key) only when it is not the default cross-entropy, so
+              # results measured before the choice existed still resume
+              **({"loss": recorded_loss(ckpt["meta"])} if recorded_loss(ckpt["meta"]) != "cross_entropy" else {})}
 
     def key_of(metric: Metric, job: dict[str, Any]) -> str:
         return resume_key({**common, "metric": metric.name, **job})
@@ -225,7 +228,8 @@ def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req:
     feed = Batching(req.eval_batch_size, env.device, TORCH_DTYPES[req.dtype])
     batches = FixedBatches.from_split(train, ckpt["meta"]["data"]["mean"], ckpt["meta"]["data"]["std"], feed,
                                       rank=env.rank, world_size=env.world_size)
-    obj = DatasetObjective(model, batches, bn=req.bn_mode, hvp_cache_bytes=cache_bytes)
+    obj = DatasetObjective(model, batches, bn=req.bn_mode, hvp_cache_bytes=cache_bytes,
+                           loss=recorded_loss(ckpt["meta"]))
     unit: dict[str, float] = {}
     if any(m.uses_hessian for m, _, _ in pending):
         obj.observer = _stopwatch(unit, "hvp")  # the second of the check's two products, each building its graph

@@ -30,7 +30,7 @@ from minima.files import landscape, results
 from minima.files.checkpoint import RESUMABLE_CHANGES
 from minima.files.naming import run_label
 from minima.geometry.directions import DirectionError, Plane, checkpoint_plane, random_plane, trajectory_plane
-from minima.geometry.evaluate import check_model_accepts
+from minima.geometry.evaluate import check_model_accepts, recorded_loss
 from minima.geometry.points import EvalData, EvalSettings
 from minima.geometry.repair import Repairer
 from minima.models import has_batchnorm, is_convolutional
@@ -223,7 +223,8 @@ def _prepare(req: SurfaceRequest, env: distributed.DistEnv) -> GridStudy:
     out = _validate(req)
     inp = _inputs(req)
     plane = inp.plane
-    policy, s, d, record = evaluation_setup(req, inp.model, inp.ds, inp.origin["meta"]["data"], env.device)
+    policy, s, d, record = evaluation_setup(req, inp.model, inp.ds, inp.origin["meta"]["data"], env.device,
+                                            recorded_loss(inp.origin["meta"]))
     coords = auto_axes(req, plane)
     model, point = inp.model, lambda c: plane.point(float(c[0]), float(c[1]))
     if req.repair:

@@ -41,10 +41,17 @@ from minima.core.config import setting
 from minima.core.options import DataOptions
 from minima.core.precision import Float32Math, float32_math
 from minima.core.precision import effective as precision_effective
-from minima.core.vocab import Amp, DataOnDevice, DeviceName, Optimizer, check_choice
+from minima.core.vocab import Amp, DataOnDevice, DeviceName, Loss, Optimizer, check_choice
 from minima.files import checkpoint as ckpt_io
 from minima.files.checkpoint import RESUMABLE_CHANGES
-from minima.geometry.evaluate import Batching, batch_sums, check_model_accepts, evaluate, sums_to_result
+from minima.geometry.evaluate import (
+    Batching,
+    batch_sums,
+    check_model_accepts,
+    evaluate,
+    per_sample_loss,
+    sums_to_result,
+)
 from minima.models import (
     available_models,
     default_data,
@@ -80,6 +87,9 @@ class TrainConfig(DataOptions):
     micro_batch: int | None = setting(None, "largest per-rank forward batch; gradients are accumulated above it",
                                       unit="samples", default_text="the per-rank batch")
     optimizer: Optimizer = setting("adam", "optimiser")
+    loss: Loss = setting("cross_entropy", "training loss: cross_entropy, or mse = ½ Σ_k (f_k − onehot_k)² per sample "
+                         "(Cohen et al.'s square loss); recorded in every checkpoint, and every analysis of the "
+                         "checkpoints (curves, surfaces, sharpness, curvature) uses it")
     lr: float = setting(1e-3, "reference learning rate at --ref-batch")
     ref_batch: int = setting(256, "batch size at which --lr was tuned", unit="samples")
     scaling: ScalingRule = setting("none", "LR scaling rule from --ref-batch to --batch-size")
@@ -178,7 +188,7 @@ def plan_batches(global_batch: int, world_size: int, micro_batch: int | None, n_
 def validate_config(c: TrainConfig) -> None:
     """Refuse settings that name unknown choices or make no sense, before any work starts."""
     for key, vocabulary in (("optimizer", Optimizer), ("scaling", ScalingRule), ("schedule", ScheduleKind),
-                            ("amp", Amp), ("device", DeviceName)):
+                            ("amp", Amp), ("device", DeviceName), ("loss", Loss)):
         check_choice(key, getattr(c, key), vocabulary)
     if model_kind(c.model) == "registry":
         model_info(c.model)
@@ -491,9 +501,11 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
             with sync:
                 with autocast:
                     logits = run.net(x)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") * (env.world_size / c.batch_size)
+                summed = (F.cross_entropy(logits.float(), y, reduction="sum") if c.loss == "cross_entropy"
+                          else per_sample_loss(logits.float(), y, c.loss).sum())
+                loss = summed * (env.world_size / c.batch_size)
                 loss.backward()
-            sums += batch_sums(logits.detach().float(), y)
+            sums += batch_sums(logits.detach().float(), y, c.loss)
         run.optimizer.step()
         run.step += 1
         seen += plan.per_rank  # every global batch is full (the short one at the end is dropped)
@@ -555,7 +567,8 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
     }
     if c.eval_test:
         feed = Batching(c.eval_batch_size, env.device, torch.float32, run.channels_last)
-        test = evaluate(run.model, run.test_split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size)
+        test = evaluate(run.model, run.test_split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size,
+                        loss=c.loss)
         metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_nonfinite=test.nonfinite)
     run.elapsed += time.perf_counter() - t0
     metrics["elapsed_s"] = run.elapsed
