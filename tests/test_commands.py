@@ -67,8 +67,8 @@ def test_requests_are_generated_from_the_same_fields() -> None:
 
 
 def test_unknown_metric_lists_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown metric 'bogus'; choose from \['adaptive', 'average', 'hessian', "
-                                         r"'keskar', 'trace'\]"):
+    with pytest.raises(ValueError, match=r"unknown metric 'bogus'; choose from \['adaptive', 'average', 'density', "
+                                         r"'hessian', 'keskar', 'trace', 'worst_case'\]"):
         metrics.get_metric("bogus")
     with pytest.raises(ValueError, match="already registered"):
         metrics.register(metrics.REGISTRY["trace"])
@@ -86,14 +86,22 @@ def test_every_registered_metric_returns_its_declared_fields() -> None:
     f0 = obj.value(x)
     small = {"eps": (1e-3,), "subspace": 3, "subspace_seed": 0, "full_space": True, "maxiter": 2, "topk": 2,
              "eig_tol": 1e-6, "eig_method": "lanczos", "trace_rtol": 0.5, "trace_max_probes": 10, "rho": 0.05,
-             "adaptive_steps": 2, "sigma": 0.01, "average_samples": 3}
+             "adaptive_steps": 2, "sigma": 0.01, "average_samples": 3, "trace_method": "hutchinson",
+             "density_probes": 2, "density_steps": 5, "worst_rho": 0.05, "worst_norm": "linf", "worst_adaptive": True,
+             "worst_m": 16, "worst_n": 48, "worst_iterations": 3, "worst_l2_step": "invariant"}
+    variants = {"trace": [{"trace_method": "hutchpp"}], "worst_case": [{"worst_norm": "l2"}]}
     for metric in metrics.REGISTRY.values():
-        params = {p.name: small[p.name] for p in metric.params}
-        for name, job in metric.jobs(params):
-            obj.set_flat(x)
-            out = metric.compute(obj, x, f0, job, 0)
-            assert set(out) == {"value", *metric.fields}, name
-            assert np.isfinite(out["value"]), name
+        for change in [{}, *variants.get(metric.name, [])]:
+            params = {p.name: {**small, **change}[p.name] for p in metric.params}
+            _check_fields(metric, params, obj, x, f0)
+
+
+def _check_fields(metric: metrics.Metric, params: dict, obj: DatasetObjective, x: torch.Tensor, f0: float) -> None:
+    for name, job in metric.jobs(params):
+        obj.set_flat(x)
+        out = metric.compute(obj, x, f0, job, 0)
+        assert set(out) == {"value", *metric.fields}, name
+        assert np.isfinite(out["value"]), name
 
 
 def test_unreadable_checkpoints_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
