@@ -85,8 +85,9 @@ def _densities(files: Sequence[Path], out: Path | None) -> Path:
     """The Hessian eigenvalue densities stored in sharpness files, overlaid (e.g. SB and LB)."""
     found = [r for f in files for r in load_sharpness(f) if str(r["metric"]).startswith("density")]
     if not found:
-        raise ValueError(f"{files[0]} holds sharpness results but no eigenvalue density; print its table with python "
-                         f"-m minima.sharpness --show {files[0]}, or measure one with --metrics density")
+        raise ValueError(f"{files[0]} holds sharpness results but no eigenvalue density to draw; print its table with "
+                         f"python -m minima.sharpness --show {files[0]}, read it with "
+                         "minima.files.results.load_sharpness, or measure a density with --metrics density")
     out = save_density_figure(found, out or Path(files[0]).with_name(Path(files[0]).stem + "_density.png"))
     print(f"wrote {out}")
     return out
