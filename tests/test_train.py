@@ -233,3 +233,29 @@ def test_main_resume_needs_only_out(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(argv) == 0
     assert main(["--out", str(out), "--resume", "--no-progress"]) == 0
     assert main(["--out", str(out), "--resume", "--epochs", "2"]) == 2  # epochs changes the schedule
+
+
+def test_full_batch_gradient_descent_is_one_batch_of_everything(tmp_path: Path) -> None:
+    ds = _toy_data(24)
+    common = dict(epochs=3, momentum=0.0, lr=0.3)
+    full = train(_sgd_config(tmp_path / "full", batch_size="full", **common), dataset=ds)
+    one = train(_sgd_config(tmp_path / "one", batch_size=24, **common), dataset=ds)
+    chunks = train(_sgd_config(tmp_path / "chunks", batch_size="full", micro_batch=6, **common), dataset=ds)
+    assert all(torch.equal(_weights(full)[k], _weights(one)[k]) for k in _weights(one))
+    for k, v in _weights(one).items():  # accumulated over 4 chunks: the same step up to summation order
+        torch.testing.assert_close(_weights(chunks)[k], v, rtol=1e-5, atol=1e-6)
+    assert ck.load_checkpoint(full)["meta"]["global_batch_size"] == 24
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["batch_size"] == 24
+    with pytest.raises(ValueError, match="number ≥ 1 or full"):
+        train(_sgd_config(tmp_path / "bad", batch_size="half"), dataset=ds)
+
+
+def test_batch_size_full_on_the_command_line() -> None:
+    from minima.train import parse_args
+
+    config, _ = parse_args(["--batch-size", "full", "--out", "x"])
+    assert config.batch_size == "full"
+    config, _ = parse_args(["--batch-size", "64", "--out", "x"])
+    assert config.batch_size == 64
+    with pytest.raises(SystemExit):
+        parse_args(["--batch-size", "most", "--out", "x"])

@@ -73,12 +73,29 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _scalar_parser(tp: Any, optional: bool) -> Any:
+    """A flag's parser: the type itself, or for a union such as ``int | Literal["full"]`` the first member that
+    accepts the text (a Literal's own words, then the scalar types)."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    members = typing.get_args(tp) if union else (tp,)
+
     def parse(text: str) -> Any:
         if optional and text.lower() == "none":
             return None
-        return tp(text)
+        for member in members:
+            if typing.get_origin(member) is Literal:
+                if text in typing.get_args(member):
+                    return text
+                continue
+            try:
+                return member(text)
+            except (TypeError, ValueError):
+                continue
+        words = [w for m in members if typing.get_origin(m) is Literal for w in typing.get_args(m)]
+        kinds = [getattr(m, "__name__", str(m)) for m in members if typing.get_origin(m) is not Literal]
+        raise argparse.ArgumentTypeError(f"{text!r} is neither {' nor '.join(kinds)}" +
+                                         (f" nor one of {words}" if words else ""))
 
-    parse.__name__ = getattr(tp, "__name__", "value")
+    parse.__name__ = "value" if union else getattr(tp, "__name__", "value")
     return parse
 
 

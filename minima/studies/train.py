@@ -24,9 +24,9 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,9 @@ class TrainConfig(DataOptions):
                                default_text="the model's own data (c3/c4: CIFAR-100), else $MINIMA_DATA, else "
                                "the torchvision CIFAR-10 download")
     epochs: int = setting(20, "maximum number of epochs")
-    batch_size: int = setting(256, "global batch size: samples per optimiser step over all ranks", unit="samples")
+    batch_size: int | Literal["full"] = setting(256, "global batch size: samples per optimiser step over all ranks, "
+                                                "or full (full-batch gradient descent: every training image each "
+                                                "step, accumulated over --micro-batch chunks)", unit="samples")
     micro_batch: int | None = setting(None, "largest per-rank forward batch; gradients are accumulated above it",
                                       unit="samples", default_text="the per-rank batch")
     optimizer: Optimizer = setting("adam", "optimiser")
@@ -194,6 +196,8 @@ def validate_config(c: TrainConfig) -> None:
         model_info(c.model)
     if c.epochs < 1:
         raise ValueError(f"epochs must be ≥ 1; got {c.epochs}")
+    if c.batch_size != "full" and (not isinstance(c.batch_size, int) or c.batch_size < 1):
+        raise ValueError(f"--batch-size must be a number ≥ 1 or full; got {c.batch_size!r}")
     if c.lr <= 0:
         raise ValueError(f"lr must be > 0; got {c.lr}")
     if c.warmup_epochs < 0 or c.warmup_epochs > c.epochs:
@@ -341,8 +345,11 @@ def train(
 def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data_mod.Dataset | None) -> Run:
     """Plan the run: the checks (:func:`_resume_state`), then the construction (:func:`_build`), the position of
     ``last.pt`` when resuming (:func:`_restore`), and rank 0's side effects (:func:`_announce`)."""
+    ds = dataset if dataset is not None else load_dataset(c)
+    if c.batch_size == "full":  # the number is what the run records (and a resume compares)
+        c = replace(c, batch_size=len(ds.train))
     state = _resume_state(c, env, resume)
-    run = _build(c, env, dataset if dataset is not None else load_dataset(c))
+    run = _build(c, env, ds)
     if state is not None:
         _restore(run, state)
     if env.distributed:
