@@ -95,6 +95,7 @@ class Preset:
     layer_samples: int | None = setting(None, "training images the per-layer curvature and the eigenvalue densities "
                                         "are measured on", unit="samples", default_text="all")
     layer_trace_products: int = setting(12, "Hutch++ products per layer for its Hessian trace", unit="products")
+    layer_eig_tol: float = setting(1e-3, "relative residual bound at which each layer's λ_max stops (Lanczos)")
     density_probes: int = setting(2, "probes of each eigenvalue density (SLQ)")
     density_steps: int = setting(30, "Lanczos steps per density probe")
 
@@ -189,7 +190,8 @@ def curvature_requests(model: str, preset: Preset, sb: Path, lb: Path, out: Path
     common = dict(checkpoints=[sb, lb], train_subset=preset.layer_samples, bn_mode=preset.sharpness_bn,
                   eval_batch_size=min(preset.eval_batch_size, preset.layer_samples or preset.eval_batch_size),
                   out=out, trust_import=own_import(model))
-    return [MeasureRequest(metrics=["hessian", "trace"], topk=1, blocks="layers", trace_method="hutchpp",
+    return [MeasureRequest(metrics=["hessian", "trace"], topk=1, eig_tol=preset.layer_eig_tol, blocks="layers",
+                           trace_method="hutchpp",
                            trace_max_probes=preset.layer_trace_products, **common),
             MeasureRequest(metrics=["density"], density_probes=preset.density_probes,
                            density_steps=preset.density_steps, **common)]

@@ -37,8 +37,8 @@ def test_help_shows_real_defaults_and_units(command: str) -> None:
     flat = " ".join(out.split())
     assert "(default: None)" not in flat and "default: True" not in flat and "(default: recompute) (default" not in flat
     if command == "train":
-        assert "--batch-size INT global batch size: samples per optimiser step over all ranks [samples] (default: " \
-               "256)" in flat
+        assert "--batch-size INT|full global batch size: samples per optimiser step over all ranks, or full " \
+               "(full-batch gradient descent" in flat and "[samples] (default: 256)" in flat
         assert "--optimizer {adam,sgd}" in flat and "(default: adam)" in flat
         assert "--micro-batch INT" in flat and "(default: the per-rank batch)" in flat
     if command == "interpolate":

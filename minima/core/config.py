@@ -99,6 +99,14 @@ def _scalar_parser(tp: Any, optional: bool) -> Any:
     return parse
 
 
+def _metavar(tp: Any) -> str:
+    """How a flag's value is named in ``--help``: ``INT``, or ``INT|full`` for ``int | Literal["full"]``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return "|".join("|".join(typing.get_args(m)) if typing.get_origin(m) is Literal
+                        else getattr(m, "__name__", "value").upper() for m in typing.get_args(tp))
+    return getattr(tp, "__name__", "value").upper()
+
+
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -163,8 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str
         elif tp is dict or origin is dict:
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=doc)
         else:
-            parser.add_argument(flag, type=_scalar_parser(tp, optional), default=None,
-                                metavar=getattr(tp, "__name__", "value").upper(), help=doc)
+            parser.add_argument(flag, type=_scalar_parser(tp, optional), default=None, metavar=_metavar(tp), help=doc)
 
 
 def _coerce(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from minima.core.config import setting
 from minima.core.options import DataOptions
 from minima.core.precision import Float32Math, float32_math
 from minima.core.precision import effective as precision_effective
-from minima.core.vocab import Amp, DataOnDevice, DeviceName, Loss, Optimizer, check_choice
+from minima.core.vocab import Amp, DataOnDevice, DeviceName, FullBatch, Loss, Optimizer, check_choice
 from minima.files import checkpoint as ckpt_io
 from minima.files.checkpoint import RESUMABLE_CHANGES
 from minima.geometry.evaluate import (
@@ -83,7 +83,7 @@ class TrainConfig(DataOptions):
                                default_text="the model's own data (c3/c4: CIFAR-100), else $MINIMA_DATA, else "
                                "the torchvision CIFAR-10 download")
     epochs: int = setting(20, "maximum number of epochs")
-    batch_size: int | Literal["full"] = setting(256, "global batch size: samples per optimiser step over all ranks, "
+    batch_size: int | FullBatch = setting(256, "global batch size: samples per optimiser step over all ranks, "
                                                 "or full (full-batch gradient descent: every training image each "
                                                 "step, accumulated over --micro-batch chunks)", unit="samples")
     micro_batch: int | None = setting(None, "largest per-rank forward batch; gradients are accumulated above it",
