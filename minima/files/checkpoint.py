@@ -43,7 +43,9 @@ REQUIRED_META = ("epoch", "step", "global_batch_size", "world_size", "seed", "tr
 _ZIP_MAGIC = b"PK\x03\x04"
 # Training settings (``meta["train_config"]`` keys) that may change when a run is resumed: they do not change the
 # computation's result, so the checkpoints of one run may differ in them.
-RESUMABLE_CHANGES = frozenset({"device", "threads", "progress", "eval_batch_size", "out", "data_on_device"})
+RESUMABLE_CHANGES = frozenset({"device", "threads", "progress", "eval_batch_size", "out", "data_on_device",
+                               # probes measure the run without changing it: one may be added on resume
+                               "probe", "probe_every", "probe_subset", "probe_bn_mode", "probe_topk"})
 
 
 class CheckpointError(ValueError):

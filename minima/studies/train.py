@@ -36,13 +36,17 @@ from tqdm.auto import tqdm
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core import distributed
+from minima.core.allocator import memory_budget
 from minima.core.cli import duration
 from minima.core.config import setting
 from minima.core.options import DataOptions
 from minima.core.precision import Float32Math, float32_math
 from minima.core.precision import effective as precision_effective
-from minima.core.vocab import Amp, DataOnDevice, DeviceName, FullBatch, Loss, Optimizer, check_choice
+from minima.core.vocab import Amp, BNMode, DataOnDevice, DeviceName, FullBatch, Loss, Optimizer, check_choice
+from minima.curvature.objective import DatasetObjective, FixedBatches
+from minima.curvature.probes import PRECONDITIONED, Prober, parse_probes, stability_threshold
 from minima.files import checkpoint as ckpt_io
+from minima.files import timeline
 from minima.files.checkpoint import RESUMABLE_CHANGES
 from minima.geometry.evaluate import (
     Batching,
@@ -132,6 +136,14 @@ class TrainConfig(DataOptions):
     sync_bn: bool = setting(False, "SyncBatchNorm under DDP")
     out: str = setting("runs/run", "run directory")
     save_every: int = setting(0, "also keep epoch_XXXX.pt every K epochs (0: never)", unit="epochs")
+    probe: tuple[str, ...] = setting((), "curvature probes during training, NAME or NAME:EVERY (a metric of "
+                                     "minima.sharpness, e.g. hessian, trace, or preconditioned: Adam's "
+                                     "P^-1/2 H P^-1/2); written to probes.h5 in the run directory", default_text="none")
+    probe_every: int = setting(100, "default period of the probes (after steps K, 2K, … and the last)", unit="steps")
+    probe_subset: int = setting(1000, "stratified training images the probes measure on (no augmentation)",
+                                unit="samples")
+    probe_bn_mode: BNMode = setting("eval", "BatchNorm inside the probes' loss: eval or batch")
+    probe_topk: int = setting(1, "eigenvalues the hessian and preconditioned probes record")
     eval_test: bool = setting(True, "evaluate the test set after every epoch")
     progress: bool = setting(True, "tqdm progress bar on rank 0")
 
@@ -202,6 +214,11 @@ def validate_config(c: TrainConfig) -> None:
         raise ValueError(f"lr must be > 0; got {c.lr}")
     if c.warmup_epochs < 0 or c.warmup_epochs > c.epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={c.epochs}]; got {c.warmup_epochs}")
+    if c.probe:
+        parse_probes(c.probe, c.probe_every, c.optimizer)
+        check_choice("probe BatchNorm mode (--probe-bn-mode)", c.probe_bn_mode, BNMode)
+        if c.probe_subset < 1 or c.probe_topk < 1:
+            raise ValueError("--probe-subset and --probe-topk must be ≥ 1")
     if c.target_accuracy is not None and not 0 < c.target_accuracy <= 1:
         raise ValueError(f"--target-accuracy is a fraction in (0, 1]; got {c.target_accuracy} (99 % is 0.99)")
     if c.schedule == "step" and not c.milestones:
@@ -278,6 +295,9 @@ class Run:
     trainer: dict[str, Any] = field(default_factory=lambda: {"best_loss": float("inf"), "bad_epochs": 0,
                                                               "stopped": None})
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    prober: Prober | None = None
+    probed_at: dict[str, int] = field(default_factory=dict)  # probe → the last step it ran at
+    probe_seconds: float = 0.0  # probe time in the current epoch (kept out of images_per_s)
 
     @property
     def run_dir(self) -> Path:
@@ -356,11 +376,47 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
         net: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(run.model) if c.sync_bn else run.model
         run.net = nn.parallel.DistributedDataParallel(
             net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    run.prober = _prober(run)
     if env.is_main:
         _announce(run, resumed=state is not None)
     if run.trainer.get("stopped"):
         run.epoch = c.epochs  # the stopping rule already ended this run before it was interrupted
     return run
+
+
+def _prober(run: Run) -> Prober | None:
+    """The run's probes on their fixed stratified subset (no augmentation), sharded over the ranks like every
+    curvature objective; None without probes."""
+    c, ds, env = run.c, run.ds, run.env
+    if not c.probe:
+        return None
+    if c.probe_subset > len(ds.train):
+        raise ValueError(f"--probe-subset {c.probe_subset} exceeds the {len(ds.train)} training images; pass at most "
+                         "that")
+    split = ds.train if c.probe_subset == len(ds.train) else ds.train.take(
+        data_mod.stratified_subset(ds.train.labels, c.probe_subset, c.subset_seed))
+    feed = Batching(min(c.eval_batch_size, c.probe_subset), env.device, torch.float32)
+    batches = FixedBatches.from_split(split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size)
+    obj = DatasetObjective(run.model, batches, bn=c.probe_bn_mode, loss=c.loss,
+                           hvp_cache_bytes=memory_budget(env.device) // 4)
+    return Prober(obj, parse_probes(c.probe, c.probe_every, c.optimizer), c.probe_topk)
+
+
+def _probe(run: Run, due: list, lr: float, epoch: float) -> None:
+    """Run the ``due`` probes at the current step on every rank; rank 0 appends them to ``probes.h5``."""
+    assert run.prober is not None
+    t0 = time.perf_counter()
+    with float32_math("fp32"):  # probes in float32, whatever the training's TF32 setting; restored after
+        found = run.prober.run(run.model, due, run.step, run.optimizer)
+    run.probe_seconds += time.perf_counter() - t0
+    run.probed_at.update({p.name: run.step for p in due})
+    if run.env.is_main:
+        c = run.c
+        for name, result in found.items():
+            threshold = stability_threshold(c.optimizer, lr, c.momentum, tuple(c.adam_betas),
+                                            preconditioned=name == PRECONDITIONED)
+            timeline.append(run.run_dir / "probes.h5", name, {"step": run.step, "epoch": epoch, "lr": lr,
+                                                              "threshold": threshold, **result})
 
 
 def _resume_state(c: TrainConfig, env: distributed.DistEnv, resume: bool) -> dict[str, Any] | None:
@@ -436,6 +492,14 @@ def _announce(run: Run, resumed: bool) -> None:
         ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / "init.pt")
     else:
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.epoch)
+    if run.prober is not None:
+        probes = run.run_dir / "probes.h5"
+        if resumed and probes.exists():
+            timeline.truncate(probes, run.step)  # rows after last.pt are measured again
+        else:
+            timeline.create(probes, {"probes": [vars(p) for p in run.prober.probes], "subset": {
+                "n": c.probe_subset, "seed": c.subset_seed}, "bn_mode": c.probe_bn_mode, "topk": c.probe_topk,
+                "loss": c.loss, "optimizer": c.optimizer, "added_at_step": run.step})
 
 
 def _train(run: Run, on_step: Callable[[TrainState], None] | None,
@@ -462,6 +526,10 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
                 raise TrainingInterrupted(run.last_path, (
                     f"stopped by signal {stop['signal']} at the end of epoch {run.epoch}; {run.last_path} written. "
                     f"Resume with: python -m minima.train --out {run.run_dir} --resume"))
+    if run.prober is not None:  # every probe also after the last step
+        missing = [p for p in run.prober.probes if run.probed_at.get(p.name) != run.step]
+        if missing:
+            _probe(run, missing, learning_rate(max(run.step - 1, 0), run.schedule), float(run.epoch))
     final_path = run.run_dir / "final.pt"
     if env.is_main:
         ckpt_io.save_checkpoint(run.checkpoint("final"), final_path)
@@ -515,6 +583,8 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
             sums += batch_sums(logits.detach().float(), y, c.loss)
         run.optimizer.step()
         run.step += 1
+        if run.prober is not None and (due := run.prober.due(run.step)):
+            _probe(run, due, lr, run.epoch + (b + 1) / len(batches))
         seen += plan.per_rank  # every global batch is full (the short one at the end is dropped)
         bar.update(1)
         agreed = _check(run, sums, stop, lr, bar) if run.step % CHECK_EVERY == 0 or b == len(batches) - 1 else False
@@ -562,7 +632,8 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
     """Close the epoch: exact train metrics, test evaluation, stopping rule, ``last.pt`` / ``epoch_XXXX.pt`` /
     ``metrics.jsonl`` on rank 0. Returns the reason to stop, if any."""
     c, env, ds = run.c, run.env, run.ds
-    train_time = time.perf_counter() - t0
+    probe_time, run.probe_seconds = run.probe_seconds, 0.0
+    train_time = time.perf_counter() - t0 - probe_time  # probes are measured apart from the training's speed
     total = sums_to_result(distributed.all_reduce_sum(sums).cpu() + run.carried)
     run.carried = torch.zeros(4, dtype=torch.float64)
     run.batch0 = 0
@@ -571,6 +642,7 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         "epoch": run.epoch, "step": run.step, "lr": lr, "train_loss": total.loss,
         "train_accuracy": total.accuracy, "train_samples": total.count,
         "images_per_s": seen * env.world_size / train_time if train_time > 0 else float("nan"),
+        **({"probe_seconds": probe_time} if run.prober is not None else {}),
     }
     if c.eval_test:
         feed = Batching(c.eval_batch_size, env.device, torch.float32, run.channels_last)

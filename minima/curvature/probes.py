@@ -1,0 +1,134 @@
+"""Curvature measured during training: probes the trainer runs every K optimiser steps.
+
+A probe is a registered metric (:mod:`minima.curvature.registry`; its first result, with the metric's default
+parameters and ``topk`` eigenvalues for ``hessian``) or ``preconditioned``: λ_max of P^{-1/2} H P^{-1/2} with P the
+Adam preconditioner diag(√v̂_t) + ε, v̂_t = v_t/(1 − β₂^t) (Cohen et al. 2022, "Adaptive gradient methods at the edge
+of stability"), by Lanczos on the scaled Hessian-vector products. Every probe runs on one fixed, recorded stratified
+subset of training images without augmentation, in its recorded BatchNorm mode, on one objective built once whose
+weights are reloaded from the live model (no copy per probe); under torchrun every rank computes its shard in
+lockstep. A probe's seed is the step it runs at, so an interrupted and resumed run measures exactly what the
+uninterrupted one did.
+
+Stability thresholds (what λ_max is compared with): 2/η for gradient descent, 2(1 + β)/η with heavy-ball momentum β,
+(2 + 2β₁)/((1 − β₁)η) for Adam's preconditioned sharpness.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from minima.curvature.hessian import CountingOperator, hessian_operator, top_eigenvalues
+from minima.curvature.objective import DatasetObjective
+from minima.curvature.registry import REGISTRY, get_metric
+
+PRECONDITIONED = "preconditioned"
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe: what (a metric name or ``preconditioned``) and every how many optimiser steps."""
+
+    name: str
+    every: int
+
+
+def parse_probes(specs: tuple[str, ...] | list[str], default_every: int, optimizer: str) -> list[ProbeSpec]:
+    """``NAME`` or ``NAME:EVERY`` per probe (EVERY in optimiser steps, default ``default_every``); a ``ValueError``
+    in one line for an unknown name, a period ≤ 0, or ``preconditioned`` without Adam."""
+    out = []
+    for spec in specs:
+        name, _, every = str(spec).partition(":")
+        if name != PRECONDITIONED and name not in REGISTRY:
+            raise ValueError(f"unknown probe {name!r}; choose a metric of {sorted(REGISTRY)} or {PRECONDITIONED!r}")
+        try:
+            period = int(every) if every else int(default_every)
+        except ValueError as exc:
+            raise ValueError(f"probe {spec!r}: the period after ':' must be a whole number of steps") from exc
+        if period <= 0:
+            raise ValueError(f"probe {spec!r}: the period must be ≥ 1 optimiser step, got {period}")
+        if name == PRECONDITIONED and optimizer != "adam":
+            raise ValueError("the preconditioned probe measures Adam's P^-1/2 H P^-1/2; with plain SGD the "
+                             "preconditioner is the identity and it is λ_max — use --probe hessian")
+        out.append(ProbeSpec(name, period))
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a probe is named twice in {list(specs)}; give each once (NAME:EVERY sets its period)")
+    return out
+
+
+def stability_threshold(optimizer: str, lr: float, momentum: float = 0.0, betas: tuple[float, ...] = (0.9, 0.999),
+                        preconditioned: bool = False) -> float:
+    """The largest stable curvature at learning rate ``lr``: 2/η (GD), 2(1 + β)/η (heavy ball), and for Adam's
+    preconditioned sharpness (2 + 2β₁)/((1 − β₁)η); NaN for Adam's raw λ_max (no threshold applies)."""
+    if optimizer == "adam":
+        return (2 + 2 * betas[0]) / ((1 - betas[0]) * lr) if preconditioned else float("nan")
+    return 2 * (1 + momentum) / lr
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.Tensor | None:
+    """diag(√v̂_t) + ε as a flat float64 vector in ``params``' order, or None before Adam's first step."""
+    parts = []
+    for group in optimizer.param_groups:
+        _, beta2 = group["betas"]
+        eps = group["eps"]
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg_sq" not in state:
+                return None
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"].to(torch.float64) / (1 - beta2 ** step)
+            parts.append((p, v_hat.sqrt() + eps))
+    by_param = {id(p): d for p, d in parts}
+    return torch.cat([by_param[id(p)].reshape(-1) for p in params])
+
+
+class Prober:
+    """The probes of one training run: one objective on the probe subset, and :meth:`run` at a step."""
+
+    def __init__(self, objective: DatasetObjective, probes: list[ProbeSpec], topk: int = 1) -> None:
+        self.obj, self.probes, self.topk = objective, probes, topk
+
+    def due(self, step: int) -> list[ProbeSpec]:
+        return [p for p in self.probes if step % p.every == 0]
+
+    def run(self, model: nn.Module, probes: list[ProbeSpec], step: int,
+            optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+        """Each probe's result at the live ``model``'s weights: ``{name: {"value", "seconds", ["eigenvalues"]}}``."""
+        live = [p for p in model.parameters() if p.requires_grad]
+        x = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in live])
+        x = x.to(self.obj.vector_device)
+        self.obj.set_flat(x)
+        f0 = self.obj.value(x)
+        out = {}
+        for probe in probes:
+            t0 = time.perf_counter()
+            self.obj.set_flat(x)
+            if probe.name == PRECONDITIONED:
+                result = self._preconditioned(optimizer, live, step)
+            else:
+                metric = get_metric(probe.name)
+                params = {p.name: (self.topk if p.name == "topk" else p.default) for p in metric.params}
+                _, job = metric.jobs(params)[0]
+                values = metric.compute(self.obj, x, f0, job, step)
+                result = {"value": float(values["value"])}
+                if "eigenvalues" in values:
+                    result["eigenvalues"] = [float(v) for v in values["eigenvalues"]]
+            result["seconds"] = time.perf_counter() - t0
+            out[probe.name] = result
+        return out
+
+    def _preconditioned(self, optimizer: torch.optim.Optimizer, live: list[nn.Parameter], step: int
+                        ) -> dict[str, Any]:
+        diag = adam_preconditioner(optimizer, live)
+        if diag is None:
+            return {"value": float("nan"), "eigenvalues": [float("nan")] * self.topk}
+        scale = diag.to(self.obj.vector_device).rsqrt()
+        hess = hessian_operator(self.obj)
+        op = CountingOperator(self.obj.numel, lambda v: scale * hess.apply(scale * v), self.obj.vector_device)
+        r = top_eigenvalues(op, k=self.topk, tol=1e-3, seed=step)
+        return {"value": float(r.eigenvalues[0]), "eigenvalues": [float(v) for v in r.eigenvalues]}

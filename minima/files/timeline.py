@@ -1,0 +1,73 @@
+"""The probe timeline of a training run (``probes.h5`` in its run directory, ``format = "minima.probes/1"``).
+
+One group per probe (its name, e.g. ``hessian`` or ``preconditioned``) with one row per time it ran: datasets
+``step`` (optimiser steps taken when it ran), ``epoch``, ``lr``, ``value`` (the headline number), ``threshold`` (the
+stability threshold of the optimiser at that learning rate: 2/η, 2(1+β)/η, (2 + 2β₁)/((1 − β₁)η); NaN where none
+applies), ``seconds``, and ``eigenvalues`` (rows of the top-k, for eigenvalue probes). Root attributes describe the
+probes (settings, image subset, BatchNorm mode). A resumed run first truncates every group to the rows at or before
+the step it resumes from, so an interrupted and an uninterrupted run write the same timeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from minima import __version__, utc_now
+
+FORMAT = "minima.probes/1"
+SCALARS = ("step", "epoch", "lr", "value", "threshold", "seconds")
+
+
+def create(path: str | os.PathLike[str], attrs: dict[str, Any]) -> None:
+    """A new, empty timeline (an existing one is replaced)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["created"] = utc_now()
+        f.attrs["minima_version"] = __version__
+        for key, value in attrs.items():
+            f.attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
+
+
+def append(path: str | os.PathLike[str], probe: str, row: dict[str, Any]) -> None:
+    """Add one row to ``probe``'s group (created on first use); ``row`` holds :data:`SCALARS` and optionally
+    ``eigenvalues`` (a fixed-length vector per probe)."""
+    with h5py.File(path, "a") as f:
+        group = f.require_group(probe)
+        for key in (*SCALARS, "eigenvalues"):
+            if key not in row:
+                continue
+            value = np.asarray(row[key], dtype=np.float64)
+            if key not in group:
+                group.create_dataset(key, shape=(0, *value.shape), maxshape=(None, *value.shape), dtype=np.float64)
+            data = group[key]
+            data.resize(data.shape[0] + 1, axis=0)
+            data[-1] = value
+        f.flush()
+
+
+def truncate(path: str | os.PathLike[str], step: int) -> None:
+    """Drop every row written after optimiser step ``step`` (a resume from there recomputes them)."""
+    if not Path(path).exists():
+        return
+    with h5py.File(path, "a") as f:
+        for name in f:
+            group = f[name]
+            keep = int(np.sum(group["step"][()] <= step))
+            for key in group:
+                group[key].resize(keep, axis=0)
+
+
+def load(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
+    """``{probe: {dataset: array}}`` of a timeline file, plus ``"_attrs"``: its root attributes."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a probe timeline (format {f.attrs.get('format')!r}, expected {FORMAT!r})")
+        out: dict[str, Any] = {name: {k: f[name][k][()] for k in f[name]} for name in f}
+        out["_attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    return out

@@ -1,0 +1,136 @@
+"""Probes during training: the timeline equals offline measurements, survives SIGTERM/resume bit for bit, reports
+the exact λ_max of a quadratic, and refuses bad requests in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minima import data
+from minima.curvature.probes import adam_preconditioner, stability_threshold
+from minima.files import checkpoint as ck
+from minima.files import results, timeline
+from minima.optim.steps import TrainingInterrupted
+from minima.sharpness import main as sharpness_main
+from minima.studies.train import TrainConfig, train
+
+from .helpers import logits_of_flat
+
+
+def _data() -> data.Dataset:
+    return data.synthetic(n_train=48, n_test=8, image_shape=(3, 4, 4), num_classes=3, seed=7)
+
+
+def _config(out: Path, **kw: object) -> TrainConfig:
+    base = TrainConfig(model="mlp", model_kwargs={"input_shape": [3, 4, 4], "widths": [6]}, epochs=3, batch_size=16,
+                       optimizer="sgd", lr=0.1, momentum=0.0, device="cpu", eval_test=False, progress=False,
+                       out=str(out), seed=1, probe=("hessian:2", "trace:3"), probe_subset=24, probe_topk=2,
+                       save_every=1)
+    return replace(base, **kw)
+
+
+def test_a_probe_equals_the_offline_measurement_of_the_checkpoint_saved_at_its_step(tmp_path: Path) -> None:
+    ds = _data()
+    train(_config(tmp_path / "run"), dataset=ds)
+    line = timeline.load(tmp_path / "run" / "probes.h5")
+    hess = line["hessian"]
+    # 3 steps per epoch, period 2: steps 2, 4, 6, 8 and the last, 9; trace every 3 steps: 3, 6, 9
+    assert hess["step"].tolist() == [2, 4, 6, 8, 9] and line["trace"]["step"].tolist() == [3, 6, 9]
+    assert hess["eigenvalues"].shape == (5, 2)
+    np.testing.assert_allclose(hess["threshold"], 2 / hess["lr"])  # plain gradient descent: 2/η
+    # epoch 2 ends at step 6: its checkpoint measured offline on the same images with the same seed (the step)
+    assert sharpness_main([str(tmp_path / "run" / "epoch_0002.pt"), "--metrics", "hessian", "--topk", "2",
+                           "--train-subset", "24", "--seed", "6", "--out", str(tmp_path / "s.h5")]) == 0
+    (row,) = results.load_sharpness(tmp_path / "s.h5")
+    i = int(np.flatnonzero(hess["step"] == 6)[0])
+    np.testing.assert_allclose(hess["eigenvalues"][i], row["eigenvalues"], rtol=1e-5)
+
+
+def test_sigterm_and_resume_give_the_same_timeline_and_weights(tmp_path: Path) -> None:
+    ds = _data()
+    whole = train(_config(tmp_path / "whole"), dataset=ds)
+
+    def stop_at_5(state: object) -> None:
+        if state.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted):
+        train(_config(tmp_path / "cut"), dataset=ds, on_step=stop_at_5)
+    cut = train(_config(tmp_path / "cut"), dataset=ds, resume=True)
+    a, b = timeline.load(tmp_path / "whole" / "probes.h5"), timeline.load(tmp_path / "cut" / "probes.h5")
+    for probe in ("hessian", "trace"):
+        for key in a[probe]:
+            np.testing.assert_array_equal(a[probe][key][:, ...] if key != "seconds" else 0,
+                                          b[probe][key][:, ...] if key != "seconds" else 0)
+    wa, wb = ck.load_checkpoint(whole)["state_dict"], ck.load_checkpoint(cut)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    metrics = (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert "probe_seconds" in metrics  # measured apart from images_per_s
+
+
+def test_the_probe_reports_the_exact_lambda_max_of_a_quadratic(tmp_path: Path) -> None:
+    """A linear model with the square loss is a quadratic in θ: its Hessian JᵀJ/N is constant, and the probe must
+    report its top eigenvalue at every step."""
+    ds = _data()
+    cfg = _config(tmp_path / "q", model_kwargs={"input_shape": [3, 4, 4], "widths": []}, loss="mse",
+                  probe=("hessian:1",), probe_subset=48, batch_size="full", lr=0.01, epochs=4)
+    train(cfg, dataset=ds)
+    model = ck.model_from_checkpoint(ck.load_checkpoint(tmp_path / "q" / "final.pt")).double()
+    x = data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64)
+    logits_of, theta = logits_of_flat(model, x)
+    target = torch.nn.functional.one_hot(ds.train.labels, 3).double()
+    dense = torch.autograd.functional.hessian(lambda t: 0.5 * ((logits_of(t) - target) ** 2).sum(1).mean(), theta)
+    exact = float(torch.linalg.eigvalsh(dense).max())
+    line = timeline.load(tmp_path / "q" / "probes.h5")["hessian"]
+    assert line["step"].tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(line["value"], exact, rtol=1e-4)
+
+
+def test_adam_preconditioner_and_thresholds() -> None:
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.Adam([p], lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    assert adam_preconditioner(opt, [p]) is None  # before the first step
+    p.grad = torch.tensor([0.5, 2.0])
+    opt.step()
+    v_hat = torch.tensor([0.5, 2.0], dtype=torch.float64) ** 2  # v₁ = (1 − β₂)g², bias-corrected: g²
+    torch.testing.assert_close(adam_preconditioner(opt, [p]), v_hat.sqrt() + 1e-8)
+    assert stability_threshold("adam", 0.01, betas=(0.9, 0.999), preconditioned=True) == pytest.approx(3800.0)
+    assert stability_threshold("sgd", 0.01, momentum=0.9) == pytest.approx(380.0)
+    assert stability_threshold("sgd", 0.01) == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"probe": ("bogus",)}, "unknown probe 'bogus'"),
+    ({"probe": ("hessian:0",)}, "period must be ≥ 1"),
+    ({"probe": ("preconditioned",)}, "with plain SGD the preconditioner is the identity"),
+    ({"probe_subset": 1000}, "exceeds the 48 training images"),
+])
+def test_bad_probe_requests_are_refused(tmp_path: Path, kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        train(_config(tmp_path / "bad", **kw), dataset=_data())
+    assert not (tmp_path / "bad" / "probes.h5").exists()
+
+
+def test_preconditioned_probe_with_adam_and_with_the_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from minima.curvature import probes
+
+    ds = _data()
+    cfg = _config(tmp_path / "adam", optimizer="adam", lr=1e-3, probe=("preconditioned:3", "hessian:3"), epochs=1)
+    train(cfg, dataset=ds)
+    line = timeline.load(tmp_path / "adam" / "probes.h5")
+    pre, hess = line["preconditioned"], line["hessian"]
+    assert np.isfinite(pre["value"]).all() and (pre["value"] > hess["value"]).all()  # 1/√v̂ ≫ 1 early in training
+    np.testing.assert_allclose(pre["threshold"], 38.0 / pre["lr"])  # (2 + 2β₁)/((1 − β₁)η) = 38/η for β₁ = 0.9
+    assert np.isnan(hess["threshold"]).all()  # no threshold for Adam's raw λ_max
+    # with P = I the preconditioned sharpness is λ_max itself
+    monkeypatch.setattr(probes, "adam_preconditioner", lambda opt, params: torch.ones(
+        sum(p.numel() for p in params), dtype=torch.float64))
+    train(replace(cfg, out=str(tmp_path / "identity")), dataset=ds)
+    same = timeline.load(tmp_path / "identity" / "probes.h5")
+    np.testing.assert_allclose(same["preconditioned"]["value"], same["hessian"]["value"], rtol=1e-6)
