@@ -327,3 +327,41 @@ def save_density_figure(densities: list[dict], path: str | Path, dpi: int = 130)
     """Draw :func:`plot_density` into ``path`` without pyplot."""
     return _save(plot_density, densities, path, (7.0, 4.6), dpi)
 
+
+# ------------------------------------------------------------------------------------------ probes over training
+def plot_probes(line: dict, metrics: list[dict], title: str = "") -> Figure:
+    """A training run's probe timeline (:func:`minima.files.timeline.load`): one panel per probe against the
+    optimiser step with its stability threshold dashed (2/η, 2(1+β)/η or Adam's (2 + 2β₁)/((1 − β₁)η), where one
+    applies), and the training loss per epoch (``metrics.jsonl`` rows) beneath on a log scale."""
+    probes = [name for name in line if not name.startswith("_")]
+    fig = Figure(figsize=(7.5, 2.6 * (len(probes) + 1)), layout="constrained")
+    axes = fig.subplots(len(probes) + 1, 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, probes, strict=False):
+        rows = line[name]
+        ax.plot(rows["step"], rows["value"], "o-", ms=3, color="C0", label=name)
+        threshold = np.asarray(rows.get("threshold", []), dtype=float)
+        if threshold.size and np.isfinite(threshold).any():
+            ax.plot(rows["step"], threshold, "--", color="C3", label="stability threshold")
+        ax.set_ylabel(name)
+        if np.all(np.asarray(rows["value"]) > 0):
+            ax.set_yscale("log")
+            _readable_log_axis(ax)
+        ax.legend(fontsize=7, loc="best")
+    loss_ax = axes[-1]
+    if metrics:
+        loss_ax.plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics], "-", color="C2")
+        loss_ax.set_yscale("log")
+        _readable_log_axis(loss_ax)
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_xlabel("optimiser step")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def save_probes_figure(line: dict, metrics: list[dict], path: str | Path, title: str = "", dpi: int = 130) -> Path:
+    """Draw :func:`plot_probes` into ``path``."""
+    fig = plot_probes(line, metrics, title)
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
+

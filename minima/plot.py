@@ -11,6 +11,7 @@ model); the figures themselves are drawn by :mod:`minima.figures`.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +25,10 @@ from minima.figures import (
     save_curves_figure,
     save_density_figure,
     save_planes_figure,
+    save_probes_figure,
     save_surface_figure,
 )
-from minima.files import landscape
+from minima.files import landscape, timeline
 from minima.files.results import SHARPNESS_FORMAT, curve_from_values, load_sharpness, read_format
 
 
@@ -56,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def draw(files: Sequence[Path], out: Path | None = None) -> Path:
     """The figure of one grid file, or the overlay of several curve files; returns its path."""
     matplotlib.use("Agg")  # a command writes files; it never opens a window
+    if len(files) == 1 and Path(files[0]).is_dir():
+        return _probes(Path(files[0]), out)
     if any(read_format(f) == SHARPNESS_FORMAT for f in files):
         return _densities(files, out)
     grids = [landscape.load_any(f) for f in files]
@@ -77,6 +81,23 @@ def draw(files: Sequence[Path], out: Path | None = None) -> Path:
     else:
         curves = [curve_from_values(g.coords[g.axes[0]], g.values, g.attrs, g.path) for g in grids]
         out = save_curves_figure(curves, out or Path(files[0]).parent / "overlay.png")
+    print(f"wrote {out}")
+    return out
+
+
+def _probes(run_dir: Path, out: Path | None) -> Path:
+    """A training run directory's probe timeline (``probes.h5``) with its training loss (``metrics.jsonl``)."""
+    path = run_dir / "probes.h5"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} holds no probes.h5: train with --probe (e.g. --probe hessian:50) to record one, "
+                         "or give a result file")
+    line = timeline.load(path)
+    metrics_file = run_dir / "metrics.jsonl"
+    metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    attrs = line["_attrs"]
+    title = (f"{run_dir.name}: probes on {json.loads(attrs.get('subset', '{}')).get('n', '?')} training images, "
+             f"BatchNorm {attrs.get('bn_mode', '?')}, loss {attrs.get('loss', '?')}, {attrs.get('optimizer', '?')}")
+    out = save_probes_figure(line, metrics, out or run_dir / "probes.png", title)
     print(f"wrote {out}")
     return out
 

@@ -134,3 +134,16 @@ def test_preconditioned_probe_with_adam_and_with_the_identity(tmp_path: Path, mo
     train(replace(cfg, out=str(tmp_path / "identity")), dataset=ds)
     same = timeline.load(tmp_path / "identity" / "probes.h5")
     np.testing.assert_allclose(same["preconditioned"]["value"], same["hessian"]["value"], rtol=1e-6)
+
+
+def test_plot_draws_a_run_directory_s_probes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from minima.plot import main as plot_main
+
+    from .helpers import assert_drawn
+
+    train(_config(tmp_path / "run", epochs=2), dataset=_data())
+    assert plot_main([str(tmp_path / "run")]) == 0
+    assert_drawn(tmp_path / "run" / "probes.png")
+    (tmp_path / "empty").mkdir()
+    assert plot_main([str(tmp_path / "empty")]) == 2
+    assert "--probe" in capsys.readouterr().err
