@@ -182,3 +182,18 @@ def torch_load_meta(path: Path) -> dict:
     from minima.files import checkpoint as ck
 
     return ck.load_checkpoint(path)["meta"]
+
+
+@pytest.mark.slow
+def test_edge_of_stability_smoke(tmp_path: Path) -> None:
+    from experiments import edge_of_stability
+
+    out = tmp_path / "eos"
+    assert edge_of_stability.main(["--preset", "smoke", "--out", str(out), "--figures", str(tmp_path)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    gd, adam = summary["runs"]
+    assert gd["probe"] == "hessian" and adam["probe"] == "preconditioned"
+    assert gd["threshold"] == pytest.approx(1.2 * summary["lambda0"], rel=1e-9)  # 2/η = 1.2 × λ_max(init)
+    assert gd["first_value"] == pytest.approx(summary["lambda0"], rel=0.2)  # probed after the first 5 steps
+    assert_drawn(tmp_path / "edge_of_stability_smoke.png")
+    assert "reaches 0.9·threshold" in (out / "summary.md").read_text()
