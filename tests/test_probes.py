@@ -147,3 +147,21 @@ def test_plot_draws_a_run_directory_s_probes(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "empty").mkdir()
     assert plot_main([str(tmp_path / "empty")]) == 2
     assert "--probe" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_probes_on_two_ranks_equal_one_rank(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from .helpers import free_port
+    from .test_train import _ddp_worker
+
+    ds = _data()
+    cfg = _config(tmp_path / "one", probe=("hessian:3", "trace:3"), save_every=0)
+    train(cfg, dataset=ds)
+    mp.spawn(_ddp_worker, args=(2, [free_port()], [replace(cfg, out=str(tmp_path / "two"))], ds), nprocs=2,
+             join=True)
+    one, two = timeline.load(tmp_path / "one" / "probes.h5"), timeline.load(tmp_path / "two" / "probes.h5")
+    for probe in ("hessian", "trace"):
+        np.testing.assert_array_equal(one[probe]["step"], two[probe]["step"])
+        np.testing.assert_allclose(two[probe]["value"], one[probe]["value"], rtol=1e-4)
