@@ -119,12 +119,12 @@ def figure(runs: list[tuple[Path, str]], path: Path, title: str) -> Path:
     for k, (run_dir, probe) in enumerate(runs):
         rows = timeline.load(run_dir / "probes.h5")[probe]
         label = f"{run_dir.name} ({probe}, η = {rows['lr'][0]:g})"
-        top.plot(rows["step"], rows["value"], "o-", ms=2.5, color=f"C{k}", label=label)
-        top.plot(rows["step"], rows["threshold"], "--", color=f"C{k}", lw=1.0)
+        top.plot(rows["step"], np.asarray(rows["value"]) / np.asarray(rows["threshold"]), "o-", ms=2.5,
+                 color=f"C{k}", label=f"{label}, threshold {rows['threshold'][0]:.4g}")
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         bottom.plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics], color=f"C{k}", lw=1.0)
-    top.set_yscale("log")
-    top.set_ylabel("sharpness (dashed: its stability threshold)")
+    top.axhline(1.0, color="0.4", ls="--", lw=1.0)
+    top.set_ylabel("sharpness / its stability threshold\n(λ_max·η/2 for GD; Adam: preconditioned)")
     top.legend(fontsize=7)
     bottom.set_yscale("log")
     bottom.set(xlabel="step (full-batch: one per epoch)", ylabel="training loss (square)")
