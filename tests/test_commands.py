@@ -88,8 +88,10 @@ def test_every_registered_metric_returns_its_declared_fields() -> None:
              "eig_tol": 1e-6, "eig_method": "lanczos", "trace_rtol": 0.5, "trace_max_probes": 10, "rho": 0.05,
              "adaptive_steps": 2, "sigma": 0.01, "average_samples": 3, "trace_method": "hutchinson",
              "density_probes": 2, "density_steps": 5, "worst_rho": 0.05, "worst_norm": "linf", "worst_adaptive": True,
-             "worst_m": 16, "worst_n": 48, "worst_iterations": 3, "worst_l2_step": "invariant"}
-    variants = {"trace": [{"trace_method": "hutchpp"}], "worst_case": [{"worst_norm": "l2"}]}
+             "worst_m": 16, "worst_n": 48, "worst_iterations": 3, "worst_l2_step": "invariant",
+             "worst_logit_norm": False}
+    variants = {"trace": [{"trace_method": "hutchpp"}],
+                "worst_case": [{"worst_norm": "l2"}, {"worst_logit_norm": True}]}
     for metric in metrics.REGISTRY.values():
         for change in [{}, *variants.get(metric.name, [])]:
             params = {p.name: {**small, **change}[p.name] for p in metric.params}

@@ -22,6 +22,21 @@ from minima.sharpness import main as sharpness_main
 from .helpers import toy_checkpoint, toy_dataset
 
 
+def test_logit_normalisation_ignores_the_scale_of_the_last_layer() -> None:
+    torch.manual_seed(2)
+    ds = data.synthetic(n_train=64, n_test=8, image_shape=(3, 4, 4), num_classes=3, seed=5)
+    model = build_model("mlp", 3, input_shape=[3, 4, 4], widths=[8]).double()
+    scaled = build_model("mlp", 3, input_shape=[3, 4, 4], widths=[8]).double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["net.3.weight"] *= 3.0
+    state["net.3.bias"] *= 3.0
+    scaled.load_state_dict(state)
+    one, two = _objective(model, ds), _objective(scaled, ds)
+    normed = (_worst(one, logit_norm=True), _worst(two, logit_norm=True))
+    assert normed[0] == pytest.approx(normed[1], rel=1e-8) and normed[0] > 0
+    assert abs(_worst(one) - _worst(two)) > 1e-3 * abs(_worst(one))  # without it, the scale changes the measure
+
+
 def _job(**kw: object) -> dict:
     job = {"rho": 0.05, "norm": "linf", "adaptive": True, "m": 32, "n": 64, "iterations": 20, "l2_step": "invariant"}
     job.update(kw)

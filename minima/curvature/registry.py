@@ -290,7 +290,20 @@ register(Metric(
 
 
 # ------------------------------------------------------------------------------------- worst-case (APGD)
-def batch_objectives(obj: DatasetObjective, n: int, m: int) -> list[DatasetObjective]:
+class NormalisedLogits(torch.nn.Module):
+    """``model``'s logits divided by their Euclidean norm per sample (Andriushchenko et al.'s logit normalisation:
+    the loss no longer changes when the last layer is scaled). Parameters in ``model``'s order."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model(x)
+        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def batch_objectives(obj: DatasetObjective, n: int, m: int, logit_norm: bool = False) -> list[DatasetObjective]:
     """Objectives of this rank's first images of the measured data in batches of ``m`` (BatchNorm eval, sums not
     reduced over ranks); in one process the first ``n`` images, under torchrun ⌈n / ranks⌉ of each rank's shard."""
     if m > n:
@@ -307,7 +320,8 @@ def batch_objectives(obj: DatasetObjective, n: int, m: int) -> list[DatasetObjec
     out = []
     for start in range(0, take, m):
         data = FixedBatches([(xs[start:start + m], ys[start:start + m])], m, obj.device, obj.dtype, local=True)
-        sub = DatasetObjective(obj.model, data, bn="eval")
+        sub = DatasetObjective(NormalisedLogits(obj.model) if logit_norm else obj.model, data, bn="eval",
+                               loss=obj.loss)
         if obj.observer is not None:  # the progress bar counts images
             sub.observer = lambda kind, parent=obj.observer, k=m: [parent(kind) for _ in range(k)]
         out.append(sub)
@@ -316,7 +330,7 @@ def batch_objectives(obj: DatasetObjective, n: int, m: int) -> list[DatasetObjec
 
 def _worst_case(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
                 ) -> dict[str, Any]:
-    subs = batch_objectives(obj, job["n"], job["m"])
+    subs = batch_objectives(obj, job["n"], job["m"], job.get("logit_norm", False))
     reduce = (lambda v: distributed.all_reduce_sum(torch.as_tensor(v, device=obj.device)).cpu().numpy()
               ) if distributed.world_size() > 1 else None
     r = worst_case_sharpness([s.value_and_grad for s in subs], x, job["rho"], m=job["m"], n=job["n"],
@@ -330,9 +344,10 @@ def _worst_jobs(p: Mapping[str, Any]) -> list[Job]:
         raise ValueError(f"--worst-rho must be > 0, got {p['worst_rho']}")
     kind = ("adaptive_" if p["worst_adaptive"] else "") + p["worst_norm"]
     step = "_authors" if p["worst_norm"] == "l2" and p["worst_l2_step"] == "authors" else ""
-    return [(f"worst_{kind}{step}_rho{p['worst_rho']:g}_m{p['worst_m']}_n{p['worst_n']}",
+    extra = {"logit_norm": True} if p["worst_logit_norm"] else {}  # absent when off: earlier results still resume
+    return [(f"worst_{kind}{step}{'_lognorm' if extra else ''}_rho{p['worst_rho']:g}_m{p['worst_m']}_n{p['worst_n']}",
              {"rho": p["worst_rho"], "norm": p["worst_norm"], "adaptive": p["worst_adaptive"], "m": p["worst_m"],
-              "n": p["worst_n"], "iterations": p["worst_iterations"], "l2_step": p["worst_l2_step"]})]
+              "n": p["worst_n"], "iterations": p["worst_iterations"], "l2_step": p["worst_l2_step"], **extra})]
 
 
 register(Metric(
@@ -349,6 +364,8 @@ register(Metric(
         Param("worst_iterations", int, 20, "Auto-PGD iterations per batch"),
         Param("worst_l2_step", L2Step, "invariant", "ℓ2 ascent step: normalised in the scaled coordinates "
               "(invariant), or g/‖g‖ ⊙ |w| with a Euclidean projection (the authors' code; not invariant)"),
+        Param("worst_logit_norm", bool, False, "normalise each sample's logits to unit length before the loss "
+              "(Andriushchenko et al.'s option: the measure ignores the scale of the last layer)"),
     ),
     jobs=_worst_jobs, compute=_worst_case,
     cost=lambda job: {"grad_image": (job["iterations"] + 1) * job["n"],
