@@ -53,9 +53,9 @@ def _no_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-HEAVY = {"c2", "c4", "vgg11_bn"}  # 10–15 M parameters: float64 and the 100-class twin run with the slow tests
+FAST = {"mlp", "mlp_bn", "fc_tanh", "c1", "resnet_factory"}  # the large networks run with the slow tests
 CASES = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}",
-                      marks=[pytest.mark.slow] if name in HEAVY and (dtype == torch.float64 or name == "c4") else [])
+                      marks=[] if name in FAST else [pytest.mark.slow])
          for name in MODELS for dtype in (torch.float32, torch.float64)]
 
 

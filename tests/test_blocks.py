@@ -41,7 +41,7 @@ def _dense(obj: DatasetObjective) -> np.ndarray:
     return 0.5 * (h + h.T)
 
 
-CASES = [("mlp", "eval"), ("conv_bn", "eval"), ("conv_bn", "batch")]
+CASES = [("mlp", "eval"), ("conv_bn", "eval"), pytest.param("conv_bn", "batch", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize(("net", "bn"), CASES)

@@ -110,6 +110,7 @@ def test_sigterm_mid_training_then_resume_is_bit_identical(ends: tuple, tmp_path
     assert one["meta"]["history"] == two["meta"]["history"]
 
 
+@pytest.mark.slow
 def test_two_rank_training_equals_one_rank(tmp_path: Path) -> None:
     ds = toy_dataset()  # without BatchNorm: batch statistics of a rank's half-batch would differ from the whole's
     a = toy_checkpoint(tmp_path / "a.pt", 1, ds, widths=(6, 5))
