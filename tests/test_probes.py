@@ -165,3 +165,13 @@ def test_probes_on_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     for probe in ("hessian", "trace"):
         np.testing.assert_array_equal(one[probe]["step"], two[probe]["step"])
         np.testing.assert_allclose(two[probe]["value"], one[probe]["value"], rtol=1e-4)
+
+
+def test_resuming_a_finished_run_adds_no_probe_rows(tmp_path: Path) -> None:
+    ds = _data()
+    train(_config(tmp_path / "run", epochs=2), dataset=ds)
+    before = timeline.load(tmp_path / "run" / "probes.h5")
+    train(_config(tmp_path / "run", epochs=2), dataset=ds, resume=True)
+    after = timeline.load(tmp_path / "run" / "probes.h5")
+    for probe in ("hessian", "trace"):
+        np.testing.assert_array_equal(after[probe]["step"], before[probe]["step"])

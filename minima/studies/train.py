@@ -377,6 +377,12 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
         run.net = nn.parallel.DistributedDataParallel(
             net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     run.prober = _prober(run)
+    if run.prober is not None and state is not None and (run.run_dir / "probes.h5").exists():
+        # probes already measured at the step being resumed from are not measured again (every rank reads the same
+        # file, so every rank skips the same ones)
+        done = timeline.load(run.run_dir / "probes.h5")
+        run.probed_at = {p.name: run.step for p in run.prober.probes
+                         if p.name in done and run.step in done[p.name]["step"].tolist()}
     if env.is_main:
         _announce(run, resumed=state is not None)
     if run.trainer.get("stopped"):
