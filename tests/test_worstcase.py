@@ -22,16 +22,19 @@ from minima.sharpness import main as sharpness_main
 from .helpers import toy_checkpoint, toy_dataset
 
 
-def test_logit_normalisation_ignores_the_scale_of_the_last_layer() -> None:
-    torch.manual_seed(2)
+def _rescaled_pair(seed: int, scales: dict[str, float]) -> tuple[DatasetObjective, DatasetObjective]:
+    """Objectives of a tiny float64 MLP and of a copy whose tensors are multiplied by ``scales`` (state-dict key →
+    factor), on the same 64 images."""
+    torch.manual_seed(seed)
     ds = data.synthetic(n_train=64, n_test=8, image_shape=(3, 4, 4), num_classes=3, seed=5)
     model = build_model("mlp", 3, input_shape=[3, 4, 4], widths=[8]).double()
     scaled = build_model("mlp", 3, input_shape=[3, 4, 4], widths=[8]).double()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["net.3.weight"] *= 3.0
-    state["net.3.bias"] *= 3.0
-    scaled.load_state_dict(state)
-    one, two = _objective(model, ds), _objective(scaled, ds)
+    scaled.load_state_dict({k: v * scales.get(k, 1.0) for k, v in model.state_dict().items()})
+    return _objective(model, ds), _objective(scaled, ds)
+
+
+def test_logit_normalisation_ignores_the_scale_of_the_last_layer() -> None:
+    one, two = _rescaled_pair(2, {"net.3.weight": 3.0, "net.3.bias": 3.0})
     normed = (_worst(one, logit_norm=True), _worst(two, logit_norm=True))
     assert normed[0] == pytest.approx(normed[1], rel=1e-8) and normed[0] > 0
     assert abs(_worst(one) - _worst(two)) > 1e-3 * abs(_worst(one))  # without it, the scale changes the measure
@@ -92,16 +95,7 @@ def _worst(obj: DatasetObjective, **kw: object) -> float:
 
 
 def test_relu_rescaling_leaves_the_invariant_measures_unchanged() -> None:
-    torch.manual_seed(0)
-    ds = data.synthetic(n_train=64, n_test=8, image_shape=(3, 4, 4), num_classes=3, seed=5)
-    model = build_model("mlp", 3, input_shape=[3, 4, 4], widths=[8]).double()
-    scaled = build_model("mlp", 3, input_shape=[3, 4, 4], widths=[8]).double()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["net.1.weight"] *= 4.0
-    state["net.1.bias"] *= 4.0
-    state["net.3.weight"] /= 4.0
-    scaled.load_state_dict(state)
-    one, two = _objective(model, ds), _objective(scaled, ds)
+    one, two = _rescaled_pair(0, {"net.1.weight": 4.0, "net.1.bias": 4.0, "net.3.weight": 0.25})
     assert one.value() == pytest.approx(two.value(), rel=1e-12)  # the same function
     for kw in ({"norm": "linf"}, {"norm": "l2", "rho": 0.5}):
         assert _worst(one, **kw) == pytest.approx(_worst(two, **kw), rel=1e-8, abs=1e-12), kw
