@@ -118,7 +118,7 @@ def _line(a: Path, b: Path, out: Path, p: Preset, repair: bool) -> SweepRequest:
 
 
 def _row(path: Path) -> dict[str, Any]:
-    curve = _as_curve(path)
+    curve = results.load_curve(path)
     found = barriers(curve)
     mid = int(np.argmin(np.abs(curve.alpha - 0.5)))
     return {"endpoint_test_acc": [100 * float(curve.test_accuracy[0]), 100 * float(curve.test_accuracy[-1])],
@@ -187,14 +187,14 @@ def figure(pair: dict[str, dict[str, Any]], sblb: dict[str, dict[str, Any]], pat
     fig = Figure(figsize=(12.0, 5.6), layout="constrained")
     left, right = fig.subplots(1, 2)
     for k, (name, row) in enumerate(pair.items()):
-        curve = _as_curve(row["file"])
+        curve = results.load_curve(row["file"])
         left.plot(curve.alpha, 100 * curve.test_accuracy, color=f"C{k // 2}", ls="--" if "REPAIR" in name else "-",
                   marker="o", ms=3, label=name)
     left.set(xlabel="α (0: seed 0, 1: seed 1, aligned or not)", ylabel="test accuracy (%)",
              title="two seeds: the line before and after alignment, ± REPAIR")
     left.legend(fontsize=7, handlelength=4.0)
     for k, (name, row) in enumerate(sblb.items()):
-        curve = _as_curve(row["file"])
+        curve = results.load_curve(row["file"])
         wide = {"lw": 4.0, "alpha": 0.45} if k == 0 else {}  # visible under a line that coincides with it
         right.plot(curve.alpha, curve.train_loss, color=f"C{k}", marker="o", ms=3, label=f"{name} (train)", **wide)
         right.plot(curve.alpha, curve.test_loss, color=f"C{k}", ls="--", marker="s", ms=3, label=f"{name} (test)",
@@ -207,13 +207,6 @@ def figure(pair: dict[str, dict[str, Any]], sblb: dict[str, dict[str, Any]], pat
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=130)
     return path
-
-
-def _as_curve(path: str | Path) -> results.Curve:
-    """A line's (axis α) or a path's (axis t) grid file as a curve."""
-    grid = results.load_grid(path)
-    axis = next(iter(grid.coords))
-    return results.curve_from_values(grid.coords[axis], grid.values, grid.attrs, grid.path)
 
 
 def _fmt_barrier(row: dict[str, Any], key: str, scale: float = 1.0) -> str:

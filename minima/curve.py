@@ -26,7 +26,6 @@ from minima.studies.align import AlignRequest, align
 from minima.studies.curve import (
     CurveRequest,
     PathSpec,
-    as_curve,
     check_request,
     curve_dir,
     curve_paths,
@@ -88,7 +87,7 @@ def run(req: CurveRequest) -> list[Path]:
     outs = [run_grid(req, lambda r, env, p=p: evaluate_path(r, p, model, ds, recorded, env)) for p in paths]
     figure = folder / "curve_vs_lines.png"
     if req.plot and os.environ.get("RANK", "0") == "0":
-        curves = [as_curve(results.load_grid(o)) for o in outs]
+        curves = [results.load_curve(o) for o in outs]
         ends = paths[0].identity
         save_curves_figure(curves, figure, labels=[p.label for p in paths],
                            xlabel="t along the curve = α along the lines (0: A, 1: B)",

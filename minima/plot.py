@@ -29,7 +29,7 @@ from minima.figures import (
     save_surface_figure,
 )
 from minima.files import landscape, timeline
-from minima.files.results import SHARPNESS_FORMAT, curve_from_values, load_sharpness, read_format
+from minima.files.results import SHARPNESS_FORMAT, grid_curve, load_sharpness, read_format
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,11 +75,11 @@ def draw(files: Sequence[Path], out: Path | None = None) -> Path:
         g = grids[0]
         out = out or Path(g.path or "grid.h5").with_suffix(".png")
         if len(g.axes) == 1:
-            save_curve_figure(curve_from_values(g.coords[g.axes[0]], g.values, g.attrs, g.path), out)
+            save_curve_figure(grid_curve(g), out)
         else:
             save_surface_figure(g, out)
     else:
-        curves = [curve_from_values(g.coords[g.axes[0]], g.values, g.attrs, g.path) for g in grids]
+        curves = [grid_curve(g) for g in grids]
         out = save_curves_figure(curves, out or Path(files[0]).parent / "overlay.png")
     print(f"wrote {out}")
     return out

@@ -303,10 +303,15 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
 
 def load_curve(path: str | os.PathLike[str]) -> Curve:
     """Read a one-axis grid file (or a ``minima.curve/1`` file) into a :class:`Curve`."""
-    grid = load_grid(path)
+    return grid_curve(load_grid(path))
+
+
+def grid_curve(grid: Grid) -> Curve:
+    """A one-axis grid (axis ``alpha`` of a line, ``t`` of a path, or any other) as a :class:`Curve`, its axis as the
+    curve's α."""
     if len(grid.axes) != 1:
-        raise ResultsError(f"{path} is a {len(grid.axes)}-axis grid ({', '.join(grid.axes)}), not a curve; read it "
-                           "with minima.files.results.load_grid")
+        raise ResultsError(f"{grid.path or 'the grid'} is a {len(grid.axes)}-axis grid ({', '.join(grid.axes)}), not "
+                           "a curve; read it with minima.files.results.load_grid")
     return curve_from_values(grid.coords[grid.axes[0]], grid.values, grid.attrs, grid.path)
 
 

@@ -369,19 +369,14 @@ def evaluate_path(req: CurveRequest, path: PathSpec, model: nn.Module, ds: Datas
         return point_on_curve(points, path.kind, float(c[0]))
 
     def check(out: Path, grid: results.Grid) -> None:
-        found = barriers(as_curve(grid))
+        found = barriers(results.grid_curve(grid))
         if found:
             results.set_attrs(out, found)
 
     return GridStudy(
         command="minima.curve", out=path.out, coords={"t": ts}, point=point, model=model, settings=s, data=d,
-        attrs=attrs, expected=expected, what=path.label, summary=lambda grid: summary(as_curve(grid)),
-        figure=lambda grid, out: save_curve_figure(as_curve(grid), out), check=check)
-
-
-def as_curve(grid: results.Grid) -> results.Curve:
-    """A path's grid as a :class:`minima.files.results.Curve` (its t as the curve's α: both run from A to B)."""
-    return results.curve_from_values(grid.coords["t"], grid.values, grid.attrs, grid.path)
+        attrs=attrs, expected=expected, what=path.label, summary=lambda grid: summary(results.grid_curve(grid)),
+        figure=lambda grid, out: save_curve_figure(results.grid_curve(grid), out), check=check)
 
 
 def summary(curve: results.Curve) -> str:

@@ -186,21 +186,17 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
                 "config": {k: v for k, v in config.items() if k != "world_size"}}
 
     def check(path: Path, grid: results.Grid) -> None:
-        found = barriers(_as_curve(grid)) if req.direction == "segment" else {}
+        found = barriers(results.grid_curve(grid)) if req.direction == "segment" else {}
         if found:
             results.set_attrs(path, found)
         if policy == "interpolate":
-            _endpoint_check(path, _as_curve(grid), ck_a, ck_b, d, s, req.trust_import)
+            _endpoint_check(path, results.grid_curve(grid), ck_a, ck_b, d, s, req.trust_import)
 
     return GridStudy(
         command="minima.interpolate", out=out, coords={"alpha": alphas}, point=point, model=model, settings=s,
         data=d, attrs=attrs, expected=expected, what=f"α line, {req.direction}{', REPAIR' if req.repair else ''}",
-        summary=lambda grid: _curve_summary(_as_curve(grid), segment=req.direction == "segment"),
-        figure=lambda grid, path: save_curve_figure(_as_curve(grid), path), check=check)
-
-
-def _as_curve(grid: results.Grid) -> results.Curve:
-    return results.curve_from_values(grid.coords["alpha"], grid.values, grid.attrs, grid.path)
+        summary=lambda grid: _curve_summary(results.grid_curve(grid), segment=req.direction == "segment"),
+        figure=lambda grid, path: save_curve_figure(results.grid_curve(grid), path), check=check)
 
 
 def _endpoint_check(out: Path, curve: results.Curve, ck_a: dict, ck_b: dict | None, d: EvalData,
