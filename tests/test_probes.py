@@ -175,3 +175,54 @@ def test_resuming_a_finished_run_adds_no_probe_rows(tmp_path: Path) -> None:
     after = timeline.load(tmp_path / "run" / "probes.h5")
     for probe in ("hessian", "trace"):
         np.testing.assert_array_equal(after[probe]["step"], before[probe]["step"])
+
+
+def test_probes_of_a_batchnorm_network_use_its_running_statistics_and_leave_training_unchanged(tmp_path: Path) -> None:
+    """In ``eval`` mode a probe measures with the live network's BatchNorm statistics at its step (not those of the
+    copy made at the start), and probing changes neither the weights nor the statistics the training reaches."""
+    ds = _data()
+    bn = {"model_kwargs": {"input_shape": [3, 4, 4], "widths": [6], "batchnorm": True}, "probe": ("hessian:1epoch",)}
+    probed = train(_config(tmp_path / "run", **bn), dataset=ds)
+    line = timeline.load(tmp_path / "run" / "probes.h5")["hessian"]
+    assert line["step"].tolist() == [3, 6, 9]  # 3 steps per epoch: after every epoch
+    assert sharpness_main([str(tmp_path / "run" / "epoch_0002.pt"), "--metrics", "hessian", "--topk", "2",
+                           "--bn-mode", "eval", "--train-subset", "24", "--seed", "6",
+                           "--out", str(tmp_path / "s.h5")]) == 0
+    (row,) = results.load_sharpness(tmp_path / "s.h5")
+    np.testing.assert_allclose(line["eigenvalues"][1], row["eigenvalues"], rtol=1e-5)
+    plain = train(_config(tmp_path / "plain", **{**bn, "probe": ()}), dataset=ds)
+    wa, wb = ck.load_checkpoint(probed)["state_dict"], ck.load_checkpoint(plain)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_probe_periods_in_epochs_and_steps() -> None:
+    from minima.curvature.probes import parse_probes
+
+    specs = parse_probes(["hessian:2epochs", "trace:1epoch", "keskar:30steps", "average"], 7, "sgd", 12)
+    assert [(p.every, p.every_epochs) for p in specs] == [(24, 2), (12, 1), (30, None), (7, None)]
+    with pytest.raises(ValueError, match="whole number of steps"):
+        parse_probes(["hessian:2weeks"], 7, "sgd", 12)
+    with pytest.raises(ValueError, match="≥ 1 epoch"):
+        parse_probes(["hessian:0epochs"], 7, "sgd", 12)
+
+
+def test_a_probe_added_on_resume_is_recorded_and_other_probe_settings_are_refused(tmp_path: Path) -> None:
+    import json
+
+    ds = _data()
+
+    def stop_at_4(state: object) -> None:
+        if state.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted):  # last.pt at step 4
+        train(_config(tmp_path / "run", probe=("hessian:2",)), dataset=ds, on_step=stop_at_4)
+    before = (tmp_path / "run" / "probes.h5").read_bytes()
+    with pytest.raises(ValueError, match="measured with bn_mode eval, this resume asks for batch"):
+        train(_config(tmp_path / "run", probe_bn_mode="batch"), dataset=ds, resume=True)
+    assert (tmp_path / "run" / "probes.h5").read_bytes() == before  # nothing written
+    train(_config(tmp_path / "run", probe=("hessian:2", "trace:1")), dataset=ds, resume=True)
+    line = timeline.load(tmp_path / "run" / "probes.h5")
+    entries = {p["name"]: p for p in json.loads(line["_attrs"]["probes"])}
+    assert entries["hessian"]["added_at_step"] == 0 and entries["trace"]["added_at_step"] == 4
+    assert line["trace"]["step"].tolist() == [5, 6, 7, 8, 9] and line["hessian"]["step"].tolist() == [2, 4, 6, 8, 9]

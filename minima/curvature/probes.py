@@ -5,7 +5,7 @@ parameters and ``topk`` eigenvalues for ``hessian``) or ``preconditioned``: λ_m
 Adam preconditioner diag(√v̂_t) + ε, v̂_t = v_t/(1 − β₂^t) (Cohen et al. 2022, "Adaptive gradient methods at the edge
 of stability"), by Lanczos on the scaled Hessian-vector products. Every probe runs on one fixed, recorded stratified
 subset of training images without augmentation, in its recorded BatchNorm mode, on one objective built once whose
-weights are reloaded from the live model (no copy per probe); under torchrun every rank computes its shard in
+weights and BatchNorm buffers are reloaded from the live model (no copy per probe); under torchrun every rank computes its shard in
 lockstep. A probe's seed is the step it runs at, so an interrupted and resumed run measures exactly what the
 uninterrupted one did.
 
@@ -15,6 +15,7 @@ Stability thresholds (what λ_max is compared with): 2/η for gradient descent, 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,32 +30,42 @@ from minima.curvature.registry import REGISTRY, get_metric
 PRECONDITIONED = "preconditioned"
 
 
+PERIOD = re.compile(r"^\s*([+-]?\d+)\s*(steps?|epochs?)?\s*$")
+
+
 @dataclass(frozen=True)
 class ProbeSpec:
-    """One probe: what (a metric name or ``preconditioned``) and every how many optimiser steps."""
+    """One probe: what (a metric name or ``preconditioned``) and every how many optimiser steps; ``every_epochs``
+    when it was asked for in epochs (``every`` is then that many epochs' steps)."""
 
     name: str
     every: int
+    every_epochs: int | None = None
 
 
-def parse_probes(specs: tuple[str, ...] | list[str], default_every: int, optimizer: str) -> list[ProbeSpec]:
-    """``NAME`` or ``NAME:EVERY`` per probe (EVERY in optimiser steps, default ``default_every``); a ``ValueError``
-    in one line for an unknown name, a period ≤ 0, or ``preconditioned`` without Adam."""
+def parse_probes(specs: tuple[str, ...] | list[str], default_every: int, optimizer: str,
+                 steps_per_epoch: int = 1) -> list[ProbeSpec]:
+    """``NAME`` or ``NAME:EVERY`` per probe, EVERY in optimiser steps (``100``, ``100steps``) or epochs
+    (``2epochs``: after the last step of every second epoch, ``steps_per_epoch`` steps each); default
+    ``default_every`` steps. A ``ValueError`` in one line for an unknown name, a period ≤ 0, or ``preconditioned``
+    without Adam."""
     out = []
     for spec in specs:
         name, _, every = str(spec).partition(":")
         if name != PRECONDITIONED and name not in REGISTRY:
             raise ValueError(f"unknown probe {name!r}; choose a metric of {sorted(REGISTRY)} or {PRECONDITIONED!r}")
-        try:
-            period = int(every) if every else int(default_every)
-        except ValueError as exc:
-            raise ValueError(f"probe {spec!r}: the period after ':' must be a whole number of steps") from exc
+        match = PERIOD.match(every or str(default_every))
+        if match is None:
+            raise ValueError(f"probe {spec!r}: the period after ':' must be a whole number of steps (100) or epochs "
+                             "(2epochs)")
+        period, unit = int(match.group(1)), match.group(2) or "steps"
         if period <= 0:
-            raise ValueError(f"probe {spec!r}: the period must be ≥ 1 optimiser step, got {period}")
+            raise ValueError(f"probe {spec!r}: the period must be ≥ 1 {unit.rstrip('s')}, got {period}")
         if name == PRECONDITIONED and optimizer != "adam":
             raise ValueError("the preconditioned probe measures Adam's P^-1/2 H P^-1/2; with plain SGD the "
                              "preconditioner is the identity and it is λ_max — use --probe hessian")
-        out.append(ProbeSpec(name, period))
+        epochs = unit.startswith("epoch")
+        out.append(ProbeSpec(name, period * steps_per_epoch if epochs else period, period if epochs else None))
     names = [p.name for p in out]
     if len(set(names)) != len(names):
         raise ValueError(f"a probe is named twice in {list(specs)}; give each once (NAME:EVERY sets its period)")
@@ -98,8 +109,13 @@ class Prober:
 
     def run(self, model: nn.Module, probes: list[ProbeSpec], step: int,
             optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
-        """Each probe's result at the live ``model``'s weights: ``{name: {"value", "seconds", ["eigenvalues"]}}``."""
+        """Each probe's result at the live ``model``'s weights and buffers (BatchNorm's running statistics, which
+        ``eval`` mode uses): ``{name: {"value", "seconds", ["eigenvalues"]}}``."""
         live = [p for p in model.parameters() if p.requires_grad]
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, buffer in self.obj.model.named_buffers():
+                buffer.copy_(buffers[name])
         x = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in live])
         x = x.to(self.obj.vector_device)
         self.obj.set_flat(x)

@@ -4,7 +4,10 @@ One group per probe (its name, e.g. ``hessian`` or ``preconditioned``) with one 
 ``step`` (optimiser steps taken when it ran), ``epoch``, ``lr``, ``value`` (the headline number), ``threshold`` (the
 stability threshold of the optimiser at that learning rate: 2/η, 2(1+β)/η, (2 + 2β₁)/((1 − β₁)η); NaN where none
 applies), ``seconds``, and ``eigenvalues`` (rows of the top-k, for eigenvalue probes). Root attributes describe the
-probes (settings, image subset, BatchNorm mode). A resumed run first truncates every group to the rows at or before
+probes (image subset, BatchNorm mode, loss, optimiser) and ``probes``: a JSON list of every probe the run has had —
+its name, period (``every`` steps; ``every_epochs`` when asked for in epochs), ``added_at_step`` (0, or the step of
+the resume that added it) and, when a resume changed or dropped it, ``changed_at_step`` / ``dropped_at_step``. A
+resumed run first truncates every group to the rows at or before
 the step it resumes from, so an interrupted and an uninterrupted run write the same timeline.
 """
 
@@ -61,6 +64,27 @@ def truncate(path: str | os.PathLike[str], step: int) -> None:
             keep = int(np.sum(group["step"][()] <= step))
             for key in group:
                 group[key].resize(keep, axis=0)
+
+
+def record_probes(path: str | os.PathLike[str], probes: list[dict[str, Any]], step: int) -> None:
+    """Merge the probes a run (re)starts with at optimiser step ``step`` into the ``probes`` attribute: a new one is
+    added with ``added_at_step = step``, one whose period changed records ``changed_at_step``, one no longer run
+    ``dropped_at_step``; an unchanged one is kept as it was (a resume from the same step writes the same list)."""
+    with h5py.File(path, "a") as f:
+        have = {p["name"]: p for p in json.loads(f.attrs.get("probes", "[]"))}
+        now = {p["name"]: p for p in probes}
+        for name, entry in have.items():
+            if name not in now:
+                entry.setdefault("dropped_at_step", step)
+        for name, probe in now.items():
+            old = have.get(name)
+            if old is None:
+                have[name] = {**probe, "added_at_step": step}
+                continue
+            old.pop("dropped_at_step", None)
+            if any(old.get(k) != v for k, v in probe.items()):
+                have[name] = {**old, **probe, "changed_at_step": step}
+        f.attrs["probes"] = json.dumps(list(have.values()))
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:

@@ -136,9 +136,9 @@ class TrainConfig(DataOptions):
     sync_bn: bool = setting(False, "SyncBatchNorm under DDP")
     out: str = setting("runs/run", "run directory")
     save_every: int = setting(0, "also keep epoch_XXXX.pt every K epochs (0: never)", unit="epochs")
-    probe: tuple[str, ...] = setting((), "curvature probes during training, NAME or NAME:EVERY (a metric of "
-                                     "minima.sharpness, e.g. hessian, trace, or preconditioned: Adam's "
-                                     "P^-1/2 H P^-1/2); written to probes.h5 in the run directory", default_text="none")
+    probe: tuple[str, ...] = setting((), "curvature probes during training, NAME or NAME:EVERY with EVERY in "
+                                     "steps (50) or epochs (2epochs); NAME a metric of minima.sharpness, e.g. "
+                                     "hessian, trace, or preconditioned: Adam's P^-1/2 H P^-1/2; written to probes.h5 in the run directory", default_text="none")
     probe_every: int = setting(100, "default period of the probes (after steps K, 2K, … and the last)", unit="steps")
     probe_subset: int = setting(1000, "stratified training images the probes measure on (no augmentation)",
                                 unit="samples")
@@ -377,6 +377,8 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
         run.net = nn.parallel.DistributedDataParallel(
             net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     run.prober = _prober(run)
+    if state is not None:
+        _check_probe_timeline(run)
     if run.prober is not None and state is not None and (run.run_dir / "probes.h5").exists():
         # probes already measured at the step being resumed from are not measured again (every rank reads the same
         # file, so every rank skips the same ones)
@@ -405,7 +407,30 @@ def _prober(run: Run) -> Prober | None:
     batches = FixedBatches.from_split(split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size)
     obj = DatasetObjective(run.model, batches, bn=c.probe_bn_mode, loss=c.loss,
                            hvp_cache_bytes=memory_budget(env.device) // 4)
-    return Prober(obj, parse_probes(c.probe, c.probe_every, c.optimizer), c.probe_topk)
+    return Prober(obj, parse_probes(c.probe, c.probe_every, c.optimizer, run.plan.steps_per_epoch), c.probe_topk)
+
+
+def _probe_settings(run: Run) -> dict[str, Any]:
+    """What every probe row of the run's timeline was measured with (a resume may not change it)."""
+    c = run.c
+    return {"subset": {"n": c.probe_subset, "seed": c.subset_seed}, "bn_mode": c.probe_bn_mode, "topk": c.probe_topk,
+            "loss": c.loss, "optimizer": c.optimizer}
+
+
+def _check_probe_timeline(run: Run) -> None:
+    """Refuse, in one line and before anything is written, to resume probing with settings other than those the
+    existing ``probes.h5`` was measured with (its rows would not be comparable)."""
+    path = run.run_dir / "probes.h5"
+    if run.prober is None or not path.exists():
+        return
+    have = timeline.load(path)["_attrs"]
+    flags = {"subset": "--probe-subset/--subset-seed", "bn_mode": "--probe-bn-mode", "topk": "--probe-topk",
+             "loss": "--loss", "optimizer": "--optimizer"}
+    for key, want in _probe_settings(run).items():
+        recorded = json.loads(have[key]) if key == "subset" else have.get(key)
+        if recorded != want:
+            raise ValueError(f"{path} was measured with {key} {recorded}, this resume asks for {want}; resume with "
+                             f"the same {flags[key]} or move {path.name} aside to start a new timeline")
 
 
 def _probe(run: Run, due: list, lr: float, epoch: float) -> None:
@@ -500,12 +525,10 @@ def _announce(run: Run, resumed: bool) -> None:
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.epoch)
     if run.prober is not None:
         probes = run.run_dir / "probes.h5"
-        if resumed and probes.exists():
-            timeline.truncate(probes, run.step)  # rows after last.pt are measured again
-        else:
-            timeline.create(probes, {"probes": [vars(p) for p in run.prober.probes], "subset": {
-                "n": c.probe_subset, "seed": c.subset_seed}, "bn_mode": c.probe_bn_mode, "topk": c.probe_topk,
-                "loss": c.loss, "optimizer": c.optimizer, "added_at_step": run.step})
+        if not (resumed and probes.exists()):
+            timeline.create(probes, _probe_settings(run))
+        timeline.truncate(probes, run.step)  # rows after last.pt are measured again
+        timeline.record_probes(probes, [vars(p) for p in run.prober.probes], run.step)
 
 
 def _train(run: Run, on_step: Callable[[TrainState], None] | None,
