@@ -5,9 +5,9 @@ parameters and ``topk`` eigenvalues for ``hessian``) or ``preconditioned``: λ_m
 Adam preconditioner diag(√v̂_t) + ε, v̂_t = v_t/(1 − β₂^t) (Cohen et al. 2022, "Adaptive gradient methods at the edge
 of stability"), by Lanczos on the scaled Hessian-vector products. Every probe runs on one fixed, recorded stratified
 subset of training images without augmentation, in its recorded BatchNorm mode, on one objective built once whose
-weights and BatchNorm buffers are reloaded from the live model (no copy per probe); under torchrun every rank computes its shard in
-lockstep. A probe's seed is the step it runs at, so an interrupted and resumed run measures exactly what the
-uninterrupted one did.
+weights and BatchNorm buffers are reloaded from the live model (no copy per probe); under torchrun every rank
+computes its shard in lockstep. A probe's seed is the step it runs at, so an interrupted and resumed run measures
+exactly what the uninterrupted one did.
 
 Stability thresholds (what λ_max is compared with): 2/η for gradient descent, 2(1 + β)/η with heavy-ball momentum β,
 (2 + 2β₁)/((1 − β₁)η) for Adam's preconditioned sharpness.

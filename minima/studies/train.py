@@ -138,7 +138,8 @@ class TrainConfig(DataOptions):
     save_every: int = setting(0, "also keep epoch_XXXX.pt every K epochs (0: never)", unit="epochs")
     probe: tuple[str, ...] = setting((), "curvature probes during training, NAME or NAME:EVERY with EVERY in "
                                      "steps (50) or epochs (2epochs); NAME a metric of minima.sharpness, e.g. "
-                                     "hessian, trace, or preconditioned: Adam's P^-1/2 H P^-1/2; written to probes.h5 in the run directory", default_text="none")
+                                     "hessian, trace, or preconditioned: Adam's P^-1/2 H P^-1/2; written to "
+                                     "probes.h5 in the run directory", default_text="none")
     probe_every: int = setting(100, "default period of the probes (after steps K, 2K, … and the last)", unit="steps")
     probe_subset: int = setting(1000, "stratified training images the probes measure on (no augmentation)",
                                 unit="samples")
