@@ -34,9 +34,9 @@ from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.core.vocab import BNMode
-from minima.figures import save_curve_figure
+from minima.curvature.probes import PRECONDITIONED
 from minima.files import checkpoint as ckpt_io
-from minima.files import results
+from minima.files import results, timeline
 from minima.files.naming import run_label
 from minima.geometry.evaluate import evaluate_checkpoint
 from minima.models import available_models, default_data, own_import
@@ -98,6 +98,10 @@ class Preset:
     layer_eig_tol: float = setting(1e-3, "relative residual bound at which each layer's λ_max stops (Lanczos)")
     density_probes: int = setting(2, "probes of each eigenvalue density (SLQ)")
     density_steps: int = setting(30, "Lanczos steps per density probe")
+    probe_every: int = setting(1, "Adam's preconditioned λ_max of SB and LB measured during training every K epochs "
+                               "(the same count for both regimes; 0: not measured)", unit="epochs")
+    probe_samples: int = setting(1000, "training images the training-time λ_max is measured on (stratified, no "
+                                 "augmentation, BatchNorm as for sharpness)", unit="samples")
 
 
 CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
@@ -155,6 +159,9 @@ def train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, d
         lr=preset.lr, scaling="none", augment=False, seed=seed, init_seed=1337 + seed, patience=preset.patience,
         min_delta=preset.min_delta, target_loss=preset.target_loss, out=str(out),
         eval_batch_size=preset.eval_batch_size,
+        # Adam's preconditioned sharpness during training (Cohen et al. 2022): it does not change the training
+        probe=(f"{PRECONDITIONED}:{preset.probe_every}epochs",) if preset.probe_every else (),
+        probe_subset=min(preset.probe_samples, len(ds.train)), probe_bn_mode=preset.sharpness_bn,
     )
     return train(config, resume=(out / "last.pt").exists(), dataset=ds)
 
@@ -254,11 +261,27 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
             row[f"{regime}_phi_sub_{r['eps']:g}"] = float(r["phi"])
         elif r["metric"].startswith("hessian"):
             row[f"{regime}_lambda_max"] = float(r["eigenvalues"][0])
+    for name in ("sb", "lb"):
+        row.update({f"{name}_{k}": v for k, v in probe_row(out / name / "probes.h5").items()})
     row["layers"] = layer_rows(curv_path)
     for r in results.load_sharpness(curv_path):
         if str(r["metric"]).startswith("density"):
             row[f"{r['checkpoint_label']}_density_max"] = float(np.max(r["nodes"]))
     return row
+
+
+def probe_row(path: Path) -> dict[str, float]:
+    """The preconditioned λ_max a regime's training measured (``probes.h5``; none for a run without probes): at
+    the end, its largest value, and that value over the stability threshold (2 + 2β₁)/((1 − β₁)η) at its step."""
+    if not path.exists():
+        return {}
+    rows = timeline.load(path).get(PRECONDITIONED)
+    if rows is None or not len(rows["value"]):
+        return {}
+    value, threshold = np.asarray(rows["value"]), np.asarray(rows["threshold"])
+    ok = np.isfinite(value)  # NaN before Adam's first step
+    return {"precond_final": float(value[-1]), "precond_threshold": float(threshold[-1]),
+            "precond_max": float(value[ok].max()), "precond_max_ratio": float(np.max(value[ok] / threshold[ok]))}
 
 
 def _fmt(values: list[float], digits: int = 2) -> str:
@@ -315,6 +338,12 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
                          f"{theirs(pk, 1)} |")
     lines.append(f"| λ_max (Hessian, BN {preset.sharpness_bn}) | {ours('lambda_max', 'sb')} | "
                  f"{ours('lambda_max', 'lb')} | — | — |")
+    if any("sb_precond_final" in r for r in rows):
+        threshold = rows[0]["sb_precond_threshold"]
+        lines += [f"| Adam's preconditioned λ_max at the end of training (threshold 38/η = {threshold:.0f}) | "
+                  f"{ours('precond_final', 'sb', 0)} | {ours('precond_final', 'lb', 0)} | — | — |",
+                  f"| its largest value during training / threshold | {ours('precond_max_ratio', 'sb', 3)} | "
+                  f"{ours('precond_max_ratio', 'lb', 3)} | — | — |"]
     sb_test, lb_test = (np.mean([r[f"{k}_test_acc"] for r in rows]) for k in ("sb", "lb"))
     sb_phi, lb_phi = (np.mean([r[f"{k}_phi_full_{eps[0]}"] for r in rows]) for k in ("sb", "lb"))
     lines += [
@@ -324,6 +353,16 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
         f"({lb_phi:.1f} vs {sb_phi:.1f}).",
         "Stopping: " + "; ".join(f"seed {i}: SB {r['sb_stopped']}, LB {r['lb_stopped']}" for i, r in enumerate(rows)),
     ]
+    if any("sb_precond_final" in r for r in rows):
+        lines += [
+            "",
+            f"During training (every {preset.probe_every} epoch(s) and after the last step, on "
+            f"{min(preset.probe_samples, len(ds.train))} training images, BatchNorm `{preset.sharpness_bn}`): Adam's "
+            "preconditioned sharpness λ_max(P^-1/2 H P^-1/2), P = diag(√v̂_t) + ε (Cohen et al. 2022), against its "
+            "stability threshold (2 + 2β₁)/((1 − β₁)η) = 38/η; drawn in the right panel of `keskar_<model>.png`. "
+            "Both regimes share η here, hence one threshold; under the linear scaling rule LB's larger η would lower "
+            "its own.",
+        ]
     layers = rows[0].get("layers") or {}
     if layers:
         lines += [
@@ -342,6 +381,31 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
               f"{v.get('lb_trace', float('nan')):.4g} |" for name, v in layers.items()),
         ]
     return "\n".join(lines) + "\n"
+
+
+def sb_lb_figure(seed_dir: Path, out: Path) -> Path:
+    """The SB→LB curve; beside it, when both regimes were probed during training, their preconditioned λ_max per
+    epoch with each run's stability threshold (from its own learning rate at each probe)."""
+    from matplotlib.figure import Figure
+
+    from minima.figures import plot_curve, plot_probe_runs
+
+    lines = {name.upper(): timeline.load(seed_dir / name / "probes.h5") for name in ("sb", "lb")
+             if (seed_dir / name / "probes.h5").exists()}
+    probed = len(lines) == 2 and all(PRECONDITIONED in line for line in lines.values())
+    fig = Figure(figsize=(13.0, 4.8) if probed else (7.0, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2 if probed else 1, squeeze=False)[0]
+    plot_curve(results.load_curve(seed_dir / "sb_vs_lb.h5"), ax=axes[0])
+    if probed:
+        attrs = next(iter(lines.values()))["_attrs"]
+        subset = json.loads(attrs["subset"])
+        plot_probe_runs(lines, PRECONDITIONED, axes[1], x="epoch")
+        axes[1].set_ylabel("λ_max of P^-1/2 H P^-1/2 (Adam)")
+        axes[1].set_title(f"Adam's preconditioned sharpness during training, {seed_dir.name}\n{subset['n']} training "
+                          f"images, BatchNorm {attrs['bn_mode']}; dashed: its threshold (2 + 2β₁)/((1 − β₁)η)",
+                          fontsize=9)
+    fig.savefig(out, dpi=130)
+    return out
 
 
 def curvature_figure(path: Path, out: Path, title: str) -> Path:
@@ -431,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = summary_markdown(args.model, preset_name, preset, rows, ds, clock.total, wall)
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    fig = save_curve_figure(results.load_curve(out / "seed0" / "sb_vs_lb.h5"), out / f"keskar_{tag}.png")
+    fig = sb_lb_figure(out / "seed0", out / f"keskar_{tag}.png")
     curv = curvature_figure(out / "seed0" / "curvature.h5", out / f"keskar_{tag}_curvature.png",
                             f"{args.model}, preset {preset_name}, seed 0")
     if args.figures is not None:

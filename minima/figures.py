@@ -359,6 +359,30 @@ def plot_probes(line: dict, metrics: list[dict], title: str = "") -> Figure:
     return fig
 
 
+def plot_probe_runs(lines: dict[str, dict], probe: str, ax: Axes, x: str = "step") -> Axes:
+    """One probe of several training runs (``{label: timeline}``, :func:`minima.files.timeline.load`) on one axes
+    against ``x`` (``step`` or ``epoch``: runs with different batch sizes take different numbers of steps per epoch),
+    each run's stability threshold dashed in its colour (offset dashes, so equal thresholds stay visible), log scale
+    when every value is positive."""
+    positive = True
+    for k, (label, line) in enumerate(lines.items()):
+        rows = line[probe]
+        value = np.asarray(rows["value"], dtype=float)
+        ax.plot(rows[x], value, "o-", ms=3, color=f"C{k}", label=label)
+        threshold = np.asarray(rows.get("threshold", []), dtype=float)
+        if threshold.size and np.isfinite(threshold).any():
+            # dashes offset per run: thresholds that coincide show both colours in turn
+            ax.plot(rows[x], threshold, color=f"C{k}", lw=1.2, ls=(5 * k, (5, 5 * (len(lines) - 1) or 5)),
+                    label=f"{label}: stability threshold")
+        positive &= bool(np.all(value[np.isfinite(value)] > 0))
+    if positive:
+        ax.set_yscale("log")
+        _readable_log_axis(ax)
+    ax.set(xlabel="optimiser step" if x == "step" else "epoch", ylabel=probe)
+    ax.legend(fontsize=7, loc="best")
+    return ax
+
+
 def save_probes_figure(line: dict, metrics: list[dict], path: str | Path, title: str = "", dpi: int = 130) -> Path:
     """Draw :func:`plot_probes` into ``path``."""
     fig = plot_probes(line, metrics, title)
