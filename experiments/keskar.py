@@ -4,13 +4,15 @@
     python -m experiments.keskar --model c1 --preset paper --seeds 5   # GPU work
 
 For each seed: train the small-batch (SB) and large-batch (LB) networks from the same initial weights,
-each "until the loss function ceased to improve" (a training-loss patience rule within an epoch cap);
+each "until the loss function ceased to improve" (a training-loss patience rule within an epoch cap), probing
+Adam's preconditioned λ_max every ``probe_every`` epochs (``probes.h5``; it does not change the training);
 interpolate between them (α ∈ [−1, 2], 25 points, BatchNorm ``recompute``); compute Keskar's sharpness
 (ε = 1e-3 and 5e-4, full space and a random 100-dimensional subspace, BatchNorm ``batch`` as the paper's
 Keras code did) and λ_max of both. Writes everything into the run directory — checkpoints, curve, sharpness,
-``keskar_<model>.png`` and a markdown summary beside the paper's Tables 2 and 3 — and copies the figure into
-``--figures`` when given. Every stage is skipped when its output is complete and resumed
-when it is partial, so an interrupted run continues where it stopped.
+``keskar_<model>.png`` (the curve, and the probed sharpness against its threshold), the per-layer curvature and
+a markdown summary beside the paper's Tables 2 and 3 — and copies the figures into ``--figures`` when given.
+Every stage is skipped when its output is complete and resumed when it is partial, so an interrupted run continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -393,8 +395,9 @@ def sb_lb_figure(seed_dir: Path, out: Path) -> Path:
     lines = {name.upper(): timeline.load(seed_dir / name / "probes.h5") for name in ("sb", "lb")
              if (seed_dir / name / "probes.h5").exists()}
     probed = len(lines) == 2 and all(PRECONDITIONED in line for line in lines.values())
-    fig = Figure(figsize=(13.0, 4.8) if probed else (7.0, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2 if probed else 1, squeeze=False)[0]
+    # the curve's two-line title needs its panel ≈ 7 inches wide
+    fig = Figure(figsize=(14.5, 5.0) if probed else (7.0, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2, width_ratios=(1.25, 1)) if probed else [fig.add_subplot()]
     plot_curve(results.load_curve(seed_dir / "sb_vs_lb.h5"), ax=axes[0])
     if probed:
         attrs = next(iter(lines.values()))["_attrs"]

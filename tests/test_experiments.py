@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 
 from experiments import keskar
 from minima import data
-from minima.files import results
+from minima.files import results, timeline
 from minima.geometry.evaluate import evaluate_checkpoint
 
 from .helpers import assert_drawn
@@ -49,6 +49,12 @@ def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path)
         assert table["train accuracy (%)"][i] == f"{100 * acc:.2f}"
         assert table["φ(ε=0.001), full space"][i] == f"{stored[(regime, 'keskar_full_eps0.001')]['phi']:.2f}"
         assert table["λ_max (Hessian, BN batch)"][i] == f"{stored[(regime, 'hessian_top1')]['eigenvalues'][0]:.2f}"
+        # Adam's preconditioned λ_max probed after every epoch of the training (3 epochs), as the table reports it
+        probed = timeline.load(out / "seed0" / regime / "probes.h5")["preconditioned"]
+        assert probed["epoch"].tolist() == [1, 2, 3]
+        np.testing.assert_allclose(probed["threshold"], 38.0 / 1e-3)
+        assert table["Adam's preconditioned λ_max at the end of training (threshold 38/η = 38000)"][i] == (
+            f"{probed['value'][-1]:.0f}")
     # a second run finds every stage complete: no file is rewritten, the recorded compute time is kept
     stamp = (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns
     clock = (out / "stage_seconds.json").read_text()

@@ -226,3 +226,28 @@ def test_a_probe_added_on_resume_is_recorded_and_other_probe_settings_are_refuse
     entries = {p["name"]: p for p in json.loads(line["_attrs"]["probes"])}
     assert entries["hessian"]["added_at_step"] == 0 and entries["trace"]["added_at_step"] == 4
     assert line["trace"]["step"].tolist() == [5, 6, 7, 8, 9] and line["hessian"]["step"].tolist() == [2, 4, 6, 8, 9]
+
+
+def test_the_preconditioned_probe_equals_the_dense_scaled_hessian_in_float64() -> None:
+    """λ_max of P^-1/2 H P^-1/2 from the probe equals eigvalsh of the dense matrix built from H (float64 autograd on a
+    tiny network) and Adam's P = diag(√v̂_t) + ε after a few steps."""
+    from minima.curvature.objective import DatasetObjective, FixedBatches
+    from minima.curvature.probes import PRECONDITIONED, Prober, ProbeSpec
+    from minima.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=3, input_shape=[3, 2, 2], widths=[5]).double()
+    x, y = torch.randn(20, 3, 2, 2, dtype=torch.float64), torch.arange(20) % 3
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(4):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    obj = DatasetObjective(model, FixedBatches([(x[:12], y[:12]), (x[12:], y[12:])], 20, torch.device("cpu"),
+                                               torch.float64))
+    found = Prober(obj, [ProbeSpec(PRECONDITIONED, 1)], topk=2).run(model, [ProbeSpec(PRECONDITIONED, 1)], 4, opt)
+    logits_of, theta = logits_of_flat(model, x)
+    dense = torch.autograd.functional.hessian(lambda t: torch.nn.functional.cross_entropy(logits_of(t), y), theta)
+    scale = adam_preconditioner(opt, list(model.parameters())).rsqrt()
+    exact = torch.linalg.eigvalsh(scale[:, None] * dense * scale[None, :]).flip(0)[:2]
+    np.testing.assert_allclose(found[PRECONDITIONED]["eigenvalues"], exact.numpy(), rtol=1e-5)
