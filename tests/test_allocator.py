@@ -32,6 +32,7 @@ def _probe(env_value: str | None) -> tuple[bool, int]:
     return applied == "True", int(faults)
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_freed_tensor_memory_is_reused_without_page_faults() -> None:
     applied, faults = _probe(None)

@@ -30,11 +30,31 @@ from .helpers import toy_checkpoint, toy_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", ["train", "interpolate", "sharpness", "plot"])
-def test_help_shows_real_defaults_and_units(command: str) -> None:
-    out = subprocess.run([sys.executable, "-m", f"minima.{command}", "--help"], capture_output=True, text=True,
+HELP_COMMANDS = ("train", "interpolate", "sharpness", "plot")
+# every command's `python -m minima.X --help`, run as __main__ in one fresh interpreter (one torch import, not four)
+HELP_SCRIPT = """
+import contextlib, io, runpy, sys
+for command in sys.argv[1:]:
+    sys.argv = ["python -m minima." + command, "--help"]
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        runpy.run_module("minima." + command, run_name="__main__", alter_sys=True)
+    print(text.getvalue(), end="\\0")
+"""
+
+
+@pytest.fixture(scope="module")
+def help_texts() -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-c", HELP_SCRIPT, *HELP_COMMANDS], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
-    flat = " ".join(out.split())
+    texts = out.split("\0")[:-1]
+    assert len(texts) == len(HELP_COMMANDS) and all("usage: python -m minima." in t for t in texts)
+    return dict(zip(HELP_COMMANDS, texts, strict=True))
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS)
+def test_help_shows_real_defaults_and_units(command: str, help_texts: dict[str, str]) -> None:
+    flat = " ".join(help_texts[command].split())
     assert "(default: None)" not in flat and "default: True" not in flat and "(default: recompute) (default" not in flat
     if command == "train":
         assert "--batch-size INT|full global batch size: samples per optimiser step over all ranks, or full " \
@@ -160,6 +180,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow  # several processes
 def test_a_metric_added_through_the_registry_gets_flags_results_and_resume(tmp_path: Path) -> None:
     """A metric is its function plus one registry entry: the command then accepts it in --metrics, has a flag
     for its parameter, stores its result under its name and skips it on a re-run."""

@@ -67,6 +67,7 @@ def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path)
     assert re.search(r"compute time ([\d.]+) min", (out / "summary.md").read_text()).group(1) == compute
 
 
+@pytest.mark.slow  # the whole smoke pipeline
 def test_the_main_job_writes_only_under_its_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --figures the pipeline touches nothing outside --out (the Quickstart must not modify tracked
     files such as figures/keskar_mlp.png)."""

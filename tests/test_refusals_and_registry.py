@@ -89,6 +89,7 @@ def test_a_refusal_exits_2_with_one_line_on_every_rank(case: str, pair: tuple[Pa
         assert not out.exists(), "a refused command left a file behind"
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_metric_registered_after_importing_every_module_works(tmp_path: Path) -> None:
     """Registered after ``minima.sharpness`` and the study were imported: its flag parses, its parameter reaches
     the computation from Python and from the command line, and its result is stored."""

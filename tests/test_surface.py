@@ -231,6 +231,7 @@ def test_trajectory_surface_from_a_training_run(tmp_path: Path, capsys: pytest.C
     assert "mixes training runs" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_plotting_a_surface_never_imports_the_models(tmp_path: Path) -> None:
     ds = toy_dataset()
     a = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=True)

@@ -113,6 +113,7 @@ train(_resume_config(__import__('pathlib').Path({out!r})), dataset=_resume_data(
 """
 
 
+@pytest.mark.slow  # a killed subprocess, then a resume
 def test_sigkill_between_epochs_then_resume_is_bit_identical(tmp_path: Path) -> None:
     ds = _resume_data()
     reference = _weights(train(_resume_config(tmp_path / "ref"), dataset=ds))
