@@ -251,3 +251,20 @@ def test_the_preconditioned_probe_equals_the_dense_scaled_hessian_in_float64() -
     scale = adam_preconditioner(opt, list(model.parameters())).rsqrt()
     exact = torch.linalg.eigvalsh(scale[:, None] * dense * scale[None, :]).flip(0)[:2]
     np.testing.assert_allclose(found[PRECONDITIONED]["eigenvalues"], exact.numpy(), rtol=1e-5)
+
+
+def test_users_own_probe_through_on_step_sees_the_live_model(tmp_path: Path) -> None:
+    """``on_step`` hands a user's probe the live model, optimiser and environment: the weight norm it records at the
+    end of epoch 2 (step 6) is that of the checkpoint saved there."""
+    seen: dict[int, float] = {}
+
+    def weight_norm(state: object) -> None:
+        assert state.env.world_size == 1 and state.optimizer.param_groups[0]["lr"] == state.lr
+        seen[state.step] = float(torch.cat([p.detach().reshape(-1) for p in state.model.parameters()]).norm())
+
+    train(_config(tmp_path / "run", probe=()), dataset=_data(), on_step=weight_norm)
+    assert sorted(seen) == list(range(1, 10))
+    saved = ck.load_checkpoint(tmp_path / "run" / "epoch_0002.pt")["state_dict"]
+    assert seen[6] == pytest.approx(float(torch.cat([v.reshape(-1) for k, v in saved.items()
+                                                     if "running" not in k and "num_batches" not in k]).norm()),
+                                    rel=1e-6)

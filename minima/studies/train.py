@@ -155,13 +155,19 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """What callbacks see: position in the run and the running sums of the current epoch."""
+    """What ``on_step``/``on_epoch`` callbacks see: the position in the run (``step``: optimiser steps taken), the
+    learning rate of the last step, the epoch's metrics (``on_epoch``), and — for users' own probes — the live
+    ``model`` (unwrapped from DDP; read it, do not change it), the ``optimizer`` and the process's ``env`` (rank,
+    world size, device). Under torchrun every rank calls the callback at the same step."""
 
     epoch: int
     batch: int
     step: int
     lr: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    env: distributed.DistEnv | None = None
 
 
 @dataclass(frozen=True)
@@ -549,7 +555,8 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
                            f"(≤; the stopping rule may end sooner) at {took:.1f} s per epoch")
             first = False
             if on_epoch is not None:
-                on_epoch(TrainState(epoch=run.epoch, batch=0, step=run.step, lr=lr, metrics=run.last_metrics))
+                on_epoch(TrainState(epoch=run.epoch, batch=0, step=run.step, lr=lr, metrics=run.last_metrics,
+                                    model=run.model, optimizer=run.optimizer, env=env))
             if stopped:
                 break
             if distributed.any_rank(stop["signal"] is not None, env.device) and run.epoch < c.epochs:
@@ -619,7 +626,8 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
         bar.update(1)
         agreed = _check(run, sums, stop, lr, bar) if run.step % CHECK_EVERY == 0 or b == len(batches) - 1 else False
         if on_step is not None:
-            on_step(TrainState(epoch=run.epoch, batch=b + 1, step=run.step, lr=lr))
+            on_step(TrainState(epoch=run.epoch, batch=b + 1, step=run.step, lr=lr, model=run.model,
+                               optimizer=run.optimizer, env=env))
         if _stop_now(env, stop, agreed) and b + 1 < len(batches):
             bar.close()
             run.elapsed += time.perf_counter() - t0
