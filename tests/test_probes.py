@@ -268,3 +268,27 @@ def test_users_own_probe_through_on_step_sees_the_live_model(tmp_path: Path) -> 
     assert seen[6] == pytest.approx(float(torch.cat([v.reshape(-1) for k, v in saved.items()
                                                      if "running" not in k and "num_batches" not in k]).norm()),
                                     rel=1e-6)
+
+
+def test_probe_time_is_reported_apart_and_kept_out_of_images_per_second(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probes made to take 0.4 s each: ``probe_seconds`` holds that time and the training speed does not — three
+    steps of a 6-unit MLP take far less than one probe."""
+    import time
+
+    from minima.curvature.probes import Prober
+
+    run = Prober.run
+
+    def slow_run(self: Prober, *args: object, **kw: object) -> dict:
+        time.sleep(0.4)
+        return run(self, *args, **kw)
+
+    monkeypatch.setattr(Prober, "run", slow_run)
+    train(_config(tmp_path / "run", epochs=2, probe=("hessian:1",)), dataset=_data())
+    import json
+
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)  # 3 steps per epoch, a probe after each
+        assert m["probe_seconds"] >= 3 * 0.4
+        assert m["train_samples"] / m["images_per_s"] < 0.4  # seconds of training proper, probes excluded
