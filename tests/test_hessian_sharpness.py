@@ -221,6 +221,19 @@ def test_lanczos_residuals_from_the_recurrence_are_the_true_residuals() -> None:
     assert not short.converged and short.hvps == 6 and np.any(short.residuals > 1e-12 * np.abs(short.eigenvalues))
     with pytest.raises(ValueError, match="choose one of"):
         top_eigenvalues(op, k=1, method="power")
+    # warm-started from the top eigenvector of a nearby matrix: the same answer to the tolerance, fewer products;
+    # with ARPACK too; a start of the wrong size is refused
+    nearby = (q * (spectrum + 0.5 * torch.rand(200, generator=gen, dtype=torch.float64))) @ q.T
+    start = torch.from_numpy(top_eigenvalues(CountingOperator(200, lambda v: nearby @ v), k=1, tol=1e-6,
+                                             return_vectors=True).eigenvectors[:, 0])
+    cold = top_eigenvalues(CountingOperator(200, lambda v: h @ v), k=1, tol=1e-6)
+    for method in ("lanczos", "arpack"):
+        warm = top_eigenvalues(CountingOperator(200, lambda v: h @ v), k=1, tol=1e-6, warm_start=start, method=method)
+        np.testing.assert_allclose(warm.eigenvalues, [50.0], rtol=1e-6)
+    warm = top_eigenvalues(CountingOperator(200, lambda v: h @ v), k=1, tol=1e-6, warm_start=start)
+    assert warm.hvps < cold.hvps
+    with pytest.raises(ValueError, match="the warm start has 199 entries; the operator has size 200"):
+        top_eigenvalues(op, k=1, warm_start=start[:199])
 
 
 def test_hvp_graph_cache_is_reused_bounded_and_dropped_when_theta_moves() -> None:

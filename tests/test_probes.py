@@ -90,6 +90,13 @@ def test_the_probe_reports_the_exact_lambda_max_of_a_quadratic(tmp_path: Path) -
     line = timeline.load(tmp_path / "q" / "probes.h5")["hessian"]
     assert line["step"].tolist() == [1, 2, 3, 4]
     np.testing.assert_allclose(line["value"], exact, rtol=1e-4)
+    # λ_max alone, warm-started (the default) from the previous top vector — here an exact eigenvector — and cold
+    for start in ("warm", "cold"):
+        train(replace(cfg, out=str(tmp_path / start), probe_topk=1, probe_warm_start=start == "warm"), dataset=ds)
+    warm, cold = (timeline.load(tmp_path / start / "probes.h5")["hessian"] for start in ("warm", "cold"))
+    np.testing.assert_allclose(warm["value"], exact, rtol=1e-4)
+    np.testing.assert_allclose(cold["value"], exact, rtol=1e-4)
+    assert warm["hvps"][0] == cold["hvps"][0] and (warm["hvps"][1:] < cold["hvps"][1:]).all(), (warm, cold)
 
 
 def test_adam_preconditioner_and_thresholds() -> None:

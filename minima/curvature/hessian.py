@@ -83,6 +83,9 @@ def ggn_operator(objective: object) -> CountingOperator:
     return CountingOperator(objective.numel, objective.ggn_vp, objective.vector_device)  # type: ignore[attr-defined]
 
 
+WARM_NOISE = 0.1  # share of the seeded random draw in a warm-started Lanczos start vector
+
+
 def _start_vector(rng: np.random.Generator, n: int, device: torch.device, kind: str) -> torch.Tensor:
     """A seeded start or probe vector drawn on the host (the same numbers on every device), then moved."""
     draw = rng.standard_normal(n) if kind == "gaussian" else rng.integers(0, 2, n).astype(np.float64) * 2.0 - 1.0
@@ -114,9 +117,14 @@ EIGEN_METHODS: tuple[str, ...] = typing.get_args(EigenMethod)
 def top_eigenvalues(
     op: CountingOperator, k: int = 1, *, tol: float = 1e-3, method: str = "lanczos", max_steps: int | None = None,
     ncv: int | None = None, seed: int = 0, maxiter: int | None = None, return_vectors: bool = False,
+    warm_start: torch.Tensor | None = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest eigenvalues of the symmetric operator, each with a residual ``r`` such
     that some eigenvalue lies within ``r`` of it; stops once ``r ≤ tol·|λ̂|`` for all k (see the module notes).
+
+    ``warm_start`` (e.g. the top Ritz vector of a nearby operator): the start vector is
+    w/‖w‖ + WARM_NOISE·g/‖g‖ with g the seeded Gaussian draw, so that the Krylov space still reaches the other
+    top eigenvectors and never stalls on an exact eigenvector; the answer's tolerance is the same either way.
 
     ``method="lanczos"``: at most ``max_steps`` products (default ``max(4k + 20, 40)``, capped at n); if that is
     not enough, the result has ``converged=False`` and its (larger) residuals. ``method="arpack"``: ARPACK with
@@ -131,16 +139,21 @@ def top_eigenvalues(
         raise ValueError(f"tol must be > 0; got {tol}")
     rng = np.random.default_rng(seed)
     start, t0 = op.products, time.perf_counter()
+    v0 = _start_vector(rng, n, op.device, "gaussian")
+    if warm_start is not None:
+        if warm_start.numel() != n:
+            raise ValueError(f"the warm start has {warm_start.numel()} entries; the operator has size {n}")
+        warm = warm_start.to(op.device, torch.float64).reshape(-1)
+        v0 = warm / torch.linalg.vector_norm(warm) + WARM_NOISE * v0 / torch.linalg.vector_norm(v0)
     if method == "lanczos":
-        v0 = _start_vector(rng, n, op.device, "gaussian")
         steps = min(n, max_steps if max_steps is not None else max(4 * k + 20, 40))
         if steps < k:
             raise ValueError(f"max_steps={steps} is smaller than k={k}")
         vals, residuals, vecs, used, converged = _lanczos(op, k, tol, steps, v0, return_vectors)
     else:
         used = min(n, ncv if ncv is not None else max(2 * k + 1, k + 8))
-        v0_host = rng.standard_normal(n)  # the same draw as Lanczos' start vector
-        vals, vecs = eigsh(op, k=k, which="LA", tol=tol, ncv=used, v0=v0_host, maxiter=maxiter)
+        # the same start vector as Lanczos'
+        vals, vecs = eigsh(op, k=k, which="LA", tol=tol, ncv=used, v0=v0.cpu().numpy(), maxiter=maxiter)
         order = np.argsort(vals)[::-1]
         vals, vecs = vals[order], vecs[:, order]
         residuals = np.empty(k)

@@ -178,10 +178,14 @@ def _operator(obj: DatasetObjective, job: Mapping[str, Any]) -> CountingOperator
 
 
 def _hessian(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    r = top_eigenvalues(_operator(obj, job), k=job["k"], tol=job["tol"], method=job["method"], seed=seed)
+    # job["warm_start"] (the training probes' option): start from that vector and hand back the new top Ritz vector
+    warm = "warm_start" in job
+    r = top_eigenvalues(_operator(obj, job), k=job["k"], tol=job["tol"], method=job["method"], seed=seed,
+                        warm_start=job.get("warm_start"), return_vectors=warm)
     return {"value": float(r.eigenvalues[0]), "eigenvalues": r.eigenvalues, "residuals": r.residuals,
             "relative_error_bounds": r.relative_error_bounds, "hvps": r.hvps, "seconds": r.seconds,
-            "tol": r.tol, "ncv": r.ncv, "method": r.method, "converged": r.converged}
+            "tol": r.tol, "ncv": r.ncv, "method": r.method, "converged": r.converged,
+            **({"top_vector": r.eigenvectors[:, 0]} if warm else {})}
 
 
 register(Metric(

@@ -45,7 +45,8 @@ _ZIP_MAGIC = b"PK\x03\x04"
 # computation's result, so the checkpoints of one run may differ in them.
 RESUMABLE_CHANGES = frozenset({"device", "threads", "progress", "eval_batch_size", "out", "data_on_device",
                                # probes measure the run without changing it: one may be added on resume
-                               "probe", "probe_every", "probe_subset", "probe_bn_mode", "probe_topk"})
+                               "probe", "probe_every", "probe_subset", "probe_bn_mode", "probe_topk",
+                               "probe_warm_start"})
 
 
 class CheckpointError(ValueError):

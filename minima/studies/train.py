@@ -44,7 +44,7 @@ from minima.core.precision import Float32Math, float32_math
 from minima.core.precision import effective as precision_effective
 from minima.core.vocab import Amp, BNMode, DataOnDevice, DeviceName, FullBatch, Loss, Optimizer, check_choice
 from minima.curvature.objective import DatasetObjective, FixedBatches
-from minima.curvature.probes import PRECONDITIONED, Prober, parse_probes, stability_threshold
+from minima.curvature.probes import PRECONDITIONED, WARM_STARTABLE, Prober, parse_probes, stability_threshold
 from minima.files import checkpoint as ckpt_io
 from minima.files import timeline
 from minima.files.checkpoint import RESUMABLE_CHANGES
@@ -145,6 +145,8 @@ class TrainConfig(DataOptions):
                                 unit="samples")
     probe_bn_mode: BNMode = setting("eval", "BatchNorm inside the probes' loss: eval or batch")
     probe_topk: int = setting(1, "eigenvalues the hessian and preconditioned probes record")
+    probe_warm_start: bool = setting(True, "start the hessian and preconditioned probes' Lanczos from their previous "
+                                     "top vector (the same tolerance, fewer Hessian-vector products; kept in last.pt)")
     eval_test: bool = setting(True, "evaluate the test set after every epoch")
     progress: bool = setting(True, "tqdm progress bar on rank 0")
 
@@ -334,6 +336,8 @@ class Run:
                      "scheduler": {"step": self.step, **asdict(self.schedule)},
                      "rng": {"scheme": "torch.manual_seed(f(seed, step, rank)) before every step"},
                      "position": position, "epoch_sums": epoch_sums, "trainer": dict(self.trainer)}
+            if self.prober is not None and self.prober.warm:  # the probes' warm starts: a resume starts from them too
+                extra["probe_warm_start"] = dict(self.prober.warm)
         return ckpt_io.make_checkpoint(self.c.model, self.model_kwargs, self.model.state_dict(), meta, **extra)
 
     def save_resumable(self, epoch_sums: torch.Tensor, batch: int) -> None:
@@ -386,6 +390,8 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
     run.prober = _prober(run)
     if state is not None:
         _check_probe_timeline(run)
+        if run.prober is not None and run.prober.warm is not None:
+            run.prober.warm.update(state.get("probe_warm_start", {}))
     if run.prober is not None and state is not None and (run.run_dir / "probes.h5").exists():
         # probes already measured at the step being resumed from are not measured again (every rank reads the same
         # file, so every rank skips the same ones)
@@ -414,7 +420,8 @@ def _prober(run: Run) -> Prober | None:
     batches = FixedBatches.from_split(split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size)
     obj = DatasetObjective(run.model, batches, bn=c.probe_bn_mode, loss=c.loss,
                            hvp_cache_bytes=memory_budget(env.device) // 4)
-    return Prober(obj, parse_probes(c.probe, c.probe_every, c.optimizer, run.plan.steps_per_epoch), c.probe_topk)
+    return Prober(obj, parse_probes(c.probe, c.probe_every, c.optimizer, run.plan.steps_per_epoch), c.probe_topk,
+                  warm_start=c.probe_warm_start)
 
 
 def _probe_settings(run: Run) -> dict[str, Any]:
@@ -535,7 +542,9 @@ def _announce(run: Run, resumed: bool) -> None:
         if not (resumed and probes.exists()):
             timeline.create(probes, _probe_settings(run))
         timeline.truncate(probes, run.step)  # rows after last.pt are measured again
-        timeline.record_probes(probes, [vars(p) for p in run.prober.probes], run.step)
+        timeline.record_probes(probes, [{**vars(p), **({"warm_start": c.probe_warm_start}
+                                                       if p.name in WARM_STARTABLE else {})}
+                                        for p in run.prober.probes], run.step)
 
 
 def _train(run: Run, on_step: Callable[[TrainState], None] | None,
