@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from experiments._pipeline import copy_figures
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import keep_freed_memory
@@ -179,9 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fig = plot_sweep(rows, out / "batch_sweep.png", title=(
         f"{p.model}, {len(ds.train):,} train / {len(ds.test):,} test images ({ds.spec.get('kind')}), "
         f"{p.epochs} epochs, SGD + linear LR rule, cosine; φ on {p.sharpness_samples:,} training images"))
-    if args.figures is not None:
-        args.figures.mkdir(parents=True, exist_ok=True)
-        fig = Path(shutil.copy(fig, args.figures / fig.name))
+    (fig,) = copy_figures([fig], args.figures)
     print(md)
     print(f"[experiments.batch_sweep] wrote {out / 'summary.md'} and {fig} in {wall / 60:.1f} min")
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import torch
 from matplotlib.figure import Figure
 
 from experiments import keskar
+from experiments._pipeline import StageClock, copy_figures
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -94,19 +94,6 @@ VARIANTS = (("naive", None, False), ("naive + REPAIR", None, True), ("weight mat
             ("activation matching + REPAIR", "activations", True))
 
 
-class Stages:
-    """Announces "stage k/N" and skips stages whose output is complete."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.k = total, 0
-
-    def run(self, name: str, done: bool, work: Any) -> Any:
-        self.k += 1
-        print(f"[experiments.connectivity] stage {self.k}/{self.total}: {name}" + (" (complete, kept)" if done else ""),
-              flush=True)
-        return None if done else work()
-
-
 def _complete(path: Path) -> bool:
     return path.exists() and results.load_grid(path).complete
 
@@ -126,7 +113,7 @@ def _row(path: Path) -> dict[str, Any]:
             "min_test_acc": 100 * float(np.min(curve.test_accuracy)), **found}
 
 
-def seed_pair(p: Preset, out: Path, stages: Stages) -> dict[str, dict[str, Any]]:
+def seed_pair(p: Preset, out: Path, stages: StageClock) -> dict[str, dict[str, Any]]:
     """Train the two seeds, align, evaluate every line; the rows of the first table."""
     nets = []
     for seed in (0, 1):
@@ -157,7 +144,7 @@ def seed_pair(p: Preset, out: Path, stages: Stages) -> dict[str, dict[str, Any]]
     return rows
 
 
-def sb_lb(p: Preset, out: Path, kdir: Path, stages: Stages) -> dict[str, dict[str, Any]]:
+def sb_lb(p: Preset, out: Path, kdir: Path, stages: StageClock) -> dict[str, dict[str, Any]]:
     """The Keskar checkpoints (trained when missing), their lines and the curve; the rows of the second table."""
     kname, kpreset = keskar.load_preset(p.keskar_preset)
     ds = None
@@ -275,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kdir = args.keskar_out or Path("runs") / f"keskar_{p.keskar_model}_{p.keskar_preset}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "preset.json").write_text(json.dumps({"preset": name, **cfg.to_dict(p)}, indent=2) + "\n")
-    stages = Stages(2 + 2 + len(VARIANTS) + 2 + 1)
+    stages = StageClock("connectivity", 2 + 2 + len(VARIANTS) + 2 + 1, out / "stage_seconds.json")
     try:
         pair = seed_pair(p, out, stages)
         sblb = sb_lb(p, out, kdir, stages)
@@ -289,9 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fig = figure(pair, sblb, out / "connectivity.png",
                  f"preset {name}: seeds of {p.pair_model} and Keskar {p.keskar_model} SB/LB ({kdir}); "
                  f"{p.eval_test_subset or 'all'} test images per point; {cpu_name()}")
-    if args.figures is not None:
-        args.figures.mkdir(parents=True, exist_ok=True)
-        fig = Path(shutil.copy(fig, args.figures / f"connectivity_{name}.png"))
+    (fig,) = copy_figures([fig], args.figures, [f"connectivity_{name}.png"])
     print(md)
     print(f"[experiments.connectivity] wrote {out / 'summary.md'} and {fig}; this invocation {wall / 60:.1f} min")
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from experiments._pipeline import StageClock, copy_figures
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -85,8 +85,6 @@ def _init_checkpoint(p: Preset, ds: data_mod.Dataset, out: Path) -> Path:
 
 
 def _run(p: Preset, ds: data_mod.Dataset, init: Path, out: Path, optimizer: str, lr: float, probe: str) -> Path:
-    if (out / "final.pt").exists():
-        return out
     config = TrainConfig(model=p.model, model_kwargs=dict(p.model_kwargs), data=p.data, train_subset=p.train_subset,
                          subset_mode="first", epochs=p.max_steps, batch_size="full", optimizer=optimizer, lr=lr,
                          momentum=0.0, loss="mse", init_from=str(init), target_accuracy=p.target_accuracy,
@@ -149,20 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         init = _init_checkpoint(p, ds, out / "init.pt")
         lam0 = initial_lambda_max(p, ds, init)
         lrs = list(p.lrs) or [2.0 / (r * lam0) for r in p.threshold_ratios]
-        stages = len(lrs) + (p.adam_lr is not None)
-        runs: list[tuple[Path, str]] = []
-        for k, lr in enumerate(lrs, start=1):
-            print(f"[experiments.edge_of_stability] stage {k}/{stages}: gradient descent, η = {lr:.4g} "
-                  f"(2/η = {2 / lr:.4g}, λ_max at initialisation {lam0:.4g})", flush=True)
-            runs.append((_run(p, ds, init, out / f"gd_lr{lr:.4g}", "sgd", lr, "hessian"), "hessian"))
+        stages = StageClock("edge_of_stability", len(lrs) + (p.adam_lr is not None))
+        runs = [(out / f"gd_lr{lr:.4g}", "sgd", lr, "hessian") for lr in lrs]
         if p.adam_lr is not None:
-            print(f"[experiments.edge_of_stability] stage {stages}/{stages}: Adam, η = {p.adam_lr:g}", flush=True)
-            runs.append((_run(p, ds, init, out / f"adam_lr{p.adam_lr:g}", "adam", p.adam_lr, "preconditioned"),
-                         "preconditioned"))
+            runs.append((out / f"adam_lr{p.adam_lr:g}", "adam", p.adam_lr, "preconditioned"))
+        for run_dir, optimizer, lr, probe in runs:
+            what = (f"gradient descent, η = {lr:.4g} (2/η = {2 / lr:.4g}, λ_max at initialisation {lam0:.4g})"
+                    if optimizer == "sgd" else f"Adam, η = {lr:g}")
+            stages.run(what, (run_dir / "final.pt").exists(),
+                       lambda d=run_dir, o=optimizer, r=lr, q=probe: _run(p, ds, init, d, o, r, q))
     except (ValueError, OSError) as exc:
         print(f"[experiments.edge_of_stability] error: {exc}", file=sys.stderr)
         return 2
-    rows = [summarise(d, probe) for d, probe in runs]
+    rows = [summarise(d, probe) for d, _, _, probe in runs]
     wall = time.perf_counter() - t0
     lines = [f"# Edge of stability — preset `{name}`", "",
              f"{p.model} on the first {p.train_subset} CIFAR-10 training images (standardised with the full training "
@@ -184,11 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"lambda0": lam0, "runs": rows}, indent=2) + "\n")
-    fig = figure(runs, out / "edge_of_stability.png", f"preset {name}: {p.model}, first {p.train_subset} images, "
+    fig = figure([(d, probe) for d, _, _, probe in runs], out / "edge_of_stability.png",
+                 f"preset {name}: {p.model}, first {p.train_subset} images, "
                  f"square loss, full batch; {cpu_name()}")
-    if args.figures is not None:
-        args.figures.mkdir(parents=True, exist_ok=True)
-        fig = Path(shutil.copy(fig, args.figures / f"edge_of_stability_{name}.png"))
+    (fig,) = copy_figures([fig], args.figures, [f"edge_of_stability_{name}.png"])
     print(md)
     print(f"[experiments.edge_of_stability] wrote {out / 'summary.md'} and {fig}; {wall / 60:.1f} min")
     return 0

@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from experiments._pipeline import StageClock, copy_figures
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -118,34 +118,6 @@ def load_preset(name_or_path: str) -> tuple[str, Preset]:
     return cfg.load_preset(Preset, CONFIGS, "keskar_", name_or_path)
 
 
-class StageClock:
-    """Seconds each stage took when it ran, kept in ``stage_seconds.json``: a stage found complete keeps its
-    recorded time and a resumed one adds to it, so the summary's compute time does not collapse on a re-run."""
-
-    def __init__(self, path: Path, stages: int) -> None:
-        self.path, self.stages, self.started = path, stages, 0
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
-
-    def run(self, name: str, done: bool, work: Callable[[], Any]) -> Any:
-        """``work()``; timed and added to stage ``name`` unless ``done`` (its output was already complete). Says
-        which stage of how many it is."""
-        self.started += 1
-        print(f"[experiments.keskar] stage {self.started}/{self.stages}: {name}"
-              + (" (complete, kept)" if done else ""), flush=True)
-        if done:
-            return work()
-        t0 = time.perf_counter()
-        try:
-            return work()
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-            self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
-
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
-
 def train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, ds: data_mod.Dataset) -> Path:
     """The SB (or LB) network of one seed, trained into ``out`` (kept when ``final.pt`` exists, resumed from
     ``last.pt``)."""
@@ -227,14 +199,13 @@ def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Data
              ) -> dict[str, Any]:
     """All stages for one seed (each skipped when its output is complete); returns the SB/LB numbers."""
     out.mkdir(parents=True, exist_ok=True)
-    regimes = {}
     for name, batch in (("sb", preset.sb_batch), ("lb", preset.lb_batch)):
-        regimes[name] = clock.run(f"seed{seed}/train_{name}", (out / name / "final.pt").exists(),
-                                  lambda b=batch, n=name: train_regime(model, preset, b, seed, out / n, ds))
-    sb, lb = regimes["sb"], regimes["lb"]
+        clock.run(f"seed{seed}/train_{name}", (out / name / "final.pt").exists(),
+                  lambda b=batch, n=name: train_regime(model, preset, b, seed, out / n, ds))
+    sb, lb = out / "sb" / "final.pt", out / "lb" / "final.pt"
     curve_path = out / "sb_vs_lb.h5"
     complete = curve_path.exists() and results.load_curve(curve_path).complete
-    clock.run(f"seed{seed}/interpolate", complete, lambda: None if complete else run_interpolation(SweepRequest(
+    clock.run(f"seed{seed}/interpolate", complete, lambda: run_interpolation(SweepRequest(
         checkpoint_a=sb, checkpoint_b=lb, alphas=preset.interp_alphas, bn="recompute",
         train_subset=preset.interp_train_subset, test_subset=preset.interp_test_subset, out=curve_path,
         resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size, trust_import=own_import(model),
@@ -488,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 indent=2) + "\n")
     seeds = args.seeds if args.seeds is not None else preset.seeds
     # train SB, train LB, interpolate, sharpness, per-layer curvature and densities
-    clock = StageClock(out / "stage_seconds.json", stages=5 * seeds)
+    clock = StageClock("keskar", 5 * seeds, out / "stage_seconds.json")
     try:
         rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds, clock) for s in range(seeds)]
     except (ValueError, OSError) as exc:  # bad model/data/settings: one line; finished stages stay on disk
@@ -501,10 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fig = sb_lb_figure(out / "seed0", out / f"keskar_{tag}.png")
     curv = curvature_figure(out / "seed0" / "curvature.h5", out / f"keskar_{tag}_curvature.png",
                             f"{args.model}, preset {preset_name}, seed 0")
-    if args.figures is not None:
-        args.figures.mkdir(parents=True, exist_ok=True)
-        fig = Path(shutil.copy(fig, args.figures / fig.name))
-        curv = Path(shutil.copy(curv, args.figures / curv.name))
+    fig, curv = copy_figures([fig, curv], args.figures)
     print(md)
     print(f"[experiments.keskar] wrote {out / 'summary.md'}, {fig} and {curv}; this invocation {wall / 60:.1f} min")
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from experiments import keskar
+from experiments._pipeline import StageClock, copy_figures
 from minima.core import config as cfg
 from minima.core.allocator import keep_freed_memory
 from minima.core.config import setting
@@ -116,24 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "x0_sb_lb": SurfaceRequest(checkpoints=[ckpts["x0"], ckpts["sb"], ckpts["lb"]], out=out / "x0_sb_lb.h5",
                                    x=f"auto:{li.grid_points}", y=f"auto:{li.grid_points}", **common),
     }
-    stages = len(planes) + 2  # the planes, then the SB and LB curves
-    for k, req in enumerate(planes.values(), start=1):
-        done = req.out.exists() and results.load_grid(req.out).complete
-        print(f"[experiments.li_surfaces] stage {k}/{stages}: {req.out.stem}" + (" (complete, kept)" if done else ""),
-              flush=True)
-        if not done:
-            run_surface(cfg.resolve(SurfaceRequest, None, {**cfg.to_dict(req), "resume": req.out.exists()}))
+    stages = StageClock("li_surfaces", len(planes) + 2)  # the planes, then the SB and LB curves
+    for req in planes.values():
+        stages.run(req.out.stem, req.out.exists() and results.load_grid(req.out).complete, lambda r=req: run_surface(
+            cfg.resolve(SurfaceRequest, None, {**cfg.to_dict(r), "resume": r.out.exists()})))
     curves = {}
-    for k, regime in enumerate(("sb", "lb"), start=len(planes) + 1):
+    for regime in ("sb", "lb"):
         path = out / f"{regime}_random_curve.h5"
-        done = path.exists() and results.load_curve(path).complete
-        print(f"[experiments.li_surfaces] stage {k}/{stages}: {path.stem}" + (" (complete, kept)" if done else ""),
-              flush=True)
-        if not done:
-            run_curve(SweepRequest(checkpoint_a=ckpts[regime], direction="random", direction_seed=li.direction_seed,
-                                   alphas=f"{-li.extent}:{li.extent}:{li.curve_points}", data=args.data,
-                                   train_subset=li.train_subset, test_subset=li.test_subset, out=path,
-                                   resume=path.exists(), eval_batch_size=li.eval_batch_size, plot=False))
+        stages.run(path.stem, path.exists() and results.load_curve(path).complete, lambda q=path, r=regime: run_curve(
+            SweepRequest(checkpoint_a=ckpts[r], direction="random", direction_seed=li.direction_seed,
+                         alphas=f"{-li.extent}:{li.extent}:{li.curve_points}", data=args.data,
+                         train_subset=li.train_subset, test_subset=li.test_subset, out=q, resume=q.exists(),
+                         eval_batch_size=li.eval_batch_size, plot=False)))
         curves[regime] = results.load_curve(path)
     figures = [out / f"{k}.png" for k in planes]
     figures.append(save_curves_figure([curves["sb"], curves["lb"]], out / "sb_lb_random_curves.png"))
@@ -157,9 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ])
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    if args.figures is not None:
-        args.figures.mkdir(parents=True, exist_ok=True)
-        figures = [Path(shutil.copy(f, args.figures / f"li_{args.model}_{f.name}")) for f in figures]
+    figures = copy_figures(figures, args.figures, [f"li_{args.model}_{f.name}" for f in figures])
     print(md)
     print(f"[experiments.li_surfaces] wrote {out / 'summary.md'} and {', '.join(map(str, figures))}")
     return 0

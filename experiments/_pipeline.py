@@ -1,0 +1,52 @@
+"""What every pipeline in ``experiments/`` shares: its stages (said as "stage k/N", skipped when their output is
+complete, timed) and copying its figures into ``--figures``. Not a pipeline itself (no ``main``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class StageClock:
+    """Runs a pipeline's stages in order: says ``[experiments.<pipeline>] stage k/N: name`` (``(complete, kept)``
+    when its output is already complete, and then does not run it) and keeps the seconds each stage took when it
+    ran in ``stage_seconds.json`` (``path``; None keeps them in memory only): a stage found complete keeps its
+    recorded time and a resumed one adds to it, so a summary's compute time does not collapse on a re-run."""
+
+    def __init__(self, pipeline: str, stages: int, path: Path | None = None) -> None:
+        self.pipeline, self.stages, self.path, self.started = pipeline, stages, path, 0
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+    def run(self, name: str, done: bool, work: Callable[[], Any]) -> Any:
+        """``work()``, timed and added to stage ``name``; nothing (None) when ``done``."""
+        self.started += 1
+        print(f"[experiments.{self.pipeline}] stage {self.started}/{self.stages}: {name}"
+              + (" (complete, kept)" if done else ""), flush=True)
+        if done:
+            return None
+        t0 = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            if self.path is not None:
+                self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
+
+    @property
+    def total(self) -> float:
+        """Seconds of every stage, as recorded."""
+        return sum(self.seconds.values())
+
+
+def copy_figures(figures: list[Path], into: Path | None, names: list[str] | None = None) -> list[Path]:
+    """``figures`` copied into the directory ``into`` (created), under ``names`` (default: their own); the figures
+    themselves when ``into`` is None (``--figures`` not given)."""
+    if into is None:
+        return list(figures)
+    into.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(f, into / name)) for f, name in zip(figures, names or [f.name for f in figures],
+                                                                  strict=True)]
