@@ -264,6 +264,16 @@ def test_barriers_against_hand_computed_values(pair: tuple, tmp_path: Path) -> N
     assert found["barrier_test_loss"] == pytest.approx(1.25)
     assert found["barrier_train_accuracy"] == pytest.approx(0.35) and found["barrier_train_accuracy_alpha"] == 0.5
     assert barriers(curve_from_values(alpha[:5], {k: v[:5] for k, v in values.items()}, {})) == {}
+    # the table a one-axis study prints: a row per point with its non-finite count, then the barriers
+    from minima.studies.grid import curve_table
+
+    values["test/nonfinite"] = np.array([0, 0, 0, 0, 0, 0, 3])
+    table = curve_table(curve_from_values(alpha, values, {}), "alpha", "minima.interpolate").splitlines()
+    assert table[0].split() == ["alpha", "train", "loss", "train", "acc", "test", "loss", "test", "acc", "nonfinite"]
+    assert table[3].split() == ["0.250", "2.5", "0.6000", "3.5", "0.6000", "0"] and table[7].split()[-1] == "3"
+    assert table[8].startswith("[minima.interpolate] barrier") and "1.25" in table[8]
+    assert len(curve_table(curve_from_values(alpha, values, {}), "t", "minima.curve", with_barriers=False)
+               .splitlines()) == 8
 
     a_path, b_path, _ = pair
     out = run(_req(a_path, b_path, tmp_path / "c.h5", alphas="0,0.5,1", bn="recompute"))

@@ -38,13 +38,20 @@ from minima.files import checkpoint as ckpt_io
 from minima.files import results
 from minima.files.naming import run_label
 from minima.geometry.barriers import barriers
-from minima.geometry.barriers import describe as describe_barriers
 from minima.geometry.curves import coefficients, combine, initial_bends, point_on_curve
 from minima.geometry.directions import StateDict
 from minima.geometry.evaluate import batch_sums, check_model_accepts, per_sample_loss, recorded_loss
 from minima.optim.schedule import build_schedule, learning_rate
 from minima.optim.steps import TrainingInterrupted, step_seed, stop_on_signals
-from minima.studies.grid import EvalOptions, GridStudy, check_options, evaluation_setup, parse_axis, recorded_attrs
+from minima.studies.grid import (
+    EvalOptions,
+    GridStudy,
+    check_options,
+    curve_table,
+    evaluation_setup,
+    parse_axis,
+    recorded_attrs,
+)
 
 # the settings that define a curve's training: a resumed run must share them
 TRAINING_KEYS = ("checkpoint_a", "checkpoint_b", "curve", "bends", "epochs", "batch_size", "lr", "momentum",
@@ -375,17 +382,9 @@ def evaluate_path(req: CurveRequest, path: PathSpec, model: nn.Module, ds: Datas
 
     return GridStudy(
         command="minima.curve", out=path.out, coords={"t": ts}, point=point, model=model, settings=s, data=d,
-        attrs=attrs, expected=expected, what=path.label, summary=lambda grid: summary(results.grid_curve(grid)),
+        attrs=attrs, expected=expected, what=path.label,
+        summary=lambda grid: curve_table(results.grid_curve(grid), "t", "minima.curve"),
         figure=lambda grid, out: save_curve_figure(results.grid_curve(grid), out), check=check)
-
-
-def summary(curve: results.Curve) -> str:
-    lines = [f"{'t':>7} {'train loss':>11} {'train acc':>9} {'test loss':>11} {'test acc':>9}"]
-    for i, t in enumerate(curve.alpha):
-        lines.append(f"{t:7.3f} {curve.train_loss[i]:11.4g} {curve.train_accuracy[i]:9.4f} "
-                     f"{curve.test_loss[i]:11.4g} {curve.test_accuracy[i]:9.4f}")
-    found = describe_barriers(barriers(curve))
-    return "\n".join([*lines, *([f"[minima.curve] {found}"] if found else [])])
 
 
 def line_path(ck_a: dict[str, Any], ck_b: dict[str, Any], a: Path, b: Path, out: Path, label: str) -> PathSpec:

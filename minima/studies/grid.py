@@ -40,6 +40,8 @@ from minima.core.vocab import TORCH_DTYPES, BNPolicy, BNRecord, DataOnDevice, Dt
 from minima.data import Dataset, place, stratified_subset
 from minima.files import results
 from minima.files.naming import check_output
+from minima.geometry.barriers import barriers
+from minima.geometry.barriers import describe as describe_barriers
 from minima.geometry.directions import StateDict, bn_buffer_names
 from minima.geometry.points import EvalData, EvalSettings, evaluate_point
 from minima.models import has_batchnorm, is_convolutional
@@ -322,3 +324,16 @@ def recorded_attrs(record: dict[str, Any], config: dict[str, Any], request: dict
     return {**identity, "bn_policy": record["policy"], "config": json.dumps(config), "config_key": resume_key(match),
             "request": json.dumps(request), "precision": json.dumps(record["precision"]),
             "data_placement": json.dumps(record["data_placement"]), "loss": record.get("loss", "cross_entropy")}
+
+
+def curve_table(curve: results.Curve, axis: str, command: str, with_barriers: bool = True) -> str:
+    """The text a one-axis study prints at its end: per point (``axis``: α or t) the train/test loss and accuracy
+    and the count of non-finite per-sample losses, then the barriers against the endpoints' line (``with_barriers``;
+    not along a random direction)."""
+    lines = [f"{axis:>7} {'train loss':>11} {'train acc':>9} {'test loss':>11} {'test acc':>9} {'nonfinite':>9}"]
+    for i, a in enumerate(curve.alpha):
+        nf = int(curve.train_nonfinite[i]) + int(curve.test_nonfinite[i])
+        lines.append(f"{a:7.3f} {curve.train_loss[i]:11.4g} {curve.train_accuracy[i]:9.4f} "
+                     f"{curve.test_loss[i]:11.4g} {curve.test_accuracy[i]:9.4f} {nf:9d}")
+    found = describe_barriers(barriers(curve)) if with_barriers else ""
+    return "\n".join([*lines, *([f"[{command}] {found}"] if found else [])])

@@ -28,7 +28,6 @@ from minima.files import checkpoint as ckpt_io
 from minima.files import results
 from minima.files.naming import run_label
 from minima.geometry.barriers import barriers
-from minima.geometry.barriers import describe as describe_barriers
 from minima.geometry.directions import StateDict, lerp_state, random_direction, shift_state
 from minima.geometry.evaluate import check_model_accepts, recorded_loss
 from minima.geometry.points import EvalData, EvalSettings
@@ -38,6 +37,7 @@ from minima.studies.grid import (
     EvalOptions,
     GridStudy,
     check_options,
+    curve_table,
     evaluation_setup,
     in_memory,
     parse_axis,
@@ -195,7 +195,8 @@ def _prepare(req: SweepRequest, env: distributed.DistEnv) -> GridStudy:
     return GridStudy(
         command="minima.interpolate", out=out, coords={"alpha": alphas}, point=point, model=model, settings=s,
         data=d, attrs=attrs, expected=expected, what=f"α line, {req.direction}{', REPAIR' if req.repair else ''}",
-        summary=lambda grid: _curve_summary(results.grid_curve(grid), segment=req.direction == "segment"),
+        summary=lambda grid: curve_table(results.grid_curve(grid), "alpha", "minima.interpolate",
+                                         with_barriers=req.direction == "segment"),
         figure=lambda grid, path: save_curve_figure(results.grid_curve(grid), path), check=check)
 
 
@@ -231,15 +232,3 @@ def _endpoint_check(out: Path, curve: results.Curve, ck_a: dict, ck_b: dict | No
             "check that both checkpoints load and evaluate as trained (BatchNorm, dtype, --no-fold-bn)")
     print(f"[minima.interpolate] endpoint check OK: α=0/1 vs checkpoints evaluated directly, "
           f"max relative difference {max(checks.values()):.2e}", flush=True)
-
-
-def _curve_summary(curve: results.Curve, segment: bool = True) -> str:
-    lines = [f"{'alpha':>7} {'train loss':>11} {'train acc':>9} {'test loss':>11} {'test acc':>9} {'nonfinite':>9}"]
-    for i, a in enumerate(curve.alpha):
-        nf = int(curve.train_nonfinite[i]) + int(curve.test_nonfinite[i])
-        lines.append(f"{a:7.3f} {curve.train_loss[i]:11.4g} {curve.train_accuracy[i]:9.4f} "
-                     f"{curve.test_loss[i]:11.4g} {curve.test_accuracy[i]:9.4f} {nf:9d}")
-    found = describe_barriers(barriers(curve)) if segment else ""
-    return "\n".join([*lines, *([f"[minima.interpolate] {found}"] if found else [])])
-
-
