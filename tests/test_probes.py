@@ -74,7 +74,7 @@ def test_sigterm_and_resume_give_the_same_timeline_and_weights(tmp_path: Path) -
     assert "probe_seconds" in metrics  # measured apart from images_per_s
 
 
-def test_the_probe_reports_the_exact_lambda_max_of_a_quadratic(tmp_path: Path) -> None:
+def test_the_probe_reports_the_exact_lambda_max_of_a_quadratic(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A linear model with the square loss is a quadratic in θ: its Hessian JᵀJ/N is constant, and the probe must
     report its top eigenvalue at every step."""
     ds = _data()
@@ -90,6 +90,9 @@ def test_the_probe_reports_the_exact_lambda_max_of_a_quadratic(tmp_path: Path) -
     line = timeline.load(tmp_path / "q" / "probes.h5")["hessian"]
     assert line["step"].tolist() == [1, 2, 3, 4]
     np.testing.assert_allclose(line["value"], exact, rtol=1e-4)
+    said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 2/4")]  # printed with 2/η = 200
+    value = line["value"][1]
+    assert said and said[0].endswith(f"| hessian {value:.4g} ({value / 200:.2f}× its threshold 200)")
     # λ_max alone, warm-started (the default) from the previous top vector — here an exact eigenvector — and cold
     for start in ("warm", "cold"):
         train(replace(cfg, out=str(tmp_path / start), probe_topk=1, probe_warm_start=start == "warm"), dataset=ds)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -307,6 +308,7 @@ class Run:
     prober: Prober | None = None
     probed_at: dict[str, int] = field(default_factory=dict)  # probe → the last step it ran at
     probe_seconds: float = 0.0  # probe time in the current epoch (kept out of images_per_s)
+    probe_said: dict[str, str] = field(default_factory=dict)  # rank 0: the epoch's last value of each probe, printed
 
     @property
     def run_dir(self) -> Path:
@@ -462,6 +464,9 @@ def _probe(run: Run, due: list, lr: float, epoch: float) -> None:
                                             preconditioned=name == PRECONDITIONED)
             timeline.append(run.run_dir / "probes.h5", name, {"step": run.step, "epoch": epoch, "lr": lr,
                                                               "threshold": threshold, **result})
+            value = result["value"]
+            run.probe_said[name] = f"{name} {value:.4g}" + (
+                f" ({value / threshold:.2f}× its threshold {threshold:.4g})" if math.isfinite(threshold) else "")
 
 
 def _resume_state(c: TrainConfig, env: distributed.DistEnv, resume: bool) -> dict[str, Any] | None:
@@ -576,6 +581,10 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
         missing = [p for p in run.prober.probes if run.probed_at.get(p.name) != run.step]
         if missing:
             _probe(run, missing, learning_rate(max(run.step - 1, 0), run.schedule), float(run.epoch))
+            if env.is_main:
+                tqdm.write(f"[minima.train] probes after the last step ({run.step}): "
+                           + ", ".join(run.probe_said.values()))
+                run.probe_said = {}
     final_path = run.run_dir / "final.pt"
     if env.is_main:
         ckpt_io.save_checkpoint(run.checkpoint("final"), final_path)
@@ -713,7 +722,11 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
                f"acc {total.accuracy:.4f}")
         if c.eval_test:
             msg += f" | test loss {metrics['test_loss']:.4f} acc {metrics['test_accuracy']:.4f}"
-        tqdm.write(msg + f" | {metrics['images_per_s']:.0f} img/s")
+        msg += f" | {metrics['images_per_s']:.0f} img/s"
+        if run.probe_said:  # the probes that ran in this epoch, each at its last step, against its threshold
+            msg += " | " + ", ".join(run.probe_said.values())
+            run.probe_said = {}
+        tqdm.write(msg)
         if stopped:
             tqdm.write(f"[minima.train] stopping: {stopped}")
     return stopped
