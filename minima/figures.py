@@ -45,13 +45,17 @@ def describe(attrs: dict) -> str:
 
 
 def _readable_log_axis(ax: Axes) -> None:
-    """A log y axis spanning less than a decade gets plain tick labels (0.3, 0.4) instead of 3 × 10⁻¹."""
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    """A log y axis spanning less than a decade gets plain tick labels (0.3, 0.4) instead of 3 × 10⁻¹: every minor
+    tick labelled below a ratio of 3, else labelled ticks at 2 and 5 × 10^k (so that a range holding no power of ten,
+    e.g. 1.4e4–7.2e4, still has labels)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     lo, hi = ax.get_ylim()
     if lo > 0 and hi / lo < 10:
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g") if hi / lo < 3 else NullFormatter())
+        if hi / lo >= 3:
+            ax.yaxis.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
 
 
 def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -> Figure:

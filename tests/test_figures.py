@@ -95,3 +95,20 @@ def test_labels_of_marks_close_together_do_not_overlap(tmp_path: Path) -> None:
         for i in range(len(boxes)):
             for j in range(i + 1, len(boxes)):
                 assert not boxes[i].overlaps(boxes[j]), (ax.texts[i].get_text(), ax.texts[j].get_text())
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(1.4e4, 7.2e4), (0.3, 0.5), (2.0, 300.0)])
+def test_a_log_axis_always_has_labelled_ticks_inside_its_range(lo: float, hi: float) -> None:
+    """A log y axis whose range holds no power of ten (1.4e4–7.2e4) still shows labelled ticks within it."""
+    from minima.figures import _readable_log_axis
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1, 2], [lo, (lo * hi) ** 0.5, hi])
+    ax.set_yscale("log")
+    _readable_log_axis(ax)
+    fig.canvas.draw()
+    ymin, ymax = ax.get_ylim()
+    shown = [t for t in [*ax.yaxis.get_majorticklabels(), *ax.yaxis.get_minorticklabels()]
+             if t.get_text() and ymin <= t.get_position()[1] <= ymax]
+    assert len(shown) >= 2, [t.get_text() for t in shown]
