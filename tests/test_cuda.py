@@ -151,3 +151,29 @@ def test_pinned_batches_are_prefetched_and_equal_host_batches() -> None:
     for (x, y), chunk in zip(got, chunks, strict=True):
         assert x.is_cuda and torch.equal(x.cpu(), ds.train.images[chunk])
         assert torch.equal(y.cpu(), ds.train.labels[chunk])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_probes_under_torchrun_with_sync_bn_equal_one_process(tmp_path: Path) -> None:
+    """A BatchNorm network trained with --sync-bn on two GPUs: its λ_max probes (BatchNorm batch mode) run without a
+    collective inside the probe and equal those of one process (SyncBatchNorm over two half batches is BatchNorm
+    over the whole batch, up to rounding)."""
+    import json
+
+    from minima.files import timeline
+
+    args = ["--model", "mlp", "--model-kwargs", json.dumps({"widths": [32], "batchnorm": True}), "--data",
+            "synthetic", "--train-subset", "256", "--test-subset", "64", "--epochs", "2", "--batch-size", "64",
+            "--optimizer", "sgd", "--lr", "0.05", "--probe", "hessian:2", "--probe-subset", "128",
+            "--probe-bn-mode", "batch", "--eval-batch-size", "32", "--device", "cuda", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "minima.train", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    env = dict(os.environ, MASTER_PORT=str(free_port()))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "minima.train",
+                          *args, "--sync-bn", "--out", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a, b = (timeline.load(tmp_path / name / "probes.h5")["hessian"] for name in ("one", "two"))
+    np.testing.assert_array_equal(a["step"], b["step"])
+    np.testing.assert_allclose(b["value"], a["value"], rtol=1e-3)

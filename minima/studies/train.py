@@ -385,11 +385,13 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
     run = _build(c, env, ds)
     if state is not None:
         _restore(run, state)
+    # the probes' private copy is taken before --sync-bn swaps in SyncBatchNorm layers (in place): their BatchNorm in
+    # batch mode normalises each probe batch by itself, as on one rank, with no collective inside a probe's forward
+    run.prober = _prober(run)
     if env.distributed:
         net: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(run.model) if c.sync_bn else run.model
         run.net = nn.parallel.DistributedDataParallel(
             net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    run.prober = _prober(run)
     if state is not None:
         _check_probe_timeline(run)
         if run.prober is not None and run.prober.warm is not None:
