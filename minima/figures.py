@@ -341,16 +341,8 @@ def plot_probes(line: dict, metrics: list[dict], title: str = "") -> Figure:
     fig = Figure(figsize=(7.5, 2.6 * (len(probes) + 1)), layout="constrained")
     axes = fig.subplots(len(probes) + 1, 1, sharex=True, squeeze=False)[:, 0]
     for ax, name in zip(axes, probes, strict=False):
-        rows = line[name]
-        ax.plot(rows["step"], rows["value"], "o-", ms=3, color="C0", label=name)
-        threshold = np.asarray(rows.get("threshold", []), dtype=float)
-        if threshold.size and np.isfinite(threshold).any():
-            ax.plot(rows["step"], threshold, "--", color="C3", label="stability threshold")
-        ax.set_ylabel(name)
-        if np.all(np.asarray(rows["value"]) > 0):
-            ax.set_yscale("log")
-            _readable_log_axis(ax)
-        ax.legend(fontsize=7, loc="best")
+        plot_probe_runs({name: line}, name, ax)
+        ax.set_xlabel("")  # the shared step axis is labelled once, beneath the loss
     loss_ax = axes[-1]
     if metrics:
         loss_ax.plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics], "-", color="C2")

@@ -392,16 +392,16 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
         net: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(run.model) if c.sync_bn else run.model
         run.net = nn.parallel.DistributedDataParallel(
             net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if state is not None:
-        _check_probe_timeline(run)
-        if run.prober is not None and run.prober.warm is not None:
+    if run.prober is not None and state is not None:
+        if run.prober.warm is not None:
             run.prober.warm.update(state.get("probe_warm_start", {}))
-    if run.prober is not None and state is not None and (run.run_dir / "probes.h5").exists():
-        # probes already measured at the step being resumed from are not measured again (every rank reads the same
-        # file, so every rank skips the same ones)
-        done = timeline.load(run.run_dir / "probes.h5")
-        run.probed_at = {p.name: run.step for p in run.prober.probes
-                         if p.name in done and run.step in done[p.name]["step"].tolist()}
+        if (run.run_dir / "probes.h5").exists():
+            done = timeline.load(run.run_dir / "probes.h5")
+            _check_probe_timeline(run, done["_attrs"])
+            # probes already measured at the step being resumed from are not measured again (every rank reads the
+            # same file, so every rank skips the same ones)
+            run.probed_at = {p.name: run.step for p in run.prober.probes
+                             if p.name in done and run.step in done[p.name]["step"].tolist()}
     if env.is_main:
         _announce(run, resumed=state is not None)
     if run.trainer.get("stopped"):
@@ -435,13 +435,10 @@ def _probe_settings(run: Run) -> dict[str, Any]:
             "loss": c.loss, "optimizer": c.optimizer}
 
 
-def _check_probe_timeline(run: Run) -> None:
+def _check_probe_timeline(run: Run, have: dict[str, Any]) -> None:
     """Refuse, in one line and before anything is written, to resume probing with settings other than those the
-    existing ``probes.h5`` was measured with (its rows would not be comparable)."""
+    existing ``probes.h5`` (its root attributes ``have``) was measured with (its rows would not be comparable)."""
     path = run.run_dir / "probes.h5"
-    if run.prober is None or not path.exists():
-        return
-    have = timeline.load(path)["_attrs"]
     flags = {"subset": "--probe-subset/--subset-seed", "bn_mode": "--probe-bn-mode", "topk": "--probe-topk",
              "loss": "--loss", "optimizer": "--optimizer"}
     for key, want in _probe_settings(run).items():
@@ -469,6 +466,12 @@ def _probe(run: Run, due: list, lr: float, epoch: float) -> None:
             value = result["value"]
             run.probe_said[name] = f"{name} {value:.4g}" + (
                 f" ({value / threshold:.2f}× its threshold {threshold:.4g})" if math.isfinite(threshold) else "")
+
+
+def _probes_said(run: Run) -> str:
+    """The probe values measured since the last print (each probe's latest, against its threshold), then forgotten."""
+    said, run.probe_said = ", ".join(run.probe_said.values()), {}
+    return said
 
 
 def _resume_state(c: TrainConfig, env: distributed.DistEnv, resume: bool) -> dict[str, Any] | None:
@@ -584,9 +587,7 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
         if missing:
             _probe(run, missing, learning_rate(max(run.step - 1, 0), run.schedule), float(run.epoch))
             if env.is_main:
-                tqdm.write(f"[minima.train] probes after the last step ({run.step}): "
-                           + ", ".join(run.probe_said.values()))
-                run.probe_said = {}
+                tqdm.write(f"[minima.train] probes after the last step ({run.step}): {_probes_said(run)}")
     final_path = run.run_dir / "final.pt"
     if env.is_main:
         ckpt_io.save_checkpoint(run.checkpoint("final"), final_path)
@@ -726,8 +727,7 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
             msg += f" | test loss {metrics['test_loss']:.4f} acc {metrics['test_accuracy']:.4f}"
         msg += f" | {metrics['images_per_s']:.0f} img/s"
         if run.probe_said:  # the probes that ran in this epoch, each at its last step, against its threshold
-            msg += " | " + ", ".join(run.probe_said.values())
-            run.probe_said = {}
+            msg += f" | {_probes_said(run)}"
         tqdm.write(msg)
         if stopped:
             tqdm.write(f"[minima.train] stopping: {stopped}")
