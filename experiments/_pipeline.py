@@ -1,5 +1,6 @@
 """What every pipeline in ``experiments/`` shares: its stages (said as "stage k/N", skipped when their output is
-complete, timed) and copying its figures into ``--figures``. Not a pipeline itself (no ``main``)."""
+complete, timed), its summary files and copying its figures into ``--figures``. Not a pipeline itself (no
+``main``)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,12 @@ def copy_figures(figures: list[Path], into: Path | None, names: list[str] | None
     into.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copy(f, into / name)) for f, name in zip(figures, names or [f.name for f in figures],
                                                                   strict=True)]
+
+
+def write_summary(out: Path, markdown: str, record: Any) -> Path:
+    """``summary.md`` (the table a person reads) and ``summary.json`` (``record``: the same numbers for code) in the
+    run directory ``out``; the markdown file's path."""
+    (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    path = out / "summary.md"
+    path.write_text(markdown)
+    return path

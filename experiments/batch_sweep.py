@@ -13,7 +13,6 @@ against batch size, log-x). Finished runs are skipped, interrupted ones resumed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from experiments._pipeline import copy_figures
+from experiments._pipeline import copy_figures, write_summary
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import keep_freed_memory
@@ -174,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(_run_one(p, b, warmup, where, ds, args.pretrained))
     wall = time.perf_counter() - t0
     md = table_markdown(rows, p, name, ds, wall)
-    (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps({"preset": cfg.to_dict(p), "rows": rows}, indent=2) + "\n")
+    write_summary(out, md, {"preset": cfg.to_dict(p), "rows": rows})
     fig = plot_sweep(rows, out / "batch_sweep.png", title=(
         f"{p.model}, {len(ds.train):,} train / {len(ds.test):,} test images ({ds.spec.get('kind')}), "
         f"{p.epochs} epochs, SGD + linear LR rule, cosine; φ on {p.sharpness_samples:,} training images"))

@@ -33,7 +33,7 @@ import torch
 from matplotlib.figure import Figure
 
 from experiments import keskar
-from experiments._pipeline import StageClock, copy_figures
+from experiments._pipeline import StageClock, copy_figures, write_summary
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -271,8 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     wall = time.perf_counter() - t0
     md = summary_markdown(name, p, pair, sblb, wall, kdir)
-    (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps({"pair": pair, "sb_lb": sblb}, indent=2) + "\n")
+    write_summary(out, md, {"pair": pair, "sb_lb": sblb})
     fig = figure(pair, sblb, out / "connectivity.png",
                  f"preset {name}: seeds of {p.pair_model} and Keskar {p.keskar_model} SB/LB ({kdir}); "
                  f"{p.eval_test_subset or 'all'} test images per point; {cpu_name()}")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from experiments._pipeline import StageClock, copy_figures
+from experiments._pipeline import StageClock, copy_figures, write_summary
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -179,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += ["", "Cohen et al. (2021), fc-tanh on cifar10-5k, MSE, η = 0.01: λ_max rises from ≈ 75–80 to 2/η = 200 at "
               "≈ 4,500 steps and stays at ≈ 200–210 until ≈ 9,000 steps."]
     md = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps({"lambda0": lam0, "runs": rows}, indent=2) + "\n")
+    write_summary(out, md, {"lambda0": lam0, "runs": rows})
     fig = figure([(d, probe) for d, _, _, probe in runs], out / "edge_of_stability.png",
                  f"preset {name}: {p.model}, first {p.train_subset} images, "
                  f"square loss, full batch; {cpu_name()}")

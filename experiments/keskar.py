@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments._pipeline import StageClock, copy_figures
+from experiments._pipeline import StageClock, copy_figures, write_summary
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -467,8 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     wall = time.perf_counter() - t0
     md = summary_markdown(args.model, preset_name, preset, rows, ds, clock.total, wall)
-    (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_summary(out, md, rows)
     fig = sb_lb_figure(out / "seed0", out / f"keskar_{tag}.png")
     curv = curvature_figure(out / "seed0" / "curvature.h5", out / f"keskar_{tag}_curvature.png",
                             f"{args.model}, preset {preset_name}, seed 0")

@@ -20,7 +20,6 @@ run directory, a ``summary.md`` with the basin sizes, and copies the figures int
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from experiments import keskar
-from experiments._pipeline import StageClock, copy_figures
+from experiments._pipeline import StageClock, copy_figures, write_summary
 from minima.core import config as cfg
 from minima.core.allocator import keep_freed_memory
 from minima.core.config import setting
@@ -149,8 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *(f"| {k.split('_')[0].upper()} | {v['basin_2x']:.3f} | {v['rise_half']:.4g} | {v['rise_full']:.4g} |"
           for k, v in rows.items()), "",
     ])
-    (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_summary(out, md, rows)
     figures = copy_figures(figures, args.figures, [f"li_{args.model}_{f.name}" for f in figures])
     print(md)
     print(f"[experiments.li_surfaces] wrote {out / 'summary.md'} and {', '.join(map(str, figures))}")
