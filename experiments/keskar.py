@@ -39,7 +39,7 @@ from minima.core.vocab import BNMode
 from minima.curvature.probes import PRECONDITIONED
 from minima.files import checkpoint as ckpt_io
 from minima.files import results, timeline
-from minima.files.naming import run_label
+from minima.files.naming import unique_labels
 from minima.geometry.evaluate import evaluate_checkpoint
 from minima.models import available_models, default_data, own_import
 from minima.studies.interpolate import SweepRequest
@@ -160,7 +160,7 @@ def _sharpness_complete(path: Path, req: Any) -> bool:
         return False
     have = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(path)}
     model = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(req.checkpoints[0]), req.trust_import)
-    want = {(run_label(c), name) for c in req.checkpoints
+    want = {(label, name) for label in unique_labels(req.checkpoints)
             for _, name, _ in block_jobs(measure_jobs(req), model, req.blocks, req.curvature)}
     return want <= have
 

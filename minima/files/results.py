@@ -355,6 +355,20 @@ def sharpness_done(path: str | os.PathLike[str], label: str, metric: str, settin
         return node is not None and node.attrs.get("settings_key") == settings_key
 
 
+def sharpness_checkpoints(path: str | os.PathLike[str]) -> dict[str, tuple[str, str]]:
+    """Per label of a sharpness file, the checkpoint (path, sha256) its results were measured on ({} for a file not
+    written yet)."""
+    if not Path(path).exists():
+        return {}
+    found: dict[str, tuple[str, str]] = {}
+    with _open(Path(path), "r") as f:
+        for label, group in f.get("sharpness", {}).items():
+            for result in group.values():
+                found[label] = (str(result.attrs.get("checkpoint", "")), str(result.attrs.get("sha256", "")))
+                break
+    return found
+
+
 def write_sharpness(path: str | os.PathLike[str], label: str, metric: str, values: dict[str, Any]) -> None:
     """Store one metric's result (scalars as attributes, arrays as datasets) and flush."""
     with _open(Path(path), "r+") as f:

@@ -41,7 +41,7 @@ from minima.curvature.worstcase import iteration_seconds
 from minima.data import load_for_checkpoint
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
-from minima.files.naming import check_output, run_label
+from minima.files.naming import check_output, unique_labels
 from minima.geometry.evaluate import Batching, recorded_loss
 
 
@@ -139,7 +139,7 @@ def _validate(req: MeasureOptions) -> None:
 
 def default_output(checkpoints: Sequence[Path]) -> Path:
     """Beside the first checkpoint: ``<label>_sharpness.h5``, or ``<label1>_<label2>…_sharpness.h5`` for several."""
-    labels = [run_label(c) for c in checkpoints]
+    labels = unique_labels(checkpoints)
     name = "_".join(labels[:4]) + ("_etc" if len(labels) > 4 else "")
     return Path(checkpoints[0]).parent / f"{name}_sharpness.h5"
 
@@ -159,11 +159,14 @@ def measure(req: MeasureOptions) -> Path:
         per_checkpoint = distributed.agree(env, lambda: [block_jobs(jobs, model, req.blocks, req.curvature)
                                                          for _, model in loaded])
 
-        distributed.from_main(env, lambda: results.check_sharpness_output(out))  # the file is made by the first result
+        labels = distributed.agree(env, lambda: unique_labels(req.checkpoints))
+        distributed.from_main(env, lambda: (results.check_sharpness_output(out),  # made by the first result
+                                            _check_labels(out, req.checkpoints, labels)))
         cache_bytes = (memory_budget(env.device) if req.hvp_cache_gb is None else int(req.hvp_cache_gb * 1e9))
         with float32_math(req.float32_math):
-            computed = sum(_measure_checkpoint(Path(path), ckpt, model, req, mine, out, env, cache_bytes)
-                           for path, (ckpt, model), mine in zip(req.checkpoints, loaded, per_checkpoint, strict=True))
+            computed = sum(_measure_checkpoint(Path(path), label, ckpt, model, req, mine, out, env, cache_bytes)
+                           for path, label, (ckpt, model), mine in zip(req.checkpoints, labels, loaded,
+                                                                       per_checkpoint, strict=True))
         if env.is_main:
             print(format_table(results.load_sharpness(out)), flush=True)
             print(f"[minima.sharpness] wrote {computed} result(s) to {out}" if computed else
@@ -201,13 +204,26 @@ def _load(path: Path, req: MeasureOptions) -> tuple[dict[str, Any], nn.Module]:
     return ckpt, ckpt_io.model_from_checkpoint(ckpt, req.trust_import)
 
 
-def _measure_checkpoint(path: Path, ckpt: dict[str, Any], model: nn.Module, req: MeasureOptions,
+def _check_labels(out: Path, checkpoints: Sequence[str], labels: Sequence[str]) -> None:
+    """Refuse to store a checkpoint's results under a label that ``out`` already holds for another checkpoint (another
+    file and other contents): the results would overwrite each other. The same file again (or a run retrained in
+    place) keeps its label and resumes or replaces its results as before."""
+    recorded = results.sharpness_checkpoints(out)
+    for path, label in zip(checkpoints, labels, strict=True):
+        if label not in recorded:
+            continue
+        other, sha = recorded[label]
+        if Path(other).resolve() != Path(path).resolve() and sha != ckpt_io.sha256_file(path):
+            raise ValueError(f"{out} already holds results labelled {label!r} for another checkpoint ({other}); "
+                             f"measuring {path} there would overwrite them — choose another --out")
+
+
+def _measure_checkpoint(path: Path, label: str, ckpt: dict[str, Any], model: nn.Module, req: MeasureOptions,
                         jobs: list[tuple[Metric, str, dict[str, Any]]], out: Path, env: distributed.DistEnv,
                         cache_bytes: int) -> int:
     """Every pending result of one checkpoint; returns how many were computed."""
     ds = distributed.agree(env, lambda: load_for_checkpoint(ckpt["meta"]["data"], req.data, req.train_subset, None,
                                                             req.subset_seed, req.data_root, mode=req.subset_mode))
-    label = run_label(path)
     train = ds.train
     common = {"checkpoint": str(path), "sha256": ckpt_io.sha256_file(path), "bn_mode": req.bn_mode,
               "train_samples": len(train), "eval_batch_size": req.eval_batch_size, "dtype": req.dtype,
