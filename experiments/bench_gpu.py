@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +32,7 @@ from minima import data
 from minima.core.precision import float32_math
 from minima.curvature.hessian import hessian_operator, top_eigenvalues
 from minima.curvature.objective import DatasetObjective, FixedBatches
+from minima.files.rundir import RunDir
 from minima.geometry.evaluate import Batching
 from minima.models import build_model
 from minima.studies.interpolate import interpolate
@@ -73,7 +72,7 @@ def trainer_images_per_s(ds: data.Dataset, batch: int, device: torch.device, epo
         config = TrainConfig(model="c1", epochs=epochs, batch_size=batch, device=str(device.type), eval_test=False,
                              progress=False, out=out, data_on_device="yes")
         train(config, dataset=ds)
-        lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        lines = RunDir(out).metrics()
     return max(line["images_per_s"] for line in lines)
 
 

@@ -20,7 +20,6 @@ measured in a fresh subprocess, as the command line runs it (target for c1 on CP
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from minima import data
 from minima.core.allocator import keep_freed_memory
+from minima.files.rundir import RunDir
 from minima.models import build_model, is_convolutional
 from minima.studies.train import TrainConfig, train
 
@@ -40,7 +40,7 @@ def toolkit_images_per_s(model: str, ds: data.Dataset, batch: int, micro: int | 
     config = TrainConfig(model=model, epochs=2, batch_size=batch, micro_batch=micro, device="cpu",
                          eval_test=False, progress=False, out=str(out))
     train(config, dataset=ds)
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = RunDir(out).metrics()
     return max(line["images_per_s"] for line in lines)
 
 

@@ -16,7 +16,6 @@ preconditioned sharpness against (2 + 2β₁)/((1 − β₁)η). Writes every ru
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from minima.curvature.hessian import hessian_operator, top_eigenvalues
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.files import checkpoint as ckpt_io
 from minima.files import timeline
+from minima.files.rundir import RunDir
 from minima.geometry.evaluate import Batching
 from minima.models import build_model
 from minima.studies.train import TrainConfig, train
@@ -101,7 +101,7 @@ def summarise(run_dir: Path, probe: str) -> dict[str, Any]:
     ratio = np.asarray(rows["value"]) / np.asarray(rows["threshold"])
     reached = np.flatnonzero(ratio >= 0.9)
     after = ratio[reached[0]:] if len(reached) else np.array([])
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = RunDir(run_dir).metrics()
     return {"run": run_dir.name, "probe": probe, "lr": float(rows["lr"][0]), "threshold": float(rows["threshold"][0]),
             "first_value": float(rows["value"][0]), "max_value": float(np.max(rows["value"])),
             "reached_step": int(rows["step"][reached[0]]) if len(reached) else None,
@@ -119,7 +119,7 @@ def figure(runs: list[tuple[Path, str]], path: Path, title: str) -> Path:
         label = f"{run_dir.name} ({probe}, η = {rows['lr'][0]:g})"
         top.plot(rows["step"], np.asarray(rows["value"]) / np.asarray(rows["threshold"]), "o-", ms=2.5,
                  color=f"C{k}", label=f"{label}, threshold {rows['threshold'][0]:.4g}")
-        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = RunDir(run_dir).metrics()
         bottom.plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics], color=f"C{k}", lw=1.0)
     top.axhline(1.0, color="0.4", ls="--", lw=1.0)
     top.set_ylabel("sharpness / its stability threshold\n(λ_max·η/2 for GD; Adam: preconditioned)")

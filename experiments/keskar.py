@@ -40,6 +40,7 @@ from minima.curvature.probes import PRECONDITIONED
 from minima.files import checkpoint as ckpt_io
 from minima.files import results, timeline
 from minima.files.naming import unique_labels
+from minima.files.rundir import RunDir
 from minima.geometry.evaluate import evaluate_checkpoint
 from minima.models import available_models, default_data, own_import
 from minima.studies.interpolate import SweepRequest
@@ -149,7 +150,7 @@ def _exact_accuracy(path: Path, ds: data_mod.Dataset, batch_size: int, trusted: 
     out = {}
     for name, r in evaluate_checkpoint(path, {"train": ds.train, "test": ds.test}, batch_size, trusted).items():
         out[f"{name}_acc"], out[f"{name}_loss"] = 100.0 * r.accuracy, r.loss
-    lines = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    lines = RunDir(path.parent).metrics()
     out["epochs"] = lines[-1]["epoch"]
     out["stopped"] = lines[-1].get("stopped") or f"epoch cap {lines[-1]['epoch']}"
     return out

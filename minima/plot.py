@@ -30,6 +30,7 @@ from minima.figures import (
 )
 from minima.files import landscape, timeline
 from minima.files.results import SHARPNESS_FORMAT, grid_curve, load_sharpness, read_format
+from minima.files.rundir import RunDir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,8 +93,7 @@ def _probes(run_dir: Path, out: Path | None) -> Path:
         raise ValueError(f"{run_dir} holds no probes.h5: train with --probe (e.g. --probe hessian:50) to record one, "
                          "or give a result file")
     line = timeline.load(path)
-    metrics_file = run_dir / "metrics.jsonl"
-    metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    metrics = RunDir(run_dir).metrics()
     attrs = line["_attrs"]
     title = (f"{run_dir.name}: probes on {json.loads(attrs.get('subset', '{}')).get('n', '?')} training images, "
              f"BatchNorm {attrs.get('bn_mode', '?')}, loss {attrs.get('loss', '?')}, {attrs.get('optimizer', '?')}")

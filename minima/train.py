@@ -7,13 +7,13 @@ The command: flags generated from :class:`minima.studies.train.TrainConfig`, lay
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from minima.core import config as cfg
 from minima.core.cli import run_command
+from minima.files.rundir import RunDir
 from minima.optim.steps import EXIT_INTERRUPTED, TrainingInterrupted
 from minima.studies.train import NonFiniteLossError, TrainConfig, TrainState, train
 
@@ -30,11 +30,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     cfg.add_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     config = cfg.resolve(TrainConfig, args.config, args)
-    stored = Path(config.out) / "config.json"
-    if args.resume and args.config is None and stored.exists():
+    stored = RunDir(config.out).config()
+    if args.resume and args.config is None and stored:
         # Resuming needs no flags but --out: start from the run's own settings, then apply what was given.
         given = {k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__}
-        config = cfg.resolve(TrainConfig, None, {**json.loads(stored.read_text()), **given})
+        config = cfg.resolve(TrainConfig, None, {**stored, **given})
     return config, args.resume
 
 

@@ -49,6 +49,7 @@ from minima.curvature.probes import PRECONDITIONED, WARM_STARTABLE, Prober, pars
 from minima.files import checkpoint as ckpt_io
 from minima.files import timeline
 from minima.files.checkpoint import RESUMABLE_CHANGES
+from minima.files.rundir import RunDir
 from minima.geometry.evaluate import (
     Batching,
     batch_sums,
@@ -315,8 +316,12 @@ class Run:
         return Path(self.c.out)
 
     @property
+    def files(self) -> RunDir:
+        return RunDir(self.c.out)
+
+    @property
     def last_path(self) -> Path:
-        return self.run_dir / "last.pt"
+        return self.files.last
 
     def checkpoint(self, kind: str, epoch_sums: torch.Tensor | None = None,
                    position: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -370,9 +375,27 @@ def train(
     try:
         with float32_math(config.float32_math):
             run = _start(config, env, resume, dataset)
-            return _train(run, on_step, on_epoch)
+            try:
+                return _train(run, on_step, on_epoch)
+            except BaseException as error:
+                if env.is_main:
+                    _record_end(run, error)
+                raise
     finally:
         distributed.teardown()
+
+
+def _record_end(run: Run, error: BaseException) -> None:
+    """``status.json`` of a run that ended without ``final.pt``: interrupted (a signal, Ctrl-C), diverged (NaN/inf
+    loss) or failed (anything else), with its one-line reason."""
+    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, (TrainingInterrupted, KeyboardInterrupt)):
+        state = "interrupted"
+    elif isinstance(error, NonFiniteLossError):
+        state = "diverged"
+    else:
+        state, said = "failed", f"{type(error).__name__}: {said}"
+    run.files.set_status(state, said, run.epoch, run.step)
 
 
 def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data_mod.Dataset | None) -> Run:
@@ -532,7 +555,8 @@ def _announce(run: Run, resumed: bool) -> None:
     epochs after ``last.pt`` dropped (a resumed one)."""
     c, plan = run.c, run.plan
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.json").write_text(json.dumps(run.resolved, indent=2) + "\n")
+    run.files.write_config(run.resolved)
+    run.files.set_status("running", None, run.epoch, run.step)
     world, acc = run.env.world_size, plan.accumulation
     print(f"[minima.train] {c.model} on {run.env.device} × {world}: global batch {c.batch_size} "
           f"= {world} rank{'s' * (world > 1)} × {acc} micro-batch{'es' * (acc > 1)} × {plan.micro}; "
@@ -546,7 +570,7 @@ def _announce(run: Run, resumed: bool) -> None:
     if not resumed:
         ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / "init.pt")
     else:
-        _truncate_metrics(run.run_dir / "metrics.jsonl", run.epoch)
+        run.files.truncate_metrics(run.epoch)
     if run.prober is not None:
         probes = run.run_dir / "probes.h5"
         if not (resumed and probes.exists()):
@@ -591,6 +615,7 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
     final_path = run.run_dir / "final.pt"
     if env.is_main:
         ckpt_io.save_checkpoint(run.checkpoint("final"), final_path)
+        run.files.set_status("complete", run.trainer.get("stopped") or f"epoch cap {c.epochs}", run.epoch, run.step)
         print(f"[minima.train] wrote {final_path}", flush=True)
     distributed.barrier()
     return final_path
@@ -719,8 +744,7 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         run.save_resumable(torch.zeros(4, dtype=torch.float64), batch=0)
         if c.save_every and run.epoch % c.save_every == 0:
             ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / f"epoch_{run.epoch:04d}.pt")
-        with open(run.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        run.files.append_metrics(metrics)
         msg = (f"epoch {run.epoch}/{c.epochs} step {run.step} lr {lr:.4g} train loss {total.loss:.4f} "
                f"acc {total.accuracy:.4f}")
         if c.eval_test:
@@ -749,12 +773,3 @@ def _stopping_rule(c: TrainConfig, trainer: dict[str, Any], loss: float, accurac
     if c.patience is not None and trainer["bad_epochs"] >= c.patience:
         return f"training loss has not improved by {c.min_delta:g} for {c.patience} epochs"
     return None
-
-
-def _truncate_metrics(path: Path, completed_epochs: int) -> None:
-    """Drop lines of epochs after the checkpoint being resumed (they will be recomputed)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["epoch"] <= completed_epochs]
-    path.write_text("".join(ln + "\n" for ln in kept))
