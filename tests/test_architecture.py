@@ -15,12 +15,14 @@ PACKAGE = ROOT / "minima"
 
 # Layers, lowest first: a folder (every module in it) or a top-level module. A module may import its own layer or a
 # lower one.
-LAYERS = ["base", "data", "models", "optim", "files", "geometry", "curvature", "figures", "studies", "commands"]
+LAYERS = ["base", "data", "models", "optim", "files", "geometry", "curvature", "figures", "studies", "pipelines",
+          "commands"]
 FOLDERS = {"core": "base", "data": "data", "models": "models", "optim": "optim", "files": "files",
-           "geometry": "geometry", "curvature": "curvature", "studies": "studies"}
+           "geometry": "geometry", "curvature": "curvature", "studies": "studies",
+           "pipelines": "pipelines"}
 TOP_LEVEL = {"__init__": "base", "figures": "figures", "train": "commands", "interpolate": "commands",
              "surface": "commands", "sharpness": "commands", "plot": "commands", "align": "commands",
-             "curve": "commands"}
+             "curve": "commands", "zoo": "commands"}
 SHARED_STUDY_MODULES = {"studies.grid", "studies.__init__"}  # what every study may import besides lower layers
 ARGPARSE_ALLOWED = {"core.config"}  # flags are generated from requests there; commands parse
 

@@ -55,6 +55,7 @@ Curvature = Literal["hessian", "ggn"]
 SubsetMode = Literal["stratified", "first"]
 Loss = Literal["cross_entropy", "mse"]
 RunState = Literal["running", "complete", "interrupted", "diverged", "failed"]  # a run directory's status.json
+Executor = Literal["local", "slurm"]  # who starts a zoo's processes
 FullBatch = Literal["full"]  # --batch-size full: full-batch gradient descent
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,

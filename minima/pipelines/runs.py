@@ -1,0 +1,212 @@
+"""One run of a study, from start to measured: train (resuming what a run directory holds), evaluate ``final.pt``
+exactly on its own training and test data, measure it; and the study's tidy table of every run.
+
+What a run directory holds beyond the training run's own files (``minima.files.rundir``):
+``evaluation.json`` (the final weights' exact loss and accuracy, train and test, in eval mode: the numbers a
+generalisation gap is made of), ``measure-<key>.h5`` (a ``minima.sharpness`` file per measurement request, so studies
+with other requests never overwrite each other's results), ``log.txt`` (what the run printed) and ``.lock`` (held
+while a process works on the run: a second process waits instead of writing beside it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minima.core import config as cfg
+from minima.data import load_for_checkpoint
+from minima.files import checkpoint as ckpt_io
+from minima.files import results
+from minima.files.rundir import RunDir
+from minima.geometry.evaluate import Batching, evaluate, recorded_loss
+from minima.models import own_import
+from minima.optim.steps import TrainingInterrupted
+from minima.pipelines.study import RunSpec, Study
+from minima.studies.sharpness import measure, measure_request_type, result_jobs
+from minima.studies.train import NonFiniteLossError, train
+
+TABLE_FIXED = ("run", "index")
+TABLE_OUTCOME = ("status", "reason", "epochs", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory/.lock`` (an exclusive ``flock``, released when the process ends, however it ends)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Everything this process prints (Python and C, stdout and stderr) appended to ``path``; restored after."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def measure_path(spec: RunSpec, study: Study) -> Path:
+    return spec.directory / f"measure-{study.measure_key()}.h5"
+
+
+def _measure_request(spec: RunSpec, study: Study) -> Any:
+    settings = {**study.measure, "checkpoints": [str(RunDir(spec.directory).final)],
+                "out": str(measure_path(spec, study)), "device": spec.config.device,
+                "trust_import": [*study.measure.get("trust_import", ()), *own_import(spec.config.model)]}
+    return cfg.resolve(measure_request_type(), None, settings)
+
+
+def measured(spec: RunSpec, study: Study) -> bool:
+    """Whether every result the study measures is in the run's measurement file (True when it measures nothing)."""
+    if not study.measure:
+        return True
+    path = measure_path(spec, study)
+    if not path.exists():
+        return False
+    have = {r["metric"] for r in results.load_sharpness(path)}
+    return all(name in have for _, name, _ in result_jobs(_measure_request(spec, study)))
+
+
+def evaluate_final(spec: RunSpec) -> dict[str, float]:
+    """The final weights' exact loss and accuracy on the run's own training and test data (eval mode, its loss),
+    computed once into ``evaluation.json``."""
+    path = spec.directory / "evaluation.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    ckpt = ckpt_io.load_checkpoint(RunDir(spec.directory).final)
+    model = ckpt_io.model_from_checkpoint(ckpt, own_import(spec.config.model))  # the study named it: allowed
+    meta = ckpt["meta"]
+    ds = load_for_checkpoint(meta["data"], root=spec.config.data_root)
+    feed = Batching(spec.config.eval_batch_size)
+    found: dict[str, float] = {}
+    for name, split in (("train", ds.train), ("test", ds.test)):
+        r = evaluate(model, split, meta["data"]["mean"], meta["data"]["std"], feed, loss=recorded_loss(meta))
+        found[f"{name}_loss"], found[f"{name}_accuracy"] = r.loss, r.accuracy
+    tmp = path.with_name(".evaluation.json.tmp")
+    tmp.write_text(json.dumps(found, indent=2) + "\n")
+    os.replace(tmp, path)
+    return found
+
+
+def complete(spec: RunSpec, study: Study) -> bool:
+    """Whether nothing is left to do for the run: trained (or diverged), evaluated, measured."""
+    status = RunDir(spec.directory).status()
+    if status.state == "diverged":
+        return True
+    return (status.state == "complete" and (spec.directory / "evaluation.json").exists()
+            and measured(spec, study))
+
+
+def _under_submitit() -> bool:
+    return os.environ.get("SUBMITIT_EXECUTOR", "") == "slurm"
+
+
+def run_one(spec: RunSpec, study: Study, threads: int | None = None) -> dict[str, Any]:
+    """Train, evaluate and measure one run, resuming whatever its directory already holds; everything it prints goes
+    to its ``log.txt``. Returns ``{"run", "state", "reason", "seconds"}``; a failure is recorded (its state and
+    reason in ``status.json``), never raised, so one failing run stops no other."""
+    t0 = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    directory = spec.directory
+    interrupted = False
+    with run_lock(directory), output_to(directory / "log.txt"):
+        run = RunDir(directory)
+        try:
+            if not complete(spec, study):
+                if run.status().state != "complete":
+                    train(spec.config, resume=run.last.exists())
+                evaluate_final(spec)
+                if study.measure and not measured(spec, study):
+                    measure(_measure_request(spec, study))
+        except NonFiniteLossError:
+            pass  # status.json says diverged, with its reason
+        except (TrainingInterrupted, KeyboardInterrupt):
+            interrupted = True
+        except Exception as exc:
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if run.status().state in ("complete", "running", "new"):  # after training: evaluation or measurement
+                run.set_status("failed", f"{type(exc).__name__}: {said}", run.status().epoch, run.status().step)
+            print(f"[minima.zoo] run {spec.run} failed: {type(exc).__name__}: {said}", flush=True)
+        status = run.status()
+    if interrupted and _under_submitit():
+        # pre-emption under submitit (USR2): last.pt is written; hand the signal back to submitit's own handler,
+        # which checkpoints this call (the same run, resumed) and requeues the job
+        signal.raise_signal(signal.SIGUSR2)
+    return {"run": spec.run, "state": "interrupted" if interrupted else status.state, "reason": status.reason,
+            "seconds": time.perf_counter() - t0}
+
+
+def table_rows(study: Study) -> list[dict[str, Any]]:
+    """One row per run: its hash and index, the settings that vary, status and reason, epochs and steps, the final
+    weights' exact train/test loss and accuracy, and every measured result's value (empty where not there yet)."""
+    varied = study.varied
+    rows = []
+    names: list[str] = []
+    for spec in study.runs:
+        run = RunDir(spec.directory)
+        status = run.status()
+        row: dict[str, Any] = {"run": spec.run, "index": spec.index, **{k: spec.params.get(k, "") for k in varied},
+                               "status": "pending" if status.state == "new" else status.state,
+                               "reason": status.reason or "", "epochs": status.epoch, "steps": status.step}
+        evaluation = spec.directory / "evaluation.json"
+        row.update(json.loads(evaluation.read_text()) if evaluation.exists() else {})
+        path = measure_path(spec, study)
+        if study.measure and path.exists():
+            for r in results.load_sharpness(path):
+                row[str(r["metric"])] = r["value"]
+                if str(r["metric"]) not in names:
+                    names.append(str(r["metric"]))
+        rows.append(row)
+    return [{k: r.get(k, "") for k in [*TABLE_FIXED, *varied, *TABLE_OUTCOME, *names]} for r in rows]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        return repr(float(value))  # every digit: the table round-trips the numbers exactly
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def write_table(study: Study, path: Path) -> Path:
+    """``runs.csv`` (atomically): :func:`table_rows` as CSV, floats with every digit."""
+    rows = table_rows(study)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(list(rows[0]) if rows else list(TABLE_FIXED))
+    for row in rows:
+        writer.writerow([_cell(v) for v in row.values()])
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+    return path

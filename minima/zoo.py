@@ -1,0 +1,34 @@
+"""``python -m minima.zoo STUDY.toml``: every run of a study trained, evaluated and measured — on a pool of local
+workers or as a Slurm job array — and one table of them all (``runs.csv``).
+
+The command: flags generated from :class:`minima.pipelines.zoo.ZooRequest`, then :func:`minima.pipelines.zoo.zoo`.
+SIGTERM or Ctrl-C stops every run at its next step with its ``last.pt`` written (exit 75); the same command
+continues, re-running no complete run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from minima.core import config as cfg
+from minima.core.cli import run_command
+from minima.pipelines.zoo import ZooInterrupted, ZooRequest, zoo
+
+__all__ = ["ZooRequest", "main", "parse_args", "zoo"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ZooRequest:
+    p = cfg.ArgumentParser(prog="python -m minima.zoo", description=__doc__.split("\n")[0],
+                           epilog="The study file: experiments/studies/zoo-smoke.toml is a 4-run example (README: "
+                                  "'A zoo of runs').")
+    cfg.add_arguments(p, ZooRequest)
+    return cfg.resolve(ZooRequest, None, p.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("minima.zoo", lambda: zoo(parse_args(argv)), statuses={ZooInterrupted: 75})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
