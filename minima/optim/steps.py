@@ -9,6 +9,7 @@ and the run ends with a message saying how to resume.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -30,10 +31,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 8191 + rank * 131_071 + 12_345) % (2**63 - 1)
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop training gracefully: SIGTERM and SIGINT; inside a submitit Slurm job SIGUSR2 and SIGINT
+    instead (submitit announces pre-emption and time-outs with USR2 and ignores SIGTERM, which Slurm sends to every
+    process right before the kill: the run must have saved by then)."""
+    if os.environ.get("SUBMITIT_EXECUTOR", "") == "slurm":
+        return (signal.SIGUSR2, signal.SIGINT)
+    return (signal.SIGTERM, signal.SIGINT)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[dict[str, int | None]]:
-    """Turn SIGTERM/SIGINT into a flag (``flag["signal"]``) checked after each step; the handlers are restored after.
-    Outside the main thread (where handlers cannot be set) the flag never rises."""
+    """Turn the stop signals (:func:`stop_signals`) into a flag (``flag["signal"]``) checked after each step; the
+    handlers are restored after. Outside the main thread (where handlers cannot be set) the flag never rises."""
     flag: dict[str, int | None] = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -42,7 +52,7 @@ def stop_on_signals() -> Iterator[dict[str, int | None]]:
     def handler(signum: int, _frame: object) -> None:
         flag["signal"] = signum
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, handler) for s in stop_signals()}
     try:
         yield flag
     finally:

@@ -56,18 +56,19 @@ def run_lock(directory: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def output_to(path: Path) -> Iterator[None]:
-    """Everything this process prints (Python and C, stdout and stderr) appended to ``path``; restored after."""
+    """Everything this process prints (Python's ``sys.stdout``/``sys.stderr`` and C's file descriptors 1 and 2)
+    appended to ``path``; restored after."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "a") as log:
+    with open(path, "a", buffering=1) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            log.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])

@@ -242,7 +242,11 @@ def submit_slurm(study: Study, where: Layout, todo: list[RunSpec], *, parallelis
         import submitit
     except ImportError:
         raise ValueError("--executor slurm needs submitit: pip install 'minima[slurm]'") from None
-    executor = submitit.AutoExecutor(folder=where.study_dir / "slurm" / "%j", cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=where.study_dir / "slurm" / "%j", cluster=cluster)
+    except RuntimeError as exc:  # submitit's "Could not detect srun"
+        raise ValueError(f"--executor slurm: {exc} — without Slurm use --executor local, or --shard K/N under "
+                         "another scheduler") from None
     params: dict[str, Any] = {"timeout_min": timeout_min, "slurm_array_parallelism": parallelism,
                               "cpus_per_task": cpus_per_task, "name": f"minima-zoo-{study.name}"}
     if gpus_per_node:
