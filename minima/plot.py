@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
 from minima.core import config as cfg
 from minima.core.cli import run_command
 from minima.figures import (
@@ -58,7 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def draw(files: Sequence[Path], out: Path | None = None) -> Path:
     """The figure of one grid file, or the overlay of several curve files; returns its path."""
-    matplotlib.use("Agg")  # a command writes files; it never opens a window
     if len(files) == 1 and Path(files[0]).is_dir():
         return _probes(Path(files[0]), out)
     if any(read_format(f) == SHARPNESS_FORMAT for f in files):

@@ -41,6 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
 def main(argv: Sequence[str] | None = None) -> int:
     def work() -> None:
         config, resume = parse_args(argv)
+        if resume and not RunDir(config.out).last.exists():
+            raise ValueError(f"{config.out} has no last.pt: nothing to resume; drop --resume to start a new run")
         train(config, resume=resume)
 
     # TrainingInterrupted: SIGTERM/Ctrl-C already wrote last.pt and says how to resume.

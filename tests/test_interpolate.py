@@ -217,9 +217,17 @@ def test_plot_cli_and_default_output_name(pair: tuple, tmp_path: Path, monkeypat
     assert (tmp_path / "a_vs_b.h5").exists()  # beside checkpoint A, not in the working directory
     assert_drawn(tmp_path / "a_vs_b.png")
     assert not list(elsewhere.iterdir())
+    import matplotlib
+
     from minima.plot import main as plot_main
 
-    assert plot_main([str(tmp_path / "a_vs_b.h5"), "--out", str(tmp_path / "again.png")]) == 0
+    backend = matplotlib.get_backend()
+    matplotlib.use("pdf")  # e.g. a notebook's own backend: drawing a file must not switch it (process-wide)
+    try:
+        assert plot_main([str(tmp_path / "a_vs_b.h5"), "--out", str(tmp_path / "again.png")]) == 0
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(backend)
     assert (tmp_path / "again.png").exists()
     (tmp_path / "junk.h5").write_bytes(b"nope")
     assert plot_main([str(tmp_path / "junk.h5")]) == 2

@@ -187,6 +187,24 @@ def test_bad_configs_and_existing_runs(tmp_path: Path) -> None:
         train(_sgd_config(tmp_path / "done", lr=0.1), dataset=ds, resume=True)
 
 
+def test_a_refused_resume_answers_before_loading_any_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    train(_sgd_config(tmp_path / "done"), dataset=_toy_data(16))
+
+    def no_data(config: object) -> None:
+        raise AssertionError("data was loaded before the run directory was checked")
+
+    monkeypatch.setattr("minima.studies.train.load_dataset", no_data)
+    with pytest.raises(ValueError, match="lr: 0.5 → 0.1"):
+        train(_sgd_config(tmp_path / "done", lr=0.1), resume=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_sgd_config(tmp_path / "done"))
+    # the command: --resume on a directory without last.pt is refused, nothing created
+    assert main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "has no last.pt: nothing to resume; drop --resume" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_same_init_seed_gives_same_x0_and_init_from(tmp_path: Path) -> None:
     ds = _toy_data(16)
     train(_sgd_config(tmp_path / "sb", batch_size=4, init_seed=11), dataset=ds)

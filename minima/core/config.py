@@ -165,6 +165,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
         elif origin is Literal:
             parser.add_argument(flag, choices=typing.get_args(tp), default=None, help=doc)
+        elif origin in (tuple, list) and typing.get_origin(typing.get_args(tp)[0]) is Literal:
+            parser.add_argument(flag, nargs="+", choices=typing.get_args(typing.get_args(tp)[0]), default=None,
+                                help=doc)
         elif origin in (tuple, list):
             elem = typing.get_args(tp)[0]
             parser.add_argument(flag, nargs="+", type=elem, default=None, metavar=elem.__name__.upper(), help=doc)

@@ -55,6 +55,7 @@ Curvature = Literal["hessian", "ggn"]
 SubsetMode = Literal["stratified", "first"]
 Loss = Literal["cross_entropy", "mse"]
 RunState = Literal["running", "complete", "interrupted", "diverged", "failed"]  # a run directory's status.json
+Sink = Literal["tensorboard", "wandb", "mlflow"]  # tracking sinks a training run mirrors its metrics to
 Executor = Literal["local", "slurm"]  # who starts a zoo's processes
 FullBatch = Literal["full"]  # --batch-size full: full-batch gradient descent
 

@@ -46,7 +46,9 @@ _ZIP_MAGIC = b"PK\x03\x04"
 RESUMABLE_CHANGES = frozenset({"device", "threads", "progress", "eval_batch_size", "out", "data_on_device",
                                # probes measure the run without changing it: one may be added on resume
                                "probe", "probe_every", "probe_subset", "probe_bn_mode", "probe_topk",
-                               "probe_warm_start"})
+                               "probe_warm_start",
+                               # sinks copy what the run records: one may be added or dropped on resume
+                               "log"})
 
 
 class CheckpointError(ValueError):

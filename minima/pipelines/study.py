@@ -22,9 +22,9 @@ train_subset = 256
 ```
 
 A run is the training request resolved (defaults filled in); it is named by a hash of that request without the
-settings that do not change its numbers (``out``, ``progress``, ``threads``), so two studies that declare the same
-run share its directory in a common pool. Validation of the whole study (every key, every request, every metric)
-happens here, before anything runs.
+settings that do not change its numbers (``out``, ``progress``, ``threads``, ``log``), so two studies that declare
+the same run share its directory in a common pool. Validation of the whole study (every key, every request, every
+metric) happens here, before anything runs.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from minima.studies.sharpness import measure_request_type, result_jobs
 from minima.studies.train import TrainConfig, validate_config
 
 STUDY_KEYS = ("name", "seeds", "train", "grid", "variants", "measure")
-NOT_IN_HASH = ("out", "progress", "threads")  # how a run is executed, not what it computes
+NOT_IN_HASH = ("out", "progress", "threads", "log")  # how a run is executed, not what it computes
 MEASURE_SET_BY_ZOO = ("checkpoints", "out", "device")
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from minima import utc_now
+from minima.core.allocator import keep_freed_memory
 from minima.core.cli import duration
 from minima.core.config import setting
 from minima.core.vocab import Executor, check_choice
@@ -124,8 +125,11 @@ def said(counts: Counter[str]) -> str:
 
 
 def _init_worker(threads: int) -> None:
+    """A worker process's settings, once: torch threads, freed memory kept (as every command does for itself:
+    malloc settings are per process), Ctrl-C as KeyboardInterrupt."""
     import torch
 
+    keep_freed_memory()
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -225,6 +229,7 @@ class SlurmRun:
         self.threads = threads
 
     def __call__(self, spec: RunSpec) -> dict[str, Any]:
+        keep_freed_memory()  # a fresh process on the cluster
         return run_one(spec, self.study, self.threads)
 
     def checkpoint(self, spec: RunSpec) -> Any:

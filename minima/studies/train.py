@@ -43,13 +43,14 @@ from minima.core.config import setting
 from minima.core.options import DataOptions
 from minima.core.precision import Float32Math, float32_math
 from minima.core.precision import effective as precision_effective
-from minima.core.vocab import Amp, BNMode, DataOnDevice, DeviceName, FullBatch, Loss, Optimizer, check_choice
+from minima.core.vocab import Amp, BNMode, DataOnDevice, DeviceName, FullBatch, Loss, Optimizer, Sink, check_choice
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.curvature.probes import PRECONDITIONED, WARM_STARTABLE, Prober, parse_probes, stability_threshold
 from minima.files import checkpoint as ckpt_io
 from minima.files import timeline
 from minima.files.checkpoint import RESUMABLE_CHANGES
 from minima.files.rundir import RunDir
+from minima.files.sinks import check_sinks, epoch_values, open_sinks, probe_values
 from minima.geometry.evaluate import (
     Batching,
     batch_sums,
@@ -149,6 +150,10 @@ class TrainConfig(DataOptions):
     probe_topk: int = setting(1, "eigenvalues the hessian and preconditioned probes record")
     probe_warm_start: bool = setting(True, "start the hessian and preconditioned probes' Lanczos from their previous "
                                      "top vector (the same tolerance, fewer Hessian-vector products; kept in last.pt)")
+    log: tuple[Sink, ...] = setting((), "tracking sinks the epoch metrics and probe values are mirrored to: "
+                                    "tensorboard (RUN/tensorboard), wandb (WANDB_MODE=offline keeps it on disk), "
+                                    "mlflow ($MLFLOW_TRACKING_URI, else the file: store RUN/mlruns); each an "
+                                    "optional extra, e.g. pip install 'minima[tensorboard]'", default_text="none")
     eval_test: bool = setting(True, "evaluate the test set after every epoch")
     progress: bool = setting(True, "tqdm progress bar on rank 0")
 
@@ -230,6 +235,7 @@ def validate_config(c: TrainConfig) -> None:
         check_choice("probe BatchNorm mode (--probe-bn-mode)", c.probe_bn_mode, BNMode)
         if c.probe_subset < 1 or c.probe_topk < 1:
             raise ValueError("--probe-subset and --probe-topk must be ≥ 1")
+    check_sinks(c.log)
     if c.target_accuracy is not None and not 0 < c.target_accuracy <= 1:
         raise ValueError(f"--target-accuracy is a fraction in (0, 1]; got {c.target_accuracy} (99 % is 0.99)")
     if c.schedule == "step" and not c.milestones:
@@ -310,6 +316,7 @@ class Run:
     probed_at: dict[str, int] = field(default_factory=dict)  # probe → the last step it ran at
     probe_seconds: float = 0.0  # probe time in the current epoch (kept out of images_per_s)
     probe_said: dict[str, str] = field(default_factory=dict)  # rank 0: the epoch's last value of each probe, printed
+    sinks: list = field(default_factory=list)  # rank 0: the tracking sinks (minima.files.sinks)
 
     @property
     def run_dir(self) -> Path:
@@ -376,13 +383,24 @@ def train(
         with float32_math(config.float32_math):
             run = _start(config, env, resume, dataset)
             try:
-                return _train(run, on_step, on_epoch)
+                final = _train(run, on_step, on_epoch)
             except BaseException as error:
                 if env.is_main:
                     _record_end(run, error)
+                _close_sinks(run)
                 raise
+            _close_sinks(run)
+            return final
     finally:
         distributed.teardown()
+
+
+def _close_sinks(run: Run) -> None:
+    """Close the tracking sinks with the run's state (rank 0 holds them)."""
+    state = run.files.status().state if run.sinks else ""
+    for sink in run.sinks:
+        sink.close(state)
+    run.sinks = []
 
 
 def _record_end(run: Run, error: BaseException) -> None:
@@ -401,10 +419,13 @@ def _record_end(run: Run, error: BaseException) -> None:
 def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data_mod.Dataset | None) -> Run:
     """Plan the run: the checks (:func:`_resume_state`), then the construction (:func:`_build`), the position of
     ``last.pt`` when resuming (:func:`_restore`), and rank 0's side effects (:func:`_announce`)."""
+    # the run directory is checked before any data is loaded (a refused resume answers at once), except for
+    # --batch-size full, whose number (what the run records and a resume compares) is the training set's size
+    state = _resume_state(c, env, resume) if c.batch_size != "full" else None
     ds = dataset if dataset is not None else load_dataset(c)
-    if c.batch_size == "full":  # the number is what the run records (and a resume compares)
+    if c.batch_size == "full":
         c = replace(c, batch_size=len(ds.train))
-    state = _resume_state(c, env, resume)
+        state = _resume_state(c, env, resume)
     run = _build(c, env, ds)
     if state is not None:
         _restore(run, state)
@@ -487,6 +508,8 @@ def _probe(run: Run, due: list, lr: float, epoch: float) -> None:
             timeline.append(run.run_dir / "probes.h5", name, {"step": run.step, "epoch": epoch, "lr": lr,
                                                               "threshold": threshold, **result})
             value = result["value"]
+            for sink in run.sinks:
+                sink.log(probe_values(name, value, threshold), run.step)
             run.probe_said[name] = f"{name} {value:.4g}" + (
                 f" ({value / threshold:.2f}× its threshold {threshold:.4g})" if math.isfinite(threshold) else "")
 
@@ -557,6 +580,7 @@ def _announce(run: Run, resumed: bool) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     run.files.write_config(run.resolved)
     run.files.set_status("running", None, run.epoch, run.step)
+    run.sinks = open_sinks(c.log, run.run_dir, run.resolved)
     world, acc = run.env.world_size, plan.accumulation
     print(f"[minima.train] {c.model} on {run.env.device} × {world}: global batch {c.batch_size} "
           f"= {world} rank{'s' * (world > 1)} × {acc} micro-batch{'es' * (acc > 1)} × {plan.micro}; "
@@ -745,6 +769,8 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         if c.save_every and run.epoch % c.save_every == 0:
             ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / f"epoch_{run.epoch:04d}.pt")
         run.files.append_metrics(metrics)
+        for sink in run.sinks:
+            sink.log(epoch_values(metrics), run.step)
         msg = (f"epoch {run.epoch}/{c.epochs} step {run.step} lr {lr:.4g} train loss {total.loss:.4f} "
                f"acc {total.accuracy:.4f}")
         if c.eval_test:
