@@ -73,7 +73,9 @@ def test_permuted_model_computes_the_same_function(name: str, dtype: torch.dtype
     assert any(not torch.equal(state[k], permuted[k]) for k in state)
     other = _no_dropout(MODELS[name]()).to(dtype)
     other.load_state_dict(permuted)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    # float32: the permuted network sums in another order; through C2's wide convolutions and BatchNorm on 4 images
+    # the rounding reaches 1.5e-5 of the logits' scale on an AMD EPYC (1e-5 held on the Intel Xeon); float64 is exact
+    tol = 5e-5 if dtype == torch.float32 else 1e-12
     for train_mode in (False, True):  # eval: running statistics; train: BatchNorm on the batch's statistics
         model.train(train_mode)
         other.train(train_mode)

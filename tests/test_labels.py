@@ -19,6 +19,10 @@ def test_unique_labels_take_the_directories_above_until_they_differ(tmp_path: Pa
     assert unique_labels(paths) == ["lr0.1-seed0", "lr0.01-seed0", "seed1", "x-sb", "y-sb"]
     assert unique_labels([tmp_path / "a/b/seed0/final.pt", tmp_path / "c/b/seed0/last.pt"]) == [
         "a-b-seed0", "c-b-seed0"]
+    run = tmp_path / "run"
+    assert unique_labels([run / "init.pt", run / "final.pt", run / "epoch_0010.pt", run / "last.pt"]) == [
+        "run-init", "run", "run-epoch_0010", "run-last"]
+    assert unique_labels([tmp_path / "a/run/init.pt", tmp_path / "b/run/init.pt"]) == ["a-run", "b-run"]
     with pytest.raises(ValueError, match="same checkpoint"):
         unique_labels([tmp_path / "a.pt", tmp_path / "." / "a.pt"])
 
@@ -61,3 +65,12 @@ def test_a_label_held_for_another_checkpoint_is_refused_before_anything_is_writt
     with pytest.raises(ValueError, match="already holds results labelled 'seed0' for another checkpoint"):
         measure(_request([b], out))
     assert out.read_bytes() == before
+
+
+def test_one_runs_init_and_final_are_two_results(tmp_path: Path) -> None:
+    ds = toy_dataset()
+    (tmp_path / "run").mkdir()
+    init = toy_checkpoint(tmp_path / "run" / "init.pt", 1, ds)
+    final = toy_checkpoint(tmp_path / "run" / "final.pt", 2, ds)
+    out = measure(_request([init, final], tmp_path / "both.h5"))
+    assert sorted(r["checkpoint_label"] for r in results.load_sharpness(out)) == ["run", "run-init"]

@@ -19,9 +19,11 @@ def run_label(path: str | os.PathLike[str]) -> str:
 
 def unique_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     """One label per checkpoint, distinct within the list — results are stored per label, so two checkpoints may never
-    share one. Each starts as :func:`run_label`; labels that collide take their directories above the run directory,
-    joined by ``-``, one more at a time, until they differ (``lr0.1/seed0/final.pt`` and ``lr0.01/seed0/final.pt`` →
-    ``lr0.1-seed0`` and ``lr0.01-seed0``). The same file named twice is refused: it would be measured twice."""
+    share one. Each starts as :func:`run_label`; one run's other checkpoints beside its ``final.pt`` add their stem
+    (``RUN/init.pt`` → ``RUN-init``, ``RUN/final.pt`` → ``RUN``); labels that still collide take their directories
+    above the run directory, joined by ``-``, one more at a time, until they differ (``lr0.1/seed0/final.pt`` and
+    ``lr0.01/seed0/final.pt`` → ``lr0.1-seed0`` and ``lr0.01-seed0``). The same file named twice is refused: it would
+    be measured twice."""
     resolved = [Path(p).resolve() for p in paths]
     seen: dict[Path, int] = {}
     for i, r in enumerate(resolved):
@@ -29,6 +31,10 @@ def unique_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
             raise ValueError(f"{paths[seen[r]]} and {paths[i]} are the same checkpoint; name each checkpoint once")
         seen[r] = i
     labels = [run_label(p) for p in paths]
+    runs = [r.parent for r in resolved]
+    for i, r in enumerate(resolved):  # one run's checkpoints: RUN (final.pt), RUN-init, RUN-last, RUN-epoch_0010
+        if _generic(r) and r.stem != "final" and runs.count(runs[i]) > 1:
+            labels[i] = f"{labels[i]}-{r.stem}"
     depth = [0] * len(labels)
     while True:
         clashes = {lab for lab in labels if labels.count(lab) > 1}
