@@ -35,6 +35,7 @@ from minima.studies.curve import (
     train_curve,
 )
 from minima.studies.grid import run_grid
+from minima.studies.loop import NonFiniteLossError
 
 __all__ = ["CurveRequest", "main", "parse_args", "run"]
 
@@ -99,6 +100,7 @@ def run(req: CurveRequest) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     req = parse_args(argv)
     return run_command("minima.curve", lambda: run(req), statuses={TrainingInterrupted: EXIT_INTERRUPTED},
+                       user_errors=(NonFiniteLossError,),
                        interrupted="interrupted; rerun the same command with --resume")
 
 

@@ -22,6 +22,7 @@ from minima.geometry.evaluate import Batching, evaluate, recompute_bn_stats
 from minima.interpolate import main as interpolate_main
 from minima.optim.steps import TrainingInterrupted
 from minima.studies.curve import CurveRequest, train_curve
+from minima.studies.loop import TrainState
 
 from .helpers import free_port, rank_worker, toy_checkpoint, toy_dataset
 
@@ -93,8 +94,8 @@ def test_sigterm_mid_training_then_resume_is_bit_identical(ends: tuple, tmp_path
     a, b, _ = ends
     whole = train_curve(_req(a, b, tmp_path / "whole"))
 
-    def kill_at_step_8(step: int) -> None:
-        if step == 8:
+    def kill_at_step_8(state: TrainState) -> None:
+        if state.step == 8:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(TrainingInterrupted, match="--resume"):

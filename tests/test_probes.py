@@ -3,6 +3,7 @@ the exact λ_max of a quadratic, and refuses bad requests in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import replace
@@ -125,6 +126,18 @@ def test_bad_probe_requests_are_refused(tmp_path: Path, kw: dict, message: str) 
     with pytest.raises(ValueError, match=message):
         train(_config(tmp_path / "bad", **kw), dataset=_data())
     assert not (tmp_path / "bad" / "probes.h5").exists()
+
+
+def test_a_default_probe_subset_that_does_not_fit_uses_every_image(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """The default --probe-subset (1,000) on a 48-image run: all 48, said in one line; an explicit 1,000 is refused
+    (above)."""
+    config = _config(tmp_path / "default", probe=("hessian:2",), epochs=1)
+    train(replace(config, probe_subset=None), dataset=_data())
+    assert "probes measure on all 48 training images (fewer than the default --probe-subset 1000)" in (
+        capsys.readouterr().out)
+    attrs = timeline.load(tmp_path / "default" / "probes.h5")["_attrs"]
+    assert json.loads(attrs["subset"])["n"] == 48
 
 
 def test_preconditioned_probe_with_adam_and_with_the_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

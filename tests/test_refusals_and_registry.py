@@ -264,3 +264,20 @@ def test_a_grid_file_with_the_older_data_record_still_resumes(tmp_path: Path) ->
     expected["config"]["data"]["subset"] = {"train": [{"n": 31, "seed": 0}]}
     with pytest.raises(results.ResultsError, match="data"):
         results.pending_points(tmp_path / "c.h5", {"alpha": np.array([0.0, 1.0])}, expected)
+
+
+@pytest.mark.slow  # two ranks
+def test_align_under_torchrun_works_on_rank_0_and_refuses_on_every_rank(pair: tuple[Path, Path, Path],
+                                                                       tmp_path: Path) -> None:
+    a, b, _ = (str(p) for p in pair)
+    out = tmp_path / "b_aligned.pt"
+    ranks = _two_ranks("minima.align", [a, b, "--out", str(out)], cwd=tmp_path)
+    assert [p.returncode for p in ranks] == [0, 0], [p.stderr for p in ranks]
+    assert "wrote" in ranks[0].stdout and "wrote" not in ranks[1].stdout  # rank 0 did the work, once
+    assert out.exists()
+    before = out.read_bytes()
+    ranks = _two_ranks("minima.align", [a, b, "--out", str(out)], cwd=tmp_path)  # exists, no --overwrite
+    for proc in ranks:
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("[minima.align] error: ") and "exists" in proc.stderr
+    assert out.read_bytes() == before

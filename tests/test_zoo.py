@@ -175,14 +175,17 @@ def test_a_zoo_killed_and_started_again_ends_with_the_same_table(tmp_path: Path)
     reference = tmp_path / "reference"
     zoo(ZooRequest(study=path, out=str(reference), workers=2, threads=1), lambda _: None)
     out = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 — the child writes to it until it is killed
     proc = subprocess.Popen([sys.executable, "-c", KILLED_ZOO.format(study=str(path), out=str(out))], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     study = load_study(path, out / "runs")
-    deadline = time.time() + 120
-    while not any(complete(r, study) for r in study.runs) and time.time() < deadline:
+    deadline = time.time() + 300
+    while not any(complete(r, study) for r in study.runs) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
     done = [r for r in study.runs if complete(r, study)]
     assert 1 <= len(done) < 4
     kept = {r.run: RunDir(r.directory).final.stat().st_mtime_ns for r in done}

@@ -7,9 +7,10 @@ The backend is ``nccl`` on CUDA and ``gloo`` on CPU. Only rank 0 writes files an
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -65,6 +66,19 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=_dt.timedelta(seconds=timeout_s))
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[DistEnv]:
+    """:func:`setup` for a block, and :func:`teardown` after it only if this block created the process group: a study
+    called by another one (``minima.curve --align`` calls the alignment) shares its caller's group."""
+    owned = not (dist.is_available() and dist.is_initialized())
+    env = setup(device)
+    try:
+        yield env
+    finally:
+        if owned:
+            teardown()
 
 
 def teardown() -> None:

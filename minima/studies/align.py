@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from minima import utc_now
+from minima.core import distributed
 from minima.core.config import setting, to_dict
 from minima.core.distributed import resolve_device
 from minima.core.options import CheckpointData
@@ -59,7 +60,13 @@ def default_output(req: AlignRequest) -> Path:
 
 
 def align(req: AlignRequest) -> tuple[Path, Matching]:
-    """Align B to A as ``req`` says, write the aligned checkpoint and return its path and the matching."""
+    """Align B to A as ``req`` says, write the aligned checkpoint and return its path and the matching. Under torchrun
+    rank 0 does the work and writes the file; every rank returns its result, or raises its refusal."""
+    with distributed.session(req.device) as env:
+        return distributed.from_main(env, lambda: _align(req), also=(UnpermutableError,))
+
+
+def _align(req: AlignRequest) -> tuple[Path, Matching]:
     check_choice("alignment method (--method)", req.method, AlignMethod)
     if req.samples is not None and req.samples < 2:
         raise ValueError(f"--samples {req.samples}: activation matching needs at least 2 images")

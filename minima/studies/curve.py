@@ -41,8 +41,8 @@ from minima.geometry.barriers import barriers
 from minima.geometry.curves import coefficients, combine, initial_bends, point_on_curve
 from minima.geometry.directions import StateDict
 from minima.geometry.evaluate import batch_sums, check_model_accepts, per_sample_loss, recorded_loss
-from minima.optim.schedule import build_schedule, learning_rate
-from minima.optim.steps import TrainingInterrupted, step_seed, stop_on_signals
+from minima.optim.schedule import build_schedule
+from minima.optim.steps import step_seed, stop_on_signals
 from minima.studies.grid import (
     EvalOptions,
     GridStudy,
@@ -52,6 +52,7 @@ from minima.studies.grid import (
     parse_axis,
     recorded_attrs,
 )
+from minima.studies.loop import TrainState, run_epoch
 
 # the settings that define a curve's training: a resumed run must share them
 TRAINING_KEYS = ("checkpoint_a", "checkpoint_b", "curve", "bends", "epochs", "batch_size", "lr", "momentum",
@@ -132,7 +133,7 @@ def _training_settings(req: CurveRequest) -> dict[str, Any]:
 def train_curve(req: CurveRequest, on_step: Any = None) -> Path:
     """Train (or with ``resume`` continue) the curve ``req`` asks for; returns ``curve.pt``. An existing finished
     curve is reused on ``resume``, replaced on ``overwrite``, refused otherwise. ``on_step(step)`` is called after
-    every optimiser step (a user's hook)."""
+    every optimiser step (a user's hook) with a :class:`minima.studies.loop.TrainState`."""
     env = distributed.setup(req.device)
     try:
         return _train_curve(req, env, on_step)
@@ -216,6 +217,8 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.endpoints: list[dict[str, str]] = []
         self.model_spec: dict[str, Any] = {}
+        self.fetched: Any = None  # the current epoch's batches (an iterator)
+        self.last_path = Path("last.pt")  # where an interrupted epoch is saved (set per epoch)
 
     def restore(self, ck: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -262,8 +265,6 @@ class _Trainer:
                 loss, acc = float(total[0] / max(total[2], 1)), float(total[1] / max(total[2], 1))
                 self.epoch, self.batch0 = self.epoch + 1, 0
                 self.history.append({"epoch": self.epoch, "step": self.step, "train_loss": loss, "train_accuracy": acc})
-                if not np.isfinite(loss):
-                    raise ValueError(f"the curve's training loss became {loss} in epoch {self.epoch}; lower --lr")
                 if env.is_main:
                     ckpt_io.save_checkpoint(self.checkpoint(True, torch.zeros(4, dtype=torch.float64)), last)
                     took = time.perf_counter() - t0
@@ -280,6 +281,7 @@ class _Trainer:
         return final
 
     def _epoch(self, stop: dict[str, int | None], last: Path, on_step: Any) -> torch.Tensor:
+        """One epoch from ``self.batch0`` on the one training loop (:func:`minima.studies.loop.run_epoch`)."""
         req, env, ds = self.req, self.env, self.ds
         perm = epoch_permutation(len(ds.train), req.seed, self.epoch)
         if self.train_split.images.device != perm.device:
@@ -287,51 +289,57 @@ class _Trainer:
         batches = global_batches(perm, req.batch_size)
         chunks = [batches[b][env.rank * self.per_rank:(env.rank + 1) * self.per_rank]
                   for b in range(self.batch0, len(batches))]
-        fetched = iter(DeviceBatches(self.train_split, chunks, env.device, self.placement.pinned))
-        sums = torch.zeros(4, dtype=torch.float64, device=env.device)
+        self.fetched = iter(DeviceBatches(self.train_split, chunks, env.device, self.placement.pinned))
+        self.last_path = last
         self.model.train()  # BatchNorm on each batch's statistics, dropout on
-        bar = tqdm(total=len(batches), initial=self.batch0, desc=f"curve epoch {self.epoch + 1}/{req.epochs}",
-                   disable=None if (env.is_main and req.progress) else True, leave=False, dynamic_ncols=True)
-        for b in range(self.batch0, len(batches)):
-            lr = learning_rate(self.step, self.schedule)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(step_seed(req.seed, self.step, env.rank))  # dropout
-            t = float(torch.rand(1, generator=torch.Generator().manual_seed(step_seed(req.seed, self.step, 0))))
-            x, y = next(fetched)
-            x = normalize(x, ds.mean, ds.std, torch.float32)
-            self.optimizer.zero_grad(set_to_none=True)
-            theta = self.point(t)
-            logits = functional_call(self.model, {**theta, **self.buffers}, (x,))
-            penalty = 0.5 * req.weight_decay * sum((v * v).sum() for v in theta.values())
-            # averaged over the ranks (as DDP does): the mean cross-entropy of the global batch plus the penalty
-            loss = (per_sample_loss(logits, y, self.loss).sum() * (env.world_size / req.batch_size)  # the run's loss
-                    + penalty)
-            loss.backward()
-            if env.distributed:
-                self._reduce_gradients()
-            self.optimizer.step()
-            self.step += 1
-            sums += batch_sums(logits.detach(), y, self.loss)
-            bar.update(1)
-            if on_step is not None:
-                on_step(self.step)
-            stopping = distributed.any_rank(stop["signal"] is not None, env.device) if env.distributed else (
-                stop["signal"] is not None)
-            if stopping and b + 1 < len(batches):
-                bar.close()
-                self.batch0 = b + 1
-                if env.is_main:
-                    ckpt_io.save_checkpoint(self.checkpoint(True, distributed.all_reduce_sum(sums).cpu()
-                                                            + self.carried), last)
-                else:
-                    distributed.all_reduce_sum(sums)
-                distributed.barrier()
-                raise TrainingInterrupted(last, (
-                    f"stopped by signal {stop['signal']} after step {self.step} (epoch {self.epoch + 1}, batch "
-                    f"{b + 1}/{len(batches)}); {last} written. Resume with the same command and --resume"))
-        bar.close()
+        sums, _ = run_epoch(self, self.batch0, len(batches), stop, str(last), on_step,
+                            f"curve epoch {self.epoch + 1}/{req.epochs}", req.progress)
         return sums
+
+    # the one training loop's task (minima.studies.loop.Task)
+    @property
+    def seed(self) -> int:
+        return self.req.seed
+
+    @property
+    def epochs(self) -> int:
+        return self.req.epochs
+
+    def train_step(self, batch: int, seed: int, sums: torch.Tensor) -> None:
+        """One step: one t for the global batch (drawn from the step's rank-0 seed, the same on every rank), the
+        point θ(t) of the curve, the run's loss plus the penalty ½·wd·‖θ(t)‖², gradients into the bends (averaged
+        over the ranks as DDP does), an SGD step."""
+        req, env = self.req, self.env
+        t = float(torch.rand(1, generator=torch.Generator().manual_seed(step_seed(req.seed, self.step, 0))))
+        x, y = next(self.fetched)
+        x = normalize(x, self.ds.mean, self.ds.std, torch.float32)
+        self.optimizer.zero_grad(set_to_none=True)
+        theta = self.point(t)
+        logits = functional_call(self.model, {**theta, **self.buffers}, (x,))
+        penalty = 0.5 * req.weight_decay * sum((v * v).sum() for v in theta.values())
+        # averaged over the ranks (as DDP does): the mean loss of the global batch plus the penalty
+        loss = per_sample_loss(logits, y, self.loss).sum() * (env.world_size / req.batch_size) + penalty
+        loss.backward()
+        if env.distributed:
+            self._reduce_gradients()
+        self.optimizer.step()
+        sums += batch_sums(logits.detach(), y, self.loss)
+
+    def after_step(self, batch: int, batches: int, lr: float) -> None:
+        """A curve has no step callbacks of its own."""
+
+    def save_interrupted(self, sums: torch.Tensor, batch: int) -> None:
+        total = distributed.all_reduce_sum(sums).cpu() + self.carried
+        self.batch0 = batch
+        if self.env.is_main:
+            ckpt_io.save_checkpoint(self.checkpoint(True, total), self.last_path)
+
+    def resume_hint(self) -> str:
+        return "the same command with --resume"
+
+    def state(self, batch: int, lr: float) -> TrainState:
+        return TrainState(epoch=self.epoch, batch=batch, step=self.step, lr=lr, optimizer=self.optimizer,
+                          env=self.env)
 
     def _reduce_gradients(self) -> None:
         grads = [p.grad for b in self.bends for p in b.values()]

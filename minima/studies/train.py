@@ -71,9 +71,10 @@ from minima.models import (
     resolve_model,
 )
 from minima.optim.schedule import LRSchedule, ScalingRule, ScheduleKind, build_schedule, learning_rate
-from minima.optim.steps import TrainingInterrupted, step_seed, stop_on_signals
+from minima.optim.steps import TrainingInterrupted, stop_on_signals
+from minima.studies.loop import NonFiniteLossError, TrainState, run_epoch
 
-CHECK_EVERY = 10  # steps between the loop's host reads (non-finite loss, and under DDP the stop signal)
+DEFAULT_PROBE_SUBSET = 1000  # images the probes measure on when --probe-subset is not given
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,9 @@ class TrainConfig(DataOptions):
                                      "hessian, trace, or preconditioned: Adam's P^-1/2 H P^-1/2; written to "
                                      "probes.h5 in the run directory", default_text="none")
     probe_every: int = setting(100, "default period of the probes (after steps K, 2K, … and the last)", unit="steps")
-    probe_subset: int = setting(1000, "stratified training images the probes measure on (no augmentation)",
-                                unit="samples")
+    probe_subset: int | None = setting(None, "stratified training images the probes measure on (no augmentation); "
+                                       "a value above the training set's size is refused", unit="samples",
+                                       default_text=f"{DEFAULT_PROBE_SUBSET}, or every training image when fewer")
     probe_bn_mode: BNMode = setting("eval", "BatchNorm inside the probes' loss: eval or batch")
     probe_topk: int = setting(1, "eigenvalues the hessian and preconditioned probes record")
     probe_warm_start: bool = setting(True, "start the hessian and preconditioned probes' Lanczos from their previous "
@@ -156,27 +158,6 @@ class TrainConfig(DataOptions):
                                     "optional extra, e.g. pip install 'minima[tensorboard]'", default_text="none")
     eval_test: bool = setting(True, "evaluate the test set after every epoch")
     progress: bool = setting(True, "tqdm progress bar on rank 0")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; ``last.pt`` still holds the last good epoch."""
-
-
-@dataclass
-class TrainState:
-    """What ``on_step``/``on_epoch`` callbacks see: the position in the run (``step``: optimiser steps taken), the
-    learning rate of the last step, the epoch's metrics (``on_epoch``), and — for users' own probes — the live
-    ``model`` (unwrapped from DDP; read it, do not change it), the ``optimizer`` and the process's ``env`` (rank,
-    world size, device). Under torchrun every rank calls the callback at the same step."""
-
-    epoch: int
-    batch: int
-    step: int
-    lr: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-    model: nn.Module | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    env: distributed.DistEnv | None = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +214,7 @@ def validate_config(c: TrainConfig) -> None:
     if c.probe:
         parse_probes(c.probe, c.probe_every, c.optimizer)
         check_choice("probe BatchNorm mode (--probe-bn-mode)", c.probe_bn_mode, BNMode)
-        if c.probe_subset < 1 or c.probe_topk < 1:
+        if (c.probe_subset is not None and c.probe_subset < 1) or c.probe_topk < 1:
             raise ValueError("--probe-subset and --probe-topk must be ≥ 1")
     check_sinks(c.log)
     if c.target_accuracy is not None and not 0 < c.target_accuracy <= 1:
@@ -317,6 +298,8 @@ class Run:
     probe_seconds: float = 0.0  # probe time in the current epoch (kept out of images_per_s)
     probe_said: dict[str, str] = field(default_factory=dict)  # rank 0: the epoch's last value of each probe, printed
     sinks: list = field(default_factory=list)  # rank 0: the tracking sinks (minima.files.sinks)
+    fetched: Any = None  # the current epoch's micro-batches (an iterator)
+    t0: float = 0.0  # when the current epoch (or its resumed part) started
 
     @property
     def run_dir(self) -> Path:
@@ -353,6 +336,56 @@ class Run:
             if self.prober is not None and self.prober.warm:  # the probes' warm starts: a resume starts from them too
                 extra["probe_warm_start"] = dict(self.prober.warm)
         return ckpt_io.make_checkpoint(self.c.model, self.model_kwargs, self.model.state_dict(), meta, **extra)
+
+    # the one training loop's task (minima.studies.loop.Task)
+    @property
+    def seed(self) -> int:
+        return self.c.seed
+
+    @property
+    def epochs(self) -> int:
+        return self.c.epochs
+
+    def train_step(self, batch: int, seed: int, sums: torch.Tensor) -> None:
+        """One optimiser step over the global batch: the rank's micro-batches (gradients accumulated, DDP's
+        ``no_sync`` on all but the last), each augmented on the device from the step's seed, normalised, its loss
+        the sum of per-sample losses × world size / global batch."""
+        c, env, plan = self.c, self.env, self.plan
+        aug_gen = torch.Generator().manual_seed(seed)  # crop offsets and flips drawn on the host from the step's seed
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.amp == "bf16" else contextlib.nullcontext()
+        self.optimizer.zero_grad(set_to_none=True)
+        for m in range(plan.accumulation):
+            x, y = next(self.fetched)
+            if c.augment:
+                x = data_mod.augment(x, aug_gen)
+            x = data_mod.normalize(x, self.ds.mean, self.ds.std, torch.float32, self.channels_last)
+            sync = (contextlib.nullcontext() if not env.distributed or m == plan.accumulation - 1
+                    else self.net.no_sync())
+            with sync:
+                with autocast:
+                    logits = self.net(x)
+                summed = (F.cross_entropy(logits.float(), y, reduction="sum") if c.loss == "cross_entropy"
+                          else per_sample_loss(logits.float(), y, c.loss).sum())
+                loss = summed * (env.world_size / c.batch_size)
+                loss.backward()
+            sums += batch_sums(logits.detach().float(), y, c.loss)
+        self.optimizer.step()
+
+    def after_step(self, batch: int, batches: int, lr: float) -> None:
+        """The probes due at this step."""
+        if self.prober is not None and (due := self.prober.due(self.step)):
+            _probe(self, due, lr, self.epoch + (batch + 1) / batches)
+
+    def save_interrupted(self, sums: torch.Tensor, batch: int) -> None:
+        self.elapsed += time.perf_counter() - self.t0
+        self.save_resumable(distributed.all_reduce_sum(sums).cpu() + self.carried, batch=batch)
+
+    def resume_hint(self) -> str:
+        return f"python -m minima.train --out {self.run_dir} --resume"
+
+    def state(self, batch: int, lr: float) -> TrainState:
+        return TrainState(epoch=self.epoch, batch=batch, step=self.step, lr=lr, model=self.model,
+                          optimizer=self.optimizer, env=self.env)
 
     def save_resumable(self, epoch_sums: torch.Tensor, batch: int) -> None:
         """Write ``last.pt`` (rank 0) at (current epoch, ``batch``) with the epoch's running sums."""
@@ -459,12 +492,13 @@ def _prober(run: Run) -> Prober | None:
     c, ds, env = run.c, run.ds, run.env
     if not c.probe:
         return None
-    if c.probe_subset > len(ds.train):
-        raise ValueError(f"--probe-subset {c.probe_subset} exceeds the {len(ds.train)} training images; pass at most "
-                         "that")
-    split = ds.train if c.probe_subset == len(ds.train) else ds.train.take(
-        data_mod.stratified_subset(ds.train.labels, c.probe_subset, c.subset_seed))
-    feed = Batching(min(c.eval_batch_size, c.probe_subset), env.device, torch.float32)
+    n = probe_images(c, len(ds.train))
+    if c.probe_subset is None and n < DEFAULT_PROBE_SUBSET and env.is_main:
+        print(f"[minima.train] probes measure on all {n} training images (fewer than the default "
+              f"--probe-subset {DEFAULT_PROBE_SUBSET})", flush=True)
+    split = ds.train if n == len(ds.train) else ds.train.take(
+        data_mod.stratified_subset(ds.train.labels, n, c.subset_seed))
+    feed = Batching(min(c.eval_batch_size, n), env.device, torch.float32)
     batches = FixedBatches.from_split(split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size)
     obj = DatasetObjective(run.model, batches, bn=c.probe_bn_mode, loss=c.loss,
                            hvp_cache_bytes=memory_budget(env.device) // 4)
@@ -472,11 +506,23 @@ def _prober(run: Run) -> Prober | None:
                   warm_start=c.probe_warm_start)
 
 
+def probe_images(c: TrainConfig, n_train: int) -> int:
+    """How many training images the probes measure on: ``--probe-subset`` (refused above ``n_train``), or by default
+    :data:`DEFAULT_PROBE_SUBSET`, or all ``n_train`` when fewer (a default that does not fit the data is not an
+    error)."""
+    if c.probe_subset is None:
+        return min(DEFAULT_PROBE_SUBSET, n_train)
+    if c.probe_subset > n_train:
+        raise ValueError(f"--probe-subset {c.probe_subset} exceeds the {n_train} training images; pass at most that, "
+                         "or leave it out to use all of them")
+    return c.probe_subset
+
+
 def _probe_settings(run: Run) -> dict[str, Any]:
     """What every probe row of the run's timeline was measured with (a resume may not change it)."""
     c = run.c
-    return {"subset": {"n": c.probe_subset, "seed": c.subset_seed}, "bn_mode": c.probe_bn_mode, "topk": c.probe_topk,
-            "loss": c.loss, "optimizer": c.optimizer}
+    return {"subset": {"n": probe_images(c, len(run.ds.train)), "seed": c.subset_seed}, "bn_mode": c.probe_bn_mode,
+            "topk": c.probe_topk, "loss": c.loss, "optimizer": c.optimizer}
 
 
 def _check_probe_timeline(run: Run, have: dict[str, Any]) -> None:
@@ -647,93 +693,24 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
 
 def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
                  on_step: Callable[[TrainState], None] | None) -> tuple[torch.Tensor, int, float]:
-    """The hot loop: one epoch's optimiser steps from ``run.batch0``. Returns this rank's running sums
-    ``[loss, correct, count, nonfinite]`` (float64 on the device), the samples it saw, and the last LR."""
+    """One epoch from ``run.batch0`` on the one training loop (:func:`minima.studies.loop.run_epoch`): this rank's
+    micro-batches of the rest of the epoch, fetched one ahead when the data is in pinned host memory. Returns this
+    rank's running sums ``[loss, correct, count, nonfinite]`` (float64 on the device), the samples it saw, and the
+    last LR."""
     c, env, plan, ds = run.c, run.env, run.plan, run.ds
     perm = data_mod.epoch_permutation(len(ds.train), c.seed, run.epoch)
     if run.train_split.images.device != perm.device:  # data resident on the GPU: index it there, one copy per epoch
         perm = perm.to(run.train_split.images.device)
     batches = data_mod.global_batches(perm, c.batch_size)
-    # This rank's micro-batches of the rest of the epoch, fetched one ahead when the data is in pinned host memory.
     chunks = [chunk for b in range(run.batch0, len(batches))
               for chunk in batches[b][env.rank * plan.per_rank : (env.rank + 1) * plan.per_rank].split(plan.micro)]
-    fetched = iter(data_mod.DeviceBatches(run.train_split, chunks, env.device, run.placement.pinned))
-    sums = torch.zeros(4, dtype=torch.float64, device=env.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.amp == "bf16" else contextlib.nullcontext()
+    run.fetched = iter(data_mod.DeviceBatches(run.train_split, chunks, env.device, run.placement.pinned))
+    run.t0 = t0
     run.net.train()
-    seen, lr = 0, learning_rate(run.step, run.schedule)
-    bar = tqdm(total=len(batches), initial=run.batch0, desc=f"epoch {run.epoch + 1}/{c.epochs}",
-               disable=None if (env.is_main and c.progress) else True, leave=False,
-               dynamic_ncols=True)  # None: off when stderr is not a terminal
-    for b in range(run.batch0, len(batches)):
-        lr = learning_rate(run.step, run.schedule)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        seed = step_seed(c.seed, run.step, env.rank)
-        torch.manual_seed(seed)  # dropout of this step (CPU and CUDA generators)
-        aug_gen = torch.Generator().manual_seed(seed)
-        run.optimizer.zero_grad(set_to_none=True)
-        for m in range(plan.accumulation):
-            x, y = next(fetched)
-            if c.augment:  # on the device: the crop offsets and flips are drawn on the host from the step's seed
-                x = data_mod.augment(x, aug_gen)
-            x = data_mod.normalize(x, ds.mean, ds.std, torch.float32, run.channels_last)
-            sync = (contextlib.nullcontext() if not env.distributed or m == plan.accumulation - 1
-                    else run.net.no_sync())
-            with sync:
-                with autocast:
-                    logits = run.net(x)
-                summed = (F.cross_entropy(logits.float(), y, reduction="sum") if c.loss == "cross_entropy"
-                          else per_sample_loss(logits.float(), y, c.loss).sum())
-                loss = summed * (env.world_size / c.batch_size)
-                loss.backward()
-            sums += batch_sums(logits.detach().float(), y, c.loss)
-        run.optimizer.step()
-        run.step += 1
-        if run.prober is not None and (due := run.prober.due(run.step)):
-            _probe(run, due, lr, run.epoch + (b + 1) / len(batches))
-        seen += plan.per_rank  # every global batch is full (the short one at the end is dropped)
-        bar.update(1)
-        agreed = _check(run, sums, stop, lr, bar) if run.step % CHECK_EVERY == 0 or b == len(batches) - 1 else False
-        if on_step is not None:
-            on_step(TrainState(epoch=run.epoch, batch=b + 1, step=run.step, lr=lr, model=run.model,
-                               optimizer=run.optimizer, env=env))
-        if _stop_now(env, stop, agreed) and b + 1 < len(batches):
-            bar.close()
-            run.elapsed += time.perf_counter() - t0
-            run.save_resumable(distributed.all_reduce_sum(sums).cpu() + run.carried, batch=b + 1)
-            distributed.barrier()
-            raise TrainingInterrupted(run.last_path, (
-                f"stopped by signal {stop['signal']} after step {run.step} (epoch {run.epoch + 1}, batch "
-                f"{b + 1}/{len(batches)}); {run.last_path} written. Resume with: python -m minima.train "
-                f"--out {run.run_dir} --resume"))
-    bar.close()
-    return sums, seen, lr
-
-
-def _check(run: Run, sums: torch.Tensor, stop: dict[str, int | None], lr: float, bar: Any) -> bool:
-    """The loop's only synchronisation, every ``CHECK_EVERY`` steps and after the epoch's last: whether the epoch's
-    loss became non-finite on some rank (raises :class:`NonFiniteLossError`) and whether a stop signal arrived on
-    some rank (returned) — both flags in one device tensor, one all-reduce under DDP and one host read."""
-    bad = (~torch.isfinite(sums[0])) | (sums[3] > 0)
-    flags = torch.stack([bad.to(torch.float64), torch.tensor(float(stop["signal"] is not None),
-                                                             dtype=torch.float64, device=sums.device)])
-    if run.env.distributed:
-        flags = distributed.all_reduce_sum(flags)
-    any_bad, any_stop = flags.tolist()
-    if any_bad > 0:
-        bar.close()
-        raise NonFiniteLossError(
-            f"training loss became NaN/inf in epoch {run.epoch + 1} by step {run.step} (LR {lr:g}); "
-            f"{run.last_path} still holds the last good epoch. Lower --lr, add --warmup-epochs, or check the data.")
-    return any_stop > 0
-
-
-def _stop_now(env: distributed.DistEnv, stop: dict[str, int | None], agreed: bool) -> bool:
-    """Whether training stops after this step: in one process as soon as a signal has arrived (a Python flag, free
-    to read at every step, also one that arrived during ``on_step``); under DDP only where every rank agreed at a
-    check (``agreed``), so no rank waits in a collective the others have left."""
-    return stop["signal"] is not None if not env.distributed else agreed
+    sums, lr = run_epoch(run, run.batch0, len(batches), stop, str(run.last_path), on_step,
+                         f"epoch {run.epoch + 1}/{c.epochs}", c.progress)
+    # every global batch is full (the short one at the end is dropped)
+    return sums, (len(batches) - run.batch0) * plan.per_rank, lr
 
 
 def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) -> str | None:
