@@ -22,7 +22,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from experiments._pipeline import copy_figures, write_summary
+from experiments._pipeline import copy_figures, interruptible, write_summary
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import keep_freed_memory
@@ -142,6 +142,11 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
+    return interruptible("batch_sweep", lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.batch_sweep", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quick",
                     help=f"{', '.join(PRESET_NAMES)} (experiments/configs/pipelines/batch_sweep_<name>.toml) or a "

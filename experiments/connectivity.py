@@ -33,7 +33,7 @@ import torch
 from matplotlib.figure import Figure
 
 from experiments import keskar
-from experiments._pipeline import StageClock, copy_figures, write_summary
+from experiments._pipeline import StageClock, copy_figures, interruptible, write_summary
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -243,6 +243,11 @@ def summary_markdown(name: str, p: Preset, pair: dict, sblb: dict, wall_s: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
+    return interruptible("connectivity", lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.connectivity", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quick", help="quick, paper, smoke (experiments/configs/pipelines/"
                     "connectivity_<name>.toml) or a TOML file's path (default: quick)")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from experiments._pipeline import StageClock, copy_figures, write_summary
+from experiments._pipeline import StageClock, copy_figures, interruptible, write_summary
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -132,6 +132,11 @@ def figure(runs: list[tuple[Path, str]], path: Path, title: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
+    return interruptible("edge_of_stability", lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.edge_of_stability", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quick", help="quick, paper, smoke or a TOML file's path (default: quick)")
     ap.add_argument("--out", type=Path, default=None, help="run directory (default: runs/edge_of_stability_<preset>)")

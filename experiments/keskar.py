@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments._pipeline import StageClock, copy_figures, write_summary
+from experiments._pipeline import StageClock, copy_figures, interruptible, write_summary
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
@@ -422,6 +422,11 @@ def parse_summary_table(markdown: str) -> dict[str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
+    return interruptible("keskar", lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.keskar", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mlp",
                    help=f"network: one of {available_models()}, torchvision:NAME or package.module:factory (your own; "

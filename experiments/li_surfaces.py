@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from experiments import keskar
-from experiments._pipeline import StageClock, copy_figures, write_summary
+from experiments._pipeline import StageClock, copy_figures, interruptible, write_summary
 from minima.core import config as cfg
 from minima.core.allocator import keep_freed_memory
 from minima.core.config import setting
@@ -79,6 +79,11 @@ def _rise(curve: results.Curve, alpha: float) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
+    return interruptible("li_surfaces", lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.li_surfaces", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mlp", choices=available_models(), help="network (default: mlp)")
     p.add_argument("--preset", default="quick", help="quick, paper, smoke: the Keskar pipeline's preset of that name "
@@ -98,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     kdir = args.keskar_out or Path("runs") / f"keskar_{args.model}_{name}"
     kargs = ["--model", args.model, "--preset", args.preset, "--out", str(kdir)]
-    if keskar.main(kargs + (["--data", args.data] if args.data else [])) != 0:
-        return 2
+    status = keskar.main(kargs + (["--data", args.data] if args.data else []))
+    if status != 0:
+        return status  # 2: refused (said); 75: interrupted (said; the same command continues)
     out = args.out or Path("runs") / f"li_surfaces_{args.model}_{name}"
     out.mkdir(parents=True, exist_ok=True)
     seed_dir = kdir / "seed0"

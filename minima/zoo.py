@@ -1,5 +1,6 @@
-"""``python -m minima.zoo STUDY.toml``: every run of a study trained, evaluated and measured — on a pool of local
-workers or as a Slurm job array — and one table of them all (``runs.csv``).
+"""``python -m minima.zoo STUDY.toml``: train, evaluate and measure every run of a study; one table of them all.
+
+On a pool of local workers or as a Slurm job array; the table is ``runs.csv`` in the study's directory.
 
 The command: flags generated from :class:`minima.pipelines.zoo.ZooRequest`, then :func:`minima.pipelines.zoo.zoo`.
 SIGTERM or Ctrl-C stops every run at its next step with its ``last.pt`` written (exit 75); the same command

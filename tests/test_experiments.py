@@ -204,3 +204,38 @@ def test_edge_of_stability_smoke(tmp_path: Path) -> None:
     assert gd["first_value"] == pytest.approx(summary["lambda0"], rel=0.2)  # probed after the first 5 steps
     assert_drawn(tmp_path / "edge_of_stability_smoke.png")
     assert "reaches 0.9·threshold" in (out / "summary.md").read_text()
+
+
+def test_a_pipeline_stopped_in_any_stage_is_one_line_and_exit_75(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C, SIGTERM or an interrupted training stage: one line saying the same command continues, status 75, no
+    traceback; SIGTERM's own handler is back afterwards."""
+    import os
+    import signal
+
+    from experiments._pipeline import interruptible
+    from minima.optim.steps import TrainingInterrupted
+
+    def training_stopped() -> int:
+        raise TrainingInterrupted(Path("last.pt"), "stopped by signal 2 after step 3")
+
+    def ctrl_c() -> int:
+        raise KeyboardInterrupt
+
+    def sigterm() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    for work in (training_stopped, ctrl_c, sigterm):
+        assert interruptible("keskar", work) == 75
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "run the same command again to continue" in err[0], err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    def stopped_training(*args: object, **kwargs: object) -> None:
+        raise TrainingInterrupted(Path("last.pt"), "stopped by signal 2 after step 3")
+
+    monkeypatch.setattr(keskar, "train", stopped_training)  # the pipeline's first training stage is interrupted
+    assert keskar.main(["--preset", "smoke", "--data", "synthetic", "--out", str(tmp_path / "k")]) == 75
+    assert "run the same command again to continue" in capsys.readouterr().err
