@@ -23,8 +23,8 @@ FOLDERS = {"core": "base", "data": "data", "models": "models", "optim": "optim",
 TOP_LEVEL = {"__init__": "base", "figures": "figures", "train": "commands", "interpolate": "commands",
              "surface": "commands", "sharpness": "commands", "plot": "commands", "align": "commands",
              "curve": "commands", "zoo": "commands"}
-# what every study may import besides lower layers: the grid runner and the training loop
-SHARED_STUDY_MODULES = {"studies.grid", "studies.loop", "studies.__init__"}
+# what every study may import besides lower layers: the grid runner, the training loop and its probes
+SHARED_STUDY_MODULES = {"studies.grid", "studies.loop", "studies.probing", "studies.__init__"}
 ARGPARSE_ALLOWED = {"core.config"}  # flags are generated from requests there; commands parse
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -37,20 +36,17 @@ from tqdm.auto import tqdm
 from minima import data as data_mod
 from minima.core import config as cfg
 from minima.core import distributed
-from minima.core.allocator import memory_budget
 from minima.core.cli import duration
 from minima.core.config import setting
 from minima.core.options import DataOptions
 from minima.core.precision import Float32Math, float32_math
 from minima.core.precision import effective as precision_effective
 from minima.core.vocab import Amp, BNMode, DataOnDevice, DeviceName, FullBatch, Loss, Optimizer, Sink, check_choice
-from minima.curvature.objective import DatasetObjective, FixedBatches
-from minima.curvature.probes import PRECONDITIONED, WARM_STARTABLE, Prober, parse_probes, stability_threshold
+from minima.curvature.probes import parse_probes
 from minima.files import checkpoint as ckpt_io
-from minima.files import timeline
 from minima.files.checkpoint import RESUMABLE_CHANGES
 from minima.files.rundir import RunDir
-from minima.files.sinks import check_sinks, epoch_values, open_sinks, probe_values
+from minima.files.sinks import check_sinks, epoch_values, open_sinks
 from minima.geometry.evaluate import (
     Batching,
     batch_sums,
@@ -73,6 +69,7 @@ from minima.models import (
 from minima.optim.schedule import LRSchedule, ScalingRule, ScheduleKind, build_schedule, learning_rate
 from minima.optim.steps import TrainingInterrupted, stop_on_signals
 from minima.studies.loop import NonFiniteLossError, TrainState, run_epoch
+from minima.studies.probing import ProbeCallback, ProbeSettings
 
 DEFAULT_PROBE_SUBSET = 1000  # images the probes measure on when --probe-subset is not given
 
@@ -293,10 +290,7 @@ class Run:
     trainer: dict[str, Any] = field(default_factory=lambda: {"best_loss": float("inf"), "bad_epochs": 0,
                                                               "stopped": None})
     last_metrics: dict[str, Any] = field(default_factory=dict)
-    prober: Prober | None = None
-    probed_at: dict[str, int] = field(default_factory=dict)  # probe → the last step it ran at
-    probe_seconds: float = 0.0  # probe time in the current epoch (kept out of images_per_s)
-    probe_said: dict[str, str] = field(default_factory=dict)  # rank 0: the epoch's last value of each probe, printed
+    probes: ProbeCallback | None = None  # the run's curvature probes (minima.studies.probing)
     sinks: list = field(default_factory=list)  # rank 0: the tracking sinks (minima.files.sinks)
     fetched: Any = None  # the current epoch's micro-batches (an iterator)
     t0: float = 0.0  # when the current epoch (or its resumed part) started
@@ -333,8 +327,8 @@ class Run:
                      "scheduler": {"step": self.step, **asdict(self.schedule)},
                      "rng": {"scheme": "torch.manual_seed(f(seed, step, rank)) before every step"},
                      "position": position, "epoch_sums": epoch_sums, "trainer": dict(self.trainer)}
-            if self.prober is not None and self.prober.warm:  # the probes' warm starts: a resume starts from them too
-                extra["probe_warm_start"] = dict(self.prober.warm)
+            if self.probes is not None:  # the probes' warm starts: a resume starts from them too
+                extra.update(self.probes.resume_state())
         return ckpt_io.make_checkpoint(self.c.model, self.model_kwargs, self.model.state_dict(), meta, **extra)
 
     # the one training loop's task (minima.studies.loop.Task)
@@ -373,8 +367,8 @@ class Run:
 
     def after_step(self, batch: int, batches: int, lr: float) -> None:
         """The probes due at this step."""
-        if self.prober is not None and (due := self.prober.due(self.step)):
-            _probe(self, due, lr, self.epoch + (batch + 1) / batches)
+        if self.probes is not None:
+            self.probes.after_step(self.model, self.optimizer, self.step, self.epoch + (batch + 1) / batches, lr)
 
     def save_interrupted(self, sums: torch.Tensor, batch: int) -> None:
         self.elapsed += time.perf_counter() - self.t0
@@ -464,21 +458,13 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
         _restore(run, state)
     # the probes' private copy is taken before --sync-bn swaps in SyncBatchNorm layers (in place): their BatchNorm in
     # batch mode normalises each probe batch by itself, as on one rank, with no collective inside a probe's forward
-    run.prober = _prober(run)
+    run.probes = _probes(run)
     if env.distributed:
         net: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(run.model) if c.sync_bn else run.model
         run.net = nn.parallel.DistributedDataParallel(
             net, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if run.prober is not None and state is not None:
-        if run.prober.warm is not None:
-            run.prober.warm.update(state.get("probe_warm_start", {}))
-        if (run.run_dir / "probes.h5").exists():
-            done = timeline.load(run.run_dir / "probes.h5")
-            _check_probe_timeline(run, done["_attrs"])
-            # probes already measured at the step being resumed from are not measured again (every rank reads the
-            # same file, so every rank skips the same ones)
-            run.probed_at = {p.name: run.step for p in run.prober.probes
-                             if p.name in done and run.step in done[p.name]["step"].tolist()}
+    if run.probes is not None and state is not None:
+        run.probes.restore(state, run.step)
     if env.is_main:
         _announce(run, resumed=state is not None)
     if run.trainer.get("stopped"):
@@ -486,7 +472,7 @@ def _start(c: TrainConfig, env: distributed.DistEnv, resume: bool, dataset: data
     return run
 
 
-def _prober(run: Run) -> Prober | None:
+def _probes(run: Run) -> ProbeCallback | None:
     """The run's probes on their fixed stratified subset (no augmentation), sharded over the ranks like every
     curvature objective; None without probes."""
     c, ds, env = run.c, run.ds, run.env
@@ -496,14 +482,11 @@ def _prober(run: Run) -> Prober | None:
     if c.probe_subset is None and n < DEFAULT_PROBE_SUBSET and env.is_main:
         print(f"[minima.train] probes measure on all {n} training images (fewer than the default "
               f"--probe-subset {DEFAULT_PROBE_SUBSET})", flush=True)
-    split = ds.train if n == len(ds.train) else ds.train.take(
-        data_mod.stratified_subset(ds.train.labels, n, c.subset_seed))
-    feed = Batching(min(c.eval_batch_size, n), env.device, torch.float32)
-    batches = FixedBatches.from_split(split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size)
-    obj = DatasetObjective(run.model, batches, bn=c.probe_bn_mode, loss=c.loss,
-                           hvp_cache_bytes=memory_budget(env.device) // 4)
-    return Prober(obj, parse_probes(c.probe, c.probe_every, c.optimizer, run.plan.steps_per_epoch), c.probe_topk,
-                  warm_start=c.probe_warm_start)
+    settings = ProbeSettings(probes=tuple(c.probe), every=c.probe_every, images=n, subset_seed=c.subset_seed,
+                             bn_mode=c.probe_bn_mode, topk=c.probe_topk, warm_start=c.probe_warm_start, loss=c.loss,
+                             optimizer=c.optimizer, momentum=c.momentum, betas=tuple(c.adam_betas),
+                             eval_batch_size=c.eval_batch_size)
+    return ProbeCallback(settings, run.model, ds.train, ds.mean, ds.std, env, run.plan.steps_per_epoch, run.run_dir)
 
 
 def probe_images(c: TrainConfig, n_train: int) -> int:
@@ -516,54 +499,6 @@ def probe_images(c: TrainConfig, n_train: int) -> int:
         raise ValueError(f"--probe-subset {c.probe_subset} exceeds the {n_train} training images; pass at most that, "
                          "or leave it out to use all of them")
     return c.probe_subset
-
-
-def _probe_settings(run: Run) -> dict[str, Any]:
-    """What every probe row of the run's timeline was measured with (a resume may not change it)."""
-    c = run.c
-    return {"subset": {"n": probe_images(c, len(run.ds.train)), "seed": c.subset_seed}, "bn_mode": c.probe_bn_mode,
-            "topk": c.probe_topk, "loss": c.loss, "optimizer": c.optimizer}
-
-
-def _check_probe_timeline(run: Run, have: dict[str, Any]) -> None:
-    """Refuse, in one line and before anything is written, to resume probing with settings other than those the
-    existing ``probes.h5`` (its root attributes ``have``) was measured with (its rows would not be comparable)."""
-    path = run.run_dir / "probes.h5"
-    flags = {"subset": "--probe-subset/--subset-seed", "bn_mode": "--probe-bn-mode", "topk": "--probe-topk",
-             "loss": "--loss", "optimizer": "--optimizer"}
-    for key, want in _probe_settings(run).items():
-        recorded = json.loads(have[key]) if key == "subset" else have.get(key)
-        if recorded != want:
-            raise ValueError(f"{path} was measured with {key} {recorded}, this resume asks for {want}; resume with "
-                             f"the same {flags[key]} or move {path.name} aside to start a new timeline")
-
-
-def _probe(run: Run, due: list, lr: float, epoch: float) -> None:
-    """Run the ``due`` probes at the current step on every rank; rank 0 appends them to ``probes.h5``."""
-    assert run.prober is not None
-    t0 = time.perf_counter()
-    with float32_math("fp32"):  # probes in float32, whatever the training's TF32 setting; restored after
-        found = run.prober.run(run.model, due, run.step, run.optimizer)
-    run.probe_seconds += time.perf_counter() - t0
-    run.probed_at.update({p.name: run.step for p in due})
-    if run.env.is_main:
-        c = run.c
-        for name, result in found.items():
-            threshold = stability_threshold(c.optimizer, lr, c.momentum, tuple(c.adam_betas),
-                                            preconditioned=name == PRECONDITIONED)
-            timeline.append(run.run_dir / "probes.h5", name, {"step": run.step, "epoch": epoch, "lr": lr,
-                                                              "threshold": threshold, **result})
-            value = result["value"]
-            for sink in run.sinks:
-                sink.log(probe_values(name, value, threshold), run.step)
-            run.probe_said[name] = f"{name} {value:.4g}" + (
-                f" ({value / threshold:.2f}× its threshold {threshold:.4g})" if math.isfinite(threshold) else "")
-
-
-def _probes_said(run: Run) -> str:
-    """The probe values measured since the last print (each probe's latest, against its threshold), then forgotten."""
-    said, run.probe_said = ", ".join(run.probe_said.values()), {}
-    return said
 
 
 def _resume_state(c: TrainConfig, env: distributed.DistEnv, resume: bool) -> dict[str, Any] | None:
@@ -641,14 +576,8 @@ def _announce(run: Run, resumed: bool) -> None:
         ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / "init.pt")
     else:
         run.files.truncate_metrics(run.epoch)
-    if run.prober is not None:
-        probes = run.run_dir / "probes.h5"
-        if not (resumed and probes.exists()):
-            timeline.create(probes, _probe_settings(run))
-        timeline.truncate(probes, run.step)  # rows after last.pt are measured again
-        timeline.record_probes(probes, [{**vars(p), **({"warm_start": c.probe_warm_start}
-                                                       if p.name in WARM_STARTABLE else {})}
-                                        for p in run.prober.probes], run.step)
+    if run.probes is not None:
+        run.probes.open(resumed, run.step, run.sinks)
 
 
 def _train(run: Run, on_step: Callable[[TrainState], None] | None,
@@ -676,12 +605,9 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
                 raise TrainingInterrupted(run.last_path, (
                     f"stopped by signal {stop['signal']} at the end of epoch {run.epoch}; {run.last_path} written. "
                     f"Resume with: python -m minima.train --out {run.run_dir} --resume"))
-    if run.prober is not None:  # every probe also after the last step
-        missing = [p for p in run.prober.probes if run.probed_at.get(p.name) != run.step]
-        if missing:
-            _probe(run, missing, learning_rate(max(run.step - 1, 0), run.schedule), float(run.epoch))
-            if env.is_main:
-                tqdm.write(f"[minima.train] probes after the last step ({run.step}): {_probes_said(run)}")
+    if run.probes is not None:  # every probe also after the last step
+        run.probes.after_last_step(run.model, run.optimizer, run.step, float(run.epoch),
+                                   learning_rate(max(run.step - 1, 0), run.schedule))
     final_path = run.run_dir / "final.pt"
     if env.is_main:
         ckpt_io.save_checkpoint(run.checkpoint("final"), final_path)
@@ -717,7 +643,7 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
     """Close the epoch: exact train metrics, test evaluation, stopping rule, ``last.pt`` / ``epoch_XXXX.pt`` /
     ``metrics.jsonl`` on rank 0. Returns the reason to stop, if any."""
     c, env, ds = run.c, run.env, run.ds
-    probe_time, run.probe_seconds = run.probe_seconds, 0.0
+    probe_time = run.probes.take_seconds() if run.probes is not None else 0.0
     train_time = time.perf_counter() - t0 - probe_time  # probes are measured apart from the training's speed
     total = sums_to_result(distributed.all_reduce_sum(sums).cpu() + run.carried)
     run.carried = torch.zeros(4, dtype=torch.float64)
@@ -727,7 +653,7 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         "epoch": run.epoch, "step": run.step, "lr": lr, "train_loss": total.loss,
         "train_accuracy": total.accuracy, "train_samples": total.count,
         "images_per_s": seen * env.world_size / train_time if train_time > 0 else float("nan"),
-        **({"probe_seconds": probe_time} if run.prober is not None else {}),
+        **({"probe_seconds": probe_time} if run.probes is not None else {}),
     }
     if c.eval_test:
         feed = Batching(c.eval_batch_size, env.device, torch.float32, run.channels_last)
@@ -753,8 +679,9 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         if c.eval_test:
             msg += f" | test loss {metrics['test_loss']:.4f} acc {metrics['test_accuracy']:.4f}"
         msg += f" | {metrics['images_per_s']:.0f} img/s"
-        if run.probe_said:  # the probes that ran in this epoch, each at its last step, against its threshold
-            msg += f" | {_probes_said(run)}"
+        said = run.probes.take_said() if run.probes is not None else ""
+        if said:  # the probes that ran in this epoch, each at its last step, against its threshold
+            msg += f" | {said}"
         tqdm.write(msg)
         if stopped:
             tqdm.write(f"[minima.train] stopping: {stopped}")
