@@ -315,3 +315,29 @@ def test_probe_time_is_reported_apart_and_kept_out_of_images_per_second(tmp_path
         m = json.loads(line)  # 3 steps per epoch, a probe after each
         assert m["probe_seconds"] >= 3 * 0.4
         assert m["train_samples"] / m["images_per_s"] < 0.4  # seconds of training proper, probes excluded
+
+
+def test_a_probe_sets_its_metrics_parameters(tmp_path: Path) -> None:
+    """``NAME:EVERY:KEY=VALUE,…`` — the metric's own parameters (as minima.sharpness names them), recorded in the
+    timeline; a looser Lanczos tolerance takes fewer products for the same λ_max to that tolerance; refusals name
+    the parameter."""
+    ds = _data()
+    default = _config(tmp_path / "default", probe=("hessian:3",), epochs=1)
+    train(default, dataset=ds)
+    loose = replace(default, out=str(tmp_path / "loose"), probe=("hessian:3:eig_tol=0.2,topk=2",),
+                    probe_warm_start=False)
+    train(loose, dataset=ds)
+    train(replace(loose, out=str(tmp_path / "tight"), probe=("hessian:3:eig-tol=0.001,topk=2",)), dataset=ds)
+    a = timeline.load(tmp_path / "loose" / "probes.h5")
+    b = timeline.load(tmp_path / "tight" / "probes.h5")
+    assert a["hessian"]["eigenvalues"].shape[1] == 2  # topk=2 for this probe, whatever --probe-topk says
+    assert int(a["hessian"]["hvps"].sum()) < int(b["hessian"]["hvps"].sum())
+    np.testing.assert_allclose(a["hessian"]["value"], b["hessian"]["value"], rtol=0.2)
+    recorded = json.loads(a["_attrs"]["probes"])
+    assert recorded[0]["params"] == {"topk": 2, "eig_tol": 0.2}
+    assert "params" not in json.loads(timeline.load(tmp_path / "default" / "probes.h5")["_attrs"]["probes"])[0]
+    for spec, message in (("hessian:3:eig_tl=0.1", "hessian has no parameter 'eig_tl'; its parameters"),
+                          ("hessian:eig_tol=soft", "eig_tol: 'soft' is neither float"),
+                          ("trace:2:trace_max_probes", "is not KEY=VALUE")):
+        with pytest.raises(ValueError, match=message):
+            train(replace(default, out=str(tmp_path / "bad"), probe=(spec,)), dataset=ds)

@@ -99,6 +99,28 @@ def _scalar_parser(tp: Any, optional: bool) -> Any:
     return parse
 
 
+def parse_setting(tp: Any, text: str, what: str) -> Any:
+    """A setting of type ``tp`` from its text (``key=value`` forms such as a probe's parameters): a number, a word of
+    a ``Literal``, ``true``/``false`` for a bool, ``none`` for an optional one, several values of a tuple separated by
+    ``/``; a ``ValueError`` naming ``what`` otherwise."""
+    inner, optional = _unwrap_optional(tp)
+    if optional and text.lower() == "none":
+        return None
+    origin = typing.get_origin(inner)
+    if inner is bool:
+        words = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
+        if text.lower() not in words:
+            raise ValueError(f"{what}: {text!r} is not true or false")
+        return words[text.lower()]
+    if origin in (tuple, list):
+        return origin(parse_setting(typing.get_args(inner)[0], t, what) for t in text.split("/"))
+    try:
+        return _scalar_parser(inner, optional)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
 def _metavar(tp: Any) -> str:
     """How a flag's value is named in ``--help``: ``INT``, or ``INT|full`` for ``int | Literal["full"]``."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

@@ -15,6 +15,7 @@ Stability thresholds (what λ_max is compared with): 2/η for gradient descent, 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minima.core.config import parse_setting
 from minima.curvature.hessian import CountingOperator, hessian_operator, top_eigenvalues
 from minima.curvature.objective import DatasetObjective
 from minima.curvature.registry import REGISTRY, get_metric
@@ -41,17 +43,30 @@ class ProbeSpec:
     name: str
     every: int
     every_epochs: int | None = None
+    params: tuple[tuple[str, Any], ...] = ()  # the metric's parameters set for this probe (others: their defaults)
+
+    def record(self) -> dict[str, Any]:
+        """What a timeline records of the probe (JSON types; ``params`` only when some are set)."""
+        out: dict[str, Any] = {"name": self.name, "every": self.every, "every_epochs": self.every_epochs}
+        if self.params:
+            out["params"] = json.loads(json.dumps(dict(self.params)))
+        return out
 
 
 def parse_probes(specs: tuple[str, ...] | list[str], default_every: int, optimizer: str,
                  steps_per_epoch: int = 1) -> list[ProbeSpec]:
-    """``NAME`` or ``NAME:EVERY`` per probe, EVERY in optimiser steps (``100``, ``100steps``) or epochs
-    (``2epochs``: after the last step of every second epoch, ``steps_per_epoch`` steps each); default
-    ``default_every`` steps. A ``ValueError`` in one line for an unknown name, a period ≤ 0, or ``preconditioned``
+    """``NAME``, ``NAME:EVERY``, ``NAME:EVERY:KEY=VALUE,…`` or ``NAME:KEY=VALUE,…`` per probe: EVERY in optimiser
+    steps (``100``, ``100steps``) or epochs (``2epochs``: after the last step of every second epoch,
+    ``steps_per_epoch`` steps each), default ``default_every`` steps; KEY a parameter of the metric, named as
+    ``minima.sharpness``'s flag (``eig_tol`` or ``eig-tol``; several values of a tuple separated by ``/``). A
+    ``ValueError`` in one line for an unknown name or parameter, a bad value, a period ≤ 0, or ``preconditioned``
     without Adam."""
     out = []
     for spec in specs:
-        name, _, every = str(spec).partition(":")
+        name, _, rest = str(spec).partition(":")
+        every, _, settings = rest.partition(":")
+        if "=" in every:  # NAME:KEY=VALUE (no period)
+            every, settings = "", rest
         if name != PRECONDITIONED and name not in REGISTRY:
             raise ValueError(f"unknown probe {name!r}; choose a metric of {sorted(REGISTRY)} or {PRECONDITIONED!r}")
         match = PERIOD.match(every or str(default_every))
@@ -65,11 +80,30 @@ def parse_probes(specs: tuple[str, ...] | list[str], default_every: int, optimiz
             raise ValueError("the preconditioned probe measures Adam's P^-1/2 H P^-1/2; with plain SGD the "
                              "preconditioner is the identity and it is λ_max — use --probe hessian")
         epochs = unit.startswith("epoch")
-        out.append(ProbeSpec(name, period * steps_per_epoch if epochs else period, period if epochs else None))
+        out.append(ProbeSpec(name, period * steps_per_epoch if epochs else period, period if epochs else None,
+                             _probe_params(name, settings, str(spec))))
     names = [p.name for p in out]
     if len(set(names)) != len(names):
         raise ValueError(f"a probe is named twice in {list(specs)}; give each once (NAME:EVERY sets its period)")
     return out
+
+
+def _probe_params(name: str, settings: str, spec: str) -> tuple[tuple[str, Any], ...]:
+    """``KEY=VALUE,…`` of a probe spec as the metric's typed parameters (in the metric's order)."""
+    if not settings.strip():
+        return ()
+    known = {p.name: p for p in get_metric(name).params} if name != PRECONDITIONED else {}
+    given: dict[str, Any] = {}
+    for item in settings.split(","):
+        key, eq, text = item.strip().partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise ValueError(f"probe {spec!r}: {item.strip()!r} is not KEY=VALUE")
+        if key not in known:
+            choices = sorted(known) or "none (it has no parameters)"
+            raise ValueError(f"probe {spec!r}: {name} has no parameter {key!r}; its parameters: {choices}")
+        given[key] = parse_setting(known[key].type, text.strip(), f"probe {spec!r}: {key}")
+    return tuple((k, given[k]) for k in known if k in given)
 
 
 def stability_threshold(optimizer: str, lr: float, momentum: float = 0.0, betas: tuple[float, ...] = (0.9, 0.999),
@@ -141,7 +175,9 @@ class Prober:
                 result = self._preconditioned(optimizer, live, step)
             else:
                 metric = get_metric(probe.name)
-                params = {p.name: (self.topk if p.name == "topk" else p.default) for p in metric.params}
+                given = dict(probe.params)
+                params = {p.name: given.get(p.name, self.topk if p.name == "topk" else p.default)
+                          for p in metric.params}
                 _, job = metric.jobs(params)[0]
                 if self.warm is not None and probe.name in WARM_STARTABLE:
                     job = {**job, "warm_start": self.warm.get(probe.name)}

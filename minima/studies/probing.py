@@ -112,8 +112,8 @@ class ProbeCallback:
         if not (resumed and self.path.exists()):
             timeline.create(self.path, self.settings.recorded())
         timeline.truncate(self.path, step)
-        timeline.record_probes(self.path, [{**vars(p), **({"warm_start": self.settings.warm_start}
-                                                          if p.name in WARM_STARTABLE else {})}
+        timeline.record_probes(self.path, [{**p.record(), **({"warm_start": self.settings.warm_start}
+                                                             if p.name in WARM_STARTABLE else {})}
                                            for p in self.prober.probes], step)
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: float,
