@@ -139,3 +139,23 @@ def test_curve_and_network_checkpoints_are_not_confused(ends: tuple, tmp_path: P
     assert curve_main([str(a), str(other), "--out", str(tmp_path / "d")]) == 2
     assert "do not share one architecture" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (tmp_path / "x.h5").exists()
+
+
+def test_micro_batches_give_the_same_curve_and_augmentation_is_recorded(tmp_path: Path) -> None:
+    """The curve on the one training loop: gradients accumulated over micro-batches of 4 equal the whole batch's
+    (to float32 rounding: the sums are split; without BatchNorm, whose statistics are per micro-batch as in the
+    trainer); ``--augment`` trains another curve and is part of what a resume must share."""
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "plain_a.pt", 1, ds, widths=(6, 5))
+    b = toy_checkpoint(tmp_path / "plain_b.pt", 2, ds, widths=(6, 5))
+    whole = ck.load_curve_checkpoint(train_curve(_req(a, b, tmp_path / "whole", epochs=2)))
+    micro = ck.load_curve_checkpoint(train_curve(_req(a, b, tmp_path / "micro", epochs=2, micro_batch=4)))
+    for k, v in whole["bends"][0].items():
+        torch.testing.assert_close(micro["bends"][0][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    aug = ck.load_curve_checkpoint(train_curve(_req(a, b, tmp_path / "aug", epochs=2, augment=True)))
+    assert aug["meta"]["training"]["augment"] is True
+    assert any(not torch.equal(aug["bends"][0][k], v) for k, v in whole["bends"][0].items())
+    with pytest.raises(ValueError, match="augment: True → False"):
+        train_curve(_req(a, b, tmp_path / "aug", epochs=2, resume=True))
+    with pytest.raises(ValueError, match="not divisible by micro-batch 5"):
+        train_curve(_req(a, b, tmp_path / "bad", micro_batch=5))

@@ -17,6 +17,7 @@ the barriers of :mod:`minima.geometry.barriers` against the endpoints' straight 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,17 @@ from tqdm.auto import tqdm
 from minima.core import distributed
 from minima.core.cli import duration
 from minima.core.config import setting, to_dict
-from minima.core.vocab import CurveKind, ScheduleKind, check_choice
-from minima.data import Dataset, DeviceBatches, epoch_permutation, global_batches, load_for_checkpoint, normalize, place
+from minima.core.vocab import Amp, CurveKind, ScheduleKind, check_choice
+from minima.data import (
+    Dataset,
+    DeviceBatches,
+    augment,
+    epoch_permutation,
+    global_batches,
+    load_for_checkpoint,
+    normalize,
+    place,
+)
 from minima.figures import save_curve_figure
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
@@ -52,11 +62,13 @@ from minima.studies.grid import (
     parse_axis,
     recorded_attrs,
 )
-from minima.studies.loop import TrainState, run_epoch
+from minima.studies.loop import TrainState, plan_batches, run_epoch
 
 # the settings that define a curve's training: a resumed run must share them
 TRAINING_KEYS = ("checkpoint_a", "checkpoint_b", "curve", "bends", "epochs", "batch_size", "lr", "momentum",
-                 "weight_decay", "schedule", "seed", "train_subset", "subset_seed", "data")
+                 "weight_decay", "schedule", "seed", "train_subset", "subset_seed", "data", "augment", "amp")
+# settings a curve checkpoint written before they existed was trained with (a resume compares against these)
+TRAINING_DEFAULTS = {"augment": False, "amp": "none"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,13 @@ class CurveRequest(EvalOptions):
     momentum: float = setting(0.9, "SGD momentum")
     weight_decay: float = setting(5e-4, "wd of the penalty ½·wd·‖θ(t)‖² on the curve's point")
     schedule: ScheduleKind = setting("cosine", "learning-rate schedule over the epochs")
-    seed: int = setting(0, "seed of the shuffles, the t of every step and dropout")
+    seed: int = setting(0, "seed of the shuffles, the t of every step, dropout and augmentation")
+    micro_batch: int | None = setting(None, "largest per-rank forward batch; gradients are accumulated above it "
+                                      "(the same curve, less memory)", unit="samples",
+                                      default_text="the per-rank batch")
+    augment: bool = setting(False, "random crop (pad 4) + horizontal flip of the training images (Garipov et al. "
+                            "train their curves with it)")
+    amp: Amp = setting("none", "bf16: CUDA autocast of the curve's forward passes")
     align: bool = setting(False, "align B to A first (python -m minima.align) and train the curve between A and the "
                           "aligned B", switch=True)
     align_method: str = setting("weights", "alignment method with --align (weights or activations)")
@@ -180,6 +198,7 @@ def _resume_state(req: CurveRequest, final: Path, last: Path) -> dict[str, Any] 
     ck = ckpt_io.load_curve_checkpoint(source)
     recorded = ck["meta"]["training"]
     wanted = _training_settings(req)
+    recorded = {**TRAINING_DEFAULTS, **recorded}
     changed = [f"{k}: {recorded.get(k)!r} → {wanted[k]!r}" for k in TRAINING_KEYS if recorded.get(k) != wanted[k]]
     if changed:
         raise ValueError(f"{source} was trained with other settings ({'; '.join(changed)}); pass them as recorded "
@@ -199,13 +218,10 @@ class _Trainer:
         self.buffers = {k: v.to(dev).clone() for k, v in state_a.items() if k not in self.param_keys}
         self.bends = [{k: nn.Parameter(v[k].to(dev).clone()) for k in self.param_keys}
                       for v in initial_bends(state_a, state_b, req.bends)]
-        per_rank = req.batch_size // env.world_size
-        if req.batch_size % env.world_size or per_rank < 1:
-            raise ValueError(f"--batch-size {req.batch_size} is not a multiple of the {env.world_size} ranks")
-        self.per_rank = per_rank
-        self.steps_per_epoch = len(ds.train) // req.batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"--batch-size {req.batch_size} exceeds the {len(ds.train)} training images")
+        self.plan = plan_batches(req.batch_size, env.world_size, req.micro_batch, len(ds.train))
+        self.per_rank, self.steps_per_epoch = self.plan.per_rank, self.plan.steps_per_epoch
+        if req.amp == "bf16" and dev.type != "cuda":
+            raise ValueError("--amp bf16 is supported on CUDA only; use --amp none on CPU")
         self.schedule = build_schedule(ref_lr=req.lr, ref_batch=req.batch_size, global_batch=req.batch_size,
                                        scaling="none", warmup_epochs=0.0, kind=req.schedule, milestones_epochs=(),
                                        gamma=0.1, epochs=req.epochs, steps_per_epoch=self.steps_per_epoch)
@@ -287,8 +303,9 @@ class _Trainer:
         if self.train_split.images.device != perm.device:
             perm = perm.to(self.train_split.images.device)
         batches = global_batches(perm, req.batch_size)
-        chunks = [batches[b][env.rank * self.per_rank:(env.rank + 1) * self.per_rank]
-                  for b in range(self.batch0, len(batches))]
+        chunks = [chunk for b in range(self.batch0, len(batches))
+                  for chunk in batches[b][env.rank * self.per_rank:(env.rank + 1) * self.per_rank].split(
+                      self.plan.micro)]
         self.fetched = iter(DeviceBatches(self.train_split, chunks, env.device, self.placement.pinned))
         self.last_path = last
         self.model.train()  # BatchNorm on each batch's statistics, dropout on
@@ -308,22 +325,31 @@ class _Trainer:
     def train_step(self, batch: int, seed: int, sums: torch.Tensor) -> None:
         """One step: one t for the global batch (drawn from the step's rank-0 seed, the same on every rank), the
         point θ(t) of the curve, the run's loss plus the penalty ½·wd·‖θ(t)‖², gradients into the bends (averaged
-        over the ranks as DDP does), an SGD step."""
+        over the ranks as DDP does), an SGD step. Above ``--micro-batch`` the rank's batch is cut into micro-batches
+        whose gradients add up (the penalty counted once); ``--augment`` crops and flips each micro-batch on the
+        device from the step's seed, as the network trainer does."""
         req, env = self.req, self.env
         t = float(torch.rand(1, generator=torch.Generator().manual_seed(step_seed(req.seed, self.step, 0))))
-        x, y = next(self.fetched)
-        x = normalize(x, self.ds.mean, self.ds.std, torch.float32)
+        aug_gen = torch.Generator().manual_seed(seed)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if req.amp == "bf16" else contextlib.nullcontext()
         self.optimizer.zero_grad(set_to_none=True)
-        theta = self.point(t)
-        logits = functional_call(self.model, {**theta, **self.buffers}, (x,))
-        penalty = 0.5 * req.weight_decay * sum((v * v).sum() for v in theta.values())
-        # averaged over the ranks (as DDP does): the mean loss of the global batch plus the penalty
-        loss = per_sample_loss(logits, y, self.loss).sum() * (env.world_size / req.batch_size) + penalty
-        loss.backward()
+        for m in range(self.plan.accumulation):
+            x, y = next(self.fetched)
+            if req.augment:
+                x = augment(x, aug_gen)
+            x = normalize(x, self.ds.mean, self.ds.std, torch.float32)
+            theta = self.point(t)
+            with autocast:
+                logits = functional_call(self.model, {**theta, **self.buffers}, (x,))
+            # averaged over the ranks (as DDP does): the mean loss of the global batch plus the penalty
+            loss = per_sample_loss(logits.float(), y, self.loss).sum() * (env.world_size / req.batch_size)
+            if m == 0:
+                loss = loss + 0.5 * req.weight_decay * sum((v * v).sum() for v in theta.values())
+            loss.backward()
+            sums += batch_sums(logits.detach().float(), y, self.loss)
         if env.distributed:
             self._reduce_gradients()
         self.optimizer.step()
-        sums += batch_sums(logits.detach(), y, self.loss)
 
     def after_step(self, batch: int, batches: int, lr: float) -> None:
         """A curve has no step callbacks of its own."""

@@ -59,6 +59,42 @@ class TrainState:
     env: distributed.DistEnv | None = None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Batch arithmetic derived from the config and the world size."""
+
+    per_rank: int
+    micro: int
+    accumulation: int
+    steps_per_epoch: int
+
+
+def plan_batches(global_batch: int, world_size: int, micro_batch: int | None, n_train: int) -> Plan:
+    """Per-rank batch, micro-batch and accumulation steps; invalid combinations are refused with the
+    arithmetic spelled out."""
+    if global_batch < 1:
+        raise ValueError(f"batch_size must be ≥ 1; got {global_batch}")
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size} "
+                         f"({global_batch} / {world_size} = {global_batch / world_size:g}); choose a multiple "
+                         f"of {world_size}")
+    per_rank = global_batch // world_size
+    micro = per_rank if micro_batch is None else micro_batch
+    if micro < 1:
+        raise ValueError(f"micro_batch must be ≥ 1; got {micro}")
+    if micro > per_rank:
+        raise ValueError(f"micro-batch {micro} is larger than the per-rank batch {per_rank} "
+                         f"(= {global_batch} / {world_size} ranks); use --micro-batch ≤ {per_rank}")
+    if per_rank % micro:
+        raise ValueError(f"per-rank batch {per_rank} (= {global_batch} / {world_size}) is not divisible by "
+                         f"micro-batch {micro} ({per_rank} / {micro} = {per_rank / micro:g}); choose a divisor")
+    steps = n_train // global_batch
+    if steps == 0:
+        raise ValueError(f"the training set has {n_train} samples, fewer than one global batch of "
+                         f"{global_batch}; use a smaller --batch-size or more data")
+    return Plan(per_rank=per_rank, micro=micro, accumulation=per_rank // micro, steps_per_epoch=steps)
+
+
 class Task(Protocol):
     """What the loop trains. ``epoch``/``step`` are its position (``step`` is advanced by the loop after every
     optimiser step)."""
