@@ -9,13 +9,13 @@ unaligned B on the t grid (grid runner; BatchNorm re-estimated at every point), 
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from minima.core import config as cfg
+from minima.core import distributed
 from minima.core.cli import run_command
 from minima.figures import save_curves_figure
 from minima.files import checkpoint as ckpt_io
@@ -87,7 +87,7 @@ def run(req: CurveRequest) -> list[Path]:
     paths += extra
     outs = [run_grid(req, lambda r, env, p=p: evaluate_path(r, p, model, ds, recorded, env)) for p in paths]
     figure = folder / "curve_vs_lines.png"
-    if req.plot and os.environ.get("RANK", "0") == "0":
+    if req.plot and distributed.is_main():
         curves = [results.load_curve(o) for o in outs]
         ends = paths[0].identity
         save_curves_figure(curves, figure, labels=[p.label for p in paths],
@@ -99,7 +99,11 @@ def run(req: CurveRequest) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     req = parse_args(argv)
-    return run_command("minima.curve", lambda: run(req), statuses={TrainingInterrupted: EXIT_INTERRUPTED},
+    def work() -> list[Path]:
+        with distributed.session(req.device):  # one process group for the alignment, the training and the grids
+            return run(req)
+
+    return run_command("minima.curve", work, statuses={TrainingInterrupted: EXIT_INTERRUPTED},
                        user_errors=(NonFiniteLossError,),
                        interrupted="interrupted; rerun the same command with --resume")
 

@@ -5,12 +5,12 @@ traceback reaches the user for any of these."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
 
 from minima.core.allocator import keep_freed_memory
+from minima.core.distributed import is_main
 
 EXIT_USAGE = 2
 EXIT_SIGINT = 130
@@ -48,7 +48,7 @@ def run_command(prog: str, work: Callable[[], object], *, user_errors: tuple[typ
             raise
         print(f"[{prog}] {interrupted}", file=sys.stderr, flush=True)
         return EXIT_SIGINT
-    if os.environ.get("RANK", "0") == "0":
+    if is_main():
         seconds = time.perf_counter() - t0
         print(f"[{prog}] done in {duration(seconds)}", flush=True)
     return 0

@@ -55,7 +55,7 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     reuses that group.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -87,9 +87,16 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def process_rank() -> int:
+    """This process's rank: torchrun's ``RANK``, 0 in a single process — the one answer, the same before, during and
+    after the process group (``DistEnv.rank`` is read from it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main() -> bool:
-    """True on rank 0, and in a single process."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True on rank 0, and in a single process (for code that holds no :class:`DistEnv`, e.g. a command's last
+    line)."""
+    return process_rank() == 0
 
 
 def world_size() -> int:

@@ -152,11 +152,8 @@ def train_curve(req: CurveRequest, on_step: Any = None) -> Path:
     """Train (or with ``resume`` continue) the curve ``req`` asks for; returns ``curve.pt``. An existing finished
     curve is reused on ``resume``, replaced on ``overwrite``, refused otherwise. ``on_step(step)`` is called after
     every optimiser step (a user's hook) with a :class:`minima.studies.loop.TrainState`."""
-    env = distributed.setup(req.device)
-    try:
+    with distributed.session(req.device) as env:
         return _train_curve(req, env, on_step)
-    finally:
-        distributed.teardown()
 
 
 def _train_curve(req: CurveRequest, env: distributed.DistEnv, on_step: Any) -> Path:

@@ -167,26 +167,22 @@ def run_grid(req: R, prepare: Callable[[R, distributed.DistEnv], GridStudy],
     """Run (or resume) the grid study ``prepare(req, env)`` builds into its HDF5 grid file and return the path;
     under torchrun the points are dealt to the ranks. ``shared``: exception types of the final check that every
     rank raises (with rank 0's message) besides refusals."""
-    env = distributed.setup(req.device)
-    try:
-        with float32_math(req.float32_math):
-            study = distributed.agree(env, lambda: prepare(req, env))
-            pending, created = distributed.from_main(env, lambda: _open(study, req, env))
-            written = 0
-            try:
-                with results.GridWriter(study.out) if env.is_main else contextlib.nullcontext() as writer:
-                    for i, row in sweep_points(study.model, study.point, results.grid_points(study.coords), pending,
-                                               study.data, study.settings, env, progress=env.is_main and req.progress):
-                        if writer is not None:
-                            writer.write(i, row)
-                            written += 1
-            except BaseException:
-                if env.is_main and created and written == 0:  # nothing finished: leave no new file behind
-                    study.out.unlink(missing_ok=True)
-                raise
-            distributed.from_main(env, lambda: _finish(study, req), also=shared)
-    finally:
-        distributed.teardown()
+    with distributed.session(req.device) as env, float32_math(req.float32_math):
+        study = distributed.agree(env, lambda: prepare(req, env))
+        pending, created = distributed.from_main(env, lambda: _open(study, req, env))
+        written = 0
+        try:
+            with results.GridWriter(study.out) if env.is_main else contextlib.nullcontext() as writer:
+                for i, row in sweep_points(study.model, study.point, results.grid_points(study.coords), pending,
+                                           study.data, study.settings, env, progress=env.is_main and req.progress):
+                    if writer is not None:
+                        writer.write(i, row)
+                        written += 1
+        except BaseException:
+            if env.is_main and created and written == 0:  # nothing finished: leave no new file behind
+                study.out.unlink(missing_ok=True)
+            raise
+        distributed.from_main(env, lambda: _finish(study, req), also=shared)
     return study.out
 
 

@@ -150,9 +150,8 @@ def _output(req: MeasureOptions) -> Path:
 
 def measure(req: MeasureOptions) -> Path:
     """Compute every requested metric for every checkpoint into ``req.out``; return the path."""
-    env = distributed.setup(req.device)
     out = _output(req)
-    try:
+    with distributed.session(req.device) as env:
         jobs = distributed.agree(env, lambda: (_validate(req), result_jobs(req))[1])
         # every checkpoint is read and its model rebuilt before the output is touched: a refusal leaves no file
         loaded = distributed.agree(env, lambda: [_load(Path(p), req) for p in req.checkpoints])
@@ -172,8 +171,6 @@ def measure(req: MeasureOptions) -> Path:
             print(f"[minima.sharpness] wrote {computed} result(s) to {out}" if computed else
                   f"[minima.sharpness] nothing to compute: every result is already in {out}", flush=True)
         distributed.barrier()
-    finally:
-        distributed.teardown()
     return out
 
 

@@ -369,21 +369,17 @@ def train(
     validate_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    env = distributed.setup(config.device)
-    try:
-        with float32_math(config.float32_math):
-            run = _start(config, env, resume, dataset)
-            try:
-                final = _train(run, on_step, on_epoch)
-            except BaseException as error:
-                if env.is_main:
-                    _record_end(run, error)
-                _close_sinks(run)
-                raise
+    with distributed.session(config.device) as env, float32_math(config.float32_math):
+        run = _start(config, env, resume, dataset)
+        try:
+            final = _train(run, on_step, on_epoch)
+        except BaseException as error:
+            if env.is_main:
+                _record_end(run, error)
             _close_sinks(run)
-            return final
-    finally:
-        distributed.teardown()
+            raise
+        _close_sinks(run)
+        return final
 
 
 def _close_sinks(run: Run) -> None:
