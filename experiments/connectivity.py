@@ -258,6 +258,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         name, p = cfg.load_preset(Preset, CONFIGS, "connectivity_", args.preset)
+        try:  # the nested preset too, before the first stage (not after ten of them)
+            keskar.load_preset(p.keskar_preset)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"preset {name}: keskar_preset = {p.keskar_preset!r}: {exc}") from None
     except (ValueError, FileNotFoundError) as exc:
         print(f"[experiments.connectivity] error: {exc}", file=sys.stderr)
         return 2

@@ -239,3 +239,15 @@ def test_a_pipeline_stopped_in_any_stage_is_one_line_and_exit_75(monkeypatch: py
     monkeypatch.setattr(keskar, "train", stopped_training)  # the pipeline's first training stage is interrupted
     assert keskar.main(["--preset", "smoke", "--data", "synthetic", "--out", str(tmp_path / "k")]) == 75
     assert "run the same command again to continue" in capsys.readouterr().err
+
+
+def test_a_nested_preset_is_checked_before_the_first_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from experiments import connectivity
+
+    preset = tmp_path / "mine.toml"
+    preset.write_text('keskar_preset = "mini"\n')
+    out = tmp_path / "out"
+    assert connectivity.main(["--preset", str(preset), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "keskar_preset = 'mini'" in err and "no preset 'mini'" in err, err
+    assert not out.exists()
