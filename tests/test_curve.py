@@ -159,3 +159,20 @@ def test_micro_batches_give_the_same_curve_and_augmentation_is_recorded(tmp_path
         train_curve(_req(a, b, tmp_path / "aug", epochs=2, resume=True))
     with pytest.raises(ValueError, match="not divisible by micro-batch 5"):
         train_curve(_req(a, b, tmp_path / "bad", micro_batch=5))
+
+
+def test_usr2_under_submitit_stops_a_curve_with_a_bit_exact_resume(ends: tuple, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, _ = ends
+    whole = ck.load_curve_checkpoint(train_curve(_req(a, b, tmp_path / "whole")))
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # inside a submitit job: USR2 announces pre-emption
+
+    def preempt(state: TrainState) -> None:
+        if state.step == 5:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    with pytest.raises(TrainingInterrupted, match="signal 12"):
+        train_curve(_req(a, b, tmp_path / "cut"), on_step=preempt)
+    resumed = ck.load_curve_checkpoint(train_curve(_req(a, b, tmp_path / "cut", resume=True)))
+    assert all(torch.equal(whole["bends"][0][k], resumed["bends"][0][k]) for k in whole["bends"][0])
+    assert whole["meta"]["history"] == resumed["meta"]["history"]
