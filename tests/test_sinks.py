@@ -41,6 +41,7 @@ def test_tensorboard_events_read_back_equal_the_run_directory(tmp_path: Path) ->
         list(probes["threshold"]), rel=1e-6)
 
 
+@pytest.mark.slow  # W&B starts a service process of its own
 def test_wandb_offline_writes_its_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
