@@ -74,3 +74,4 @@ def test_one_runs_init_and_final_are_two_results(tmp_path: Path) -> None:
     final = toy_checkpoint(tmp_path / "run" / "final.pt", 2, ds)
     out = measure(_request([init, final], tmp_path / "both.h5"))
     assert sorted(r["checkpoint_label"] for r in results.load_sharpness(out)) == ["run", "run-init"]
+

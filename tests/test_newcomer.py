@@ -286,3 +286,19 @@ def test_density_results_are_drawn_and_the_trace_methods_recorded(ckpts: tuple[P
     capsys.readouterr()
     assert plot_main([str(out)]) == 0
     assert_drawn(tmp_path / "d_density.png")
+
+
+def test_a_missing_input_is_named_before_any_output_check(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint in a folder that does not exist: the commands name the checkpoint, not the output folder
+    beside it."""
+    from minima.align import main as align_main
+    from minima.curve import main as curve_main
+
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds)
+    missing = tmp_path / "no_such_folder" / "b.pt"
+    for main, args in ((interpolate_main, [str(missing), str(a)]), (interpolate_main, [str(a), str(missing)]),
+                       (align_main, [str(a), str(missing)]), (curve_main, [str(missing), str(a)])):
+        assert main([*args, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint {missing} does not exist" in err and "output directory" not in err, err

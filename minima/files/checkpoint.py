@@ -174,6 +174,15 @@ def make_curve_checkpoint(model: dict[str, Any], curve: dict[str, Any], bends: l
             **resume_state}
 
 
+def check_inputs(paths: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Refuse a missing input checkpoint first (before any output path is checked: an output beside a missing input
+    would otherwise be what the error names)."""
+    for path in paths:
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist" if not Path(path).exists()
+                                  else f"checkpoint {path} is not a file")
+
+
 def _load_file(path: str | os.PathLike[str], map_location: str | torch.device) -> Any:
     """The object in a PyTorch file, read with ``weights_only=True``, or a :class:`CheckpointError` naming why not."""
     path = Path(path)

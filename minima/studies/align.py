@@ -70,6 +70,7 @@ def _align(req: AlignRequest) -> tuple[Path, Matching]:
     check_choice("alignment method (--method)", req.method, AlignMethod)
     if req.samples is not None and req.samples < 2:
         raise ValueError(f"--samples {req.samples}: activation matching needs at least 2 images")
+    ckpt_io.check_inputs([req.checkpoint_a, req.checkpoint_b])
     out = check_output(Path(req.out) if req.out is not None else default_output(req), "a checkpoint", ".pt")
     for given in (req.checkpoint_a, req.checkpoint_b):
         if out.resolve() == Path(given).resolve():

@@ -130,6 +130,7 @@ def check_request(req: CurveRequest) -> np.ndarray:
     ts = parse_axis(req.t, "t")
     if ts.min() < 0 or ts.max() > 1:
         raise ValueError(f"t grid {req.t!r} leaves [0, 1]; a curve is defined for 0 ≤ t ≤ 1")
+    ckpt_io.check_inputs([req.checkpoint_a, req.checkpoint_b, req.evaluate])
     check_options(req, curve_dir(req).parent / "curve.h5")  # the shared flags, and a directory to create it in
     return ts
 

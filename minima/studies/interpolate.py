@@ -121,6 +121,7 @@ def _validate(req: SweepRequest) -> tuple[np.ndarray, Path]:
     if req.repair and req.direction != "segment":
         raise ValueError("--repair interpolates the statistics of two endpoints; it needs a segment A→B, not "
                          "--direction random")
+    ckpt_io.check_inputs([req.checkpoint_a, req.checkpoint_b])
     out = check_options(req, Path(req.out) if req.out is not None else default_output(req))
     return parse_axis(req.alphas), out
 
