@@ -40,6 +40,19 @@ def test_metrics_truncate_to_the_resumed_epoch(tmp_path: Path) -> None:
     assert [r["epoch"] for r in run.metrics()] == [1, 2]
 
 
+def test_a_line_cut_short_by_a_kill_is_not_an_epoch(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.append_metrics({"epoch": 1, "train_loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # killed while appending
+    assert run.metrics() == [{"epoch": 1, "train_loss": 1.0}]
+    run.truncate_metrics(1)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1, "train_loss": 1.0}\n'
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        run.metrics()
+
+
 def test_a_stopping_rule_is_the_reason_of_a_complete_run(tmp_path: Path) -> None:
     train(_sgd_config(tmp_path / "stop", epochs=50, batch_size=8, lr=0.2, target_loss=0.5), dataset=_toy_data(32))
     status = RunDir(tmp_path / "stop").status()

@@ -20,7 +20,7 @@ import torch
 
 from minima.files import checkpoint as ck
 from minima.files.rundir import RunDir
-from minima.pipelines.runs import complete, run_one
+from minima.pipelines.runs import complete, run_one, zoo_state
 from minima.pipelines.study import load_study, parse_shard, run_hash, shard
 from minima.pipelines.zoo import ZooRequest, submit_slurm, zoo
 from minima.studies.train import TrainingInterrupted, train
@@ -155,11 +155,48 @@ def test_a_failing_and_a_diverging_run_are_recorded_and_stop_nothing(tmp_path: P
     study = load_study(path, tmp_path / "pool")
     failed = run_one(study.runs[0], study)
     assert failed["state"] == "failed" and "probe-subset 100000" in failed["reason"]
-    assert RunDir(study.runs[0].directory).status().state == "failed" and not complete(study.runs[0], study)
+    assert zoo_state(study.runs[0], study)[0] == "failed" and not complete(study.runs[0], study)
+    assert not (study.runs[0].directory / "status.json").exists()  # the training never started
     diverged = run_one(study.runs[4], study)
     assert diverged["state"] == "diverged" and "NaN/inf in epoch 2" in diverged["reason"]
     assert complete(study.runs[4], study)
     assert "probe-subset" in (study.runs[0].directory / "log.txt").read_text()
+
+
+def test_a_measurement_that_fails_keeps_the_training_and_is_tried_again(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study's own work failing after training (here the measurement) is recorded beside the run, not in the
+    training run's status; the next start measures again without training again."""
+    from minima.pipelines import runs
+
+    study = load_study(_study(tmp_path), tmp_path / "pool")
+    spec = study.runs[0]
+
+    def broken(request: object) -> None:
+        raise RuntimeError("the cluster's scratch disk is full")
+
+    monkeypatch.setattr(runs, "measure", broken)
+    failed = run_one(spec, study)
+    assert failed["state"] == "failed" and failed["reason"] == "RuntimeError: the cluster's scratch disk is full"
+    assert RunDir(spec.directory).status().state == "complete"  # the training run's own record is intact
+    trained = RunDir(spec.directory).final.stat().st_mtime_ns
+    monkeypatch.undo()
+    assert run_one(spec, study)["state"] == "complete"
+    assert RunDir(spec.directory).final.stat().st_mtime_ns == trained and complete(spec, study)
+    assert not (spec.directory / "zoo_error.json").exists()
+
+
+def test_a_half_written_measurement_file_is_set_aside_and_measured_again(tmp_path: Path) -> None:
+    from minima.pipelines.runs import measure_path
+
+    study = load_study(_study(tmp_path), tmp_path / "pool")
+    spec = study.runs[0]
+    assert run_one(spec, study)["state"] == "complete"
+    path = measure_path(spec, study)
+    path.write_bytes(path.read_bytes()[:300])  # what a kill in the middle of a write can leave
+    assert not complete(spec, study)
+    assert run_one(spec, study)["state"] == "complete" and complete(spec, study)
+    assert path.with_name(path.name + ".unreadable").exists()
 
 
 KILLED_ZOO = """
@@ -199,7 +236,7 @@ def test_the_submitit_debug_executor_runs_the_study_end_to_end(tmp_path: Path) -
     path = _study(tmp_path)
     from minima.pipelines.zoo import prepare, write_manifest
 
-    study, where = prepare(path, str(tmp_path / "study"), None)
+    study, where, _ = prepare(path, str(tmp_path / "study"), None)
     write_manifest(study, where)
     submit_slurm(study, where, study.runs[:2], parallelism=2, timeout_min=5, partition=None, account=None,
                  cpus_per_task=1, gpus_per_node=0, cluster="debug")

@@ -100,11 +100,21 @@ class RunDir:
 
     # per-epoch metrics
     def metrics(self) -> list[dict[str, Any]]:
-        """Every finished epoch's metrics, in order ([] before the first epoch ends)."""
+        """Every finished epoch's metrics, in order ([] before the first epoch ends). A last line cut short (a process
+        killed while appending it) is not an epoch and is left out; a bad line before it is an error naming it."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break
+                raise ValueError(f"{path} line {number} is not JSON; the run directory is damaged") from None
+        return rows
 
     def last_metrics(self) -> dict[str, Any]:
         """The last finished epoch's metrics ({} before the first)."""

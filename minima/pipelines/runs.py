@@ -39,6 +39,7 @@ from minima.studies.sharpness import measure, measure_request_type, result_jobs
 from minima.studies.train import NonFiniteLossError, train
 
 TABLE_FIXED = ("run", "index")
+ZOO_ERROR = "zoo_error.json"  # a failure of the study's own work on a run (evaluation, measurement, a refused request)
 TABLE_OUTCOME = ("status", "reason", "epochs", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
@@ -93,8 +94,24 @@ def measured(spec: RunSpec, study: Study) -> bool:
     path = measure_path(spec, study)
     if not path.exists():
         return False
-    have = {r["metric"] for r in results.load_sharpness(path)}
+    try:
+        have = {r["metric"] for r in results.load_sharpness(path)}
+    except (OSError, KeyError, ValueError):  # a file a killed process left half written: measured again
+        return False
     return all(name in have for _, name, _ in result_jobs(_measure_request(spec, study)))
+
+
+def _set_aside_if_unreadable(path: Path) -> None:
+    """A measurement file that does not open (a process killed while writing it) is renamed ``*.unreadable`` (kept for
+    a look) so the measurement starts again."""
+    if not path.exists():
+        return
+    try:
+        results.load_sharpness(path)
+    except (OSError, KeyError, ValueError):
+        path.rename(path.with_name(path.name + ".unreadable"))
+        print(f"[minima.zoo] {path} could not be read (written by a process that was killed?); kept as "
+              f"{path.name}.unreadable and measured again", flush=True)
 
 
 def evaluate_final(spec: RunSpec) -> dict[str, float]:
@@ -131,39 +148,64 @@ def _under_submitit() -> bool:
     return os.environ.get("SUBMITIT_EXECUTOR", "") == "slurm"
 
 
+def zoo_state(spec: RunSpec, study: Study) -> tuple[str, str | None, int, int]:
+    """Where a run stands for a study: (state, reason, epochs, steps). The training run's own ``status.json``, except
+    that a failure of the study's own work (the evaluation, the measurement, or a training request refused before
+    it started) is read from ``zoo_error.json`` — the training run's record is never overwritten by it — and a run
+    trained but not yet evaluated or measured is ``running``."""
+    status = RunDir(spec.directory).status()
+    error = spec.directory / ZOO_ERROR
+    if error.exists() and status.state in ("new", "complete") and not complete(spec, study):
+        return "failed", json.loads(error.read_text())["reason"], status.epoch, status.step
+    if status.state == "complete" and not complete(spec, study):
+        return "running", status.reason, status.epoch, status.step
+    return ("pending" if status.state == "new" else status.state), status.reason, status.epoch, status.step
+
+
 def run_one(spec: RunSpec, study: Study, threads: int | None = None) -> dict[str, Any]:
     """Train, evaluate and measure one run, resuming whatever its directory already holds; everything it prints goes
-    to its ``log.txt``. Returns ``{"run", "state", "reason", "seconds"}``; a failure is recorded (its state and
-    reason in ``status.json``), never raised, so one failing run stops no other."""
+    to its ``log.txt``. Returns ``{"run", "state", "reason", "seconds"}``; a failure is recorded (training's in its
+    ``status.json``, the study's own work's in ``zoo_error.json``), never raised, so one failing run stops no other;
+    the next start tries a failed run again."""
     t0 = time.perf_counter()
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run_one(spec, study, t0)
+    finally:
+        torch.set_num_threads(threads_before)  # the caller's setting (run_one also runs in the caller's process)
+
+
+def _run_one(spec: RunSpec, study: Study, t0: float) -> dict[str, Any]:
     directory = spec.directory
     interrupted = False
     with run_lock(directory), output_to(directory / "log.txt"):
         run = RunDir(directory)
         try:
             if not complete(spec, study):
-                if run.status().state != "complete":
+                if not run.final.exists():
                     train(spec.config, resume=run.last.exists())
                 evaluate_final(spec)
                 if study.measure and not measured(spec, study):
+                    _set_aside_if_unreadable(measure_path(spec, study))
                     measure(_measure_request(spec, study))
+            (directory / ZOO_ERROR).unlink(missing_ok=True)
         except NonFiniteLossError:
             pass  # status.json says diverged, with its reason
         except (TrainingInterrupted, KeyboardInterrupt):
             interrupted = True
         except Exception as exc:
-            said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            if run.status().state in ("complete", "running", "new"):  # after training: evaluation or measurement
-                run.set_status("failed", f"{type(exc).__name__}: {said}", run.status().epoch, run.status().step)
-            print(f"[minima.zoo] run {spec.run} failed: {type(exc).__name__}: {said}", flush=True)
-        status = run.status()
+            said = f"{type(exc).__name__}: " + (str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            if run.status().state in ("new", "complete"):  # not the training's own failure: the study's work's
+                (directory / ZOO_ERROR).write_text(json.dumps({"reason": said}) + "\n")
+            print(f"[minima.zoo] run {spec.run} failed: {said}", flush=True)
+        state, reason, _, _ = zoo_state(spec, study)
     if interrupted and _under_submitit():
         # pre-emption under submitit (USR2): last.pt is written; hand the signal back to submitit's own handler,
         # which checkpoints this call (the same run, resumed) and requeues the job
         signal.raise_signal(signal.SIGUSR2)
-    return {"run": spec.run, "state": "interrupted" if interrupted else status.state, "reason": status.reason,
+    return {"run": spec.run, "state": "interrupted" if interrupted else state, "reason": reason,
             "seconds": time.perf_counter() - t0}
 
 
@@ -174,11 +216,9 @@ def table_rows(study: Study) -> list[dict[str, Any]]:
     rows = []
     names: list[str] = []
     for spec in study.runs:
-        run = RunDir(spec.directory)
-        status = run.status()
+        state, reason, epochs, steps = zoo_state(spec, study)
         row: dict[str, Any] = {"run": spec.run, "index": spec.index, **{k: spec.params.get(k, "") for k in varied},
-                               "status": "pending" if status.state == "new" else status.state,
-                               "reason": status.reason or "", "epochs": status.epoch, "steps": status.step}
+                               "status": state, "reason": reason or "", "epochs": epochs, "steps": steps}
         evaluation = spec.directory / "evaluation.json"
         row.update(json.loads(evaluation.read_text()) if evaluation.exists() else {})
         path = measure_path(spec, study)

@@ -30,9 +30,8 @@ from minima.core.allocator import keep_freed_memory
 from minima.core.cli import duration
 from minima.core.config import setting
 from minima.core.vocab import Executor, check_choice
-from minima.files.rundir import RunDir
 from minima.optim.steps import EXIT_INTERRUPTED
-from minima.pipelines.runs import complete, run_one, write_table
+from minima.pipelines.runs import complete, run_one, write_table, zoo_state
 from minima.pipelines.study import RunSpec, Study, load_study, parse_shard, shard
 
 FORMAT = "minima.zoo/1"
@@ -93,30 +92,29 @@ def write_manifest(study: Study, where: Layout, **extra: Any) -> None:
     })
 
 
-def prepare(study_file: Path, out: str | None, pool: str | None) -> tuple[Study, Layout]:
-    """The study validated whole and its directories made (nothing else written)."""
+def prepare(study_file: Path, out: str | None, pool: str | None) -> tuple[Study, Layout, str | None]:
+    """The study validated whole and its directories made (nothing else written), and — when ``manifest.json``
+    lists other runs (the study file was edited: a grid value added, a seed more) — a line saying what changed: the
+    runs are named by their configuration, so the ones in common are kept and only the new ones run."""
     where = layout(study_file, out, pool)
     study = load_study(study_file, where.pool)
     if where.study_dir.exists() and not where.study_dir.is_dir():
         raise ValueError(f"--out {where.study_dir} is a file; give a directory")
-    recorded = _read_json(where.manifest)
-    if recorded and [r["run"] for r in recorded.get("runs", [])] != [r.run for r in study.runs]:
-        raise ValueError(f"{where.manifest} belongs to a study with other runs (was {Path(recorded['study_file'])}); "
-                         "give another --out, or move it aside")
+    before = [r["run"] for r in _read_json(where.manifest).get("runs", [])]
+    changed = None
+    if before and before != [r.run for r in study.runs]:
+        added = len({r.run for r in study.runs} - set(before))
+        gone = len(set(before) - {r.run for r in study.runs})
+        changed = (f"[minima.zoo] the study differs from its manifest: {added} run(s) added, {gone} no longer in it "
+                   f"(their directories stay in {where.pool}); the runs in common are kept")
     where.study_dir.mkdir(parents=True, exist_ok=True)
     where.pool.mkdir(parents=True, exist_ok=True)
-    return study, where
+    return study, where, changed
 
 
 def summary(study: Study, runs: list[RunSpec] | None = None) -> Counter[str]:
     """How many runs are complete, diverged, failed, interrupted, running or pending."""
-    counts: Counter[str] = Counter()
-    for spec in runs if runs is not None else study.runs:
-        state = RunDir(spec.directory).status().state
-        if state == "complete" and not complete(spec, study):
-            state = "running"  # trained, still being evaluated or measured (or stopped there)
-        counts["pending" if state == "new" else state] += 1
-    return counts
+    return Counter(zoo_state(spec, study)[0] for spec in (runs if runs is not None else study.runs))
 
 
 def said(counts: Counter[str]) -> str:
@@ -313,7 +311,9 @@ def zoo(req: ZooRequest, say: Callable[[str], None] = print) -> Counter[str]:
     k, n = parse_shard(req.shard)
     if (req.workers is not None and req.workers < 1) or (req.threads is not None and req.threads < 1):
         raise ValueError("--workers and --threads must be ≥ 1")
-    study, where = prepare(Path(req.study), req.out, req.pool)
+    study, where, changed = prepare(Path(req.study), req.out, req.pool)
+    if changed:
+        say(changed)
     write_manifest(study, where)
     mine = shard(study.runs, k, n)
     todo = [r for r in mine if not complete(r, study)]
@@ -325,7 +325,7 @@ def zoo(req: ZooRequest, say: Callable[[str], None] = print) -> Counter[str]:
     if req.status or req.dry_run:
         if req.dry_run:
             for r in mine:
-                state = "complete" if r not in todo else RunDir(r.directory).status().state
+                state = zoo_state(r, study)[0]
                 say(f"  run {r.index:4d} {r.run} {state:<11} " + " ".join(f"{k}={v}" for k, v in r.params.items()))
         jobs = _read_json(where.manifest).get("slurm_jobs", [])
         if jobs and req.status:
