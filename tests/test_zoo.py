@@ -145,6 +145,13 @@ def test_four_runs_on_two_local_workers_then_nothing_to_do(tmp_path: Path) -> No
     status: list[str] = []
     zoo(replace(req, status=True), status.append)
     assert "4 complete" in status[0]
+    (tmp_path / "study" / "runs" / rows[1]["run"] / "evaluation.json").unlink()  # one run left to evaluate
+    plan: list[str] = []
+    zoo(replace(req, dry_run=True), plan.append)
+    assert "3 complete, 1 running" in plan[0] and "1 to do" in plan[0]
+    assert re.match(r"\[minima.zoo\] estimated .+ for 1 run\(s\) .* \(from 4 earlier run\(s\)", plan[1]), plan
+    assert any(line.split()[2] == rows[1]["run"] and "running" in line for line in plan[2:]), plan
+    assert not (tmp_path / "study" / "runs" / rows[1]["run"] / "evaluation.json").exists()  # a dry run computes nothing
 
 
 def test_a_failing_and_a_diverging_run_are_recorded_and_stop_nothing(tmp_path: Path) -> None:

@@ -152,21 +152,30 @@ def _stop_requests() -> Iterator[dict[str, int | None]]:
             signal.signal(s, h)
 
 
+def estimate(where: Layout, todo: list[RunSpec], workers: int, threads: int) -> str:
+    """The line that says how long ``todo`` will take on ``workers`` × ``threads``: from the seconds earlier runs of
+    the study took here (``seconds.json``), or that the estimate follows the first finished run."""
+    if not todo:
+        return "[minima.zoo] nothing to run"
+    seconds = _read_json(where.seconds)
+    known = list(seconds.values())
+    workers = max(1, min(workers, len(todo)))
+    if known and todo:
+        per_run = sum(known) / len(known)
+        return (f"[minima.zoo] estimated {duration(per_run * len(todo) / workers)} for {len(todo)} run(s) on "
+                f"{workers} worker(s) × {threads} thread(s) (from {len(known)} earlier run(s), {duration(per_run)} "
+                "each)")
+    return (f"[minima.zoo] {len(todo)} run(s) on {workers} worker(s) × {threads} thread(s); the estimate follows "
+            "the first finished run")
+
+
 def run_local(study: Study, where: Layout, todo: list[RunSpec], workers: int, threads: int,
               say: Callable[[str], None] = print) -> Counter[str]:
     """The pending runs on ``workers`` processes of ``threads`` torch threads each (spawned once, reused), the table
     rewritten as each run ends. SIGTERM or Ctrl-C: the workers' runs write ``last.pt`` and stop, then
     :class:`ZooInterrupted`."""
     seconds = _read_json(where.seconds)
-    known = [seconds[r.run] for r in study.runs if r.run in seconds]
-    if known:
-        per_run = sum(known) / len(known)
-        say(f"[minima.zoo] estimated {duration(per_run * len(todo) / min(workers, len(todo)))} for {len(todo)} "
-            f"run(s) on {workers} worker(s) × {threads} thread(s) (from {len(known)} earlier run(s), "
-            f"{duration(per_run)} each)")
-    else:
-        say(f"[minima.zoo] {len(todo)} run(s) on {workers} worker(s) × {threads} thread(s); the estimate follows "
-            "the first finished run")
+    say(estimate(where, todo, workers, threads))
     outcomes: Counter[str] = Counter()
     done_seconds: list[float] = []
     context = multiprocessing.get_context("spawn")
@@ -324,6 +333,8 @@ def zoo(req: ZooRequest, say: Callable[[str], None] = print) -> Counter[str]:
     say(head)
     if req.status or req.dry_run:
         if req.dry_run:
+            workers, threads = default_workers(req.threads)
+            say(estimate(where, todo, req.workers or workers, threads))
             for r in mine:
                 state = zoo_state(r, study)[0]
                 say(f"  run {r.index:4d} {r.run} {state:<11} " + " ".join(f"{k}={v}" for k, v in r.params.items()))
