@@ -54,10 +54,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command("minima.plot", work)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a file ``torch.save`` wrote (a zip archive), by its first bytes."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def draw(files: Sequence[Path], out: Path | None = None) -> Path:
     """The figure of one grid file, or the overlay of several curve files; returns its path."""
     if len(files) == 1 and Path(files[0]).is_dir():
         return _probes(Path(files[0]), out)
+    for f in files:
+        if _is_checkpoint(Path(f)):
+            raise ValueError(f"{f} is a checkpoint, not a result file: minima.plot draws the .h5 files that "
+                             "interpolate, surface, curve and sharpness write (a curve's: curve.h5 beside its "
+                             "curve.pt), or a training run's folder")
     if any(read_format(f) == SHARPNESS_FORMAT for f in files):
         return _densities(files, out)
     grids = [landscape.load_any(f) for f in files]
@@ -87,6 +100,11 @@ def _probes(run_dir: Path, out: Path | None) -> Path:
     """A training run directory's probe timeline (``probes.h5``) with its training loss (``metrics.jsonl``)."""
     path = run_dir / "probes.h5"
     if not path.is_file():
+        below = sorted(p.parent for p in run_dir.rglob("probes.h5"))
+        if below:  # a pipeline's folder: its runs are below it
+            shown = ", ".join(str(p) for p in below[:4]) + (f" and {len(below) - 4} more" if len(below) > 4 else "")
+            raise ValueError(f"{run_dir} is not a training run; it holds {len(below)} run(s) with a probe timeline: "
+                             f"{shown}; draw one with python -m minima.plot {below[0]}")
         raise ValueError(f"{run_dir} holds no probes.h5: train with --probe (e.g. --probe hessian:50) to record one, "
                          "or give a result file")
     line = timeline.load(path)

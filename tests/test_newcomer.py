@@ -302,3 +302,22 @@ def test_a_missing_input_is_named_before_any_output_check(tmp_path: Path, capsys
         assert main([*args, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert f"checkpoint {missing} does not exist" in err and "output directory" not in err, err
+
+
+def test_plot_points_the_right_way_for_a_checkpoint_and_a_pipeline_folder(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """``minima.plot curve.pt`` said "may be corrupt"; ``minima.plot`` on a pipeline's folder said it "holds no
+    probes.h5" although its runs hold theirs."""
+    from minima.files import timeline
+    from minima.plot import main as plot_main
+
+    ds = toy_dataset()
+    ckpt = toy_checkpoint(tmp_path / "curve.pt", 1, ds)
+    assert plot_main([str(ckpt)]) == 2
+    assert "is a checkpoint, not a result file" in capsys.readouterr().err
+    run = tmp_path / "pipeline" / "seed0" / "sb"
+    run.mkdir(parents=True)
+    timeline.create(run / "probes.h5", {"subset": {"n": 1, "seed": 0}})
+    assert plot_main([str(tmp_path / "pipeline")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a training run; it holds 1 run(s) with a probe timeline" in err and str(run) in err
