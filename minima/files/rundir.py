@@ -52,8 +52,9 @@ class RunStatus:
         return self.state in ("complete", "diverged")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (a reader never sees half a file)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file (flushed, fsynced) and ``os.replace``: a reader never sees
+    half a file, and a process killed while writing leaves the previous one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -96,7 +97,7 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def write_config(self, resolved: dict[str, Any]) -> None:
-        _write_atomic(self.path / "config.json", json.dumps(resolved, indent=2) + "\n")
+        write_text_atomic(self.path / "config.json", json.dumps(resolved, indent=2) + "\n")
 
     # per-epoch metrics
     def metrics(self) -> list[dict[str, Any]]:
@@ -129,7 +130,7 @@ class RunDir:
         """Drop the lines of epochs after ``completed_epochs`` (a resume computes them again)."""
         if (self.path / "metrics.jsonl").exists():
             kept = [row for row in self.metrics() if row["epoch"] <= completed_epochs]
-            _write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
     # status
     def status(self) -> RunStatus:
@@ -150,7 +151,7 @@ class RunDir:
     def set_status(self, state: str, reason: str | None = None, epoch: int = 0, step: int = 0) -> RunStatus:
         check_choice("run state", state, RunState)
         status = RunStatus(state, reason, epoch, step, utc_now())
-        _write_atomic(self.path / "status.json", json.dumps({"format": FORMAT, **asdict(status)}, indent=2) + "\n")
+        write_text_atomic(self.path / "status.json", json.dumps({"format": FORMAT, **asdict(status)}, indent=2) + "\n")
         return status
 
     # probes

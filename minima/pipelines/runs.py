@@ -30,7 +30,7 @@ from minima.core import config as cfg
 from minima.data import load_for_checkpoint
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
-from minima.files.rundir import RunDir
+from minima.files.rundir import RunDir, write_text_atomic
 from minima.geometry.evaluate import Batching, evaluate, recorded_loss
 from minima.models import own_import
 from minima.optim.steps import TrainingInterrupted
@@ -129,9 +129,7 @@ def evaluate_final(spec: RunSpec) -> dict[str, float]:
     for name, split in (("train", ds.train), ("test", ds.test)):
         r = evaluate(model, split, meta["data"]["mean"], meta["data"]["std"], feed, loss=recorded_loss(meta))
         found[f"{name}_loss"], found[f"{name}_accuracy"] = r.loss, r.accuracy
-    tmp = path.with_name(".evaluation.json.tmp")
-    tmp.write_text(json.dumps(found, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(found, indent=2) + "\n")
     return found
 
 
@@ -198,7 +196,7 @@ def _run_one(spec: RunSpec, study: Study, t0: float) -> dict[str, Any]:
         except Exception as exc:
             said = f"{type(exc).__name__}: " + (str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             if run.status().state in ("new", "complete"):  # not the training's own failure: the study's work's
-                (directory / ZOO_ERROR).write_text(json.dumps({"reason": said}) + "\n")
+                write_text_atomic(directory / ZOO_ERROR, json.dumps({"reason": said}) + "\n")
             print(f"[minima.zoo] run {spec.run} failed: {said}", flush=True)
         state, reason, _, _ = zoo_state(spec, study)
     if interrupted and _under_submitit():
@@ -247,7 +245,5 @@ def write_table(study: Study, path: Path) -> Path:
     writer.writerow(list(rows[0]) if rows else list(TABLE_FIXED))
     for row in rows:
         writer.writerow([_cell(v) for v in row.values()])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
     return path

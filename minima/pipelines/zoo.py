@@ -30,6 +30,7 @@ from minima.core.allocator import keep_freed_memory
 from minima.core.cli import duration
 from minima.core.config import setting
 from minima.core.vocab import Executor, check_choice
+from minima.files.rundir import write_text_atomic
 from minima.optim.steps import EXIT_INTERRUPTED
 from minima.pipelines.runs import complete, run_one, write_table, zoo_state
 from minima.pipelines.study import RunSpec, Study, load_study, parse_shard, shard
@@ -71,9 +72,7 @@ def layout(study_file: Path, out: str | None, pool: str | None) -> Layout:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
