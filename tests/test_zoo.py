@@ -202,6 +202,10 @@ def test_a_half_written_measurement_file_is_set_aside_and_measured_again(tmp_pat
     path = measure_path(spec, study)
     path.write_bytes(path.read_bytes()[:300])  # what a kill in the middle of a write can leave
     assert not complete(spec, study)
+    from minima.pipelines.runs import write_table
+
+    (row, *_) = _rows(write_table(study, tmp_path / "runs.csv"))  # the table is still written, that run unmeasured
+    assert row["status"] == "running" and row.get("average_sigma0.01", "") == ""
     assert run_one(spec, study)["state"] == "complete" and complete(spec, study)
     assert path.with_name(path.name + ".unreadable").exists()
 

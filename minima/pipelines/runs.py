@@ -87,28 +87,29 @@ def _measure_request(spec: RunSpec, study: Study) -> Any:
     return cfg.resolve(measure_request_type(), None, settings)
 
 
+def measurements(path: Path) -> list[dict[str, Any]] | None:
+    """The results in a run's measurement file: [] when there is none yet, None when it does not open (a process
+    killed while writing it leaves such a file: it counts as not measured, and is measured again)."""
+    if not path.exists():
+        return []
+    try:
+        return results.load_sharpness(path)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def measured(spec: RunSpec, study: Study) -> bool:
     """Whether every result the study measures is in the run's measurement file (True when it measures nothing)."""
     if not study.measure:
         return True
-    path = measure_path(spec, study)
-    if not path.exists():
-        return False
-    try:
-        have = {r["metric"] for r in results.load_sharpness(path)}
-    except (OSError, KeyError, ValueError):  # a file a killed process left half written: measured again
-        return False
+    have = {r["metric"] for r in measurements(measure_path(spec, study)) or []}
     return all(name in have for _, name, _ in result_jobs(_measure_request(spec, study)))
 
 
 def _set_aside_if_unreadable(path: Path) -> None:
-    """A measurement file that does not open (a process killed while writing it) is renamed ``*.unreadable`` (kept for
-    a look) so the measurement starts again."""
-    if not path.exists():
-        return
-    try:
-        results.load_sharpness(path)
-    except (OSError, KeyError, ValueError):
+    """A measurement file that does not open is renamed ``*.unreadable`` (kept for a look) so the measurement starts
+    again."""
+    if measurements(path) is None:
         path.rename(path.with_name(path.name + ".unreadable"))
         print(f"[minima.zoo] {path} could not be read (written by a process that was killed?); kept as "
               f"{path.name}.unreadable and measured again", flush=True)
@@ -152,10 +153,11 @@ def zoo_state(spec: RunSpec, study: Study) -> tuple[str, str | None, int, int]:
     it started) is read from ``zoo_error.json`` — the training run's record is never overwritten by it — and a run
     trained but not yet evaluated or measured is ``running``."""
     status = RunDir(spec.directory).status()
+    done = complete(spec, study)
     error = spec.directory / ZOO_ERROR
-    if error.exists() and status.state in ("new", "complete") and not complete(spec, study):
+    if not done and error.exists() and status.state in ("new", "complete"):
         return "failed", json.loads(error.read_text())["reason"], status.epoch, status.step
-    if status.state == "complete" and not complete(spec, study):
+    if not done and status.state == "complete":
         return "running", status.reason, status.epoch, status.step
     return ("pending" if status.state == "new" else status.state), status.reason, status.epoch, status.step
 
@@ -219,9 +221,8 @@ def table_rows(study: Study) -> list[dict[str, Any]]:
                                "status": state, "reason": reason or "", "epochs": epochs, "steps": steps}
         evaluation = spec.directory / "evaluation.json"
         row.update(json.loads(evaluation.read_text()) if evaluation.exists() else {})
-        path = measure_path(spec, study)
-        if study.measure and path.exists():
-            for r in results.load_sharpness(path):
+        if study.measure:
+            for r in measurements(measure_path(spec, study)) or []:  # none from a file a kill left half written
                 row[str(r["metric"])] = r["value"]
                 if str(r["metric"]) not in names:
                     names.append(str(r["metric"]))
