@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from minima.core import config as cfg
 from minima.core.cli import run_command
+from minima.optim.steps import EXIT_INTERRUPTED
 from minima.pipelines.zoo import ZooInterrupted, ZooRequest, zoo
 
 __all__ = ["ZooRequest", "main", "parse_args", "zoo"]
@@ -28,7 +29,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ZooRequest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command("minima.zoo", lambda: zoo(parse_args(argv)), statuses={ZooInterrupted: 75})
+    return run_command("minima.zoo", lambda: zoo(parse_args(argv)), statuses={ZooInterrupted: EXIT_INTERRUPTED})
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import multiprocessing
 import os
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from minima.core.cli import duration
 from minima.core.config import setting
 from minima.core.vocab import Executor, check_choice
 from minima.files.rundir import write_text_atomic
-from minima.optim.steps import EXIT_INTERRUPTED
+from minima.optim.steps import stop_on_signals
 from minima.pipelines.runs import complete, run_one, write_table, zoo_state
 from minima.pipelines.study import RunSpec, Study, load_study, parse_shard, shard
 
@@ -40,9 +40,7 @@ FORMAT = "minima.zoo/1"
 
 class ZooInterrupted(RuntimeError):
     """SIGTERM or Ctrl-C reached the zoo: the runs in progress wrote their ``last.pt``; running the same command
-    again continues."""
-
-    exit_status = EXIT_INTERRUPTED
+    again continues (exit status 75, ``minima.optim.steps.EXIT_INTERRUPTED``, as for training)."""
 
 
 @dataclass(frozen=True)
@@ -131,32 +129,11 @@ def _init_worker(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _work(spec: RunSpec, study: Study, threads: int) -> dict[str, Any]:
-    return run_one(spec, study, threads)
-
-
-@contextmanager
-def _stop_requests() -> Iterator[dict[str, int | None]]:
-    """SIGTERM (and SIGINT) to the zoo's own process become a flag; handlers restored after."""
-    flag: dict[str, int | None] = {"signal": None}
-
-    def handler(signum: int, _frame: object) -> None:
-        flag["signal"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def estimate(where: Layout, todo: list[RunSpec], workers: int, threads: int) -> str:
-    """The line that says how long ``todo`` will take on ``workers`` × ``threads``: from the seconds earlier runs of
-    the study took here (``seconds.json``), or that the estimate follows the first finished run."""
+def estimate(seconds: dict[str, float], todo: list[RunSpec], workers: int, threads: int) -> str:
+    """The line that says how long ``todo`` will take on ``workers`` × ``threads``: from the ``seconds`` earlier runs
+    of the study took here (``seconds.json``), or that the estimate follows the first finished run."""
     if not todo:
         return "[minima.zoo] nothing to run"
-    seconds = _read_json(where.seconds)
     known = list(seconds.values())
     workers = max(1, min(workers, len(todo)))
     if known and todo:
@@ -174,7 +151,7 @@ def run_local(study: Study, where: Layout, todo: list[RunSpec], workers: int, th
     rewritten as each run ends. SIGTERM or Ctrl-C: the workers' runs write ``last.pt`` and stop, then
     :class:`ZooInterrupted`."""
     seconds = _read_json(where.seconds)
-    say(estimate(where, todo, workers, threads))
+    say(estimate(seconds, todo, workers, threads))
     outcomes: Counter[str] = Counter()
     done_seconds: list[float] = []
     context = multiprocessing.get_context("spawn")
@@ -183,8 +160,8 @@ def run_local(study: Study, where: Layout, todo: list[RunSpec], workers: int, th
     bar = tqdm(total=len(todo), desc=f"{study.name}: runs", unit="run", dynamic_ncols=True, disable=None)
     stopped: int | None = None
     try:
-        with _stop_requests() as stop:
-            futures = {pool.submit(_work, spec, study, threads): spec for spec in todo}
+        with stop_on_signals() as stop:  # SIGTERM or Ctrl-C to the zoo itself: a flag, then the workers are told
+            futures = {pool.submit(run_one, spec, study, threads): spec for spec in todo}
             pending = set(futures)
             while pending:
                 finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
@@ -333,7 +310,7 @@ def zoo(req: ZooRequest, say: Callable[[str], None] = print) -> Counter[str]:
     if req.status or req.dry_run:
         if req.dry_run:
             workers, threads = default_workers(req.threads)
-            say(estimate(where, todo, req.workers or workers, threads))
+            say(estimate(_read_json(where.seconds), todo, req.workers or workers, threads))
             for r in mine:
                 state = zoo_state(r, study)[0]
                 say(f"  run {r.index:4d} {r.run} {state:<11} " + " ".join(f"{k}={v}" for k, v in r.params.items()))
