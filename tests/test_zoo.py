@@ -210,6 +210,22 @@ def test_a_half_written_measurement_file_is_set_aside_and_measured_again(tmp_pat
     assert path.with_name(path.name + ".unreadable").exists()
 
 
+def test_a_run_a_worker_is_on_is_running_and_its_files_are_not_opened(tmp_path: Path) -> None:
+    """While a process holds a run's lock (a worker measuring it), the table and the status leave its files alone —
+    opening its measurement file here would make HDF5 refuse the worker's write — and report it running."""
+    from minima.pipelines.runs import run_lock, write_table
+
+    study = load_study(_study(tmp_path), tmp_path / "pool")
+    spec = study.runs[0]
+    assert run_one(spec, study)["state"] == "complete"
+    with run_lock(spec.directory):
+        assert zoo_state(spec, study)[0] == "running"
+        (row, *_) = _rows(write_table(study, tmp_path / "runs.csv"))
+        assert row["status"] == "running" and row["train_loss"] == "" and row.get("average_sigma0.01", "") == ""
+    (row, *_) = _rows(write_table(study, tmp_path / "runs.csv"))
+    assert row["status"] == "complete" and float(row["average_sigma0.01"]) == float(row["average_sigma0.01"])
+
+
 KILLED_ZOO = """
 import sys
 from minima.zoo import main

@@ -56,6 +56,28 @@ def run_lock(directory: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def idle(directory: Path) -> Iterator[bool]:
+    """Whether no process is working on the run now; while it is idle, a shared lock on its ``.lock`` keeps a worker
+    from starting on it until the block ends. A reader of a run's files (the table, the status) reads them inside:
+    a measurement file open for writing in a worker must not be opened here (HDF5 locks it, and the worker's write
+    would fail)."""
+    lock = directory / ".lock"
+    if not lock.exists():
+        yield True
+        return
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def output_to(path: Path) -> Iterator[None]:
     """Everything this process prints (Python's ``sys.stdout``/``sys.stderr`` and C's file descriptors 1 and 2)
     appended to ``path``; restored after."""
@@ -153,7 +175,10 @@ def zoo_state(spec: RunSpec, study: Study) -> tuple[str, str | None, int, int]:
     it started) is read from ``zoo_error.json`` — the training run's record is never overwritten by it — and a run
     trained but not yet evaluated or measured is ``running``."""
     status = RunDir(spec.directory).status()
-    done = complete(spec, study)
+    with idle(spec.directory) as free:
+        if not free:  # a worker is on it: its files are being written
+            return "running", status.reason, status.epoch, status.step
+        done = complete(spec, study)
     error = spec.directory / ZOO_ERROR
     if not done and error.exists() and status.state in ("new", "complete"):
         return "failed", json.loads(error.read_text())["reason"], status.epoch, status.step
@@ -200,7 +225,7 @@ def _run_one(spec: RunSpec, study: Study, t0: float) -> dict[str, Any]:
             if run.status().state in ("new", "complete"):  # not the training's own failure: the study's work's
                 write_text_atomic(directory / ZOO_ERROR, json.dumps({"reason": said}) + "\n")
             print(f"[minima.zoo] run {spec.run} failed: {said}", flush=True)
-        state, reason, _, _ = zoo_state(spec, study)
+    state, reason, _, _ = zoo_state(spec, study)  # after the lock: zoo_state reads only a run nobody works on
     if interrupted and _under_submitit():
         # pre-emption under submitit (USR2): last.pt is written; hand the signal back to submitit's own handler,
         # which checkpoints this call (the same run, resumed) and requeues the job
@@ -219,11 +244,11 @@ def table_rows(study: Study) -> list[dict[str, Any]]:
         state, reason, epochs, steps = zoo_state(spec, study)
         row: dict[str, Any] = {"run": spec.run, "index": spec.index, **{k: spec.params.get(k, "") for k in varied},
                                "status": state, "reason": reason or "", "epochs": epochs, "steps": steps}
-        evaluation = spec.directory / "evaluation.json"
-        row.update(json.loads(evaluation.read_text()) if evaluation.exists() else {})
-        if study.measure:
-            for r in measurements(measure_path(spec, study)) or []:  # none from a file a kill left half written
-                row[str(r["metric"])] = r["value"]
+        with idle(spec.directory) as free:  # a run a worker is on gets its numbers in the next table
+            evaluation = spec.directory / "evaluation.json"
+            row.update(json.loads(evaluation.read_text()) if free and evaluation.exists() else {})
+            for r in (measurements(measure_path(spec, study)) or []) if free and study.measure else []:
+                row[str(r["metric"])] = r["value"]  # none from a file a kill left half written
                 if str(r["metric"]) not in names:
                     names.append(str(r["metric"]))
         rows.append(row)
