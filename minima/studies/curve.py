@@ -35,10 +35,7 @@ from minima.core.config import setting, to_dict
 from minima.core.vocab import Amp, CurveKind, ScheduleKind, check_choice
 from minima.data import (
     Dataset,
-    DeviceBatches,
     augment,
-    epoch_permutation,
-    global_batches,
     load_for_checkpoint,
     normalize,
     place,
@@ -62,7 +59,7 @@ from minima.studies.grid import (
     parse_axis,
     recorded_attrs,
 )
-from minima.studies.loop import TrainState, plan_batches, run_epoch
+from minima.studies.loop import TrainState, epoch_batches, plan_batches, run_epoch
 
 # the settings that define a curve's training: a resumed run must share them
 TRAINING_KEYS = ("checkpoint_a", "checkpoint_b", "curve", "bends", "epochs", "batch_size", "lr", "momentum",
@@ -217,12 +214,11 @@ class _Trainer:
         self.bends = [{k: nn.Parameter(v[k].to(dev).clone()) for k in self.param_keys}
                       for v in initial_bends(state_a, state_b, req.bends)]
         self.plan = plan_batches(req.batch_size, env.world_size, req.micro_batch, len(ds.train))
-        self.per_rank, self.steps_per_epoch = self.plan.per_rank, self.plan.steps_per_epoch
         if req.amp == "bf16" and dev.type != "cuda":
             raise ValueError("--amp bf16 is supported on CUDA only; use --amp none on CPU")
         self.schedule = build_schedule(ref_lr=req.lr, ref_batch=req.batch_size, global_batch=req.batch_size,
                                        scaling="none", warmup_epochs=0.0, kind=req.schedule, milestones_epochs=(),
-                                       gamma=0.1, epochs=req.epochs, steps_per_epoch=self.steps_per_epoch)
+                                       gamma=0.1, epochs=req.epochs, steps_per_epoch=self.plan.steps_per_epoch)
         self.optimizer = torch.optim.SGD([p for b in self.bends for p in b.values()], lr=req.lr,
                                          momentum=req.momentum)
         (self.train_split,), self.placement = place([ds.train], req.data_on_device, dev)
@@ -267,7 +263,7 @@ class _Trainer:
         if env.is_main:
             print(f"[minima.curve] training a {req.curve} curve with {req.bends} bend(s) between "
                   f"{run_label(self.endpoints[0]['path'])} and {run_label(self.endpoints[1]['path'])}: "
-                  f"{req.epochs} epochs × {self.steps_per_epoch} steps of {req.batch_size} images "
+                  f"{req.epochs} epochs × {self.plan.steps_per_epoch} steps of {req.batch_size} images "
                   f"({len(self.ds.train)} train), {env.world_size} rank(s), from epoch {self.epoch + 1}", flush=True)
         with stop_on_signals() as stop:
             first = True
@@ -296,18 +292,12 @@ class _Trainer:
 
     def _epoch(self, stop: dict[str, int | None], last: Path, on_step: Any) -> torch.Tensor:
         """One epoch from ``self.batch0`` on the one training loop (:func:`minima.studies.loop.run_epoch`)."""
-        req, env, ds = self.req, self.env, self.ds
-        perm = epoch_permutation(len(ds.train), req.seed, self.epoch)
-        if self.train_split.images.device != perm.device:
-            perm = perm.to(self.train_split.images.device)
-        batches = global_batches(perm, req.batch_size)
-        chunks = [chunk for b in range(self.batch0, len(batches))
-                  for chunk in batches[b][env.rank * self.per_rank:(env.rank + 1) * self.per_rank].split(
-                      self.plan.micro)]
-        self.fetched = iter(DeviceBatches(self.train_split, chunks, env.device, self.placement.pinned))
+        req = self.req
+        batches, self.fetched = epoch_batches(self.train_split, self.placement, req.seed, self.epoch, req.batch_size,
+                                              self.plan, self.batch0, self.env)
         self.last_path = last
         self.model.train()  # BatchNorm on each batch's statistics, dropout on
-        sums, _ = run_epoch(self, self.batch0, len(batches), stop, str(last), on_step,
+        sums, _ = run_epoch(self, self.batch0, batches, stop, str(last), on_step,
                             f"curve epoch {self.epoch + 1}/{req.epochs}", req.progress)
         return sums
 

@@ -22,7 +22,7 @@ interrupted epoch, and the :class:`TrainState` its callbacks see.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minima.core import distributed
+from minima.data import DeviceBatches, Placement, Split, epoch_permutation, global_batches
 from minima.optim.schedule import LRSchedule, learning_rate
 from minima.optim.steps import TrainingInterrupted, step_seed
 
@@ -93,6 +94,21 @@ def plan_batches(global_batch: int, world_size: int, micro_batch: int | None, n_
         raise ValueError(f"the training set has {n_train} samples, fewer than one global batch of "
                          f"{global_batch}; use a smaller --batch-size or more data")
     return Plan(per_rank=per_rank, micro=micro, accumulation=per_rank // micro, steps_per_epoch=steps)
+
+
+def epoch_batches(split: Split, placement: Placement, seed: int, epoch: int, global_batch: int, plan: Plan,
+                  first: int, env: distributed.DistEnv) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """An epoch's global batches (one permutation seeded by ``(seed, epoch)``, the same on every rank, the short last
+    batch dropped) and this rank's micro-batches of batches ``first`` … in order — each rank takes its contiguous
+    slice of every global batch, cut into ``plan.micro`` —, fetched one ahead when the data is in pinned host memory.
+    Returns the number of global batches and the micro-batches' iterator."""
+    perm = epoch_permutation(len(split), seed, epoch)
+    if split.images.device != perm.device:  # data resident on the GPU: index it there, one copy per epoch
+        perm = perm.to(split.images.device)
+    batches = global_batches(perm, global_batch)
+    chunks = [chunk for b in range(first, len(batches))
+              for chunk in batches[b][env.rank * plan.per_rank : (env.rank + 1) * plan.per_rank].split(plan.micro)]
+    return len(batches), iter(DeviceBatches(split, chunks, env.device, placement.pinned))
 
 
 class Task(Protocol):

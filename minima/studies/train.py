@@ -68,7 +68,7 @@ from minima.models import (
 )
 from minima.optim.schedule import LRSchedule, ScalingRule, ScheduleKind, build_schedule, learning_rate
 from minima.optim.steps import TrainingInterrupted, stop_on_signals
-from minima.studies.loop import NonFiniteLossError, Plan, TrainState, plan_batches, run_epoch
+from minima.studies.loop import NonFiniteLossError, Plan, TrainState, epoch_batches, plan_batches, run_epoch
 from minima.studies.probing import ProbeCallback, ProbeSettings
 
 DEFAULT_PROBE_SUBSET = 1000  # images the probes measure on when --probe-subset is not given
@@ -557,8 +557,7 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
                            f"(≤; the stopping rule may end sooner) at {took:.1f} s per epoch")
             first = False
             if on_epoch is not None:
-                on_epoch(TrainState(epoch=run.epoch, batch=0, step=run.step, lr=lr, metrics=run.last_metrics,
-                                    model=run.model, optimizer=run.optimizer, env=env))
+                on_epoch(replace(run.state(0, lr), metrics=run.last_metrics))
             if stopped:
                 break
             if distributed.any_rank(stop["signal"] is not None, env.device) and run.epoch < c.epochs:
@@ -583,20 +582,15 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
     micro-batches of the rest of the epoch, fetched one ahead when the data is in pinned host memory. Returns this
     rank's running sums ``[loss, correct, count, nonfinite]`` (float64 on the device), the samples it saw, and the
     last LR."""
-    c, env, plan, ds = run.c, run.env, run.plan, run.ds
-    perm = data_mod.epoch_permutation(len(ds.train), c.seed, run.epoch)
-    if run.train_split.images.device != perm.device:  # data resident on the GPU: index it there, one copy per epoch
-        perm = perm.to(run.train_split.images.device)
-    batches = data_mod.global_batches(perm, c.batch_size)
-    chunks = [chunk for b in range(run.batch0, len(batches))
-              for chunk in batches[b][env.rank * plan.per_rank : (env.rank + 1) * plan.per_rank].split(plan.micro)]
-    run.fetched = iter(data_mod.DeviceBatches(run.train_split, chunks, env.device, run.placement.pinned))
+    c, plan = run.c, run.plan
+    batches, run.fetched = epoch_batches(run.train_split, run.placement, c.seed, run.epoch, c.batch_size, plan,
+                                         run.batch0, run.env)
     run.t0 = t0
     run.net.train()
-    sums, lr = run_epoch(run, run.batch0, len(batches), stop, str(run.last_path), on_step,
+    sums, lr = run_epoch(run, run.batch0, batches, stop, str(run.last_path), on_step,
                          f"epoch {run.epoch + 1}/{c.epochs}", c.progress)
     # every global batch is full (the short one at the end is dropped)
-    return sums, (len(batches) - run.batch0) * plan.per_rank, lr
+    return sums, (batches - run.batch0) * plan.per_rank, lr
 
 
 def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) -> str | None:
