@@ -121,7 +121,7 @@ def load_study(path: str | Path, pool: str | Path) -> Study:
         raise ValueError(f"{path}: [[variants]] must be tables of training settings")
     seeds = _as_list(declared.get("seeds", [0]), f"{path}: seeds")
     for where, table in (("[train]", base), ("[grid]", grid), *(("[[variants]]", v) for v in variants)):
-        _unknown([k for k in table if k != "seed" or where == "[train]"], train_fields, f"{path} {where}")
+        _unknown(list(table), train_fields, f"{path} {where}")
         if "out" in table:
             raise ValueError(f"{path} {where}: 'out' is chosen by the zoo (each run's directory is named by its "
                              "hash); drop it")
