@@ -4,6 +4,7 @@ complete, timed), its summary files and copying its figures into ``--figures``. 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import signal
@@ -16,24 +17,32 @@ from typing import Any
 from minima.optim.steps import EXIT_INTERRUPTED, TrainingInterrupted
 
 
-def interruptible(pipeline: str, work: Callable[[], int]) -> int:
-    """How every pipeline ends when stopped: Ctrl-C or SIGTERM during any stage — a training stage finishes its step
-    and writes ``last.pt``; a grid or sharpness stage has its finished points and results on disk — is one line
-    saying so and exit status 75, as for ``minima.train``; running the same command again continues (complete stages
-    are kept, the interrupted one resumes). SIGTERM's handler is restored after."""
+def interruptible(pipeline: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """A pipeline's ``main``, made to end well when stopped: Ctrl-C or SIGTERM during any stage — a training stage
+    finishes its step and writes ``last.pt``; a grid or sharpness stage has its finished points and results on disk —
+    is one line saying so and exit status 75, as for ``minima.train``; running the same command again continues
+    (complete stages are kept, the interrupted one resumes). SIGTERM's handler is restored after."""
 
-    def stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def stoppable(*args: Any, **kwargs: Any) -> int:
+            def stop(signum: int, _frame: object) -> None:
+                raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        return work()
-    except (TrainingInterrupted, KeyboardInterrupt):
-        print(f"[experiments.{pipeline}] interrupted: finished stages, and the interrupted stage's last.pt or "
-              "finished points, are saved — run the same command again to continue", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            previous = signal.signal(signal.SIGTERM, stop)
+            try:
+                return main(*args, **kwargs)
+            except (TrainingInterrupted, KeyboardInterrupt):
+                print(f"[experiments.{pipeline}] interrupted: finished stages, and the interrupted stage's last.pt or "
+                      "finished points, are saved — run the same command again to continue", file=sys.stderr,
+                      flush=True)
+                return EXIT_INTERRUPTED
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+        return stoppable
+
+    return wrap
 
 
 class StageClock:

@@ -141,12 +141,8 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     return path
 
 
+@interruptible("batch_sweep")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
-    return interruptible("batch_sweep", lambda: _main(argv))
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.batch_sweep", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quick",
                     help=f"{', '.join(PRESET_NAMES)} (experiments/configs/pipelines/batch_sweep_<name>.toml) or a "

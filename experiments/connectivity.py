@@ -242,12 +242,8 @@ def summary_markdown(name: str, p: Preset, pair: dict, sblb: dict, wall_s: float
     return "\n".join(lines) + "\n"
 
 
+@interruptible("connectivity")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
-    return interruptible("connectivity", lambda: _main(argv))
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.connectivity", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quick", help="quick, paper, smoke (experiments/configs/pipelines/"
                     "connectivity_<name>.toml) or a TOML file's path (default: quick)")

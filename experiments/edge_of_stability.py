@@ -131,12 +131,8 @@ def figure(runs: list[tuple[Path, str]], path: Path, title: str) -> Path:
     return path
 
 
+@interruptible("edge_of_stability")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
-    return interruptible("edge_of_stability", lambda: _main(argv))
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.edge_of_stability", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quick", help="quick, paper, smoke or a TOML file's path (default: quick)")
     ap.add_argument("--out", type=Path, default=None, help="run directory (default: runs/edge_of_stability_<preset>)")

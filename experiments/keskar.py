@@ -421,12 +421,8 @@ def parse_summary_table(markdown: str) -> dict[str, list[str]]:
     return table
 
 
+@interruptible("keskar")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
-    return interruptible("keskar", lambda: _main(argv))
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.keskar", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mlp",
                    help=f"network: one of {available_models()}, torchvision:NAME or package.module:factory (your own; "

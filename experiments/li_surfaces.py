@@ -78,12 +78,8 @@ def _rise(curve: results.Curve, alpha: float) -> float:
     return float(np.mean([at[min(at, key=lambda a, s=s: abs(a - s * alpha))] for s in (-1, 1)]) - zero)
 
 
+@interruptible("li_surfaces")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    """The pipeline; Ctrl-C or SIGTERM: one line, exit 75, the same command continues (``_pipeline.interruptible``)."""
-    return interruptible("li_surfaces", lambda: _main(argv))
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.li_surfaces", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="mlp", choices=available_models(), help="network (default: mlp)")
     p.add_argument("--preset", default="quick", help="quick, paper, smoke: the Keskar pipeline's preset of that name "

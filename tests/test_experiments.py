@@ -228,7 +228,7 @@ def test_a_pipeline_stopped_in_any_stage_is_one_line_and_exit_75(monkeypatch: py
 
     before = signal.getsignal(signal.SIGTERM)
     for work in (training_stopped, ctrl_c, sigterm):
-        assert interruptible("keskar", work) == 75
+        assert interruptible("keskar")(work)() == 75
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "run the same command again to continue" in err[0], err
     assert signal.getsignal(signal.SIGTERM) is before
