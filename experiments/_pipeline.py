@@ -1,20 +1,27 @@
-"""What every pipeline in ``experiments/`` shares: its stages (said as "stage k/N", skipped when their output is
-complete, timed), its summary files and copying its figures into ``--figures``. Not a pipeline itself (no
-``main``)."""
+"""What every pipeline in ``experiments/`` shares: its command line (:class:`Pipeline`: preset, overrides, ``--out``,
+``--figures``, ``--dry-run``, ``--shard``) and running its stages, stopping well (:func:`interruptible`), its
+summary files and copying its figures into ``--figures``. Not a pipeline itself (no ``main``)."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import shutil
 import signal
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minima.core import config as cfg
+from minima.files.rundir import write_text_atomic
 from minima.optim.steps import EXIT_INTERRUPTED, TrainingInterrupted
+from minima.pipelines import declared
+from minima.pipelines.declared import Declared, Spec
+from minima.pipelines.stages import Rates, Runner, Stage, describe, plan, shard
+from minima.pipelines.study import parse_shard
 
 
 def interruptible(pipeline: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
@@ -45,35 +52,67 @@ def interruptible(pipeline: str) -> Callable[[Callable[..., int]], Callable[...,
     return wrap
 
 
-class StageClock:
-    """Runs a pipeline's stages in order: says ``[experiments.<pipeline>] stage k/N: name`` (``(complete, kept)``
-    when its output is already complete, and then does not run it) and keeps the seconds each stage took when it
-    ran in ``stage_seconds.json`` (``path``; None keeps them in memory only): a stage found complete keeps its
-    recorded time and a resumed one adds to it, so a summary's compute time does not collapse on a re-run."""
+@dataclass(frozen=True)
+class Pipeline:
+    """What every pipeline's command line shares: its preset (``<configs>/<name>_<preset>.toml``, a nested request
+    over the library's own requests, :mod:`minima.pipelines.declared`), ``KEY=VALUE`` overrides, ``--out``,
+    ``--figures``, ``--dry-run`` and ``--shard K/N``, and running its stages (:mod:`minima.pipelines.stages`)."""
 
-    def __init__(self, pipeline: str, stages: int, path: Path | None = None) -> None:
-        self.pipeline, self.stages, self.path, self.started = pipeline, stages, path, 0
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path is not None and path.exists() else {}
-
-    def run(self, name: str, done: bool, work: Callable[[], Any]) -> Any:
-        """``work()``, timed and added to stage ``name``; nothing (None) when ``done``."""
-        self.started += 1
-        print(f"[experiments.{self.pipeline}] stage {self.started}/{self.stages}: {name}"
-              + (" (complete, kept)" if done else ""), flush=True)
-        if done:
-            return None
-        t0 = time.perf_counter()
-        try:
-            return work()
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-            if self.path is not None:
-                self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
+    spec: Spec
+    configs: Path
 
     @property
-    def total(self) -> float:
-        """Seconds of every stage, as recorded."""
-        return sum(self.seconds.values())
+    def command(self) -> str:
+        return f"experiments.{self.spec.name}"
+
+    def load(self, name_or_path: str, overrides: Sequence[str] = ()) -> Declared:
+        return declared.load(self.spec, self.configs, name_or_path, overrides)
+
+    def parser(self, description: str) -> argparse.ArgumentParser:
+        """The shared arguments; a pipeline adds its own (``--model``, …)."""
+        names = sorted(p.stem[len(self.spec.name) + 1:] for p in self.configs.glob(f"{self.spec.name}_*.toml"))
+        tables = ", ".join(f"{k}.KEY ({s.help})" for k, s in self.spec.sections.items())
+        p = cfg.ArgumentParser(prog=f"python -m {self.command}", description=description)
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help=f"override a preset value: the pipeline's own KEY, or {tables}; e.g. train.lr=0.05")
+        p.add_argument("--preset", default="quick", help=f"{', '.join(names)} (experiments/configs/pipelines/"
+                       f"{self.spec.name}_<name>.toml) or a TOML file's path (default: quick)")
+        p.add_argument("--out", type=Path, default=None, help="run directory (default: under runs/)")
+        p.add_argument("--figures", type=Path, default=None,
+                       help="also copy the figures into this directory, e.g. figures (default: the run directory only)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the plan (every stage: complete or to run, with an estimate) and stop: nothing is "
+                            "run or written")
+        p.add_argument("--shard", default=None, metavar="K/N",
+                       help="run only shard K of N (the stages of every N-th group, e.g. seed), for N machines "
+                            "sharing the run directory; the run that finds every stage complete writes the summary")
+        return p
+
+    def execute(self, stages: Sequence[Stage], out: Path, args: argparse.Namespace,
+                rates: Callable[[], Rates | None], record: dict[str, Any] | None = None) -> Runner | None:
+        """``--dry-run``: print the plan with its estimate (``rates()`` times the network) and return None, writing
+        nothing. Otherwise write ``preset.json`` (``record``), run this shard's stages and return the runner (its
+        ``complete``: every stage is; when not, it was said why — the summary waits for the other shards)."""
+        k, n = parse_shard(args.shard) if args.shard else (1, 1)
+        if args.dry_run:
+            done = plan(stages)
+            seconds = json.loads((out / "stage_seconds.json").read_text()) if (out / "stage_seconds.json").exists() \
+                else {}
+            pending = [s for s in stages if not done[s.name]]
+            print(describe(self.command, stages, done, rates() if pending else None, n, seconds), flush=True)
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        if record is not None:
+            write_text_atomic(out / "preset.json", json.dumps(record, indent=2) + "\n")
+        runner = Runner(self.command, out / "stage_seconds.json")
+        selected = shard(stages, k, n) if n > 1 else list(stages)
+        if not runner.run(stages, selected):
+            left = [s.name for s in stages if not s.done()]
+            print(f"[{self.command}] shard {k}/{n} done; {len(left)} stage(s) of other shards are not complete "
+                  f"({', '.join(left[:4])}{', …' if len(left) > 4 else ''}): the summary is written by the run that "
+                  "finds every stage complete — run the command without --shard once every shard has finished",
+                  flush=True)
+        return runner
 
 
 def copy_figures(figures: list[Path], into: Path | None, names: list[str] | None = None) -> list[Path]:

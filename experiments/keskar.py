@@ -2,51 +2,57 @@
 
     python -m experiments.keskar --model mlp --preset quick            # 5–8 min on 2 CPU cores
     python -m experiments.keskar --model c1 --preset paper --seeds 5   # GPU work
+    python -m experiments.keskar --preset quick train.lr=5e-4 --dry-run  # the plan and its estimate, nothing run
 
 For each seed: train the small-batch (SB) and large-batch (LB) networks from the same initial weights,
 each "until the loss function ceased to improve" (a training-loss patience rule within an epoch cap), probing
 Adam's preconditioned λ_max every ``probe_every`` epochs (``probes.h5``; it does not change the training);
 interpolate between them (α ∈ [−1, 2], 25 points, BatchNorm ``recompute``); compute Keskar's sharpness
 (ε = 1e-3 and 5e-4, full space and a random 100-dimensional subspace, BatchNorm ``batch`` as the paper's
-Keras code did) and λ_max of both. Writes everything into the run directory — checkpoints, curve, sharpness,
-``keskar_<model>.png`` (the curve, and the probed sharpness against its threshold), the per-layer curvature and
-a markdown summary beside the paper's Tables 2 and 3 — and copies the figures into ``--figures`` when given.
-Every stage is skipped when its output is complete and resumed when it is partial, so an interrupted run continues
-where it stopped.
+Keras code did) and λ_max of both; evaluate both exactly once (``evaluation.json``). Writes everything into the run
+directory — checkpoints, curve, sharpness, ``keskar_<model>.png`` (the curve, and the probed sharpness against its
+threshold), the per-layer curvature and a markdown summary beside the paper's Tables 2 and 3 — and copies the
+figures into ``--figures`` when given.
+
+The preset is a nested request (:mod:`minima.pipelines.declared`): ``[train]`` is ``minima.train``'s request,
+``[line]`` ``minima.interpolate``'s, ``[sharpness]`` and ``[curvature]`` ``minima.sharpness``'s, each over this
+pipeline's protocol (:data:`SPEC`); ``KEY=VALUE`` arguments override any of them. The pipeline is a list of stages
+(:mod:`minima.pipelines.stages`), six per seed: each is skipped when its output is complete and resumed when it is
+partial, so an interrupted run continues where it stopped and a complete one only redraws the summary;
+``--shard K/N`` runs the seeds of shard K; ``--dry-run`` prints the plan and its estimate.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import re
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from experiments._pipeline import StageClock, copy_figures, interruptible, write_summary
+from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
 from minima import data as data_mod
-from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
-from minima.core.vocab import BNMode
 from minima.curvature.probes import PRECONDITIONED
 from minima.files import checkpoint as ckpt_io
 from minima.files import results, timeline
 from minima.files.naming import unique_labels
 from minima.files.rundir import RunDir
-from minima.geometry.evaluate import evaluate_checkpoint
-from minima.models import available_models, default_data, own_import
+from minima.models import available_models, build_model, default_data, own_import
+from minima.pipelines.declared import Declared, Section, Spec
+from minima.pipelines.runs import evaluate_run
+from minima.pipelines.stages import Rates, Stage
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_interpolation
-from minima.studies.sharpness import MeasureRequest, block_jobs, measure
-from minima.studies.sharpness import result_jobs as measure_jobs
+from minima.studies.sharpness import block_jobs, measure, measure_request_type, result_jobs
 from minima.studies.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,121 +68,245 @@ PAPER = {
 }
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Every knob of the pipeline, with units; read from ``experiments/configs/pipelines/keskar_<name>.toml`` (or a
-    TOML file given by path) over these defaults, and stored in the run directory as ``preset.json``."""
 
-    data: str | None = setting(None, "data source", default_text="$MINIMA_DATA, then the torchvision download")
-    train_subset: int | None = setting(None, "stratified training subset for training", unit="samples",
-                                       default_text="all")
-    test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
-    model_kwargs: dict = setting(help="model arguments for any model", factory=dict,
-                                 default_text="model_kwargs_for[model], else MODEL_DEFAULTS[model], else none")
-    model_kwargs_for: dict = setting(help="model arguments per model name, e.g. {mlp = {widths = [16]}}",
-                                     factory=dict)
+@dataclass(frozen=True)
+class Keskar:
+    """The pipeline's own settings (the top level of its preset; everything else is a table of a library request)."""
+
+    seeds: int = setting(1, "independent runs (mean ± std over them); seed s trains with seed s, init seed 1337 + s")
     sb_batch: int = setting(256, "small-batch (SB) size", unit="samples")
     lb_batch: int = setting(5000, "large-batch (LB) size", unit="samples")
-    micro_batch: int | None = setting(None, "largest forward batch (gradient accumulation above it)",
-                                      unit="samples", default_text="the whole batch")
-    lr: float = setting(1e-3, "Adam learning rate (both regimes)")
-    epochs: int = setting(100, "epoch cap", unit="epochs")
-    patience: int = setting(5, "stop after this many epochs without a training-loss improvement", unit="epochs")
-    min_delta: float = setting(1e-4, "smallest training-loss decrease that counts", unit="nats")
-    target_loss: float | None = setting(None, "stop at this training loss", unit="nats", default_text="none")
-    interp_alphas: str = setting("-1:2:25", "α grid of the SB→LB curve (START:STOP:NUM)")
-    interp_train_subset: int | None = setting(None, "training samples per α", unit="samples", default_text="all")
-    interp_test_subset: int | None = setting(None, "test samples per α", unit="samples", default_text="all")
-    sharpness_samples: int | None = setting(None, "training samples f is defined on for sharpness",
-                                            unit="samples", default_text="all")
-    eps: tuple[float, ...] = setting((1e-3, 5e-4), "Keskar box sizes ε")
-    subspace: int = setting(100, "random subspace dimension p")
-    maxiter: int = setting(10, "L-BFGS-B iterations")
-    sharpness_bn: BNMode = setting("batch", "BatchNorm inside f for sharpness (the paper's Keras code: batch)")
-    eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
-    seeds: int = setting(1, "independent runs (mean ± std over them)")
-    layer_samples: int | None = setting(None, "training images the per-layer curvature and the eigenvalue densities "
-                                        "are measured on", unit="samples", default_text="all")
-    layer_trace_products: int = setting(12, "Hutch++ products per layer for its Hessian trace", unit="products")
-    layer_eig_tol: float = setting(1e-3, "relative residual bound at which each layer's λ_max stops (Lanczos)")
-    density_probes: int = setting(2, "probes of each eigenvalue density (SLQ)")
-    density_steps: int = setting(30, "Lanczos steps per density probe")
+    model_kwargs_for: dict = setting(help="model arguments per model name, e.g. {mlp = {widths = [16]}}, used when "
+                                     "[train] model_kwargs is empty", factory=dict)
     probe_every: int = setting(1, "Adam's preconditioned λ_max of SB and LB measured during training every K epochs "
-                               "(the same count for both regimes; 0: not measured)", unit="epochs")
-    probe_samples: int = setting(1000, "training images the training-time λ_max is measured on (stratified, no "
-                                 "augmentation, BatchNorm as for sharpness)", unit="samples")
+                               "(0: not measured); on [train] probe_subset images, BatchNorm [train] probe_bn_mode",
+                               unit="epochs")
 
 
-CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
-PRESET_NAMES = ("paper", "quick", "smoke")  # experiments/configs/pipelines/keskar_<name>.toml
+PER_RUN = frozenset({"checkpoints", "out", "trust_import", "metrics"})
+SPEC = Spec("keskar", Keskar, {
+    # Keskar et al.: Adam, no augmentation, "until the loss function ceased to improve" (patience within a cap)
+    "train": Section(TrainConfig, {"optimizer": "adam", "lr": 1e-3, "scaling": "none", "augment": False,
+                                   "epochs": 100, "patience": 5, "min_delta": 1e-4, "eval_batch_size": 1000,
+                                   "probe_subset": 1000, "probe_bn_mode": "batch"},
+                     frozenset({"model", "batch_size", "seed", "init_seed", "out", "probe"}),
+                     "SB and LB training (minima.train)"),
+    # the parametric plot: α ∈ [−1, 2], 25 points, BatchNorm statistics re-estimated at every point
+    "line": Section(SweepRequest, {"alphas": "-1:2:25", "bn": "recompute", "eval_batch_size": 1000},
+                    frozenset({"checkpoint_a", "checkpoint_b", "out", "resume", "trust_import"}),
+                    "the SB → LB line (minima.interpolate)"),
+    # Keskar's sharpness, BatchNorm in batch mode as the paper's Keras code, and λ_max
+    "sharpness": Section(measure_request_type(), {"metrics": ["keskar", "hessian"], "eps": (1e-3, 5e-4),
+                                                  "subspace": 100, "maxiter": 10, "topk": 1, "bn_mode": "batch",
+                                                  "eval_batch_size": 1000}, PER_RUN,
+                         "Keskar's φ and λ_max of SB and LB (minima.sharpness)"),
+    # per-layer λ_max (Lanczos) and trace (Hutch++), and the eigenvalue densities (SLQ)
+    "curvature": Section(measure_request_type(), {"bn_mode": "batch", "eig_tol": 1e-3, "trace_max_probes": 12,
+                                                  "density_probes": 2, "density_steps": 30, "eval_batch_size": 1000},
+                         PER_RUN | {"blocks", "topk", "trace_method"},
+                         "per-layer curvature and densities of SB and LB (minima.sharpness)"),
+})
+PIPELINE = Pipeline(SPEC, ROOT / "experiments" / "configs" / "pipelines")
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"input_shape": [3, 32, 32], "widths": [512, 512, 512], "batchnorm": True},
 }
+REGIMES = ("sb", "lb")
 
 
-def load_preset(name_or_path: str) -> tuple[str, Preset]:
-    """(name, preset) for a preset name (``experiments/configs/pipelines/keskar_<name>.toml``) or a TOML file."""
-    return cfg.load_preset(Preset, CONFIGS, "keskar_", name_or_path)
+def load_preset(name_or_path: str, overrides: Sequence[str] = ()) -> Declared:
+    """A Keskar preset (``experiments/configs/pipelines/keskar_<name>.toml`` or a TOML file) with overrides."""
+    return PIPELINE.load(name_or_path, overrides)
 
 
-def train_regime(model: str, preset: Preset, batch: int, seed: int, out: Path, ds: data_mod.Dataset) -> Path:
-    """The SB (or LB) network of one seed, trained into ``out`` (kept when ``final.pt`` exists, resumed from
-    ``last.pt``)."""
-    final = out / "final.pt"
-    if final.exists():
-        return final
-    config = TrainConfig(
-        model=model, model_kwargs=dict(preset.model_kwargs or preset.model_kwargs_for.get(model)
-                                       or MODEL_DEFAULTS.get(model, {})),
-        data=data_for(model, preset),
-        train_subset=preset.train_subset, test_subset=preset.test_subset, epochs=preset.epochs, batch_size=batch,
-        micro_batch=min(preset.micro_batch, batch) if preset.micro_batch else None, optimizer="adam",
-        lr=preset.lr, scaling="none", augment=False, seed=seed, init_seed=1337 + seed, patience=preset.patience,
-        min_delta=preset.min_delta, target_loss=preset.target_loss, out=str(out),
-        eval_batch_size=preset.eval_batch_size,
-        # Adam's preconditioned sharpness during training (Cohen et al. 2022): it does not change the training
-        probe=(f"{PRECONDITIONED}:{preset.probe_every}epochs",) if preset.probe_every else (),
-        probe_subset=min(preset.probe_samples, len(ds.train)), probe_bn_mode=preset.sharpness_bn,
-    )
-    return train(config, resume=(out / "last.pt").exists(), dataset=ds)
+def model_kwargs(model: str, p: Declared) -> dict[str, Any]:
+    """[train] model_kwargs, else the preset's ``model_kwargs_for[model]``, else :data:`MODEL_DEFAULTS`."""
+    return dict(p.values("train").get("model_kwargs") or p.own.model_kwargs_for.get(model)
+                or MODEL_DEFAULTS.get(model, {}))
 
 
-def data_for(model: str, preset: Preset) -> str | None:
+def data_for(model: str, p: Declared) -> str | None:
     """The preset's data, or the model's own (c3/c4: CIFAR-100) when the preset names none."""
-    return preset.data if preset.data is not None else default_data(model)
+    data = p.values("train").get("data")
+    return data if data is not None else default_data(model)
 
 
-def _exact_accuracy(path: Path, ds: data_mod.Dataset, batch_size: int, trusted: Sequence[str]) -> dict[str, float]:
-    out = {}
-    for name, r in evaluate_checkpoint(path, {"train": ds.train, "test": ds.test}, batch_size, trusted).items():
-        out[f"{name}_acc"], out[f"{name}_loss"] = 100.0 * r.accuracy, r.loss
-    lines = RunDir(path.parent).metrics()
-    out["epochs"] = lines[-1]["epoch"]
-    out["stopped"] = lines[-1].get("stopped") or f"epoch cap {lines[-1]['epoch']}"
-    return out
+def load_data(model: str, p: Declared, root: str | None = None) -> data_mod.Dataset:
+    """The training data of both regimes (a subset larger than the data is refused)."""
+    t = p.values("train")
+    ds = data_mod.load_source(data_for(model, p), t.get("train_subset"), t.get("test_subset"), root=root)
+    return ds.subset(t.get("train_subset"), t.get("test_subset"), seed=0)
+
+
+def train_config(model: str, p: Declared, regime: str, seed: int, out: Path, train_images: int) -> TrainConfig:
+    """The SB (or LB) training request of one seed: the [train] table with this regime's batch size, the seed, the
+    shared initial weights (init seed 1337 + seed) and the probe."""
+    t = p.values("train")
+    batch = p.own.sb_batch if regime == "sb" else p.own.lb_batch
+    micro = t.get("micro_batch")
+    return p.request("train", model=model, model_kwargs=model_kwargs(model, p), data=data_for(model, p),
+                     batch_size=batch, micro_batch=min(micro, batch) if micro else None, seed=seed,
+                     init_seed=1337 + seed, out=str(out),
+                     # Adam's preconditioned sharpness during training (Cohen et al. 2022): it does not change the
+                     # training
+                     probe=(f"{PRECONDITIONED}:{p.own.probe_every}epochs",) if p.own.probe_every else (),
+                     probe_subset=min(t.get("probe_subset", 1000), train_images))
 
 
 def _sharpness_complete(path: Path, req: Any) -> bool:
-    if not path.exists():
+    """Whether every result of ``req`` is in ``path`` (reads only)."""
+    if not path.exists() or not all(Path(c).exists() for c in req.checkpoints):
         return False
     have = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(path)}
     model = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(req.checkpoints[0]), req.trust_import)
     want = {(label, name) for label in unique_labels(req.checkpoints)
-            for _, name, _ in block_jobs(measure_jobs(req), model, req.blocks, req.curvature)}
+            for _, name, _ in block_jobs(result_jobs(req), model, req.blocks, req.curvature)}
     return want <= have
 
 
-def curvature_requests(model: str, preset: Preset, sb: Path, lb: Path, out: Path) -> list[Any]:
+def _small_batch(values: Any) -> int:
+    """A measurement's evaluation batch: no larger than its training subset."""
+    n = values.get("train_subset")
+    return min(values["eval_batch_size"], n or values["eval_batch_size"])
+
+
+def sharpness_request(model: str, p: Declared, sb: Path, lb: Path, out: Path) -> Any:
+    """Keskar's φ and λ_max of SB and LB into one file."""
+    return p.request("sharpness", checkpoints=[sb, lb], out=out, trust_import=own_import(model),
+                     eval_batch_size=_small_batch(p.values("sharpness")))
+
+
+def curvature_requests(model: str, p: Declared, sb: Path, lb: Path, out: Path) -> list[Any]:
     """Per-layer λ_max and Hessian trace (blocks ``layers``, Hutch++) and the whole network's eigenvalue density of
-    SB and LB, with the sharpness stage's BatchNorm mode, into one file."""
-    common = dict(checkpoints=[sb, lb], train_subset=preset.layer_samples, bn_mode=preset.sharpness_bn,
-                  eval_batch_size=min(preset.eval_batch_size, preset.layer_samples or preset.eval_batch_size),
-                  out=out, trust_import=own_import(model))
-    return [MeasureRequest(metrics=["hessian", "trace"], topk=1, eig_tol=preset.layer_eig_tol, blocks="layers",
-                           trace_method="hutchpp",
-                           trace_max_probes=preset.layer_trace_products, **common),
-            MeasureRequest(metrics=["density"], density_probes=preset.density_probes,
-                           density_steps=preset.density_steps, **common)]
+    SB and LB, into one file."""
+    common = dict(checkpoints=[sb, lb], out=out, trust_import=own_import(model),
+                  eval_batch_size=_small_batch(p.values("curvature")))
+    return [p.request("curvature", metrics=["hessian", "trace"], topk=1, blocks="layers", trace_method="hutchpp",
+                      **common),
+            p.request("curvature", metrics=["density"], **common)]
+
+
+def stages(model: str, p: Declared, out: Path, data: Callable[[], data_mod.Dataset],
+           seeds: Sequence[int] | None = None) -> list[Stage]:
+    """The pipeline's stages, six per seed (group ``seed<s>``): train SB, train LB, the line, sharpness, curvature,
+    the exact evaluation of both. ``data()`` loads the training data (once, when a stage first needs it)."""
+    out_stages: list[Stage] = []
+    for seed in (range(p.own.seeds) if seeds is None else seeds):
+        out_stages += seed_stages(model, p, seed, out / f"seed{seed}", data)
+    return out_stages
+
+
+def training_stages(model: str, p: Declared, seed: int, seed_dir: Path, data: Callable[[], data_mod.Dataset]
+                    ) -> list[Stage]:
+    """The SB and LB training stages of one seed (also the stages other pipelines need Keskar's minima from)."""
+    out = []
+    for regime in REGIMES:
+        d = seed_dir / regime
+
+        def run(regime: str = regime, d: Path = d) -> Path:
+            ds = data()
+            return train(train_config(model, p, regime, seed, d, len(ds.train)), resume=(d / "last.pt").exists(),
+                         dataset=ds)
+
+        def estimate(r: Rates, regime: str = regime) -> float:
+            ds = data()
+            return r.training(p.values("train")["epochs"], len(ds.train), len(ds.test))
+
+        out.append(Stage(f"{seed_dir.name}/train_{regime}", seed_dir.name, (d / "final.pt").exists, run, estimate))
+    return out
+
+
+def seed_stages(model: str, p: Declared, seed: int, out: Path, data: Callable[[], data_mod.Dataset]) -> list[Stage]:
+    group = out.name
+    trained = training_stages(model, p, seed, out, data)
+    sb, lb = out / "sb" / "final.pt", out / "lb" / "final.pt"
+    curve_path, sharp_path, curv_path = out / "sb_vs_lb.h5", out / "sharpness.h5", out / "curvature.h5"
+    line = p.values("line")
+    sharp = sharpness_request(model, p, sb, lb, sharp_path)
+    curvature = curvature_requests(model, p, sb, lb, curv_path)
+    needs = tuple(s.name for s in trained)
+
+    def interpolate() -> Any:
+        return run_interpolation(p.request("line", checkpoint_a=sb, checkpoint_b=lb, out=curve_path,
+                                           resume=curve_path.exists(), trust_import=own_import(model)))
+
+    def line_estimate(r: Rates) -> float:
+        ds = data()
+        n_train, n_test = line.get("train_subset") or len(ds.train), line.get("test_subset") or len(ds.test)
+        return r.grid(len(np.linspace(*_grid(line["alphas"]))), 2 * n_train + n_test)
+
+    def measure_estimate(requests: Sequence[Any]) -> Callable[[Rates], float]:
+        def seconds(r: Rates) -> float:
+            ds = data()
+            net = build_model(model, ds.num_classes, **model_kwargs(model, p))
+            total = 0.0
+            for req in requests:
+                n = req.train_subset or len(ds.train)
+                for metric, _, job in block_jobs(result_jobs(req), net, req.blocks, req.curvature):
+                    if metric.cost is not None:
+                        total += len(REGIMES) * r.measurement(metric.cost(job), n)
+            return total
+        return seconds
+
+    def evaluate_both() -> None:
+        for regime in REGIMES:
+            evaluate_run(out / regime, own_import(model), p.values("train")["eval_batch_size"])
+
+    def evaluate_estimate(r: Rates) -> float:
+        ds = data()
+        return len(REGIMES) * r.grid(1, len(ds.train) + len(ds.test))
+
+    return [
+        *trained,
+        Stage(f"{group}/interpolate", group, lambda: curve_path.exists() and results.load_curve(curve_path).complete,
+              interpolate, line_estimate, needs),
+        Stage(f"{group}/sharpness", group, lambda: _sharpness_complete(sharp_path, sharp), lambda: measure(sharp),
+              measure_estimate([sharp]), needs),
+        Stage(f"{group}/curvature", group, lambda: all(_sharpness_complete(curv_path, r) for r in curvature),
+              lambda: [measure(r) for r in curvature], measure_estimate(curvature), needs),
+        Stage(f"{group}/evaluate", group, lambda: all((out / r / "evaluation.json").exists() for r in REGIMES),
+              evaluate_both, evaluate_estimate, needs),
+    ]
+
+
+def _grid(text: str) -> tuple[float, float, int]:
+    start, stop, num = text.split(":")
+    return float(start), float(stop), int(num)
+
+
+def rates(model: str, p: Declared, data: Callable[[], data_mod.Dataset]) -> Rates:
+    """The network's measured seconds per image (the unit of the estimate), at the SB batch size."""
+    ds = data()
+    net = build_model(model, ds.num_classes, **model_kwargs(model, p))
+    return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(p.own.sb_batch, 256))
+
+
+def seed_row(model: str, out: Path) -> dict[str, Any]:
+    """One seed's SB/LB numbers, from the files its stages wrote (nothing is computed)."""
+    row: dict[str, Any] = {}
+    for name in REGIMES:
+        found = json.loads((out / name / "evaluation.json").read_text())
+        for split in ("train", "test"):
+            row[f"{name}_{split}_acc"], row[f"{name}_{split}_loss"] = (100.0 * found[f"{split}_accuracy"],
+                                                                      found[f"{split}_loss"])
+        lines = RunDir(out / name).metrics()
+        row[f"{name}_epochs"] = lines[-1]["epoch"]
+        row[f"{name}_stopped"] = lines[-1].get("stopped") or f"epoch cap {lines[-1]['epoch']}"
+    for r in results.load_sharpness(out / "sharpness.h5"):
+        regime = r["checkpoint_label"]
+        if r["metric"].startswith("keskar_full"):
+            row[f"{regime}_phi_full_{r['eps']:g}"] = float(r["phi"])
+        elif r["metric"].startswith("keskar_sub"):
+            row[f"{regime}_phi_sub_{r['eps']:g}"] = float(r["phi"])
+        elif r["metric"].startswith("hessian"):
+            row[f"{regime}_lambda_max"] = float(r["eigenvalues"][0])
+    for name in REGIMES:
+        row.update({f"{name}_{k}": v for k, v in probe_row(out / name / "probes.h5").items()})
+    curv_path = out / "curvature.h5"
+    row["layers"] = layer_rows(curv_path)
+    for r in results.load_sharpness(curv_path):
+        if str(r["metric"]).startswith("density"):
+            row[f"{r['checkpoint_label']}_density_max"] = float(np.max(r["nodes"]))
+    return row
 
 
 def layer_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -194,54 +324,6 @@ def layer_rows(path: Path) -> dict[str, dict[str, Any]]:
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
     return {name: rows[name] for name in sorted(rows, key=natural)}
-
-
-def run_seed(model: str, preset: Preset, seed: int, out: Path, ds: data_mod.Dataset, clock: StageClock
-             ) -> dict[str, Any]:
-    """All stages for one seed (each skipped when its output is complete); returns the SB/LB numbers."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, batch in (("sb", preset.sb_batch), ("lb", preset.lb_batch)):
-        clock.run(f"seed{seed}/train_{name}", (out / name / "final.pt").exists(),
-                  lambda b=batch, n=name: train_regime(model, preset, b, seed, out / n, ds))
-    sb, lb = out / "sb" / "final.pt", out / "lb" / "final.pt"
-    curve_path = out / "sb_vs_lb.h5"
-    complete = curve_path.exists() and results.load_curve(curve_path).complete
-    clock.run(f"seed{seed}/interpolate", complete, lambda: run_interpolation(SweepRequest(
-        checkpoint_a=sb, checkpoint_b=lb, alphas=preset.interp_alphas, bn="recompute",
-        train_subset=preset.interp_train_subset, test_subset=preset.interp_test_subset, out=curve_path,
-        resume=curve_path.exists(), eval_batch_size=preset.eval_batch_size, trust_import=own_import(model),
-    )))
-    sharp_path = out / "sharpness.h5"
-    request = MeasureRequest(
-        checkpoints=[sb, lb], metrics=["keskar", "hessian"], eps=list(preset.eps), subspace=preset.subspace,
-        maxiter=preset.maxiter, topk=1, train_subset=preset.sharpness_samples, bn_mode=preset.sharpness_bn,
-        eval_batch_size=min(preset.eval_batch_size, preset.sharpness_samples or preset.eval_batch_size),
-        out=sharp_path, trust_import=own_import(model),
-    )
-    clock.run(f"seed{seed}/sharpness", _sharpness_complete(sharp_path, request), lambda: measure(request))
-    curv_path = out / "curvature.h5"
-    curvature = curvature_requests(model, preset, sb, lb, curv_path)
-    clock.run(f"seed{seed}/curvature", all(_sharpness_complete(curv_path, r) for r in curvature),
-              lambda: [measure(r) for r in curvature])
-    row: dict[str, Any] = {}
-    for name, path in (("sb", sb), ("lb", lb)):
-        for k, v in _exact_accuracy(path, ds, preset.eval_batch_size, own_import(model)).items():
-            row[f"{name}_{k}"] = v
-    for r in results.load_sharpness(sharp_path):
-        regime = r["checkpoint_label"]
-        if r["metric"].startswith("keskar_full"):
-            row[f"{regime}_phi_full_{r['eps']:g}"] = float(r["phi"])
-        elif r["metric"].startswith("keskar_sub"):
-            row[f"{regime}_phi_sub_{r['eps']:g}"] = float(r["phi"])
-        elif r["metric"].startswith("hessian"):
-            row[f"{regime}_lambda_max"] = float(r["eigenvalues"][0])
-    for name in ("sb", "lb"):
-        row.update({f"{name}_{k}": v for k, v in probe_row(out / name / "probes.h5").items()})
-    row["layers"] = layer_rows(curv_path)
-    for r in results.load_sharpness(curv_path):
-        if str(r["metric"]).startswith("density"):
-            row[f"{r['checkpoint_label']}_density_max"] = float(np.max(r["nodes"]))
-    return row
 
 
 def probe_row(path: Path) -> dict[str, float]:
@@ -266,7 +348,7 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[dict[str, Any]], ds: data_mod.Dataset,
+def summary_markdown(model: str, preset_name: str, p: Declared, rows: list[dict[str, Any]], ds: data_mod.Dataset,
                      compute_s: float, wall_s: float) -> str:
     """The markdown table: our SB/LB numbers (mean ± std over seeds) beside the paper's."""
     paper = PAPER.get(model, {})
@@ -280,18 +362,20 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
         m, s = paper[key][idx]
         return f"{m:.2f} ± {s:.2f}"
 
-    eps = [f"{e:g}" for e in preset.eps]
+    t, s, c = p.values("train"), p.values("sharpness"), p.values("curvature")
+    eps = [f"{e:g}" for e in s["eps"]]
     lines = [
         f"# Keskar et al. (2017) SB vs LB — `{model}`, preset `{preset_name}`",
         "",
         f"Data: {ds.spec.get('kind')} {ds.spec.get('name', 'CIFAR-10-format')} data ({ds.num_classes} classes), "
         f"{len(ds.train)} training / {len(ds.test)} test images "
-        f"(stratified subsets: {ds.subsets or 'none'}). SB batch {preset.sb_batch}, LB batch {preset.lb_batch}; Adam "
-        f"(lr {preset.lr:g}), no augmentation, same initial weights, trained until the training loss stopped "
-        f"improving by {preset.min_delta:g} for {preset.patience} epochs (cap {preset.epochs} epochs). "
-        f"Seeds: {len(rows)}. Sharpness: BatchNorm `{preset.sharpness_bn}`, "
-        f"{preset.sharpness_samples or len(ds.train)} training samples, L-BFGS-B {preset.maxiter} iterations, "
-        f"random subspace p = {preset.subspace}. Machine: {cpu_name()}, "
+        f"(stratified subsets: {ds.subsets or 'none'}). SB batch {p.own.sb_batch}, LB batch {p.own.lb_batch}; "
+        f"{t['optimizer'].capitalize()} (lr {t['lr']:g}), {'' if t['augment'] else 'no '}augmentation, same initial "
+        f"weights, trained until the training loss stopped "
+        f"improving by {t['min_delta']:g} for {t['patience']} epochs (cap {t['epochs']} epochs). "
+        f"Seeds: {len(rows)}. Sharpness: BatchNorm `{s['bn_mode']}`, "
+        f"{s.get('train_subset') or len(ds.train)} training samples, L-BFGS-B {s['maxiter']} iterations, "
+        f"random subspace p = {s['subspace']}. Machine: {cpu_name()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; compute time {compute_s / 60:.1f} min "
         f"(the stages' times when they ran; this invocation {wall_s / 60:.1f} min).",
         "",
@@ -305,12 +389,12 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
         f"| epochs trained | {ours('epochs', 'sb', 0)} | {ours('epochs', 'lb', 0)} | — | — |",
     ]
     for e in eps:
-        for space, label in (("full", "full space"), ("sub", f"{preset.subspace}-dim subspace")):
+        for space, label in (("full", "full space"), ("sub", f"{s['subspace']}-dim subspace")):
             key = f"phi_{space}_{e}"
             pk = f"phi_{space}_{float(e):.0e}".replace("e-04", "e-4").replace("e-03", "e-3")
             lines.append(f"| φ(ε={e}), {label} | {ours(key, 'sb')} | {ours(key, 'lb')} | {theirs(pk, 0)} | "
                          f"{theirs(pk, 1)} |")
-    lines.append(f"| λ_max (Hessian, BN {preset.sharpness_bn}) | {ours('lambda_max', 'sb')} | "
+    lines.append(f"| λ_max (Hessian, BN {s['bn_mode']}) | {ours('lambda_max', 'sb')} | "
                  f"{ours('lambda_max', 'lb')} | — | — |")
     if any("sb_precond_final" in r for r in rows):
         threshold = rows[0]["sb_precond_threshold"]
@@ -330,8 +414,8 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
     if any("sb_precond_final" in r for r in rows):
         lines += [
             "",
-            f"During training (every {preset.probe_every} epoch(s) and after the last step, on "
-            f"{min(preset.probe_samples, len(ds.train))} training images, BatchNorm `{preset.sharpness_bn}`): Adam's "
+            f"During training (every {p.own.probe_every} epoch(s) and after the last step, on "
+            f"{min(t['probe_subset'], len(ds.train))} training images, BatchNorm `{t['probe_bn_mode']}`): Adam's "
             "preconditioned sharpness λ_max(P^-1/2 H P^-1/2), P = diag(√v̂_t) + ε (Cohen et al. 2022), against its "
             "stability threshold (2 + 2β₁)/((1 − β₁)η) = 38/η; drawn in the right panel of `keskar_<model>.png`. "
             "Both regimes share η here, hence one threshold; under the linear scaling rule LB's larger η would lower "
@@ -341,10 +425,10 @@ def summary_markdown(model: str, preset_name: str, preset: Preset, rows: list[di
     if layers:
         lines += [
             "",
-            f"Per layer (seed 0; BatchNorm `{preset.sharpness_bn}`, {preset.layer_samples or len(ds.train)} training "
+            f"Per layer (seed 0; BatchNorm `{c['bn_mode']}`, {c.get('train_subset') or len(ds.train)} training "
             "images): λ_max by Lanczos on each layer's diagonal Hessian block (a weight with its bias, a BatchNorm "
-            f"scale with its shift), its trace by Hutch++ ({preset.layer_trace_products} products). The eigenvalue "
-            f"densities (SLQ, {preset.density_probes} probes × {preset.density_steps} steps) are in "
+            f"scale with its shift), its trace by Hutch++ ({c['trace_max_probes']} products). The eigenvalue "
+            f"densities (SLQ, {c['density_probes']} probes × {c['density_steps']} steps) are in "
             f"`keskar_<model>_curvature.png`; their largest Ritz values: SB {rows[0].get('sb_density_max', 0):.4g}, "
             f"LB {rows[0].get('lb_density_max', 0):.4g}.",
             "",
@@ -423,56 +507,45 @@ def parse_summary_table(markdown: str) -> dict[str, list[str]]:
 
 @interruptible("keskar")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.keskar", description=__doc__.split("\n")[0])
+    p = PIPELINE.parser(__doc__.split("\n")[0])
     p.add_argument("--model", default="mlp",
                    help=f"network: one of {available_models()}, torchvision:NAME or package.module:factory (your own; "
                         "naming it allows importing it) (default: mlp)")
-    p.add_argument("--preset", default="quick",
-                   help=f"{', '.join(PRESET_NAMES)} (experiments/configs/pipelines/keskar_<name>.toml) or a TOML "
-                        "file's path (default: quick)")
-    p.add_argument("--seeds", type=int, default=None, help="independent runs (default: the preset's; paper 5)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/keskar_<model>_<preset>)")
-    p.add_argument("--figures", type=Path, default=None,
-                   help="also copy the figure into this directory, e.g. figures (default: the run directory only)")
-    p.add_argument("--data", default=None, help="override the preset's data source (synthetic, torchvision:NAME, "
-                   "imagefolder:PATH, npz:PATH or a path)")
+    p.add_argument("--seeds", type=int, default=None, help="independent runs: the same as seeds=N (default: the "
+                   "preset's; paper 5)")
+    p.add_argument("--data", default=None, help="the data source: the same as train.data=SOURCE (synthetic, "
+                   "torchvision:NAME, imagefolder:PATH, npz:PATH or a path)")
     p.add_argument("--data-root", default=None, help="directory of torchvision data sets (default: ~/.cache/minima)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    overrides = list(args.overrides) + ([f"seeds={args.seeds}"] if args.seeds is not None else []) + (
+        [f"train.data={args.data}"] if args.data is not None else [])
     try:
-        preset_name, preset = load_preset(args.preset)
+        preset = load_preset(args.preset, overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"[experiments.keskar] error: {exc}", file=sys.stderr)
         return 2
     keep_freed_memory()
-    if args.data is not None:
-        preset = replace(preset, data=args.data)
     tag = args.model.replace(":", "-")  # a file-name form of the model's name
-    out = args.out or Path("runs") / f"keskar_{tag}_{preset_name}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out or Path("runs") / f"keskar_{tag}_{preset.name}"
     t0 = time.perf_counter()
+    data = functools.cache(lambda: load_data(args.model, preset, args.data_root))
     try:
-        ds = data_mod.load_source(data_for(args.model, preset), preset.train_subset, preset.test_subset,
-                                  root=args.data_root)
-        ds = ds.subset(preset.train_subset, preset.test_subset, seed=0)  # a subset larger than the data is refused
-    except data_mod.DataError as exc:
+        data()  # a bad source or subset is refused before the first stage
+        plan_ = stages(args.model, preset, out, data)
+        runner = PIPELINE.execute(plan_, out, args, lambda: rates(args.model, preset, data),
+                                  {"model": args.model, **preset.to_dict()})
+    except (ValueError, OSError, data_mod.DataError) as exc:  # bad model/data/settings: one line; stages kept
         print(f"[experiments.keskar] error: {exc}", file=sys.stderr)
         return 2
-    (out / "preset.json").write_text(json.dumps({"model": args.model, "preset": preset_name, **cfg.to_dict(preset)},
-                                                indent=2) + "\n")
-    seeds = args.seeds if args.seeds is not None else preset.seeds
-    # train SB, train LB, interpolate, sharpness, per-layer curvature and densities
-    clock = StageClock("keskar", 5 * seeds, out / "stage_seconds.json")
-    try:
-        rows = [run_seed(args.model, preset, s, out / f"seed{s}", ds, clock) for s in range(seeds)]
-    except (ValueError, OSError) as exc:  # bad model/data/settings: one line; finished stages stay on disk
-        print(f"[experiments.keskar] error: {exc}", file=sys.stderr)
-        return 2
+    if runner is None or not runner.complete:
+        return 0
+    rows = [seed_row(args.model, out / f"seed{s}") for s in range(preset.own.seeds)]
     wall = time.perf_counter() - t0
-    md = summary_markdown(args.model, preset_name, preset, rows, ds, clock.total, wall)
+    md = summary_markdown(args.model, preset.name, preset, rows, data(), runner.total, wall)
     write_summary(out, md, rows)
     fig = sb_lb_figure(out / "seed0", out / f"keskar_{tag}.png")
     curv = curvature_figure(out / "seed0" / "curvature.h5", out / f"keskar_{tag}_curvature.png",
-                            f"{args.model}, preset {preset_name}, seed 0")
+                            f"{args.model}, preset {preset.name}, seed 0")
     fig, curv = copy_figures([fig, curv], args.figures)
     print(md)
     print(f"[experiments.keskar] wrote {out / 'summary.md'}, {fig} and {curv}; this invocation {wall / 60:.1f} min")

@@ -64,7 +64,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` → ``(X, True)``; any other type → ``(type, False)``."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
@@ -103,7 +104,7 @@ def parse_setting(tp: Any, text: str, what: str) -> Any:
     """A setting of type ``tp`` from its text (``key=value`` forms such as a probe's parameters): a number, a word of
     a ``Literal``, ``true``/``false`` for a bool, ``none`` for an optional one, several values of a tuple separated by
     ``/``; a ``ValueError`` naming ``what`` otherwise."""
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if optional and text.lower() == "none":
         return None
     origin = typing.get_origin(inner)
@@ -170,7 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if f.name in skip:
             continue
-        tp, optional = _unwrap_optional(hints[f.name])
+        tp, optional = unwrap_optional(hints[f.name])
         doc = help_text(f)
         origin = typing.get_origin(tp)
         if f.metadata.get("positional"):
@@ -199,7 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str
             parser.add_argument(flag, type=_scalar_parser(tp, optional), default=None, metavar=_metavar(tp), help=doc)
 
 
-def _coerce(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+def coerce(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` as keyword arguments of dataclass ``cls``: an unknown key is a ``ValueError`` naming ``where`` and
+    the valid keys; lists become the field's tuple or list, strings its ``Path``."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -207,7 +210,7 @@ def _coerce(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: unknown setting(s) {unknown}; valid settings: {sorted(names)}")
     out = {}
     for key, value in values.items():
-        tp, _ = _unwrap_optional(hints[key])
+        tp, _ = unwrap_optional(hints[key])
         origin = typing.get_origin(tp)
         if origin in (tuple, list) and isinstance(value, list | tuple):
             elem = typing.get_args(tp)[0]
@@ -235,10 +238,10 @@ def resolve(cls: type[T], toml_path: str | Path | None, cli: argparse.Namespace 
     command-line value that was given (not ``None``)."""
     values: dict[str, Any] = {}
     if toml_path is not None:
-        values.update(_coerce(cls, load_toml(toml_path), str(toml_path)))
+        values.update(coerce(cls, load_toml(toml_path), str(toml_path)))
     given = vars(cli) if isinstance(cli, argparse.Namespace) else dict(cli)
     names = {f.name for f in dataclasses.fields(cls)}
-    values.update(_coerce(cls, {k: v for k, v in given.items() if k in names and v is not None}, "command line"))
+    values.update(coerce(cls, {k: v for k, v in given.items() if k in names and v is not None}, "command line"))
     return cls(**values)
 
 

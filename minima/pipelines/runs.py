@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,23 +137,31 @@ def _set_aside_if_unreadable(path: Path) -> None:
               f"{path.name}.unreadable and measured again", flush=True)
 
 
-def evaluate_final(spec: RunSpec) -> dict[str, float]:
-    """The final weights' exact loss and accuracy on the run's own training and test data (eval mode, its loss),
-    computed once into ``evaluation.json``."""
-    path = spec.directory / "evaluation.json"
+def evaluate_run(directory: Path, trust_import: Sequence[str] = (), eval_batch_size: int = 1000,
+                 data_root: str | None = None) -> dict[str, float]:
+    """A run directory's final weights: exact loss and accuracy on the run's own training and test data (as its
+    checkpoint records them; eval mode, its loss), computed once into ``evaluation.json`` and read from it after —
+    so a pipeline's summary or a zoo's table never evaluates a checkpoint twice."""
+    path = directory / "evaluation.json"
     if path.exists():
         return json.loads(path.read_text())
-    ckpt = ckpt_io.load_checkpoint(RunDir(spec.directory).final)
-    model = ckpt_io.model_from_checkpoint(ckpt, own_import(spec.config.model))  # the study named it: allowed
+    ckpt = ckpt_io.load_checkpoint(RunDir(directory).final)
+    model = ckpt_io.model_from_checkpoint(ckpt, trust_import)
     meta = ckpt["meta"]
-    ds = load_for_checkpoint(meta["data"], root=spec.config.data_root)
-    feed = Batching(spec.config.eval_batch_size)
+    ds = load_for_checkpoint(meta["data"], root=data_root)
+    feed = Batching(eval_batch_size)
     found: dict[str, float] = {}
     for name, split in (("train", ds.train), ("test", ds.test)):
         r = evaluate(model, split, meta["data"]["mean"], meta["data"]["std"], feed, loss=recorded_loss(meta))
         found[f"{name}_loss"], found[f"{name}_accuracy"] = r.loss, r.accuracy
     write_text_atomic(path, json.dumps(found, indent=2) + "\n")
     return found
+
+
+def evaluate_final(spec: RunSpec) -> dict[str, float]:
+    """A zoo run's :func:`evaluate_run` (the study named its model: importing it is allowed)."""
+    return evaluate_run(spec.directory, own_import(spec.config.model), spec.config.eval_batch_size,
+                        spec.config.data_root)
 
 
 def complete(spec: RunSpec, study: Study) -> bool:
