@@ -12,98 +12,140 @@ against batch size, log-x). Finished runs are skipped, interrupted ones resumed.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import functools
+import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from experiments._pipeline import copy_figures, interruptible, write_summary
+from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
 from minima import data as data_mod
-from minima.core import config as cfg
 from minima.core.allocator import keep_freed_memory
 from minima.core.config import setting
 from minima.files import results
-from minima.geometry.evaluate import evaluate_checkpoint
+from minima.files.rundir import RunDir
+from minima.models import build_model, own_import
 from minima.optim.schedule import scaled_lr
-from minima.studies.sharpness import MeasureRequest, measure
+from minima.pipelines.declared import Declared, Section, Spec
+from minima.pipelines.runs import evaluate_run
+from minima.pipelines.stages import Rates, Stage
+from minima.studies.sharpness import measure, measure_request_type, result_jobs
 from minima.studies.train import NonFiniteLossError, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
-class SweepPreset:
-    """Every knob of the sweep, with units; read from ``experiments/configs/pipelines/batch_sweep_<name>.toml`` (or
-    a TOML file given by path) over these defaults (the paper's MobileNetV2 protocol)."""
+class Sweep:
+    """The sweep's own setting (the top level of its preset; [train] and [sharpness] are library requests)."""
 
-    model: str = setting("mobilenet_v2", "network")
-    model_kwargs: dict = setting(help="model arguments", factory=dict)
-    data: str | None = setting(None, "data source", default_text="$MINIMA_DATA, then the torchvision download")
-    train_subset: int | None = setting(None, "stratified training subset", unit="samples", default_text="all")
-    test_subset: int | None = setting(None, "stratified test subset", unit="samples", default_text="all")
-    batches: tuple[int, ...] = setting((32, 64, 128, 256, 512, 1024, 2048), "global batch sizes", unit="samples")
-    ref_lr: float = setting(0.1, "SGD learning rate at --ref-batch (scaled linearly with the batch)")
-    ref_batch: int = setting(256, "reference batch size", unit="samples")
-    epochs: int = setting(200, "epochs (cosine decay to 0 over them)", unit="epochs")
-    warmup_epochs: float = setting(5.0, "gradual warmup", unit="epochs")
-    weight_decay: float = setting(1e-4, "L2 weight decay (not on BN/bias)")
-    augment: bool = setting(True, "random crop + flip")
-    micro_batch: int | None = setting(None, "largest forward batch", unit="samples", default_text="the whole batch")
-    sharpness_samples: int = setting(1000, "training samples for φ", unit="samples")
-    eps: float = setting(1e-3, "Keskar box size ε")
-    maxiter: int = setting(10, "L-BFGS-B iterations")
+    batches: tuple[int, ...] = setting((32, 64, 128, 256, 512, 1024, 2048), "global batch sizes (the largest once "
+                                       "more without warmup)", unit="samples")
 
 
-CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
-PRESET_NAMES = ("paper", "quick", "smoke")  # experiments/configs/pipelines/batch_sweep_<name>.toml
+# the paper's MobileNetV2 protocol: SGD 0.9, wd 1e-4 not on BN/bias, LR 0.1·B/256 by per-iteration warmup, cosine
+SPEC = Spec("batch_sweep", Sweep, {
+    "train": Section(TrainConfig, {"model": "mobilenet_v2", "epochs": 200, "optimizer": "sgd", "lr": 0.1,
+                                   "ref_batch": 256, "scaling": "linear", "warmup_epochs": 5.0, "schedule": "cosine",
+                                   "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "decay_bn_bias": False,
+                                   "augment": True, "seed": 0, "init_seed": 1337},
+                     frozenset({"batch_size", "out"}), "every run of the sweep (minima.train)"),
+    # Keskar's φ(ε = 1e-3), full space, BatchNorm batch
+    "sharpness": Section(measure_request_type(), {"metrics": ["keskar"], "eps": (1e-3,), "subspace": None,
+                                                  "maxiter": 10, "train_subset": 1000, "bn_mode": "batch",
+                                                  "eval_batch_size": 1000},
+                         frozenset({"checkpoints", "out", "trust_import", "metrics"}),
+                         "Keskar's φ of every final network (minima.sharpness)"),
+})
+PIPELINE = Pipeline(SPEC, ROOT / "experiments" / "configs" / "pipelines")
 
 
-def load_preset(name_or_path: str) -> tuple[str, SweepPreset]:
-    """(name, preset) for a preset name (``experiments/configs/pipelines/batch_sweep_<name>.toml``) or a TOML file."""
-    return cfg.load_preset(SweepPreset, CONFIGS, "batch_sweep_", name_or_path)
+def load_preset(name_or_path: str, overrides: Sequence[str] = ()) -> Declared:
+    """A sweep preset (``experiments/configs/pipelines/batch_sweep_<name>.toml`` or a TOML file) with overrides."""
+    return PIPELINE.load(name_or_path, overrides)
 
 
-def _run_one(p: SweepPreset, batch: int, warmup: bool, out: Path, ds: data_mod.Dataset,
-             pretrained: str | None = None) -> dict[str, Any]:
-    config = TrainConfig(
-        pretrained=pretrained,
-        model=p.model, model_kwargs=dict(p.model_kwargs), data=p.data, train_subset=p.train_subset,
-        test_subset=p.test_subset, epochs=p.epochs, batch_size=batch, micro_batch=p.micro_batch, optimizer="sgd",
-        lr=p.ref_lr, ref_batch=p.ref_batch, scaling="linear", warmup_epochs=p.warmup_epochs if warmup else 0.0,
-        schedule="cosine", momentum=0.9, nesterov=False, weight_decay=p.weight_decay, decay_bn_bias=False,
-        augment=p.augment, seed=0, init_seed=1337, out=str(out),
-    )
-    peak_lr = scaled_lr(p.ref_lr, p.ref_batch, batch, "linear")
-    row: dict[str, Any] = {"batch": batch, "warmup": warmup, "peak_lr": peak_lr}
-    final = out / "final.pt"
-    if not final.exists():
-        try:
-            train(config, resume=(out / "last.pt").exists(), dataset=ds)
-        except NonFiniteLossError as exc:
-            return {**row, "diverged": str(exc).split(";")[0]}
-    evals = evaluate_checkpoint(final, {"train": ds.train, "test": ds.test})
-    tr, test = evals["train"], evals["test"]
-    sharp = out / "sharpness.h5"
-    measure(MeasureRequest(checkpoints=[final], metrics=["keskar"], eps=[p.eps], subspace=None, maxiter=p.maxiter,
-                           train_subset=p.sharpness_samples, bn_mode="batch",
-                           eval_batch_size=min(1000, p.sharpness_samples),
-                           out=sharp))
-    phi = next(float(r["phi"]) for r in results.load_sharpness(sharp) if r["metric"].startswith("keskar_full"))
-    return {**row, "test_acc": 100 * test.accuracy, "train_acc": 100 * tr.accuracy, "train_loss": tr.loss, "phi": phi}
+def runs(p: Declared, out: Path) -> list[tuple[int, bool, Path]]:
+    """(batch, warmup, run directory) of every run: each batch size with warmup, the largest once more without."""
+    batches = p.own.batches
+    return [(b, True, out / f"b{b}") for b in batches] + [(batches[-1], False, out / f"b{batches[-1]}_nowarmup")]
 
 
-def table_markdown(rows: list[dict[str, Any]], p: SweepPreset, name: str, ds: data_mod.Dataset, wall: float) -> str:
+def _diverged(d: Path) -> bool:
+    return RunDir(d).status().state == "diverged"
+
+
+def run_stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> list[Stage]:
+    """Per run (group: its directory's name): train, evaluate exactly once, measure φ — a diverged run is complete
+    after its training stage (its row says so)."""
+    t, s = p.values("train"), p.values("sharpness")
+    stages = []
+    for batch, warmup, d in runs(p, out):
+        final = d / "final.pt"
+        config = p.request("train", batch_size=batch, out=str(d),
+                           **({} if warmup else {"warmup_epochs": 0.0}))
+        sharp = p.request("sharpness", checkpoints=[final], out=d / "sharpness.h5",
+                          trust_import=own_import(t["model"]),
+                          eval_batch_size=min(s["eval_batch_size"], s.get("train_subset") or s["eval_batch_size"]))
+
+        def fit(c: TrainConfig = config, d: Path = d) -> None:
+            with contextlib.suppress(NonFiniteLossError):  # in the run's status.json; its row says "diverged"
+                train(c, resume=(d / "last.pt").exists(), dataset=data())
+
+        def train_estimate(r: Rates) -> float:
+            ds = data()
+            return r.training(t["epochs"], len(ds.train), len(ds.test))
+
+        def measured(q: Any = sharp) -> bool:
+            return q.out.exists() and {n for _, n, _ in result_jobs(q)} <= {
+                r["metric"] for r in results.load_sharpness(q.out)}
+
+        def sharp_estimate(r: Rates, q: Any = sharp) -> float:
+            n = q.train_subset or len(data().train)
+            return sum(r.measurement(m.cost(job), n) for m, _, job in result_jobs(q) if m.cost is not None)
+
+        name = d.name
+        stages += [
+            Stage(f"{name}/train", name, lambda f=final, d=d: f.exists() or _diverged(d), fit, train_estimate),
+            Stage(f"{name}/evaluate", name, lambda d=d: (d / "evaluation.json").exists() or _diverged(d),
+                  lambda d=d: evaluate_run(d, own_import(t["model"]), t.get("eval_batch_size", 1000)),
+                  lambda r: r.grid(1, len(data().train) + len(data().test)), (f"{name}/train",)),
+            Stage(f"{name}/sharpness", name, lambda d=d, q=sharp: _diverged(d) or measured(q),
+                  lambda q=sharp: measure(q), sharp_estimate, (f"{name}/train",)),
+        ]
+    return stages
+
+
+def row(p: Declared, batch: int, warmup: bool, d: Path) -> dict[str, Any]:
+    """One run's row, from its files (nothing is computed)."""
+    t = p.values("train")
+    found: dict[str, Any] = {"batch": batch, "warmup": warmup,
+                             "peak_lr": scaled_lr(t["lr"], t["ref_batch"], batch, t["scaling"])}
+    status = RunDir(d).status()
+    if status.state == "diverged":
+        return {**found, "diverged": (status.reason or "non-finite loss").split(";")[0]}
+    e = json.loads((d / "evaluation.json").read_text())
+    phi = next(float(r["phi"]) for r in results.load_sharpness(d / "sharpness.h5")
+               if r["metric"].startswith("keskar_full"))
+    return {**found, "test_acc": 100 * e["test_accuracy"], "train_acc": 100 * e["train_accuracy"],
+            "train_loss": e["train_loss"], "phi": phi}
+
+
+def table_markdown(rows: list[dict[str, Any]], p: Declared, ds: data_mod.Dataset, wall: float) -> str:
+    t, sh = p.values("train"), p.values("sharpness")
     lines = [
-        f"# Batch-size sweep — `{p.model}`, preset `{name}`", "",
-        f"{len(ds.train)} training / {len(ds.test)} test images ({ds.spec.get('kind')}); SGD momentum 0.9, weight "
-        f"decay {p.weight_decay:g} (not on BN/bias), LR {p.ref_lr:g}·B/{p.ref_batch} reached by {p.warmup_epochs:g} "
-        f"epochs of per-iteration warmup, cosine to 0 over {p.epochs} epochs; augmentation {p.augment}. "
-        f"φ: Keskar ε = {p.eps:g}, full space, BN batch, {p.sharpness_samples} training samples. "
+        f"# Batch-size sweep — `{t['model']}`, preset `{p.name}`", "",
+        f"{len(ds.train)} training / {len(ds.test)} test images ({ds.spec.get('kind')}); SGD momentum "
+        f"{t['momentum']:g}, weight decay {t['weight_decay']:g} (not on BN/bias), LR {t['lr']:g}·B/{t['ref_batch']} "
+        f"reached by {t['warmup_epochs']:g} epochs of per-iteration warmup, {t['schedule']} to 0 over {t['epochs']} "
+        f"epochs; augmentation {t['augment']}. φ: Keskar ε = {', '.join(f'{e:g}' for e in sh['eps'])}, full "
+        f"space, BN {sh['bn_mode']}, {sh['train_subset']} training samples. "
         f"Wall time {wall / 60:.1f} min.", "",
         "| batch | warmup | peak LR | train acc (%) | test acc (%) | train loss | φ |",
         "|---|---|---|---|---|---|---|",
@@ -143,41 +185,53 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
 
 @interruptible("batch_sweep")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.batch_sweep", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="quick",
-                    help=f"{', '.join(PRESET_NAMES)} (experiments/configs/pipelines/batch_sweep_<name>.toml) or a "
-                         "TOML file's path (default: quick)")
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help="override the preset's batch sizes")
-    ap.add_argument("--out", type=Path, default=None, help="run directory (default: runs/batch_sweep_<preset>)")
-    ap.add_argument("--figures", type=Path, default=None,
-                    help="also copy batch_sweep.png into this directory, e.g. figures (default: run directory only)")
-    ap.add_argument("--pretrained", default=None,
-                    help="mobilenet_v2: 'imagenet' (torchvision download) or a local ImageNet state-dict file")
-    args = ap.parse_args(argv)
+    ap = PIPELINE.parser(__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="the batch sizes: the same as batches=A/B/C")
+    ap.add_argument("--pretrained", default=None, help="mobilenet_v2: 'imagenet' (torchvision download) or a local "
+                    "ImageNet state-dict file: the same as train.pretrained=…")
+    args = ap.parse_intermixed_args(argv)
+    overrides = list(args.overrides) + (
+        [f"batches={'/'.join(map(str, args.batches))}"] if args.batches else []) + (
+        [f"train.pretrained={args.pretrained}"] if args.pretrained else [])
     try:
-        name, p = load_preset(args.preset)
+        p = load_preset(args.preset, overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"[experiments.batch_sweep] error: {exc}", file=sys.stderr)
         return 2
     keep_freed_memory()
-    batches = tuple(args.batches or p.batches)
-    out = args.out or Path("runs") / f"batch_sweep_{name}"
-    out.mkdir(parents=True, exist_ok=True)
+    t = p.values("train")
+    out = args.out or Path("runs") / f"batch_sweep_{p.name}"
     t0 = time.perf_counter()
-    ds = data_mod.load_source(p.data, p.train_subset, p.test_subset)
-    ds = ds.subset(p.train_subset, p.test_subset, seed=0)
-    runs = [(b, True, out / f"b{b}") for b in batches] + [(batches[-1], False, out / f"b{batches[-1]}_nowarmup")]
-    rows = []
-    for k, (b, warmup, where) in enumerate(runs, start=1):
-        print(f"[experiments.batch_sweep] stage {k}/{len(runs)}: batch {b}{'' if warmup else ' without warmup'}"
-              + (" (complete, kept)" if (where / "sharpness.h5").exists() else ""), flush=True)
-        rows.append(_run_one(p, b, warmup, where, ds, args.pretrained))
+
+    def load() -> data_mod.Dataset:
+        ds = data_mod.load_source(t.get("data"), t.get("train_subset"), t.get("test_subset"))
+        return ds.subset(t.get("train_subset"), t.get("test_subset"), seed=0)
+
+    data = functools.cache(load)
+
+    def rates() -> Rates:
+        ds = data()
+        net = build_model(t["model"], ds.num_classes, **dict(t.get("model_kwargs") or {}))
+        return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(p.own.batches[0], 256))
+
+    try:
+        data()
+        runner = PIPELINE.execute(run_stages(p, out, data), out, args, rates, p.to_dict())
+    except (ValueError, OSError, data_mod.DataError) as exc:
+        print(f"[experiments.batch_sweep] error: {exc}", file=sys.stderr)
+        return 2
+    if runner is None or not runner.complete:
+        return 0
+    rows = [row(p, b, warmup, d) for b, warmup, d in runs(p, out)]
     wall = time.perf_counter() - t0
-    md = table_markdown(rows, p, name, ds, wall)
-    write_summary(out, md, {"preset": cfg.to_dict(p), "rows": rows})
+    ds = data()
+    md = table_markdown(rows, p, ds, wall)
+    write_summary(out, md, {"preset": p.to_dict(), "rows": rows})
     fig = plot_sweep(rows, out / "batch_sweep.png", title=(
-        f"{p.model}, {len(ds.train):,} train / {len(ds.test):,} test images ({ds.spec.get('kind')}), "
-        f"{p.epochs} epochs, SGD + linear LR rule, cosine; φ on {p.sharpness_samples:,} training images"))
+        f"{t['model']}, {len(ds.train):,} train / {len(ds.test):,} test images ({ds.spec.get('kind')}), "
+        f"{t['epochs']} epochs, SGD + linear LR rule, cosine; φ on {p.values('sharpness')['train_subset']:,} training "
+        "images"))
     (fig,) = copy_figures([fig], args.figures)
     print(md)
     print(f"[experiments.batch_sweep] wrote {out / 'summary.md'} and {fig} in {wall / 60:.1f} min")
