@@ -15,10 +15,11 @@ preconditioned sharpness against (2 + 2β₁)/((1 − β₁)η). Writes every ru
 
 from __future__ import annotations
 
-import argparse
+import functools
+import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,71 +28,130 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from experiments._pipeline import StageClock, copy_figures, interruptible, write_summary
+from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
 from minima import data as data_mod
-from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.curvature.hessian import hessian_operator, top_eigenvalues
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.files import checkpoint as ckpt_io
 from minima.files import timeline
-from minima.files.rundir import RunDir
+from minima.files.rundir import RunDir, write_text_atomic
 from minima.geometry.evaluate import Batching
 from minima.models import build_model
+from minima.pipelines.declared import Declared, Section, Spec
+from minima.pipelines.stages import Rates, Stage
 from minima.studies.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
 
 
 @dataclass(frozen=True)
-class Preset:
-    """The runs' settings, with units (``experiments/configs/pipelines/edge_of_stability_<name>.toml``)."""
+class EdgeOfStability:
+    """The runs' own settings (the top level of the preset; [train] is minima.train's request)."""
 
-    data: str | None = setting(None, "data source", default_text="$MINIMA_DATA, then the torchvision download")
-    train_subset: int = setting(1000, "the first N training images", unit="samples")
-    model: str = setting("fc_tanh", "network")
-    model_kwargs: dict = setting(help="its arguments", factory=dict)
-    init_seed: int = setting(0, "seed of the initial weights")
+    init_seed: int = setting(0, "seed of the initial weights (every run starts from them)")
     threshold_ratios: tuple[float, ...] = setting((1.75,), "GD runs: 2/η as multiples of λ_max at initialisation "
                                                   "(used when lrs is empty)")
     lrs: tuple[float, ...] = setting((), "GD runs: the step sizes η themselves", default_text="from threshold_ratios")
-    max_steps: int = setting(1500, "step cap of every run (one step per epoch: full batch)", unit="steps")
-    target_accuracy: float = setting(0.99, "stop at this training accuracy")
     probe_every: int = setting(25, "steps between probes", unit="steps")
     adam_lr: float | None = setting(2e-4, "the Adam run's step size (none: no Adam run)")
-    eval_batch_size: int = setting(1000, "evaluation and probe batch size", unit="samples")
 
 
-def initial_lambda_max(p: Preset, ds: data_mod.Dataset, init: Path) -> float:
+# Cohen et al.: fc-tanh, the first N images, square loss, full-batch steps (one per epoch) up to a step cap or 99 %
+# training accuracy; [train] epochs is the step cap
+SPEC = Spec("edge_of_stability", EdgeOfStability, {
+    "train": Section(TrainConfig, {"model": "fc_tanh", "train_subset": 1000, "subset_mode": "first", "epochs": 1500,
+                                   "batch_size": "full", "momentum": 0.0, "loss": "mse", "target_accuracy": 0.99,
+                                   "eval_test": False, "eval_batch_size": 1000, "progress": False},
+                     frozenset({"optimizer", "lr", "init_from", "probe", "probe_subset", "out"}),
+                     "every run (minima.train; epochs = the step cap)"),
+})
+PIPELINE = Pipeline(SPEC, ROOT / "experiments" / "configs" / "pipelines")
+
+
+def load_data(p: Declared) -> data_mod.Dataset:
+    """The first ``[train] train_subset`` training images."""
+    t = p.values("train")
+    return data_mod.load_source(t.get("data"), t["train_subset"]).subset(train=t["train_subset"], mode="first")
+
+
+def initial_lambda_max(p: Declared, ds: data_mod.Dataset, init: Path) -> float:
     """λ_max of the square loss at the initial weights on the run's images."""
     model = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(init))
-    obj = DatasetObjective(model, FixedBatches.from_split(ds.train, ds.mean, ds.std, Batching(p.eval_batch_size)),
-                           loss="mse")
+    obj = DatasetObjective(model, FixedBatches.from_split(ds.train, ds.mean, ds.std,
+                                                          Batching(p.values("train")["eval_batch_size"])), loss="mse")
     return float(top_eigenvalues(hessian_operator(obj), k=1, tol=1e-4).eigenvalues[0])
 
 
-def _init_checkpoint(p: Preset, ds: data_mod.Dataset, out: Path) -> Path:
-    if out.exists():
-        return out
-    torch.manual_seed(p.init_seed)
-    kwargs = dict(p.model_kwargs)
-    model = build_model(p.model, ds.num_classes, **kwargs)
-    meta = ckpt_io.make_meta(epoch=0, step=0, global_batch_size=len(ds.train), world_size=1, seed=p.init_seed,
-                             train_config={"loss": "mse"}, data=ds.describe())
-    return ckpt_io.save_checkpoint(ckpt_io.make_checkpoint(p.model, {**kwargs, "num_classes": ds.num_classes},
-                                                           model.state_dict(), meta), out)
+def _initialise(p: Declared, ds: data_mod.Dataset, out: Path) -> None:
+    """``init.pt`` (the shared initial weights) and ``lambda0.json`` (λ_max there)."""
+    t = p.values("train")
+    init = out / "init.pt"
+    if not init.exists():
+        torch.manual_seed(p.own.init_seed)
+        kwargs = dict(t.get("model_kwargs") or {})
+        model = build_model(t["model"], ds.num_classes, **kwargs)
+        meta = ckpt_io.make_meta(epoch=0, step=0, global_batch_size=len(ds.train), world_size=1,
+                                 seed=p.own.init_seed, train_config={"loss": "mse"}, data=ds.describe())
+        ckpt_io.save_checkpoint(ckpt_io.make_checkpoint(t["model"], {**kwargs, "num_classes": ds.num_classes},
+                                                        model.state_dict(), meta), init)
+    write_text_atomic(out / "lambda0.json", json.dumps({"lambda0": initial_lambda_max(p, ds, init)}) + "\n")
 
 
-def _run(p: Preset, ds: data_mod.Dataset, init: Path, out: Path, optimizer: str, lr: float, probe: str) -> Path:
-    config = TrainConfig(model=p.model, model_kwargs=dict(p.model_kwargs), data=p.data, train_subset=p.train_subset,
-                         subset_mode="first", epochs=p.max_steps, batch_size="full", optimizer=optimizer, lr=lr,
-                         momentum=0.0, loss="mse", init_from=str(init), target_accuracy=p.target_accuracy,
-                         eval_test=False, probe=(f"{probe}:{p.probe_every}",), probe_subset=len(ds.train),
-                         eval_batch_size=p.eval_batch_size, out=str(out), progress=False)
-    train(config, resume=(out / "last.pt").exists(), dataset=ds)
-    return out
+def lambda0(out: Path) -> float:
+    return float(json.loads((out / "lambda0.json").read_text())["lambda0"])
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run: its name in the plan, its optimiser and probe, and how its η follows from λ_max at initialisation."""
+
+    name: str
+    optimizer: str
+    probe: str
+    lr: Callable[[float], float]
+
+    def directory(self, out: Path) -> Path:
+        """``gd_lr<η>`` or ``adam_lr<η>`` (η known once λ_max at initialisation is)."""
+        lr = self.lr(lambda0(out))
+        return out / (f"gd_lr{lr:.4g}" if self.optimizer == "sgd" else f"adam_lr{lr:g}")
+
+
+def run_plans(p: Declared) -> list[RunPlan]:
+    runs = ([RunPlan(f"gd_lr{lr:.4g}", "sgd", "hessian", lambda _l, lr=lr: lr) for lr in p.own.lrs]
+            or [RunPlan(f"gd_ratio{r:g}", "sgd", "hessian", lambda lam, r=r: 2.0 / (r * lam))
+                for r in p.own.threshold_ratios])
+    if p.own.adam_lr is not None:
+        runs.append(RunPlan(f"adam_lr{p.own.adam_lr:g}", "adam", "preconditioned", lambda _l: p.own.adam_lr))
+    return runs
+
+
+def stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> list[Stage]:
+    """The initial weights and λ_max there (group ``init``), then one stage per run (its own group)."""
+    t = p.values("train")
+
+    def probe_cost(r: Rates) -> float:  # one Lanczos λ_max: about 15 products on every image
+        return r.measurement({"hvp": 15}, len(data().train))
+
+    found = [Stage("init", "init", (out / "lambda0.json").exists, lambda: _initialise(p, data(), out), probe_cost)]
+    for run in run_plans(p):
+        def fit(run: RunPlan = run) -> None:
+            ds, d = data(), run.directory(out)
+            lr = run.lr(lambda0(out))
+            config = p.request("train", optimizer=run.optimizer, lr=lr, init_from=str(out / "init.pt"),
+                               probe=(f"{run.probe}:{p.own.probe_every}",), probe_subset=len(ds.train), out=str(d))
+            print(f"[experiments.edge_of_stability] {run.name}: η = {lr:.4g} (2/η = {2 / lr:.4g}, λ_max at "
+                  f"initialisation {lambda0(out):.4g})", flush=True)
+            train(config, resume=(d / "last.pt").exists(), dataset=ds)
+
+        def estimate(r: Rates) -> float:
+            steps = t["epochs"]
+            return r.training(steps, len(data().train), 0) + steps // max(p.own.probe_every, 1) * probe_cost(r)
+
+        found.append(Stage(run.name, run.name, lambda run=run: (out / "lambda0.json").exists() and (
+            run.directory(out) / "final.pt").exists(), fit, estimate, ("init",)))
+    return found
 
 
 def summarise(run_dir: Path, probe: str) -> dict[str, Any]:
@@ -133,41 +193,42 @@ def figure(runs: list[tuple[Path, str]], path: Path, title: str) -> Path:
 
 @interruptible("edge_of_stability")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.edge_of_stability", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="quick", help="quick, paper, smoke or a TOML file's path (default: quick)")
-    ap.add_argument("--out", type=Path, default=None, help="run directory (default: runs/edge_of_stability_<preset>)")
-    ap.add_argument("--figures", type=Path, default=None, help="also copy the figure into this directory")
-    args = ap.parse_args(argv)
+    ap = PIPELINE.parser(__doc__.split("\n")[0])
+    args = ap.parse_intermixed_args(argv)
     try:
-        name, p = cfg.load_preset(Preset, CONFIGS, "edge_of_stability_", args.preset)
-        keep_freed_memory()
-        t0 = time.perf_counter()
-        out = args.out or Path("runs") / f"edge_of_stability_{name}"
-        out.mkdir(parents=True, exist_ok=True)
-        ds = data_mod.load_source(p.data, p.train_subset).subset(train=p.train_subset, mode="first")
-        init = _init_checkpoint(p, ds, out / "init.pt")
-        lam0 = initial_lambda_max(p, ds, init)
-        lrs = list(p.lrs) or [2.0 / (r * lam0) for r in p.threshold_ratios]
-        stages = StageClock("edge_of_stability", len(lrs) + (p.adam_lr is not None))
-        runs = [(out / f"gd_lr{lr:.4g}", "sgd", lr, "hessian") for lr in lrs]
-        if p.adam_lr is not None:
-            runs.append((out / f"adam_lr{p.adam_lr:g}", "adam", p.adam_lr, "preconditioned"))
-        for run_dir, optimizer, lr, probe in runs:
-            what = (f"gradient descent, η = {lr:.4g} (2/η = {2 / lr:.4g}, λ_max at initialisation {lam0:.4g})"
-                    if optimizer == "sgd" else f"Adam, η = {lr:g}")
-            stages.run(what, (run_dir / "final.pt").exists(),
-                       lambda d=run_dir, o=optimizer, r=lr, q=probe: _run(p, ds, init, d, o, r, q))
-    except (ValueError, OSError) as exc:
+        p = PIPELINE.load(args.preset, args.overrides)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"[experiments.edge_of_stability] error: {exc}", file=sys.stderr)
         return 2
-    rows = [summarise(d, probe) for d, _, _, probe in runs]
+    keep_freed_memory()
+    t = p.values("train")
+    t0 = time.perf_counter()
+    out = args.out or Path("runs") / f"edge_of_stability_{p.name}"
+    data = functools.cache(lambda: load_data(p))
+
+    def rates() -> Rates:
+        ds = data()
+        net = build_model(t["model"], ds.num_classes, **dict(t.get("model_kwargs") or {}))
+        return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(len(ds.train), 256))
+
+    try:
+        data()
+        runner = PIPELINE.execute(stages(p, out, data), out, args, rates, p.to_dict())
+    except (ValueError, OSError, data_mod.DataError) as exc:
+        print(f"[experiments.edge_of_stability] error: {exc}", file=sys.stderr)
+        return 2
+    if runner is None or not runner.complete:
+        return 0
+    runs = [(plan.directory(out), plan.probe) for plan in run_plans(p)]
+    rows = [summarise(d, probe) for d, probe in runs]
+    lam0 = lambda0(out)
     wall = time.perf_counter() - t0
-    lines = [f"# Edge of stability — preset `{name}`", "",
-             f"{p.model} on the first {p.train_subset} CIFAR-10 training images (standardised with the full training "
-             f"set's statistics), square loss, full-batch steps, up to {p.max_steps} steps or {p.target_accuracy:g} "
-             f"training accuracy; λ_max at initialisation {lam0:.4g}; probes every {p.probe_every} steps on all "
-             f"{p.train_subset} images. Machine: {cpu_name()}, torch {torch.__version__}; this invocation "
-             f"{wall / 60:.1f} min.", "",
+    n, steps = t["train_subset"], t["epochs"]
+    lines = [f"# Edge of stability — preset `{p.name}`", "",
+             f"{t['model']} on the first {n} CIFAR-10 training images (standardised with the full training "
+             f"set's statistics), square loss, full-batch steps, up to {steps} steps or {t['target_accuracy']:g} "
+             f"training accuracy; λ_max at initialisation {lam0:.4g}; probes every {p.own.probe_every} steps on all "
+             f"{n} images. Machine: {cpu_name()}, torch {torch.__version__}; this invocation {wall / 60:.1f} min.", "",
              "| run | probe | η | threshold | first | max | reaches 0.9·threshold at step | median / range after "
              "(× threshold) | steps | train acc |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -181,10 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "≈ 4,500 steps and stays at ≈ 200–210 until ≈ 9,000 steps."]
     md = "\n".join(lines) + "\n"
     write_summary(out, md, {"lambda0": lam0, "runs": rows})
-    fig = figure([(d, probe) for d, _, _, probe in runs], out / "edge_of_stability.png",
-                 f"preset {name}: {p.model}, first {p.train_subset} images, "
-                 f"square loss, full batch; {cpu_name()}")
-    (fig,) = copy_figures([fig], args.figures, [f"edge_of_stability_{name}.png"])
+    fig = figure(runs, out / "edge_of_stability.png",
+                 f"preset {p.name}: {t['model']}, first {n} images, square loss, full batch; {cpu_name()}")
+    (fig,) = copy_figures([fig], args.figures, [f"edge_of_stability_{p.name}.png"])
     print(md)
     print(f"[experiments.edge_of_stability] wrote {out / 'summary.md'} and {fig}; {wall / 60:.1f} min")
     return 0
