@@ -19,7 +19,8 @@ Every stage is skipped when its output is complete and resumed when partial. Wri
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import functools
 import json
 import sys
 import time
@@ -33,60 +34,57 @@ import torch
 from matplotlib.figure import Figure
 
 from experiments import keskar
-from experiments._pipeline import StageClock, copy_figures, interruptible, write_summary
+from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
 from minima import data as data_mod
-from minima.core import config as cfg
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
-from minima.curve import run as run_curve
 from minima.files import results
 from minima.geometry.barriers import barriers
+from minima.models import build_model
+from minima.pipelines.declared import Declared, Section, Spec
+from minima.pipelines.stages import Rates, Stage
 from minima.studies.align import AlignRequest, align
 from minima.studies.curve import CurveRequest
+from minima.studies.curve import run as run_curve
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_line
 from minima.studies.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
 # Jordan et al. (ICLR 2023), REPAIR, CIFAR-10 MLP (11 hidden layers × 512): test accuracy (%) of the endpoints and of
 # the midpoint of the line without alignment, after permutation (alignment) and after REPAIR.
 REPAIR_MLP = {"endpoints": 57.31, "naive": 10.23, "permuted": 35.01, "repair": 52.91}
 
 
 @dataclass(frozen=True)
-class Preset:
-    """Every knob of the pipeline, with units (``experiments/configs/pipelines/connectivity_<name>.toml``)."""
+class Connectivity:
+    """The pipeline's own settings (the top level of its preset; the tables are library requests)."""
 
-    data: str | None = setting(None, "data source", default_text="$MINIMA_DATA, then the torchvision download")
-    pair_model: str = setting("mlp", "network of the two seeds")
-    pair_model_kwargs: dict = setting(help="its arguments", factory=dict)
-    pair_train_subset: int | None = setting(None, "training images of the two seeds", unit="samples",
-                                            default_text="all")
-    pair_optimizer: str = setting("adam", "their optimiser")
-    pair_lr: float = setting(1e-3, "their learning rate")
-    pair_momentum: float = setting(0.9, "SGD momentum (pair_optimizer = sgd)")
-    pair_weight_decay: float = setting(0.0, "their weight decay")
-    pair_batch: int = setting(256, "their batch size", unit="samples")
-    pair_epochs: int = setting(10, "their epochs", unit="epochs")
-    pair_augment: bool = setting(False, "random crops and flips while training them")
-    alphas: str = setting("0:1:11", "α grid of every line (and t grid of the curve), within [0, 1]")
-    eval_train_subset: int | None = setting(5000, "training images every point is evaluated on", unit="samples",
-                                            default_text="all")
-    eval_test_subset: int | None = setting(5000, "test images every point is evaluated on", unit="samples",
-                                           default_text="all")
-    align_samples: int | None = setting(None, "training images activation matching correlates on",
-                                        unit="samples", default_text="minima.align's default")
     keskar_model: str = setting("mlp", "network of the Keskar pipeline whose SB/LB checkpoints are used")
-    keskar_preset: str = setting("quick", "that pipeline's preset")
-    curve_bends: int = setting(1, "Bézier bends of the SB–LB curve")
-    curve_epochs: int = setting(10, "its training epochs", unit="epochs")
-    curve_batch: int = setting(128, "its batch size", unit="samples")
-    curve_lr: float = setting(0.015, "its peak SGD learning rate")
-    curve_weight_decay: float = setting(5e-4, "wd of its ½·wd·‖θ(t)‖² penalty")
-    curve_train_subset: int | None = setting(10000, "training images it is trained and evaluated on",
-                                             unit="samples", default_text="all")
-    eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
+    keskar_preset: str = setting("quick", "that pipeline's preset (its SB/LB training stages of seed 0 run here "
+                                 "when its run directory lacks them)")
+
+
+SPEC = Spec("connectivity", Connectivity, {
+    "pair": Section(TrainConfig, {"model": "mlp", "optimizer": "adam", "lr": 1e-3, "momentum": 0.9,
+                                  "weight_decay": 0.0, "batch_size": 256, "epochs": 10, "augment": False,
+                                  "eval_batch_size": 1000},
+                    frozenset({"seed", "init_seed", "out"}), "the two seeds (minima.train; seeds 0, 1)"),
+    "align": Section(AlignRequest, {"samples": None, "eval_batch_size": 1000},
+                     frozenset({"checkpoint_a", "checkpoint_b", "method", "out"}),
+                     "aligning seed 1 to seed 0 (minima.align; weights, then activations)"),
+    "line": Section(SweepRequest, {"alphas": "0:1:11", "train_subset": 5000, "test_subset": 5000,
+                                   "eval_batch_size": 1000, "plot": False},
+                    frozenset({"checkpoint_a", "checkpoint_b", "repair", "out", "resume"}),
+                    "every line between the seeds (minima.interpolate; ± REPAIR)"),
+    # Garipov et al.'s quadratic Bézier curve, trained between SB and the weight-matched LB
+    "curve": Section(CurveRequest, {"align": True, "bends": 1, "epochs": 10, "batch_size": 128, "lr": 0.015,
+                                    "weight_decay": 5e-4, "t": "0:1:11", "train_subset": 10000, "test_subset": 5000,
+                                    "eval_batch_size": 1000},
+                     frozenset({"checkpoint_a", "checkpoint_b", "out", "resume"}),
+                     "the SB–LB curve and its lines (minima.curve)"),
+})
+PIPELINE = Pipeline(SPEC, ROOT / "experiments" / "configs" / "pipelines")
 
 
 VARIANTS = (("naive", None, False), ("naive + REPAIR", None, True), ("weight matching", "weights", False),
@@ -98,12 +96,6 @@ def _complete(path: Path) -> bool:
     return path.exists() and results.load_grid(path).complete
 
 
-def _line(a: Path, b: Path, out: Path, p: Preset, repair: bool) -> SweepRequest:
-    return SweepRequest(checkpoint_a=a, checkpoint_b=b, alphas=p.alphas, repair=repair, data=p.data,
-                        train_subset=p.eval_train_subset, test_subset=p.eval_test_subset, out=out,
-                        resume=out.exists(), eval_batch_size=p.eval_batch_size, plot=False)
-
-
 def _row(path: Path) -> dict[str, Any]:
     curve = results.load_curve(path)
     found = barriers(curve)
@@ -113,60 +105,83 @@ def _row(path: Path) -> dict[str, Any]:
             "min_test_acc": 100 * float(np.min(curve.test_accuracy)), **found}
 
 
-def seed_pair(p: Preset, out: Path, stages: StageClock) -> dict[str, dict[str, Any]]:
-    """Train the two seeds, align, evaluate every line; the rows of the first table."""
-    nets = []
-    for seed in (0, 1):
-        run_dir = out / "pair" / f"seed{seed}"
-        config = TrainConfig(model=p.pair_model, model_kwargs=dict(p.pair_model_kwargs), data=p.data,
-                             train_subset=p.pair_train_subset, epochs=p.pair_epochs, batch_size=p.pair_batch,
-                             optimizer=p.pair_optimizer, lr=p.pair_lr, momentum=p.pair_momentum,
-                             weight_decay=p.pair_weight_decay, augment=p.pair_augment, seed=seed,
-                             init_seed=100 + seed, out=str(run_dir), eval_batch_size=p.eval_batch_size)
-        final = run_dir / "final.pt"
-        stages.run(f"train seed {seed}", final.exists(),
-                   lambda c=config, d=run_dir: train(c, resume=(d / "last.pt").exists()))
-        nets.append(final)
-    a, b = nets
-    aligned = {None: b}
+def _complete(path: Path) -> bool:
+    return path.exists() and results.load_grid(path).complete
+
+
+def pair_stages(p: Declared, out: Path) -> list[Stage]:
+    """Train the two seeds, align seed 1 to seed 0 both ways, evaluate every line (group ``pair``)."""
+    folder = out / "pair"
+    nets = [folder / f"seed{seed}" / "final.pt" for seed in (0, 1)]
+    found = []
+    for seed, final in enumerate(nets):
+        config = p.request("pair", seed=seed, init_seed=100 + seed, out=str(final.parent))
+        found.append(Stage(f"train seed {seed}", "pair", final.exists,
+                           lambda c=config, d=final.parent: train(c, resume=(d / "last.pt").exists()),
+                           lambda r, c=config: _train_seconds(r, c)))
+    trained = tuple(s.name for s in found)
+    aligned = {None: nets[1]}
     for method in ("weights", "activations"):
-        path = out / "pair" / f"seed1_{method}_aligned.pt"
-        stages.run(f"align seed 1 to seed 0 ({method})", path.exists(), lambda m=method, q=path: align(AlignRequest(
-            checkpoint_a=a, checkpoint_b=b, method=m, samples=p.align_samples, data=p.data,
-            train_subset=p.pair_train_subset, out=q, eval_batch_size=p.eval_batch_size)))
+        path = folder / f"seed1_{method}_aligned.pt"
+        request = p.request("align", checkpoint_a=nets[0], checkpoint_b=nets[1], method=method, out=path)
+        found.append(Stage(f"align seed 1 to seed 0 ({method})", "pair", path.exists,
+                           lambda q=request: align(q), None, trained))
         aligned[method] = path
-    rows = {}
     for name, method, repair in VARIANTS:
-        path = out / "pair" / f"line_{method or 'naive'}{'_repair' if repair else ''}.h5"
-        stages.run(f"line: {name}", _complete(path), lambda q=path, m=method, r=repair: run_line(
-            _line(a, aligned[m], q, p, r)))
-        rows[name] = {**_row(path), "file": str(path)}
-    return rows
+        path = folder / f"line_{method or 'naive'}{'_repair' if repair else ''}.h5"
+        request = p.request("line", checkpoint_a=nets[0], checkpoint_b=aligned[method], repair=repair, out=path,
+                            resume=path.exists())
+        needs = trained + ((f"align seed 1 to seed 0 ({method})",) if method else ())
+        found.append(Stage(f"line: {name}", "pair", lambda q=path: _complete(q),
+                           lambda q=request: run_line(dataclasses.replace(q, resume=q.out.exists())),
+                           lambda r, q=request: _grid_seconds(r, q.alphas, q.train_subset, q.test_subset), needs))
+    return found
 
 
-def sb_lb(p: Preset, out: Path, kdir: Path, stages: StageClock) -> dict[str, dict[str, Any]]:
-    """The Keskar checkpoints (trained when missing), their lines and the curve; the rows of the second table."""
-    kname, kpreset = keskar.load_preset(p.keskar_preset)
-    ds = None
-    ckpts = {}
-    for name, batch in (("sb", kpreset.sb_batch), ("lb", kpreset.lb_batch)):
-        run_dir = kdir / "seed0" / name
-        if ds is None and not (run_dir / "final.pt").exists():
-            ds = data_mod.load_source(keskar.data_for(p.keskar_model, kpreset), kpreset.train_subset,
-                                      kpreset.test_subset).subset(kpreset.train_subset, kpreset.test_subset, seed=0)
-        stages.run(f"Keskar {kname} {name.upper()} network ({run_dir})", (run_dir / "final.pt").exists(),
-                   lambda b=batch, d=run_dir, data=ds: keskar.train_regime(p.keskar_model, kpreset, b, 0, d, data))
-        ckpts[name] = run_dir / "final.pt"
+def pair_files(out: Path) -> dict[str, Path]:
+    return {name: out / "pair" / f"line_{method or 'naive'}{'_repair' if repair else ''}.h5"
+            for name, method, repair in VARIANTS}
+
+
+def sb_lb_files(p: Declared, out: Path) -> dict[str, Path]:
     folder = out / "sb_lb_curve"
-    files = {"straight line SB → LB": folder / "line_unaligned.h5", "line SB → weight-matched LB": folder / "line.h5",
-             f"Bézier curve SB → weight-matched LB ({p.curve_bends} bend)": folder / "curve.h5"}
-    done = all(_complete(f) for f in files.values())
-    stages.run("SB–LB: align, train the curve, evaluate the curve and both lines", done, lambda: run_curve(CurveRequest(
-        checkpoint_a=ckpts["sb"], checkpoint_b=ckpts["lb"], align=True, bends=p.curve_bends, epochs=p.curve_epochs,
-        batch_size=p.curve_batch, lr=p.curve_lr, weight_decay=p.curve_weight_decay, t=p.alphas, data=p.data,
-        train_subset=p.curve_train_subset, test_subset=p.eval_test_subset, eval_batch_size=p.eval_batch_size,
-        out=folder, resume=folder.exists())))
-    return {name: {**_row(path), "file": str(path)} for name, path in files.items()}
+    bends = p.values("curve")["bends"]
+    return {"straight line SB → LB": folder / "line_unaligned.h5", "line SB → weight-matched LB": folder / "line.h5",
+            f"Bézier curve SB → weight-matched LB ({bends} bend)": folder / "curve.h5"}
+
+
+def sb_lb_stages(p: Declared, out: Path, kdir: Path) -> list[Stage]:
+    """Keskar's SB and LB training stages of seed 0 (when its run directory lacks them), then the curve stage:
+    align LB to SB, train the curve, evaluate it and both lines (group ``sb_lb``)."""
+    kp = keskar.load_preset(p.own.keskar_preset)
+    data = functools.cache(lambda: keskar.load_data(p.own.keskar_model, kp))
+    trained = [dataclasses.replace(s, name=f"Keskar {kp.name} {s.name}", group="sb_lb")
+               for s in keskar.training_stages(p.own.keskar_model, kp, 0, kdir / "seed0", data)]
+    sb, lb = kdir / "seed0" / "sb" / "final.pt", kdir / "seed0" / "lb" / "final.pt"
+    folder = out / "sb_lb_curve"
+    request = p.request("curve", checkpoint_a=sb, checkpoint_b=lb, out=folder)
+    files = sb_lb_files(p, out)
+    curve = Stage("SB–LB: align, train the curve, evaluate the curve and both lines", "sb_lb",
+                  lambda: all(_complete(f) for f in files.values()),
+                  lambda: run_curve(dataclasses.replace(request, resume=folder.exists())),
+                  lambda r: _curve_seconds(r, request), tuple(s.name for s in trained))
+    return [*trained, curve]
+
+
+def _train_seconds(r: Rates, c: TrainConfig) -> float:
+    n_train = c.train_subset or 50_000
+    return r.training(c.epochs, n_train, c.test_subset or 10_000)
+
+
+def _grid_seconds(r: Rates, alphas: str, train_subset: int | None, test_subset: int | None) -> float:
+    points = int(alphas.split(":")[2]) if alphas.count(":") == 2 else len(alphas.split(","))
+    return r.grid(points, (train_subset or 50_000) + (test_subset or 10_000))
+
+
+def _curve_seconds(r: Rates, q: CurveRequest) -> float:
+    n = q.train_subset or 50_000
+    # training: one curve point per step (forward and backward through θ(t)); three paths evaluated on its grid
+    return r.training(q.epochs, n, 0) + 3 * _grid_seconds(r, q.t, 2 * n, q.test_subset)
 
 
 def figure(pair: dict[str, dict[str, Any]], sblb: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
@@ -200,18 +215,20 @@ def _fmt_barrier(row: dict[str, Any], key: str, scale: float = 1.0) -> str:
     return f"{scale * row[key]:.3g} (α {row[key + '_alpha']:.2g})" if key in row else "—"
 
 
-def summary_markdown(name: str, p: Preset, pair: dict, sblb: dict, wall_s: float, kdir: Path) -> str:
+def summary_markdown(p: Declared, pair: dict, sblb: dict, wall_s: float, kdir: Path) -> str:
+    t, line, c = p.values("pair"), p.values("line"), p.values("curve")
     ends = pair["naive"]["endpoint_test_acc"]
     mids = {k: v["midpoint_test_acc"] for k, v in pair.items()}
     permuted = max(mids["weight matching"], mids["activation matching"])
     repaired = max(mids["weight matching + REPAIR"], mids["activation matching + REPAIR"])
     ordered = mids["naive"] < permuted < repaired <= max(ends) + 1e-9
     lines = [
-        f"# Connectivity — preset `{name}`", "",
-        f"Seeds 0 and 1 of `{p.pair_model}` {json.dumps(p.pair_model_kwargs)} trained {p.pair_epochs} epochs "
-        f"({p.pair_optimizer}, lr {p.pair_lr:g}, batch {p.pair_batch}, "
-        f"{p.pair_train_subset or 'all'} training images); every point evaluated on {p.eval_train_subset or 'all'} "
-        f"train / {p.eval_test_subset or 'all'} test images, α grid {p.alphas}. Machine: {cpu_name()}, torch "
+        f"# Connectivity — preset `{p.name}`", "",
+        f"Seeds 0 and 1 of `{t['model']}` {json.dumps(t.get('model_kwargs') or {})} trained {t['epochs']} epochs "
+        f"({t['optimizer']}, lr {t['lr']:g}, batch {t['batch_size']}, "
+        f"{t.get('train_subset') or 'all'} training images); every point evaluated on "
+        f"{line.get('train_subset') or 'all'} train / {line.get('test_subset') or 'all'} test images, α grid "
+        f"{line['alphas']}. Machine: {cpu_name()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; this invocation {wall_s / 60:.1f} min.", "",
         "| line between the seeds | test acc. at α = 0.5 (%) | lowest test acc. (%) | train-loss barrier | "
         "test-loss barrier | test-acc. barrier (points) |",
@@ -225,10 +242,11 @@ def summary_markdown(name: str, p: Preset, pair: dict, sblb: dict, wall_s: float
         f"permuted {REPAIR_MLP['permuted']} %, + REPAIR {REPAIR_MLP['repair']} %. Same ordering here (naive < best "
         f"alignment < best alignment + REPAIR ≤ endpoints): **{'yes' if ordered else 'no'}** "
         f"({mids['naive']:.2f} < {permuted:.2f} < {repaired:.2f} ≤ {max(ends):.2f}).", "",
-        f"Keskar SB/LB checkpoints: {kdir}/seed0; curve: {p.curve_bends}-bend Bézier, {p.curve_epochs} epochs "
-        f"(SGD lr {p.curve_lr:g}, batch {p.curve_batch}, wd {p.curve_weight_decay:g}) on "
-        f"{p.curve_train_subset or 'all'} training images, which the curve and both lines are evaluated on "
-        f"(with {p.eval_test_subset or 'all'} test images; BatchNorm re-estimated at every point).", "",
+        f"Keskar SB/LB checkpoints: {kdir}/seed0; curve: {c['bends']}-bend Bézier, {c['epochs']} epochs "
+        f"(SGD lr {c['lr']:g}, batch {c['batch_size']}, wd {c['weight_decay']:g}) on "
+        f"{c.get('train_subset') or 'all'} training images, which the curve and both lines are evaluated on "
+        f"(with {c.get('test_subset') or 'all'} test images; BatchNorm re-estimated at every point), t grid "
+        f"{c['t']}.", "",
         "| path SB → LB | test acc. at the middle (%) | lowest test acc. (%) | train-loss barrier | test-loss barrier "
         "| test-acc. barrier (points) |",
         "|---|---|---|---|---|---|",
@@ -244,43 +262,47 @@ def summary_markdown(name: str, p: Preset, pair: dict, sblb: dict, wall_s: float
 
 @interruptible("connectivity")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.connectivity", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="quick", help="quick, paper, smoke (experiments/configs/pipelines/"
-                    "connectivity_<name>.toml) or a TOML file's path (default: quick)")
-    ap.add_argument("--out", type=Path, default=None, help="run directory (default: runs/connectivity_<preset>)")
+    ap = PIPELINE.parser(__doc__.split("\n")[0])
     ap.add_argument("--keskar-out", type=Path, default=None,
                     help="the Keskar pipeline's run directory (default: runs/keskar_<keskar_model>_<keskar_preset>)")
-    ap.add_argument("--figures", type=Path, default=None, help="also copy the figure into this directory")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
-        name, p = cfg.load_preset(Preset, CONFIGS, "connectivity_", args.preset)
+        p = PIPELINE.load(args.preset, args.overrides)
         try:  # the nested preset too, before the first stage (not after ten of them)
-            keskar.load_preset(p.keskar_preset)
+            keskar.load_preset(p.own.keskar_preset)
         except (ValueError, FileNotFoundError) as exc:
-            raise ValueError(f"preset {name}: keskar_preset = {p.keskar_preset!r}: {exc}") from None
+            raise ValueError(f"preset {p.name}: keskar_preset = {p.own.keskar_preset!r}: {exc}") from None
     except (ValueError, FileNotFoundError) as exc:
         print(f"[experiments.connectivity] error: {exc}", file=sys.stderr)
         return 2
     keep_freed_memory()
     t0 = time.perf_counter()
-    out = args.out or Path("runs") / f"connectivity_{name}"
-    kdir = args.keskar_out or Path("runs") / f"keskar_{p.keskar_model}_{p.keskar_preset}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preset.json").write_text(json.dumps({"preset": name, **cfg.to_dict(p)}, indent=2) + "\n")
-    stages = StageClock("connectivity", 2 + 2 + len(VARIANTS) + 2 + 1, out / "stage_seconds.json")
+    out = args.out or Path("runs") / f"connectivity_{p.name}"
+    kdir = args.keskar_out or Path("runs") / f"keskar_{p.own.keskar_model}_{p.own.keskar_preset}"
+    pair = p.values("pair")
+
+    def rates() -> Rates:
+        net = build_model(pair["model"], 10, **dict(pair.get("model_kwargs") or {}))
+        return Rates.measure(net, (3, 32, 32), batch=min(pair["batch_size"], 256))
+
     try:
-        pair = seed_pair(p, out, stages)
-        sblb = sb_lb(p, out, kdir, stages)
-    except (ValueError, OSError) as exc:  # bad data or settings: one line; finished stages stay on disk
+        stages = pair_stages(p, out) + sb_lb_stages(p, out, kdir)
+        runner = PIPELINE.execute(stages, out, args, rates, p.to_dict())
+    except (ValueError, OSError, data_mod.DataError) as exc:  # bad data or settings: one line; stages kept
         print(f"[experiments.connectivity] error: {exc}", file=sys.stderr)
         return 2
+    if runner is None or not runner.complete:
+        return 0
+    rows = {name: {**_row(path), "file": str(path)} for name, path in pair_files(out).items()}
+    sblb = {name: {**_row(path), "file": str(path)} for name, path in sb_lb_files(p, out).items()}
     wall = time.perf_counter() - t0
-    md = summary_markdown(name, p, pair, sblb, wall, kdir)
-    write_summary(out, md, {"pair": pair, "sb_lb": sblb})
-    fig = figure(pair, sblb, out / "connectivity.png",
-                 f"preset {name}: seeds of {p.pair_model} and Keskar {p.keskar_model} SB/LB ({kdir}); "
-                 f"{p.eval_test_subset or 'all'} test images per point; {cpu_name()}")
-    (fig,) = copy_figures([fig], args.figures, [f"connectivity_{name}.png"])
+    md = summary_markdown(p, rows, sblb, wall, kdir)
+    write_summary(out, md, {"pair": rows, "sb_lb": sblb})
+    line = p.values("line")
+    fig = figure(rows, sblb, out / "connectivity.png",
+                 f"preset {p.name}: seeds of {pair['model']} and Keskar {p.own.keskar_model} SB/LB ({kdir}); "
+                 f"{line['test_subset'] or 'all'} test images per point; {cpu_name()}")
+    (fig,) = copy_figures([fig], args.figures, [f"connectivity_{p.name}.png"])
     print(md)
     print(f"[experiments.connectivity] wrote {out / 'summary.md'} and {fig}; this invocation {wall / 60:.1f} min")
     return 0
