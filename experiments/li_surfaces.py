@@ -19,48 +19,103 @@ run directory, a ``summary.md`` with the basin sizes, and copies the figures int
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from experiments import keskar
-from experiments._pipeline import StageClock, copy_figures, interruptible, write_summary
-from minima.core import config as cfg
+from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
+from minima import data as data_mod
 from minima.core.allocator import keep_freed_memory
 from minima.core.config import setting
 from minima.figures import save_curves_figure
 from minima.files import results
-from minima.geometry.directions import Ignore, Norm
 from minima.models import available_models
+from minima.pipelines.declared import Declared, Section, Spec
+from minima.pipelines.stages import Stage
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_curve
 from minima.studies.surface import SurfaceRequest
 from minima.studies.surface import run as run_surface
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs" / "pipelines"
 
 
 @dataclass(frozen=True)
-class LiPreset:
-    """The surfaces' settings, with units (read from ``experiments/configs/pipelines/li_surfaces_<name>.toml``)."""
+class LiSurfaces:
+    """The surfaces' own settings (the top level of the preset; [surface] and [curve] are library requests)."""
 
     grid_points: int = setting(21, "points per axis of every plane")
-    extent: float = setting(1.0, "random planes span [−extent, extent]² (filter-normalised units)")
-    curve_points: int = setting(41, "points of each 1-D curve, α ∈ [−extent, extent]")
-    train_subset: int | None = setting(None, "stratified training subset per point", unit="samples",
-                                       default_text="all")
-    test_subset: int | None = setting(None, "stratified test subset per point", unit="samples", default_text="all")
-    norm: Norm = setting("filter", "normalisation of the random directions")
-    ignore: Ignore = setting("bn-and-bias", "random directions on biases and BatchNorm parameters")
-    direction_seed: int = setting(0, "seed of the random directions")
-    eval_batch_size: int = setting(1000, "evaluation batch size", unit="samples")
+    extent: float = setting(1.0, "random planes span [−extent, extent]², the curves α ∈ [−extent, extent] "
+                            "(filter-normalised units)")
+    curve_points: int = setting(41, "points of each 1-D curve")
+    keskar_preset: str | None = setting(None, "the Keskar preset whose SB/LB checkpoints are drawn (its SB/LB "
+                                        "training stages of seed 0 run here when its run directory lacks them)",
+                                        default_text="this preset's name")
+
+
+SPEC = Spec("li_surfaces", LiSurfaces, {
+    # Li et al.: seeded filter-normalised random directions, none on biases and BatchNorm; BatchNorm re-estimated
+    "surface": Section(SurfaceRequest, {"norm": "filter", "ignore": "bn-and-bias", "direction_seed": 0,
+                                        "eval_batch_size": 1000, "progress": True, "yes": True},
+                       frozenset({"checkpoints", "x", "y", "out", "resume"}),
+                       "every plane (minima.surface)"),
+    "curve": Section(SweepRequest, {"direction": "random", "direction_seed": 0, "eval_batch_size": 1000,
+                                    "plot": False},
+                     frozenset({"checkpoint_a", "checkpoint_b", "alphas", "out", "resume", "direction"}),
+                     "the 1-D random-direction curves through SB and LB (minima.interpolate)"),
+})
+PIPELINE = Pipeline(SPEC, ROOT / "experiments" / "configs" / "pipelines")
+
+
+def _grid_complete(path: Path) -> bool:
+    return path.exists() and results.load_grid(path).complete
+
+
+def _curve_complete(path: Path) -> bool:
+    return path.exists() and results.load_curve(path).complete
+
+
+def stages(p: Declared, kp: Declared, model: str, kdir: Path, out: Path) -> list[Stage]:
+    """Keskar's SB and LB training stages of seed 0 (when its run directory lacks them; group ``keskar``), the three
+    planes and the two curves (group ``surfaces``)."""
+    data = functools.cache(lambda: keskar.load_data(model, kp))
+    trained = [dataclasses.replace(s, name=f"Keskar {kp.name} {s.name}", group="keskar")
+               for s in keskar.training_stages(model, kp, 0, kdir / "seed0", data)]
+    needs = tuple(s.name for s in trained)
+    seed_dir = kdir / "seed0"
+    ckpts = {"x0": seed_dir / "sb" / "init.pt", "sb": seed_dir / "sb" / "final.pt", "lb": seed_dir / "lb" / "final.pt"}
+    e, n = p.own.extent, p.own.grid_points
+    axis = f"{-e}:{e}:{n}"
+    planes = {"sb_random": p.request("surface", checkpoints=[ckpts["sb"]], x=axis, y=axis, out=out / "sb_random.h5"),
+              "lb_random": p.request("surface", checkpoints=[ckpts["lb"]], x=axis, y=axis, out=out / "lb_random.h5"),
+              "x0_sb_lb": p.request("surface", checkpoints=[ckpts["x0"], ckpts["sb"], ckpts["lb"]], x=f"auto:{n}",
+                                    y=f"auto:{n}", out=out / "x0_sb_lb.h5")}
+    s, c = p.values("surface"), p.values("curve")
+
+    def images(values: dict) -> int:
+        ds = data()
+        n_train = values.get("train_subset") or len(ds.train)
+        return 2 * n_train + (values.get("test_subset") or len(ds.test))  # train + test + BatchNorm re-estimation
+
+    found = list(trained)
+    for name, req in planes.items():
+        found.append(Stage(name, "surfaces", lambda q=req.out: _grid_complete(q),
+                           lambda q=req: run_surface(dataclasses.replace(q, resume=q.out.exists())),
+                           lambda r: r.grid(n * n, images(s)), needs))
+    for regime in ("sb", "lb"):
+        path = out / f"{regime}_random_curve.h5"
+        req = p.request("curve", checkpoint_a=ckpts[regime], alphas=f"{-e}:{e}:{p.own.curve_points}", out=path)
+        found.append(Stage(path.stem, "surfaces", lambda q=path: _curve_complete(q),
+                           lambda q=req: run_curve(dataclasses.replace(q, resume=q.out.exists())),
+                           lambda r: r.grid(p.own.curve_points, images(c)), needs))
+    return found
 
 
 def _basin(path: Path, factor: float = 2.0) -> float:
@@ -80,72 +135,54 @@ def _rise(curve: results.Curve, alpha: float) -> float:
 
 @interruptible("li_surfaces")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.li_surfaces", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mlp", choices=available_models(), help="network (default: mlp)")
-    p.add_argument("--preset", default="quick", help="quick, paper, smoke: the Keskar pipeline's preset of that name "
-                   "and experiments/configs/pipelines/li_surfaces_<name>.toml (default: quick)")
-    p.add_argument("--keskar-out", type=Path, default=None,
-                   help="the Keskar pipeline's run directory (default: runs/keskar_<model>_<preset>)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/li_surfaces_<model>_<preset>)")
-    p.add_argument("--figures", type=Path, default=None, help="also copy the figures into this directory")
-    p.add_argument("--data", default=None, help="override the presets' data source")
-    args = p.parse_args(argv)
+    ap = PIPELINE.parser(__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mlp", choices=available_models(), help="network (default: mlp)")
+    ap.add_argument("--keskar-out", type=Path, default=None,
+                    help="the Keskar pipeline's run directory (default: runs/keskar_<model>_<keskar preset>)")
+    ap.add_argument("--data", default=None, help="the data source of the Keskar training and of every point: the "
+                    "same as surface.data=…, curve.data=… and Keskar's train.data=…")
+    args = ap.parse_intermixed_args(argv)
+    data_overrides = [f"{k}.data={args.data}" for k in ("surface", "curve")] if args.data else []
     try:
-        name, li = cfg.load_preset(LiPreset, CONFIGS, "li_surfaces_", args.preset)
+        li = PIPELINE.load(args.preset, list(args.overrides) + data_overrides)
+        kname = li.own.keskar_preset or args.preset
+        try:  # the nested preset too, before the first stage
+            kp = keskar.load_preset(kname, [f"train.data={args.data}"] if args.data else [])
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"preset {li.name}: the Keskar preset {kname!r}: {exc}") from None
     except (ValueError, FileNotFoundError) as exc:
         print(f"[experiments.li_surfaces] error: {exc}", file=sys.stderr)
         return 2
     keep_freed_memory()
     t0 = time.perf_counter()
-    kdir = args.keskar_out or Path("runs") / f"keskar_{args.model}_{name}"
-    kargs = ["--model", args.model, "--preset", args.preset, "--out", str(kdir)]
-    status = keskar.main(kargs + (["--data", args.data] if args.data else []))
-    if status != 0:
-        return status  # 2: refused (said); 75: interrupted (said; the same command continues)
-    out = args.out or Path("runs") / f"li_surfaces_{args.model}_{name}"
-    out.mkdir(parents=True, exist_ok=True)
-    seed_dir = kdir / "seed0"
-    ckpts = {"x0": seed_dir / "sb" / "init.pt", "sb": seed_dir / "sb" / "final.pt", "lb": seed_dir / "lb" / "final.pt"}
-    common: dict[str, Any] = {"data": args.data, "train_subset": li.train_subset, "test_subset": li.test_subset,
-                              "eval_batch_size": li.eval_batch_size, "progress": True, "yes": True}
-    axis = f"{-li.extent}:{li.extent}:{li.grid_points}"
-    planes = {
-        "sb_random": SurfaceRequest(checkpoints=[ckpts["sb"]], x=axis, y=axis, norm=li.norm, ignore=li.ignore,
-                                    direction_seed=li.direction_seed, out=out / "sb_random.h5", **common),
-        "lb_random": SurfaceRequest(checkpoints=[ckpts["lb"]], x=axis, y=axis, norm=li.norm, ignore=li.ignore,
-                                    direction_seed=li.direction_seed, out=out / "lb_random.h5", **common),
-        "x0_sb_lb": SurfaceRequest(checkpoints=[ckpts["x0"], ckpts["sb"], ckpts["lb"]], out=out / "x0_sb_lb.h5",
-                                   x=f"auto:{li.grid_points}", y=f"auto:{li.grid_points}", **common),
-    }
-    stages = StageClock("li_surfaces", len(planes) + 2)  # the planes, then the SB and LB curves
-    for req in planes.values():
-        stages.run(req.out.stem, req.out.exists() and results.load_grid(req.out).complete, lambda r=req: run_surface(
-            cfg.resolve(SurfaceRequest, None, {**cfg.to_dict(r), "resume": r.out.exists()})))
-    curves = {}
-    for regime in ("sb", "lb"):
-        path = out / f"{regime}_random_curve.h5"
-        stages.run(path.stem, path.exists() and results.load_curve(path).complete, lambda q=path, r=regime: run_curve(
-            SweepRequest(checkpoint_a=ckpts[r], direction="random", direction_seed=li.direction_seed,
-                         alphas=f"{-li.extent}:{li.extent}:{li.curve_points}", data=args.data,
-                         train_subset=li.train_subset, test_subset=li.test_subset, out=q, resume=q.exists(),
-                         eval_batch_size=li.eval_batch_size, plot=False)))
-        curves[regime] = results.load_curve(path)
-    figures = [out / f"{k}.png" for k in planes]
+    kdir = args.keskar_out or Path("runs") / f"keskar_{args.model}_{kp.name}"
+    out = args.out or Path("runs") / f"li_surfaces_{args.model}_{li.name}"
+    data = functools.cache(lambda: keskar.load_data(args.model, kp))
+    try:
+        runner = PIPELINE.execute(stages(li, kp, args.model, kdir, out), out, args,
+                                  lambda: keskar.rates(args.model, kp, data), li.to_dict())
+    except (ValueError, OSError, data_mod.DataError) as exc:
+        print(f"[experiments.li_surfaces] error: {exc}", file=sys.stderr)
+        return 2
+    if runner is None or not runner.complete:
+        return 0
+    curves = {regime: results.load_curve(out / f"{regime}_random_curve.h5") for regime in ("sb", "lb")}
+    figures = [out / f"{k}.png" for k in ("sb_random", "lb_random", "x0_sb_lb")]
     figures.append(save_curves_figure([curves["sb"], curves["lb"]], out / "sb_lb_random_curves.png"))
-    half = round(li.extent / 2, 6)
+    e, n, s = li.own.extent, li.own.grid_points, li.values("surface")
+    half = round(e / 2, 6)
     rows = {k: {"basin_2x": _basin(out / f"{k}.h5")} for k in ("sb_random", "lb_random")}
     for regime in ("sb", "lb"):
-        rows[f"{regime}_random"].update(rise_half=_rise(curves[regime], half),
-                                        rise_full=_rise(curves[regime], li.extent))
+        rows[f"{regime}_random"].update(rise_half=_rise(curves[regime], half), rise_full=_rise(curves[regime], e))
     wall = time.perf_counter() - t0
     md = "\n".join([
-        f"# Li et al. (2018) surfaces of Keskar's SB and LB minima — `{args.model}`, preset `{name}`", "",
-        f"Checkpoints: {kdir}/seed0 (SB, LB, shared x0). Planes {li.grid_points}×{li.grid_points}, random "
-        f"directions normalised `{li.norm}` (ignore `{li.ignore}`), seeds {li.direction_seed}/{li.direction_seed + 1};"
-        f" {li.train_subset or 'all'} train / {li.test_subset or 'all'} test images per point, BatchNorm re-estimated "
-        f"at every point. This invocation {wall / 60:.1f} min.", "",
+        f"# Li et al. (2018) surfaces of Keskar's SB and LB minima — `{args.model}`, preset `{li.name}`", "",
+        f"Checkpoints: {kdir}/seed0 (SB, LB, shared x0). Planes {n}×{n}, random directions normalised "
+        f"`{s['norm']}` (ignore `{s['ignore']}`), seeds {s['direction_seed']}/{s['direction_seed'] + 1}; "
+        f"{s.get('train_subset') or 'all'} train / {s.get('test_subset') or 'all'} test images per point, BatchNorm "
+        f"re-estimated at every point. This invocation {wall / 60:.1f} min.", "",
         "| minimum | share of the random plane with train loss ≤ 2× the minimum's | train-loss rise at "
-        f"α = ±{half:g} | at α = ±{li.extent:g} |",
+        f"α = ±{half:g} | at α = ±{e:g} |",
         "|---|---|---|---|",
         *(f"| {k.split('_')[0].upper()} | {v['basin_2x']:.3f} | {v['rise_half']:.4g} | {v['rise_full']:.4g} |"
           for k, v in rows.items()), "",
