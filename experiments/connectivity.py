@@ -41,11 +41,11 @@ from minima.core.config import setting
 from minima.files import results
 from minima.geometry.barriers import barriers
 from minima.models import build_model
+from minima.pipelines.curve import run as run_curve
 from minima.pipelines.declared import Declared, Section, Spec
 from minima.pipelines.stages import Rates, Stage
 from minima.studies.align import AlignRequest, align
 from minima.studies.curve import CurveRequest
-from minima.studies.curve import run as run_curve
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_line
 from minima.studies.train import TrainConfig, train

@@ -186,12 +186,13 @@ def curvature_requests(model: str, p: Declared, sb: Path, lb: Path, out: Path) -
 
 
 def stages(model: str, p: Declared, out: Path, data: Callable[[], data_mod.Dataset],
-           seeds: Sequence[int] | None = None) -> list[Stage]:
+           data_root: str | None = None) -> list[Stage]:
     """The pipeline's stages, six per seed (group ``seed<s>``): train SB, train LB, the line, sharpness, curvature,
-    the exact evaluation of both. ``data()`` loads the training data (once, when a stage first needs it)."""
+    the exact evaluation of both. ``data()`` loads the training data (once, when a stage first needs it);
+    ``data_root``: where torchvision data sets are (the evaluation reloads the data its checkpoints record)."""
     out_stages: list[Stage] = []
-    for seed in (range(p.own.seeds) if seeds is None else seeds):
-        out_stages += seed_stages(model, p, seed, out / f"seed{seed}", data)
+    for seed in range(p.own.seeds):
+        out_stages += seed_stages(model, p, seed, out / f"seed{seed}", data, data_root)
     return out_stages
 
 
@@ -215,7 +216,8 @@ def training_stages(model: str, p: Declared, seed: int, seed_dir: Path, data: Ca
     return out
 
 
-def seed_stages(model: str, p: Declared, seed: int, out: Path, data: Callable[[], data_mod.Dataset]) -> list[Stage]:
+def seed_stages(model: str, p: Declared, seed: int, out: Path, data: Callable[[], data_mod.Dataset],
+                data_root: str | None = None) -> list[Stage]:
     group = out.name
     trained = training_stages(model, p, seed, out, data)
     sb, lb = out / "sb" / "final.pt", out / "lb" / "final.pt"
@@ -249,7 +251,7 @@ def seed_stages(model: str, p: Declared, seed: int, out: Path, data: Callable[[]
 
     def evaluate_both() -> None:
         for regime in REGIMES:
-            evaluate_run(out / regime, own_import(model), p.values("train")["eval_batch_size"])
+            evaluate_run(out / regime, own_import(model), p.values("train")["eval_batch_size"], data_root)
 
     def evaluate_estimate(r: Rates) -> float:
         ds = data()
@@ -531,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = functools.cache(lambda: load_data(args.model, preset, args.data_root))
     try:
         data()  # a bad source or subset is refused before the first stage
-        plan_ = stages(args.model, preset, out, data)
+        plan_ = stages(args.model, preset, out, data, args.data_root)
         runner = PIPELINE.execute(plan_, out, args, lambda: rates(args.model, preset, data),
                                   {"model": args.model, **preset.to_dict()})
     except (ValueError, OSError, data_mod.DataError) as exc:  # bad model/data/settings: one line; stages kept

@@ -1,11 +1,9 @@
 """``python -m minima.curve A.pt B.pt``: train a low-loss curve between two minima and evaluate it against the line.
 
-The command: flags generated from :class:`minima.studies.curve.CurveRequest`; optionally align B to A first
-(``--align``, :mod:`minima.studies.align`), train the curve (:func:`minima.studies.curve.train_curve`), then
-evaluate the curve, the straight line between its endpoints and — with ``--align`` — the straight line to the
-unaligned B on the t grid (grid runner; BatchNorm re-estimated at every point), and draw them in one figure,
-``curve_vs_lines.png``. ``--evaluate DIR/curve.pt`` evaluates a trained curve again.
-"""
+The command: flags generated from :class:`minima.studies.curve.CurveRequest`, one process-group session, then
+:func:`minima.pipelines.curve.run`: optionally align B to A first (``--align``), train the curve, evaluate the curve,
+the straight line between its endpoints and — with ``--align`` — the straight line to the unaligned B, and draw them
+in one figure, ``curve_vs_lines.png``. ``--evaluate DIR/curve.pt`` evaluates a trained curve again."""
 
 from __future__ import annotations
 
@@ -17,7 +15,8 @@ from minima.core import config as cfg
 from minima.core import distributed
 from minima.core.cli import run_command
 from minima.optim.steps import EXIT_INTERRUPTED, TrainingInterrupted
-from minima.studies.curve import CurveRequest, run
+from minima.pipelines.curve import run
+from minima.studies.curve import CurveRequest
 from minima.studies.loop import NonFiniteLossError
 
 __all__ = ["CurveRequest", "main", "parse_args", "run"]

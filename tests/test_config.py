@@ -44,17 +44,16 @@ def test_presets_load() -> None:
     for path in presets:
         config = cfg.resolve(TrainConfig, path, {})
         assert config.batch_size in (256, 5000) or config.optimizer == "sgd"
-    for name in keskar.PRESET_NAMES:
-        assert keskar.load_preset(name)[1] != keskar.Preset() or name == "paper"
-    assert keskar.load_preset("paper")[1].seeds == 5 and keskar.load_preset("quick")[1].epochs == 30
-    assert batch_sweep.load_preset("quick")[1].train_subset == 20_000
+    for name in ("quick", "smoke"):
+        assert keskar.load_preset(name).sections != keskar.load_preset("paper").sections
+    assert keskar.load_preset("paper").own.seeds == 5 and keskar.load_preset("quick").values("train")["epochs"] == 30
+    assert batch_sweep.load_preset("quick").values("train")["train_subset"] == 20_000
     from experiments import connectivity, edge_of_stability, li_surfaces
 
-    for name in ("paper", "quick", "smoke"):  # every pipeline preset resolves against its dataclass
-        cfg.load_preset(li_surfaces.LiPreset, root / "pipelines", "li_surfaces_", name)
-        cfg.load_preset(connectivity.Preset, root / "pipelines", "connectivity_", name)
-        cfg.load_preset(edge_of_stability.Preset, root / "pipelines", "edge_of_stability_", name)
-    assert cfg.load_preset(connectivity.Preset, root / "pipelines", "connectivity_", "paper")[1].pair_model == "vgg11"
+    for name in ("paper", "quick", "smoke"):  # every pipeline preset resolves against its schema
+        for pipeline in (li_surfaces, connectivity, edge_of_stability):
+            pipeline.PIPELINE.load(name)
+    assert connectivity.PIPELINE.load("paper").values("pair")["model"] == "vgg11"
     expected = [f"{pipeline}_{n}.toml" for pipeline in ("keskar", "batch_sweep", "li_surfaces", "connectivity",
                                                         "edge_of_stability")
                 for n in ("paper", "quick", "smoke")]

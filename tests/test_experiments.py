@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path) -> None:
+def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     out, figs = tmp_path / "run", tmp_path / "figs"
     argv = ["--model", "mlp", "--preset", "smoke", "--out", str(out), "--figures", str(figs)]
     assert keskar.main(argv) == 0
@@ -59,9 +60,23 @@ def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path)
     stamp = (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns
     clock = (out / "stage_seconds.json").read_text()
     assert set(json.loads(clock)) == {"seed0/train_sb", "seed0/train_lb", "seed0/interpolate", "seed0/sharpness",
-                                      "seed0/curvature"}
+                                      "seed0/curvature", "seed0/evaluate"}
     compute = re.search(r"compute time ([\d.]+) min", (out / "summary.md").read_text()).group(1)
+    calls: list[str] = []  # a re-run computes nothing: no training, grid point, measurement or evaluation
+
+    def counted(name: str):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called on a complete run")
+        return call
+
+    import minima.geometry.evaluate as geometry_evaluate
+    import minima.pipelines.runs as pipeline_runs
+    for module, name in ((keskar, "train"), (keskar, "run_interpolation"), (keskar, "measure"),
+                         (keskar, "evaluate_run"), (pipeline_runs, "evaluate"), (geometry_evaluate, "evaluate")):
+        monkeypatch.setattr(module, name, counted(name))
     assert keskar.main(argv) == 0
+    assert calls == []
     assert (out / "seed0" / "sb_vs_lb.h5").stat().st_mtime_ns == stamp
     assert (out / "stage_seconds.json").read_text() == clock
     assert re.search(r"compute time ([\d.]+) min", (out / "summary.md").read_text()).group(1) == compute
@@ -127,9 +142,14 @@ def test_batch_sweep_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_keskar_seeds_report_mean_and_std(tmp_path: Path) -> None:
+    """Two seeds on two shards: each shard runs its seed's stages; the one that finds every stage complete writes
+    the summary."""
     out = tmp_path / "two"
-    assert keskar.main(["--model", "mlp", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--figures",
-                        str(tmp_path)]) == 0
+    argv = ["--model", "mlp", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--figures", str(tmp_path)]
+    assert keskar.main([*argv, "--shard", "2/2"]) == 0
+    assert (out / "seed1" / "lb" / "evaluation.json").is_file() and not (out / "seed0").exists()
+    assert not (out / "summary.md").exists()
+    assert keskar.main([*argv, "--shard", "1/2"]) == 0
     table = keskar.parse_summary_table((out / "summary.md").read_text())
     assert " ± " in table["test accuracy (%)"][0] and " ± " in table["φ(ε=0.001), full space"][1]
     assert (out / "seed1" / "sharpness.h5").is_file()

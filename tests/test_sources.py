@@ -149,8 +149,8 @@ def test_keskar_cifar100_networks() -> None:
     assert models.model_info("c3").data == "torchvision:CIFAR100" and models.is_convolutional("c4")
     from experiments import keskar
 
-    assert keskar.data_for("c3", keskar.Preset()) == "torchvision:CIFAR100"
-    assert keskar.data_for("c1", keskar.Preset()) is None
+    assert keskar.data_for("c3", keskar.load_preset("paper")) == "torchvision:CIFAR100"
+    assert keskar.data_for("c1", keskar.load_preset("paper")) is None
 
 
 def test_torchvision_models_by_name() -> None:

@@ -245,18 +245,6 @@ def resolve(cls: type[T], toml_path: str | Path | None, cli: argparse.Namespace 
     return cls(**values)
 
 
-def load_preset(cls: type[T], directory: Path, prefix: str, name_or_path: str) -> tuple[str, T]:
-    """``(name, request)`` from the preset ``<directory>/<prefix><name>.toml``, or from a TOML file's path (its
-    stem is the name) — the same layering as :func:`resolve` with no flags."""
-    path = Path(directory) / f"{prefix}{name_or_path}.toml"
-    if not path.is_file():
-        path = Path(name_or_path)
-        if not path.is_file():
-            names = sorted(p.stem[len(prefix):] for p in Path(directory).glob(f"{prefix}*.toml"))
-            raise ValueError(f"no preset {name_or_path!r}: give one of {names} or a TOML file's path")
-    return (name_or_path if path.parent == Path(directory) else path.stem), resolve(cls, path, {})
-
-
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-able dict of a request dataclass (tuples become lists, paths strings)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
