@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def load() -> data_mod.Dataset:
-        ds = data_mod.load_source(t.get("data"), t.get("train_subset"), t.get("test_subset"))
+        ds = data_mod.load_source(t.get("data"))
         return ds.subset(t.get("train_subset"), t.get("test_subset"), seed=0)
 
     data = functools.cache(load)

@@ -1,6 +1,6 @@
 """A loss-surface grid of ``minima.surface`` against a loss-landscape-style loop, in the same process.
 
-    python -m experiments.bench_surface [--grid 21] [--train 2000] [--test 2000] [--threads 2] [--data synthetic]
+    python -m experiments.bench_surface [--grid 21] [--train 2000] [--test 2000] [--threads 2] [--data SOURCE]
     python -m experiments.bench_surface --device cuda --workers 8      # on a GPU (target ≥ 20×)
 
 Baseline (how loss-landscape, Li et al.'s code, evaluates a plane): for every grid point, the shifted weights
@@ -78,14 +78,16 @@ def main() -> None:
     p.add_argument("--train", type=int, default=2000, help="training images per point")
     p.add_argument("--test", type=int, default=2000, help="test images per point")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data", default="synthetic", help="'synthetic' (speed only) or a CIFAR-10 source")
+    p.add_argument("--data", default=None, help="a CIFAR-10 source (default: synthetic data of --train/--test "
+                   "images: speed only)")
     p.add_argument("--ckpt", type=Path, default=None, help="a trained C1 checkpoint (default: seeded weights)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (then the baseline uses --workers pinned workers)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline (GPU: 8)")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    ds = data.load_source(args.data, args.train, args.test).subset(args.train, args.test, seed=0)
+    source = args.data or f"synthetic:{args.train}/{args.test}"
+    ds = data.load_source(source).subset(args.train, args.test, seed=0)
     model: nn.Module = ck.load_model(args.ckpt)[0] if args.ckpt else seeded_c1(0)
     plane = random_plane(model, model.state_dict(), seed=0)
     xs = ys = np.linspace(-1.0, 1.0, args.grid)

@@ -73,7 +73,7 @@ PIPELINE = Pipeline(SPEC, ROOT / "experiments" / "configs" / "pipelines")
 def load_data(p: Declared) -> data_mod.Dataset:
     """The first ``[train] train_subset`` training images."""
     t = p.values("train")
-    return data_mod.load_source(t.get("data"), t["train_subset"]).subset(train=t["train_subset"], mode="first")
+    return data_mod.load_source(t.get("data")).subset(train=t["train_subset"], mode="first")
 
 
 def initial_lambda_max(p: Declared, ds: data_mod.Dataset, init: Path) -> float:

@@ -133,7 +133,7 @@ def data_for(model: str, p: Declared) -> str | None:
 def load_data(model: str, p: Declared, root: str | None = None) -> data_mod.Dataset:
     """The training data of both regimes (a subset larger than the data is refused)."""
     t = p.values("train")
-    ds = data_mod.load_source(data_for(model, p), t.get("train_subset"), t.get("test_subset"), root=root)
+    ds = data_mod.load_source(data_for(model, p), root=root)
     return ds.subset(t.get("train_subset"), t.get("test_subset"), seed=0)
 
 

@@ -182,6 +182,20 @@ def test_synthetic_is_deterministic_and_validated() -> None:
         data.synthetic(image_shape=(3, 4))
 
 
+def test_synthetic_sizes_come_from_the_source_never_from_a_subset() -> None:
+    assert (len(data.load_source("synthetic").train), len(data.load_source("synthetic").test)) == (2048, 512)
+    ds = data.load_source("synthetic:300/40")
+    assert (len(ds.train), len(ds.test)) == (300, 40) and len(data.load_source("synthetic:300").test) == 512
+    part = ds.subset(100, 20, seed=0)  # a subset is drawn from the data, as from CIFAR-10
+    assert len(part.train) == 100 and part.describe()["source"]["n_train"] == 300
+    assert torch.equal(data.rebuild(part.describe()).train.images, part.train.images)
+    with pytest.raises(data.DataError, match="the train split has 300"):
+        ds.subset(301, None, seed=0)
+    for bad in ("synthetic:0", "synthetic:many", "synthetic:10/-1"):
+        with pytest.raises(data.DataError, match="synthetic:N_TRAIN/N_TEST"):
+            data.load_source(bad)
+
+
 def test_eval_batches_fixed_order(tiny_data: data.Dataset) -> None:
     got = list(data.eval_batches(tiny_data.test, 25))
     assert [len(y) for _, y in got] == [25, 25, 10]

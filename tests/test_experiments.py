@@ -44,7 +44,7 @@ def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path,
     assert set(table["test accuracy (%)"][2:]) == {"—"}  # no paper numbers for the MLP
     # the table reports exactly what the files and checkpoints hold
     stored = {(r["checkpoint_label"], r["metric"]): r for r in results.load_sharpness(out / "seed0" / "sharpness.h5")}
-    ds = data.load_source("synthetic", 512, 128).subset(512, 128, seed=0)
+    ds = data.load_source("synthetic").subset(512, 128, seed=0)
     for i, regime in enumerate(("sb", "lb")):
         acc = evaluate_checkpoint(out / "seed0" / regime / "final.pt", {"train": ds.train})["train"].accuracy
         assert table["train accuracy (%)"][i] == f"{100 * acc:.2f}"

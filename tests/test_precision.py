@@ -51,7 +51,7 @@ def test_curves_and_checkpoints_record_the_float32_math(tmp_path: Path) -> None:
     assert _flags() == before  # the library left the process as it found it
     config = TrainConfig(model="mlp", model_kwargs={"widths": [4]}, data="synthetic", epochs=1, batch_size=64,
                          out=str(tmp_path / "run"), progress=False, float32_math="fp32")
-    final = train(config, dataset=data.load_source("synthetic", 128, 32).subset(128, 32, 0))
+    final = train(config, dataset=data.load_source("synthetic").subset(128, 32, 0))
     meta = ck.load_checkpoint(final)["meta"]
     assert meta["precision"]["float32_math"] == "fp32" and meta["precision"]["cuda_matmul_allow_tf32"] is False
     assert meta["precision"]["autocast"] is None and _flags() == before

@@ -206,7 +206,7 @@ def _toy_run(tmp_path: Path, name: str, seed: int) -> Path:
     config = TrainConfig(model="mlp", model_kwargs={"widths": [8]}, data="synthetic", train_subset=256,
                          test_subset=64, epochs=3, batch_size=64, seed=seed, save_every=1, out=str(tmp_path / name),
                          progress=False)
-    train(config, dataset=data.load_source("synthetic", 256, 64).subset(256, 64, 0))
+    train(config, dataset=data.load_source("synthetic").subset(256, 64, 0))
     return tmp_path / name
 
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from minima.core.config import setting
 from minima.core.vocab import DeviceName, Float32Math, SubsetMode
 
-DATA_HELP = "data: synthetic, torchvision:NAME, imagefolder:PATH, npz:PATH or a path (.npz file or CIFAR-10 directory)"
+DATA_HELP = (
+    "data: synthetic[:N_TRAIN[/N_TEST]], torchvision:NAME, imagefolder:PATH, npz:PATH or a path (.npz file or CIFAR-10 "
+    "directory)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -247,17 +247,40 @@ def load_cifar10(source: str | os.PathLike[str] | None = None, download: bool = 
     return load_torchvision_cifar10(path, download=download)
 
 
-def load_source(source: str | None, n_train: int | None = None, n_test: int | None = None,
-                root: str | os.PathLike[str] | None = None) -> Dataset:
+SYNTHETIC_SIZES = (2048, 512)  # training / test images of ``synthetic`` without sizes
+
+
+def synthetic_sizes(source: str) -> tuple[int, int] | None:
+    """``synthetic`` → (2048, 512), ``synthetic:N`` → (N, 512), ``synthetic:N/M`` → (N, M); None for another source.
+    A ``DataError`` for sizes that are not positive whole numbers."""
+    kind, sep, rest = source.partition(":")
+    if kind != "synthetic":
+        return None
+    if not sep:
+        return SYNTHETIC_SIZES
+    train_text, _, test_text = rest.partition("/")
+    try:
+        sizes = int(train_text), int(test_text) if test_text else SYNTHETIC_SIZES[1]
+    except ValueError:
+        sizes = (0, 0)
+    if min(sizes) < 1:
+        raise DataError(f"data source {source!r}: write synthetic, synthetic:N_TRAIN or synthetic:N_TRAIN/N_TEST "
+                        "with whole numbers ≥ 1, e.g. synthetic:4096/1024")
+    return sizes
+
+
+def load_source(source: str | None, root: str | os.PathLike[str] | None = None) -> Dataset:
     """What a ``--data`` flag names:
 
     * ``None``: CIFAR-10 from ``$MINIMA_DATA``, else torchvision's download (:func:`load_cifar10`);
-    * ``synthetic``: a seeded 3×32×32, 10-class problem with ``n_train`` / ``n_test`` samples (2048 / 512);
+    * ``synthetic``, ``synthetic:N_TRAIN`` or ``synthetic:N_TRAIN/N_TEST``: a seeded 3×32×32, 10-class problem of that
+      many images (default 2048 / 512); a subset (``--train-subset``) is drawn from it like from any data set;
     * ``torchvision:NAME``: one of :data:`TORCHVISION_SETS` under ``root`` (default ``~/.cache/minima``);
     * ``imagefolder:PATH``: :func:`load_imagefolder`;  ``npz:PATH``: :func:`load_npz`;
     * a path: an ``.npz`` file or a directory holding torchvision's CIFAR-10 files."""
-    if source == "synthetic":
-        return synthetic(n_train=n_train or 2048, n_test=n_test or 512, image_shape=(3, 32, 32), num_classes=10)
+    sizes = synthetic_sizes(source) if source is not None else None
+    if sizes is not None:
+        return synthetic(n_train=sizes[0], n_test=sizes[1], image_shape=(3, 32, 32), num_classes=10)
     if source is not None and ":" in source and not Path(source).exists():
         kind, _, rest = source.partition(":")
         if kind == "torchvision":
@@ -266,7 +289,8 @@ def load_source(source: str | None, n_train: int | None = None, n_test: int | No
             return load_imagefolder(rest)
         if kind == "npz":
             return load_npz(rest)
-        raise DataError(f"unknown data source {source!r}; use synthetic, torchvision:NAME, imagefolder:PATH, "
+        raise DataError(f"unknown data source {source!r}; use synthetic[:N_TRAIN[/N_TEST]], torchvision:NAME, "
+                        "imagefolder:PATH, "
                         "npz:PATH or a path (an .npz file or a CIFAR-10 directory)")
     return load_cifar10(source)
 

@@ -83,8 +83,9 @@ class TrainConfig(DataOptions):
     model: str = setting("c1", f"model: one of {available_models()}, torchvision:NAME (e.g. torchvision:resnet18) "
                          "or package.module:factory (your own; naming it here allows importing it)")
     model_kwargs: dict = setting(help="extra model arguments", factory=dict)
-    data: str | None = setting(None, "synthetic, torchvision:NAME (CIFAR10, CIFAR100, MNIST, FashionMNIST, SVHN), "
-                               "imagefolder:PATH, npz:PATH, or a path (.npz file or CIFAR-10 directory)",
+    data: str | None = setting(None, "synthetic[:N_TRAIN[/N_TEST]] (seeded, 2048/512 images by default), "
+                               "torchvision:NAME (CIFAR10, CIFAR100, MNIST, FashionMNIST, SVHN), imagefolder:PATH, "
+                               "npz:PATH, or a path (.npz file or CIFAR-10 directory)",
                                default_text="the model's own data (c3/c4: CIFAR-100), else $MINIMA_DATA, else "
                                "the torchvision CIFAR-10 download")
     epochs: int = setting(20, "maximum number of epochs")
@@ -187,7 +188,7 @@ def validate_config(c: TrainConfig) -> None:
 def load_dataset(c: TrainConfig) -> data_mod.Dataset:
     """The dataset named by the config (or the model's own, for c3/c4), with its stratified subsets taken."""
     source = c.data if c.data is not None else default_data(c.model)
-    ds = data_mod.load_source(source, c.train_subset, c.test_subset, root=c.data_root)
+    ds = data_mod.load_source(source, root=c.data_root)
     return ds.subset(c.train_subset, c.test_subset, c.subset_seed, mode=c.subset_mode)
 
 
