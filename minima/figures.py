@@ -385,3 +385,47 @@ def save_probes_figure(line: dict, metrics: list[dict], path: str | Path, title:
     fig.savefig(path, dpi=dpi)
     return Path(path)
 
+
+
+def plot_correlations(scores: list[dict], hparams: list[str], nets: Any, color: str, title: str) -> Figure:
+    """A generalisation study's figure: left, ψ_k of every measure (rows) for every hyper-parameter (columns) with Ψ
+    and τ in the row labels (a diverging scale from −1 to 1); right, each measure against the generalisation gap, one
+    small panel per measure (ranks, so measures of any scale share one axis), coloured by hyper-parameter ``color``.
+    ``nets``: the :class:`~minima.pipelines.correlation.Networks` scored."""
+    n = len(scores)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(4.5 + 2.6 * cols, max(3.6, 0.45 * n + 1.6, 2.4 * rows)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=(4.5, 2.6 * cols))
+    ax = left.add_subplot()
+    psi = np.array([[s.get(f"psi_{h}", np.nan) for h in hparams] for s in scores], dtype=float)
+    image = ax.imshow(psi, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(hparams)), hparams, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(n), [f"{s['measure']}  (Ψ {s['psi']:+.2f}, τ {s['kendall_tau']:+.2f})" for s in scores],
+                  fontsize=7)
+    for (i, j), v in np.ndenumerate(psi):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=6, color="white" if abs(v) > 0.5 else "black")
+    bar = left.colorbar(image, ax=ax, shrink=0.8)
+    bar.set_label("ψ_k: τ when only this hyper-parameter varies", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_title("granulated Kendall τ per hyper-parameter", fontsize=9)
+    values = sorted(set(nets.hparams[color]))
+    codes = np.array([values.index(v) for v in nets.hparams[color]])
+    gap_rank = np.argsort(np.argsort(nets.gap))
+    axes = right.subplots(rows, cols, squeeze=False)
+    for k, s in enumerate(scores):
+        a = axes[k // cols][k % cols]
+        mu = nets.measures[s["measure"]]
+        for c, v in enumerate(values):
+            sel = codes == c
+            a.scatter(np.argsort(np.argsort(mu))[sel], gap_rank[sel], s=10, color=f"C{c}", label=f"{color}={v}")
+        a.set_title(f"{s['measure']} (τ {s['kendall_tau']:+.2f})", fontsize=8)
+        a.set_xlabel("rank of the measure", fontsize=7)
+        a.set_ylabel("rank of the gap", fontsize=7)
+        a.tick_params(labelsize=6)
+    for k in range(n, rows * cols):
+        axes[k // cols][k % cols].set_axis_off()
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return fig
