@@ -57,7 +57,8 @@ def _fmt(v: Any) -> str:
         else str(v)
 
 
-def markdown(rows: list[dict[str, Any]], nets: correlation.Networks, source: Path, test_images: int | None) -> str:
+def markdown(rows: list[dict[str, Any]], nets: correlation.Networks, source: Path, test_images: int | None,
+             min_ess: float = 12.0) -> str:
     """The scores as a markdown table with what they were computed on."""
     hp = list(nets.hparams)
     lines = [f"# Generalisation measures — {source}", "",
@@ -65,19 +66,23 @@ def markdown(rows: list[dict[str, Any]], nets: correlation.Networks, source: Pat
              + (", ".join(f"{n} ({why})" for why, n in nets.excluded.items()) or "none") + ". Robust sign errors "
              + (f"weighted for {test_images} test images." if test_images else "not computed (no test-set size)."),
              "", "| measure | τ | Ψ | " + " | ".join(f"ψ {h}" for h in hp)
-             + " | CMI (|S|=2) | CMI |S|=1 | CMI |S|=0 | sign error mean / max (environments) |",
+             + " | CMI (S = 2) | CMI (S = 1) | CMI (S = 0) | sign error mean / max (environments) |",
              "|---|---|---|" + "---|" * len(hp) + "---|---|---|---|"]
     for r in rows:
         tau = _fmt(r["kendall_tau"]) + (f" [{r['kendall_tau_lo']:+.2f}, {r['kendall_tau_hi']:+.2f}]"
                                         if "kendall_tau_lo" in r else "")
-        sign = (f"{r['sign_error_mean']:.3f} / {r['sign_error_max']:.3f} ({r['environments']})"
-                if r.get("environments") else "—")
+        sign = (f"{r['sign_error_mean']:.3f} / {r['sign_error_max']:.3f} ({r['environments']} of "
+                f"{r['environments_all']})" if r.get("environments") else
+                f"none of {r['environments_all']} reach ESS {min_ess:g}" if "environments" in r else "—")
         lines.append(f"| {r['measure']} | {tau} | {_fmt(r['psi'])} | "
                      + " | ".join(_fmt(r[f"psi_{h}"]) for h in hp)
                      + f" | {_fmt(r['cmi'])} | {_fmt(r['cmi_s1'])} | {_fmt(r['cmi_s0'])} | {sign} |")
     lines += ["", "τ: Kendall's τ with the gap over all pairs (bootstrap 95 % interval over seeds); Ψ and ψ: Jiang et "
-              "al.'s granulated τ; CMI: the PGDL competition's score (its own: |S| = 2), 1 for the gap itself, 0 for "
-              "a measure that only follows the conditioning hyper-parameters."]
+              "al.'s granulated τ; CMI: the PGDL competition's score with conditioning sets of S hyper-parameters "
+              "(its own: S = 2), 1 for the gap itself, 0 for a measure that only follows the conditioning "
+              "hyper-parameters; "
+              f"sign errors: Dziugaite et al.'s weighted sign error over environments (pairs of configurations "
+              f"differing in one hyper-parameter, over their seeds) of effective sample size ≥ {min_ess:g}."]
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +114,7 @@ def analyze(req: AnalysisRequest, say: Any = print) -> Path:
     rows = correlation.score(nets, test_images, req.min_ess, req.bootstrap)
     out.mkdir(parents=True, exist_ok=True)
     correlation.write_scores(rows, out / "scores.csv")
-    text = markdown(rows, nets, csv_path, test_images)
+    text = markdown(rows, nets, csv_path, test_images, req.min_ess)
     write_text_atomic(out / "scores.md", text)
     if color is not None:
         from minima.figures import plot_correlations

@@ -211,10 +211,16 @@ def hoeffding_weight(delta_gap: float, n: int) -> float:
     return max(h - 0.5, 0.0)
 
 
+def environments(nets: Networks) -> int:
+    """The number of environments: ordered pairs of configurations that differ in exactly one hyper-parameter."""
+    configs = list(_cells([tuple(nets.hparams[h][i] for h in nets.hparams) for i in range(nets.n)]))
+    return sum(sum(x != y for x, y in zip(a, b, strict=True)) == 1 for a, b in itertools.permutations(configs, 2))
+
+
 def robust_sign_errors(nets: Networks, measure: np.ndarray, test_images: int, min_ess: float = 12.0
                        ) -> np.ndarray:
     """The weighted sign error of every environment (a pair of configurations differing in exactly one
-    hyper-parameter, over all their networks) with effective sample size ≥ ``min_ess``."""
+    hyper-parameter, over all their networks) with effective sample size ≥ ``min_ess`` (of :func:`environments`)."""
     configs = [tuple(nets.hparams[h][i] for h in nets.hparams) for i in range(nets.n)]
     by_config = _cells(configs)
     errors = []
@@ -271,7 +277,7 @@ def score(nets: Networks, test_images: int | None = None, min_ess: float = 12.0,
                                "cmi_s1": conditional_mi(nets, mu, 1)}
         if test_images:
             errors = robust_sign_errors(nets, mu, test_images, min_ess)
-            row.update(environments=int(errors.size),
+            row.update(environments=int(errors.size), environments_all=environments(nets),
                        sign_error_mean=float(errors.mean()) if errors.size else math.nan,
                        sign_error_p90=float(np.percentile(errors, 90)) if errors.size else math.nan,
                        sign_error_max=float(errors.max()) if errors.size else math.nan)
