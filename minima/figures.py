@@ -395,8 +395,9 @@ def plot_correlations(scores: list[dict], hparams: list[str], nets: Any, color: 
     n = len(scores)
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig = Figure(figsize=(4.5 + 2.6 * cols, max(3.6, 0.45 * n + 1.6, 2.4 * rows)), layout="constrained")
-    left, right = fig.subfigures(1, 2, width_ratios=(4.5, 2.6 * cols))
+    left_width = 4.0 + 0.9 * len(hparams)  # the row labels take about 3 inches, each hyper-parameter 0.9
+    fig = Figure(figsize=(left_width + 2.6 * cols, max(3.6, 0.45 * n + 1.6, 2.4 * rows)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=(left_width, 2.6 * cols))
     ax = left.add_subplot()
     psi = np.array([[s.get(f"psi_{h}", np.nan) for h in hparams] for s in scores], dtype=float)
     image = ax.imshow(psi, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
@@ -412,15 +413,17 @@ def plot_correlations(scores: list[dict], hparams: list[str], nets: Any, color: 
     ax.set_title("granulated Kendall τ per hyper-parameter", fontsize=9)
     values = sorted(set(nets.hparams[color]))
     codes = np.array([values.index(v) for v in nets.hparams[color]])
-    gap_rank = np.argsort(np.argsort(nets.gap))
+    from scipy.stats import rankdata  # ties share their mean rank (a constant measure is one vertical line)
+
+    gap_rank = rankdata(nets.gap)
     axes = right.subplots(rows, cols, squeeze=False)
     for k, s in enumerate(scores):
         a = axes[k // cols][k % cols]
         mu = nets.measures[s["measure"]]
         for c, v in enumerate(values):
             sel = codes == c
-            a.scatter(np.argsort(np.argsort(mu))[sel], gap_rank[sel], s=10, color=f"C{c}", label=f"{color}={v}")
-        a.set_title(f"{s['measure']} (τ {s['kendall_tau']:+.2f})", fontsize=8)
+            a.scatter(rankdata(mu)[sel], gap_rank[sel], s=10, color=f"C{c}", label=f"{color}={v}")
+        a.set_title(f"{s['measure']}\n(τ {s['kendall_tau']:+.2f})", fontsize=7)
         a.set_xlabel("rank of the measure", fontsize=7)
         a.set_ylabel("rank of the gap", fontsize=7)
         a.tick_params(labelsize=6)

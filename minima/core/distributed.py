@@ -112,6 +112,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D CPU ``tensor`` concatenated in rank order, on every rank (``tensor`` itself in a single
+    process): for statistics that do not reduce to sums, such as a percentile of per-sample values."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    parts: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensor.cpu())
+    return torch.cat([p for p in parts if isinstance(p, torch.Tensor)])
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True if ``flag`` is true on any rank (every rank gets the same answer; ``flag`` itself in a single
     process, with no device round trip)."""

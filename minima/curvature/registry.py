@@ -14,6 +14,7 @@ at the checkpoint's parameters ``x`` (float64 vector) with f(x) = ``f0``, and re
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,6 +38,9 @@ from minima.curvature.hessian import (
 from minima.curvature.measures import RandomSubspace, adaptive_sharpness, average_sharpness, keskar_sharpness
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.curvature.worstcase import worst_case_sharpness
+from minima.geometry.norms import MEASURES as NORM_MEASURES
+from minima.geometry.norms import NEEDS_INIT, margin, margins
+from minima.geometry.norms import measures as norm_measures
 
 Job = tuple[str, dict[str, Any]]
 
@@ -290,6 +294,60 @@ register(Metric(
     jobs=lambda p: [(f"average_sigma{p['sigma']:g}", {"sigma": p["sigma"], "samples": p["average_samples"]})],
     compute=_average, cost=lambda job: {"f": job["samples"] + 1},
     fields=("sharpness", "stderr", "f0", "sigma", "samples", "seed", "seconds"),
+))
+
+
+# ------------------------------------------------------------------------- norm and margin measures
+def _norm_values(obj: DatasetObjective, x: torch.Tensor, init_path: str | None, adjust: bool) -> dict[str, float]:
+    """Every measure of :mod:`minima.geometry.norms` at ``x``, computed once per objective, point and settings (the
+    jobs of one request share it: one pass over the data for the margins)."""
+    key = (init_path, adjust)
+    cached = getattr(obj, "_norms_cache", None)
+    if cached is not None and cached[0] == key and torch.equal(cached[1], x):
+        return cached[2]
+    values = distributed.all_gather_cat(margins(obj.model, obj.batches))
+    init = None
+    if init_path:
+        from minima.files import checkpoint as ckpt_io
+
+        init = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(init_path)).to(obj.dtype)
+    found = norm_measures(obj.model, tuple(obj.batches[0][0].shape[1:]), values, init, adjust)
+    found["_margin"], found["_samples"] = margin(values), float(len(values))
+    obj._norms_cache = (key, x.clone(), found)
+    return found
+
+
+def _norm_jobs(p: Mapping[str, Any]) -> list[Job]:
+    names = list(p["norm_measures"]) or [n for n in NORM_MEASURES if p["norms_init"] or n not in NEEDS_INIT]
+    unknown = sorted(set(names) - set(NORM_MEASURES))
+    if unknown:
+        raise ValueError(f"--norm-measures: unknown {unknown}; choose from {list(NORM_MEASURES)}")
+    if not p["norms_init"] and set(names) & set(NEEDS_INIT):
+        raise ValueError(f"--norm-measures {sorted(set(names) & set(NEEDS_INIT))} need the initial weights: "
+                         "--norms-init RUN/init.pt (the zoo sets it to each run's own)")
+    return [(f"norm_{n}", {"measure": n, "init": p["norms_init"] or "", "adjust": p["norms_adjust"]}) for n in names]
+
+
+def _norms(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    t0 = time.perf_counter()  # the first job of a request computes them all; the others read them
+    found = _norm_values(obj, x, job["init"] or None, job["adjust"])
+    return {"value": found[job["measure"]], "margin": found["_margin"], "samples": int(found["_samples"]),
+            "seconds": time.perf_counter() - t0}
+
+
+register(Metric(
+    name="norms", summary="norm- and margin-based measures of Jiang et al. 2020 as Dziugaite et al. 2020 compute them "
+    "(BatchNorm folded, weights only, squared layer norms, exact convolution spectral norms, 10th-percentile margin)",
+    params=(
+        Param("norm_measures", tuple[str, ...], (), "which of them (default: all; the ones from initialisation "
+              "only with --norms-init)", default_text="all"),
+        Param("norms_init", str | None, None, "the initial weights' checkpoint, for fro_dist, dist_spec_init and "
+              "log_spec_init_main", default_text="none"),
+        Param("norms_adjust", bool, True, "report as Dziugaite et al.: ½(v − log m) for log measures, √(v/m) for "
+              "the others (m training samples)"),
+    ),
+    jobs=_norm_jobs, compute=_norms, cost=lambda job: {"f": 1},
+    fields=("measure", "init", "adjust", "margin", "samples", "seconds"),
 ))
 
 
