@@ -347,7 +347,7 @@ register(Metric(
               "the others (m training samples)"),
     ),
     jobs=_norm_jobs, compute=_norms, cost=lambda job: {"f": 1},
-    fields=("measure", "init", "adjust", "margin", "samples", "seconds"),
+    fields=("margin", "samples", "seconds"),
 ))
 
 
