@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from minima.core import config as cfg
 from minima.files.rundir import write_text_atomic
 from minima.optim.steps import EXIT_INTERRUPTED, TrainingInterrupted
@@ -94,12 +96,16 @@ class Pipeline:
         nothing. Otherwise write ``preset.json`` (``record``), run this shard's stages and return the runner (its
         ``complete``: every stage is; when not, it was said why — the summary waits for the other shards)."""
         k, n = parse_shard(args.shard) if args.shard else (1, 1)
+        done = plan(stages)
+        seconds = json.loads((out / "stage_seconds.json").read_text()) if (out / "stage_seconds.json").exists() \
+            else {}
+        pending = [s for s in (shard(stages, k, n) if n > 1 else stages) if not done[s.name]]
+        if pending or args.dry_run:
+            with torch.random.fork_rng():  # timing the network draws weights and inputs: the runs' seeds untouched
+                text = describe(self.command, stages, done, rates() if pending else None, n, seconds)
+            # the dry run's whole plan; a run's whole-job estimate, before its first stage
+            print(text if args.dry_run else text.splitlines()[-1], flush=True)
         if args.dry_run:
-            done = plan(stages)
-            seconds = json.loads((out / "stage_seconds.json").read_text()) if (out / "stage_seconds.json").exists() \
-                else {}
-            pending = [s for s in stages if not done[s.name]]
-            print(describe(self.command, stages, done, rates() if pending else None, n, seconds), flush=True)
             return None
         out.mkdir(parents=True, exist_ok=True)
         if record is not None:

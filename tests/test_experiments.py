@@ -258,7 +258,10 @@ def test_a_pipeline_stopped_in_any_stage_is_one_line_and_exit_75(monkeypatch: py
 
     monkeypatch.setattr(keskar, "train", stopped_training)  # the pipeline's first training stage is interrupted
     assert keskar.main(["--preset", "smoke", "--data", "synthetic", "--out", str(tmp_path / "k")]) == 75
-    assert "run the same command again to continue" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "run the same command again to continue" in said.err
+    # the whole job's estimate came before the first stage
+    assert said.out.index("[experiments.keskar] estimate: about") < said.out.index("stage 1/6: seed0/train_sb")
 
 
 def test_a_nested_preset_is_checked_before_the_first_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
