@@ -212,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def rates() -> Rates:
         ds = data()
-        net = build_model(t["model"], ds.num_classes, **dict(t.get("model_kwargs") or {}))
+        net = build_model(t["model"], ds.num_classes, trusted=own_import(t["model"]),
+                          **dict(t.get("model_kwargs") or {}))
         return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(p.own.batches[0], 256))
 
     try:

@@ -40,7 +40,7 @@ from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.files import results
 from minima.geometry.barriers import barriers
-from minima.models import build_model
+from minima.models import build_model, own_import
 from minima.pipelines.curve import run as run_curve
 from minima.pipelines.declared import Declared, Section, Spec
 from minima.pipelines.stages import Rates, Stage
@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pair = p.values("pair")
 
     def rates() -> Rates:
-        net = build_model(pair["model"], 10, **dict(pair.get("model_kwargs") or {}))
+        net = build_model(pair["model"], 10, trusted=own_import(pair["model"]), **dict(pair.get("model_kwargs") or {}))
         return Rates.measure(net, (3, 32, 32), batch=min(pair["batch_size"], 256))
 
     try:

@@ -38,7 +38,7 @@ from minima.files import checkpoint as ckpt_io
 from minima.files import timeline
 from minima.files.rundir import RunDir, write_text_atomic
 from minima.geometry.evaluate import Batching
-from minima.models import build_model
+from minima.models import build_model, own_import
 from minima.pipelines.declared import Declared, Section, Spec
 from minima.pipelines.stages import Rates, Stage
 from minima.studies.train import TrainConfig, train
@@ -91,7 +91,7 @@ def _initialise(p: Declared, ds: data_mod.Dataset, out: Path) -> None:
     if not init.exists():
         torch.manual_seed(p.own.init_seed)
         kwargs = dict(t.get("model_kwargs") or {})
-        model = build_model(t["model"], ds.num_classes, **kwargs)
+        model = build_model(t["model"], ds.num_classes, trusted=own_import(t["model"]), **kwargs)
         meta = ckpt_io.make_meta(epoch=0, step=0, global_batch_size=len(ds.train), world_size=1,
                                  seed=p.own.init_seed, train_config={"loss": "mse"}, data=ds.describe())
         ckpt_io.save_checkpoint(ckpt_io.make_checkpoint(t["model"], {**kwargs, "num_classes": ds.num_classes},
@@ -208,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def rates() -> Rates:
         ds = data()
-        net = build_model(t["model"], ds.num_classes, **dict(t.get("model_kwargs") or {}))
+        net = build_model(t["model"], ds.num_classes, trusted=own_import(t["model"]),
+                          **dict(t.get("model_kwargs") or {}))
         return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(len(ds.train), 256))
 
     try:

@@ -239,7 +239,7 @@ def seed_stages(model: str, p: Declared, seed: int, out: Path, data: Callable[[]
     def measure_estimate(requests: Sequence[Any]) -> Callable[[Rates], float]:
         def seconds(r: Rates) -> float:
             ds = data()
-            net = build_model(model, ds.num_classes, **model_kwargs(model, p))
+            net = build_model(model, ds.num_classes, trusted=own_import(model), **model_kwargs(model, p))
             total = 0.0
             for req in requests:
                 n = req.train_subset or len(ds.train)
@@ -278,7 +278,7 @@ def _grid(text: str) -> tuple[float, float, int]:
 def rates(model: str, p: Declared, data: Callable[[], data_mod.Dataset]) -> Rates:
     """The network's measured seconds per image (the unit of the estimate), at the SB batch size."""
     ds = data()
-    net = build_model(model, ds.num_classes, **model_kwargs(model, p))
+    net = build_model(model, ds.num_classes, trusted=own_import(model), **model_kwargs(model, p))
     return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(p.own.sb_batch, 256))
 
 
