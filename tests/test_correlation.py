@@ -125,10 +125,10 @@ def test_a_table_is_read_with_exclusions_and_percentages(tmp_path: Path) -> None
         w.writeheader()
         w.writerows(rows)
     nets = corr.read_table(path, hparams=["lr"])
-    assert nets.n == 3 and list(nets.measures) == ["phi"]
-    assert nets.excluded == {"a missing or non-finite value": 1, "status diverged": 1}
-    np.testing.assert_allclose(nets.gap, [0.19, 0.29, 0.24])  # percentages read as fractions
-    assert corr.kendall_tau(nets.measures["phi"], nets.gap) == pytest.approx(1.0)
+    assert nets.n == 4 and list(nets.measures) == ["phi"] and nets.excluded == {"status diverged": 1}
+    np.testing.assert_allclose(nets.gap, [0.19, 0.29, 0.24, 0.39])  # percentages read as fractions
+    row = corr.score(nets, bootstrap=0)[0]  # the network without φ is left out of φ's scores only
+    assert row["networks"] == 3 and row["kendall_tau"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="not a zoo table"):
         corr.read_table(path)
     with pytest.raises(ValueError, match=r"no column\(s\) \['depth'\]"):

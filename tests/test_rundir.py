@@ -100,3 +100,12 @@ def test_directories_written_before_status_json_still_read(tmp_path: Path) -> No
     assert RunDir(old).status().state == "interrupted"
     assert RunDir(tmp_path / "nothing").status().state == "new"
     assert RunDir(tmp_path / "nothing").metrics() == [] and RunDir(tmp_path / "nothing").config() == {}
+
+
+def test_steps_to_a_training_loss_are_read_from_the_epochs(tmp_path: Path) -> None:
+    """Jiang et al.'s optimisation measures at epoch resolution: the steps by the end of the first epoch whose
+    running training loss reached the target."""
+    run = RunDir(tmp_path)
+    for epoch, (loss, step) in enumerate([(1.2, 10), (0.3, 20), (0.09, 30), (0.02, 40)], start=1):
+        run.append_metrics({"epoch": epoch, "step": step, "train_loss": loss})
+    assert run.steps_to_loss(0.1) == 30 and run.steps_to_loss(0.3) == 20 and run.steps_to_loss(0.01) is None

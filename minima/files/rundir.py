@@ -117,6 +117,15 @@ class RunDir:
                 raise ValueError(f"{path} line {number} is not JSON; the run directory is damaged") from None
         return rows
 
+    def steps_to_loss(self, threshold: float) -> int | None:
+        """Optimiser steps taken by the end of the first epoch whose training loss (the epoch's running mean) is at or
+        below ``threshold`` — Jiang et al.'s "steps to reach cross-entropy 0.1 / 0.01" at epoch resolution; None when
+        no epoch reached it."""
+        for row in self.metrics():
+            if row.get("train_loss") is not None and row["train_loss"] <= threshold:
+                return int(row["step"])
+        return None
+
     def last_metrics(self) -> dict[str, Any]:
         """The last finished epoch's metrics ({} before the first)."""
         rows = self.metrics()

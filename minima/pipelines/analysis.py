@@ -69,12 +69,16 @@ def markdown(rows: list[dict[str, Any]], nets: correlation.Networks, source: Pat
              + " | CMI (S = 2) | CMI (S = 1) | CMI (S = 0) | sign error mean / max (environments) |",
              "|---|---|---|" + "---|" * len(hp) + "---|---|---|---|"]
     for r in rows:
+        label = r["measure"] + (f" ({r['networks']} of {nets.n})" if r["networks"] < nets.n else "")
+        if "kendall_tau" not in r:
+            lines.append(f"| {label} |" + " — |" * (len(hp) + 5) + " fewer than 3 networks have it |")
+            continue
         tau = _fmt(r["kendall_tau"]) + (f" [{r['kendall_tau_lo']:+.2f}, {r['kendall_tau_hi']:+.2f}]"
                                         if "kendall_tau_lo" in r else "")
         sign = (f"{r['sign_error_mean']:.3f} / {r['sign_error_max']:.3f} ({r['environments']} of "
                 f"{r['environments_all']})" if r.get("environments") else
                 f"none of {r['environments_all']} reach ESS {min_ess:g}" if "environments" in r else "—")
-        lines.append(f"| {r['measure']} | {tau} | {_fmt(r['psi'])} | "
+        lines.append(f"| {label} | {tau} | {_fmt(r['psi'])} | "
                      + " | ".join(_fmt(r[f"psi_{h}"]) for h in hp)
                      + f" | {_fmt(r['cmi'])} | {_fmt(r['cmi_s1'])} | {_fmt(r['cmi_s0'])} | {sign} |")
     lines += ["", "τ: Kendall's τ with the gap over all pairs (bootstrap 95 % interval over seeds); Ψ and ψ: Jiang et "
@@ -119,7 +123,7 @@ def analyze(req: AnalysisRequest, say: Any = print) -> Path:
     if color is not None:
         from minima.figures import plot_correlations
 
-        fig = plot_correlations(rows, list(nets.hparams), nets, color,
+        fig = plot_correlations([r for r in rows if "kendall_tau" in r], list(nets.hparams), nets, color,
                                 f"{csv_path}: {nets.n} networks, hyper-parameters {', '.join(nets.hparams)}")
         fig.savefig(out / "correlations.png", dpi=120)
     say(text)

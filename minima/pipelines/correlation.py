@@ -60,6 +60,12 @@ class Networks:
     def n(self) -> int:
         return len(self.gap)
 
+    def take(self, rows: np.ndarray) -> Networks:
+        """The networks ``rows`` only (a measure missing on some networks is scored on the others)."""
+        return Networks({h: [v[i] for i in rows] for h, v in self.hparams.items()}, self.gap[rows],
+                        {m: v[rows] for m, v in self.measures.items()},
+                        [self.seeds[i] for i in rows] if self.seeds else None, self.excluded, self.test_images)
+
 
 def _float(text: Any) -> float:
     try:
@@ -106,8 +112,8 @@ def read_table(path: str | Path, hparams: Sequence[str] | None = None, measures:
             why = f"status {r['status']}"
         elif max_train_loss is not None and not _float(r.get("train_loss")) <= max_train_loss:
             why = f"training loss above {max_train_loss:g}"
-        elif not all(math.isfinite(_float(r[c])) for c in [*acc, *measures]):
-            why = "a missing or non-finite value"
+        elif not all(math.isfinite(_float(r[c])) for c in acc):
+            why = "a missing or non-finite accuracy"
         if why is None:
             kept.append(r)
         else:
@@ -269,22 +275,33 @@ def score(nets: Networks, test_images: int | None = None, min_ess: float = 12.0,
     the robust sign errors (``sign_error_mean``/``_p90``/``_max`` and ``environments``; with ``test_images``), and
     bootstrap intervals (``*_lo``/``*_hi``)."""
     out = []
-    for name, mu in nets.measures.items():
-        psi, per = granulated(nets, mu)
-        row: dict[str, Any] = {"measure": name, "networks": nets.n, "kendall_tau": kendall_tau(mu, nets.gap),
-                               "psi": psi, **{f"psi_{k}": v for k, v in per.items()},
-                               "cmi": conditional_mi(nets, mu, 2), "cmi_s0": conditional_mi(nets, mu, 0),
-                               "cmi_s1": conditional_mi(nets, mu, 1)}
-        if test_images:
-            errors = robust_sign_errors(nets, mu, test_images, min_ess)
-            row.update(environments=int(errors.size), environments_all=environments(nets),
-                       sign_error_mean=float(errors.mean()) if errors.size else math.nan,
-                       sign_error_p90=float(np.percentile(errors, 90)) if errors.size else math.nan,
-                       sign_error_max=float(errors.max()) if errors.size else math.nan)
-        for key, (lo, hi) in _bootstrap(nets, mu, bootstrap, seed).items():
-            row[f"{key}_lo"], row[f"{key}_hi"] = lo, hi
-        out.append(row)
+    for name, values in nets.measures.items():
+        finite = np.flatnonzero(np.isfinite(values))  # a measure missing on a network (a loss never reached) skips it
+        if len(finite) < 3:
+            out.append({"measure": name, "networks": len(finite)})
+            continue
+        sub = nets if len(finite) == nets.n else nets.take(finite)
+        out.append(_score_one(sub, name, sub.measures[name], test_images, min_ess, bootstrap, seed))
     return out
+
+
+def _score_one(nets: Networks, name: str, mu: np.ndarray, test_images: int | None, min_ess: float, bootstrap: int,
+           seed: int) -> dict[str, Any]:
+    """The scores of one measure over networks that all have it."""
+    psi, per = granulated(nets, mu)
+    row: dict[str, Any] = {"measure": name, "networks": nets.n, "kendall_tau": kendall_tau(mu, nets.gap),
+                           "psi": psi, **{f"psi_{k}": v for k, v in per.items()},
+                           "cmi": conditional_mi(nets, mu, 2), "cmi_s0": conditional_mi(nets, mu, 0),
+                           "cmi_s1": conditional_mi(nets, mu, 1)}
+    if test_images:
+        errors = robust_sign_errors(nets, mu, test_images, min_ess)
+        row.update(environments=int(errors.size), environments_all=environments(nets),
+                   sign_error_mean=float(errors.mean()) if errors.size else math.nan,
+                   sign_error_p90=float(np.percentile(errors, 90)) if errors.size else math.nan,
+                   sign_error_max=float(errors.max()) if errors.size else math.nan)
+    for key, (lo, hi) in _bootstrap(nets, mu, bootstrap, seed).items():
+        row[f"{key}_lo"], row[f"{key}_hi"] = lo, hi
+    return row
 
 
 def write_scores(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:

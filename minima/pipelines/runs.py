@@ -41,6 +41,7 @@ from minima.studies.train import NonFiniteLossError, train
 TABLE_FIXED = ("run", "index")
 ZOO_ERROR = "zoo_error.json"  # a failure of the study's own work on a run (evaluation, measurement, a refused request)
 TABLE_OUTCOME = ("status", "reason", "epochs", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+LOSS_TARGETS = (0.1, 0.01)  # Jiang et al.'s optimisation measures: steps to these training cross-entropies
 
 
 @contextlib.contextmanager
@@ -246,7 +247,8 @@ def _run_one(spec: RunSpec, study: Study, t0: float) -> dict[str, Any]:
 
 def table_rows(study: Study) -> list[dict[str, Any]]:
     """One row per run: its hash and index, the settings that vary, status and reason, epochs and steps, the final
-    weights' exact train/test loss and accuracy, and every measured result's value (empty where not there yet)."""
+    weights' exact train/test loss and accuracy, the steps to training losses 0.1 and 0.01 (empty when not reached),
+    and every measured result's value (empty where not there yet)."""
     varied = study.varied
     rows = []
     names: list[str] = []
@@ -257,12 +259,17 @@ def table_rows(study: Study) -> list[dict[str, Any]]:
         with idle(spec.directory) as free:  # a run a worker is on gets its numbers in the next table
             evaluation = spec.directory / "evaluation.json"
             row.update(json.loads(evaluation.read_text()) if free and evaluation.exists() else {})
+            if free and state == "complete":
+                for target in LOSS_TARGETS:
+                    row[f"steps_to_loss_{target:g}"] = RunDir(spec.directory).steps_to_loss(target)
             for r in (measurements(measure_path(spec, study)) or []) if free and study.measure else []:
                 row[str(r["metric"])] = r["value"]  # none from a file a kill left half written
                 if str(r["metric"]) not in names:
                     names.append(str(r["metric"]))
         rows.append(row)
-    return [{k: r.get(k, "") for k in [*TABLE_FIXED, *varied, *TABLE_OUTCOME, *names]} for r in rows]
+    steps_to = [f"steps_to_loss_{t:g}" for t in LOSS_TARGETS]
+    return [{k: "" if r.get(k) is None else r[k] for k in [*TABLE_FIXED, *varied, *TABLE_OUTCOME, *steps_to, *names]}
+            for r in rows]
 
 
 def _cell(value: Any) -> str:
