@@ -136,3 +136,25 @@ def test_the_norms_metric_measures_a_checkpoint_and_refuses_what_it_cannot(tmp_p
         measure(request(checkpoints=[final], metrics=["norms"], norm_measures=("fro_dist",), out=tmp_path / "x.h5"))
     with pytest.raises(ValueError, match="unknown \\['spectral'\\]"):
         measure(request(checkpoints=[final], metrics=["norms"], norm_measures=("spectral",), out=tmp_path / "y.h5"))
+
+
+def test_gradient_noise_is_the_spread_of_batch_gradients() -> None:
+    from minima.curvature.objective import DatasetObjective, FixedBatches
+    from minima.curvature.registry import REGISTRY
+
+    net, batches = _mlp(4), _data(48)
+    obj = DatasetObjective(net, FixedBatches(batches, 48, torch.device("cpu"), torch.float64), bn="eval")
+    x = obj.get_flat()
+    metric = REGISTRY["gradient_noise"]
+    (name, job), = metric.jobs({"noise_batch": 12})
+    found = metric.compute(obj, x, obj.value(x), job, 0)
+    xs, ys = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    grads = []
+    for k in range(4):  # by hand: the gradient of the mean loss of each batch of 12
+        net.zero_grad()
+        nn.functional.cross_entropy(net(xs[12 * k:12 * (k + 1)]), ys[12 * k:12 * (k + 1)]).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    g = torch.stack(grads)
+    assert name == "gradient_noise_m12" and found["batches"] == 4
+    assert found["value"] == pytest.approx(float(((g - g.mean(0)) ** 2).sum(1).mean()), rel=1e-10)
+    assert metric.compute(obj, x, 0.0, {"m": 48}, 0)["value"] == pytest.approx(0.0, abs=1e-24)  # one batch: none

@@ -365,16 +365,19 @@ class NormalisedLogits(torch.nn.Module):
         return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def batch_objectives(obj: DatasetObjective, n: int, m: int, logit_norm: bool = False) -> list[DatasetObjective]:
+def batch_objectives(obj: DatasetObjective, n: int, m: int, logit_norm: bool = False,
+                     flags: tuple[str, str] = ("--worst-n", "--worst-m")) -> list[DatasetObjective]:
     """Objectives of this rank's first images of the measured data in batches of ``m`` (BatchNorm eval, sums not
-    reduced over ranks); in one process the first ``n`` images, under torchrun ⌈n / ranks⌉ of each rank's shard."""
+    reduced over ranks); in one process the first ``n`` images, under torchrun ⌈n / ranks⌉ of each rank's shard.
+    ``flags``: how the refusals name ``n`` and ``m``."""
+    nf, mf = flags
     if m > n:
-        raise ValueError(f"--worst-m {m} exceeds --worst-n {n}: a batch cannot hold more images than are measured")
+        raise ValueError(f"{mf} {m} exceeds {nf} {n}: a batch cannot hold more images than are measured")
     if n % m:
-        raise ValueError(f"--worst-n {n} is not a multiple of --worst-m {m}; pass n = k·m (e.g. 1024 and 128)")
+        raise ValueError(f"{nf} {n} is not a multiple of {mf} {m}; pass n = k·m (e.g. 1024 and 128)")
     if n > obj.count:
-        raise ValueError(f"--worst-n {n} exceeds the {obj.count} training images measured; pass --train-subset ≥ "
-                         f"{n} or a smaller --worst-n")
+        raise ValueError(f"{nf} {n} exceeds the {obj.count} training images measured; pass --train-subset ≥ "
+                         f"{n} or a smaller {nf}")
     xs = torch.cat([x for x, _ in obj.batches])
     ys = torch.cat([y for _, y in obj.batches])
     take = min(len(ys), -(-n // distributed.world_size()))
@@ -410,6 +413,33 @@ def _worst_jobs(p: Mapping[str, Any]) -> list[Job]:
     return [(f"worst_{kind}{step}{'_lognorm' if extra else ''}_rho{p['worst_rho']:g}_m{p['worst_m']}_n{p['worst_n']}",
              {"rho": p["worst_rho"], "norm": p["worst_norm"], "adaptive": p["worst_adaptive"], "m": p["worst_m"],
               "n": p["worst_n"], "iterations": p["worst_iterations"], "l2_step": p["worst_l2_step"], **extra})]
+
+
+def _gradient_noise(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
+                    ) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    m = job["m"]
+    n = obj.count - obj.count % m
+    if n == 0:
+        raise ValueError(f"--noise-batch {m} exceeds the {obj.count} training images measured")
+    grads = torch.stack([s.value_and_grad(x)[1] for s in batch_objectives(obj, n, m, flags=("--train-subset",
+                                                                                               "--noise-batch"))])
+    count = distributed.all_reduce_sum(torch.tensor([float(len(grads))], device=grads.device))
+    mean = distributed.all_reduce_sum(grads.sum(dim=0)) / count
+    spread = distributed.all_reduce_sum(((grads - mean) ** 2).sum().reshape(1)) / count
+    return {"value": float(spread), "batches": int(count), "grad_norm": float(mean.norm()),
+            "seconds": time.perf_counter() - t0}
+
+
+register(Metric(
+    name="gradient_noise", summary="gradient noise (Jiang et al. 2020's optimisation measure): the mean over the "
+    "measured images' batches of m of ‖g_b − ḡ‖², g_b a batch's mean-loss gradient, ḡ their mean; BatchNorm eval",
+    params=(Param("noise_batch", int, 32, "images per batch m (the training batch size the noise is of)",
+                  "samples"),),
+    jobs=lambda p: [(f"gradient_noise_m{p['noise_batch']}", {"m": p["noise_batch"]})],
+    compute=_gradient_noise, cost=lambda job: {"grad": 1},
+    fields=("batches", "grad_norm", "seconds"),
+))
 
 
 register(Metric(
