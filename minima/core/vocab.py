@@ -51,6 +51,7 @@ CurveKind = Literal["bezier", "polychain"]
 TraceMethod = Literal["hutchinson", "hutchpp"]
 WorstNorm = Literal["linf", "l2"]
 L2Step = Literal["invariant", "authors"]
+PacBayesConvention = Literal["paper", "authors"]  # N(0, σ²) as defined, or Dziugaite et al.'s code's N(0, (σ²)²)
 Curvature = Literal["hessian", "ggn"]
 SubsetMode = Literal["stratified", "first"]
 Loss = Literal["cross_entropy", "mse"]

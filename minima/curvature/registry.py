@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from minima.core import distributed
-from minima.core.vocab import L2Step, TraceMethod, WorstNorm
+from minima.core.vocab import L2Step, PacBayesConvention, TraceMethod, WorstNorm, check_choice
 from minima.curvature.blocks import flat_index
 from minima.curvature.hessian import (
     CountingOperator,
@@ -37,6 +37,10 @@ from minima.curvature.hessian import (
 )
 from minima.curvature.measures import RandomSubspace, adaptive_sharpness, average_sharpness, keskar_sharpness
 from minima.curvature.objective import DatasetObjective, FixedBatches
+from minima.curvature.pacbayes import MEASURES as PACBAYES_MEASURES
+from minima.curvature.pacbayes import NEEDS_INIT as PACBAYES_NEEDS_INIT
+from minima.curvature.pacbayes import SigmaSearch
+from minima.curvature.pacbayes import measures as pacbayes_measures
 from minima.curvature.worstcase import worst_case_sharpness
 from minima.geometry.norms import MEASURES as NORM_MEASURES
 from minima.geometry.norms import NEEDS_INIT, margin, margins
@@ -413,6 +417,64 @@ def _worst_jobs(p: Mapping[str, Any]) -> list[Job]:
     return [(f"worst_{kind}{step}{'_lognorm' if extra else ''}_rho{p['worst_rho']:g}_m{p['worst_m']}_n{p['worst_n']}",
              {"rho": p["worst_rho"], "norm": p["worst_norm"], "adaptive": p["worst_adaptive"], "m": p["worst_m"],
               "n": p["worst_n"], "iterations": p["worst_iterations"], "l2_step": p["worst_l2_step"], **extra})]
+
+
+def _pacbayes_jobs(p: Mapping[str, Any]) -> list[Job]:
+    names = list(p["pacbayes_measures"]) or [n for n in PACBAYES_MEASURES if p["pacbayes_init"]
+                                              or n not in PACBAYES_NEEDS_INIT]
+    unknown = sorted(set(names) - set(PACBAYES_MEASURES))
+    if unknown:
+        raise ValueError(f"--pacbayes-measures: unknown {unknown}; choose from {list(PACBAYES_MEASURES)}")
+    if not p["pacbayes_init"] and set(names) & set(PACBAYES_NEEDS_INIT):
+        raise ValueError(f"--pacbayes-measures {sorted(set(names) & set(PACBAYES_NEEDS_INIT))} need the initial "
+                         "weights: --pacbayes-init RUN/init.pt (the zoo sets it to each run's own)")
+    if p["pacbayes_draws"] < 1 or p["pacbayes_depth"] < 1 or not 0 < p["pacbayes_drop"] < 1:
+        raise ValueError("--pacbayes-draws and --pacbayes-depth must be ≥ 1 and --pacbayes-drop in (0, 1)")
+    check_choice("--pacbayes-convention", p["pacbayes_convention"], PacBayesConvention)
+    settings = {"init": p["pacbayes_init"] or "", "draws": p["pacbayes_draws"], "depth": p["pacbayes_depth"],
+                "drop": p["pacbayes_drop"], "convention": p["pacbayes_convention"], "adjust": p["pacbayes_adjust"]}
+    return [(n, {"measure": n, **settings}) for n in names]
+
+
+def _pacbayes(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
+              ) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    settings = {k: job[k] for k in ("init", "draws", "depth", "drop", "convention", "adjust")}
+    key = (tuple(sorted(settings.items())), seed)
+    cached = getattr(obj, "_pacbayes_cache", None)
+    if cached is None or cached[0] != key or not torch.equal(cached[1], x):
+        init = None
+        if job["init"]:
+            from minima.files import checkpoint as ckpt_io
+
+            init = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(job["init"])).to(obj.dtype)
+        search = SigmaSearch(depth=job["depth"], draws=job["draws"], drop=job["drop"], convention=job["convention"])
+        found = pacbayes_measures(obj.model, obj.batches, obj.count, seed, init, search, job["adjust"])
+        obj._pacbayes_cache = (key, x.clone(), found)
+    found = obj._pacbayes_cache[2]
+    return {"value": found[job["measure"]], "sigma": found["sigma"], "sigma_mag": found["sigma_mag"],
+            "accuracy": found["accuracy"], "seconds": time.perf_counter() - t0}
+
+
+register(Metric(
+    name="pacbayes", summary="Jiang et al.'s PAC-Bayes flatness measures: the noise σ (and the magnitude-aware σ′) "
+    "that lowers the training accuracy by 0.1, by Dziugaite et al.'s bisection; BatchNorm folded",
+    params=(
+        Param("pacbayes_measures", tuple[str, ...], (), "which of them (default: all; the ones from "
+              "initialisation only with --pacbayes-init)", default_text="all"),
+        Param("pacbayes_init", str | None, None, "the initial weights' checkpoint, for pacbayes_init, "
+              "pacbayes_mag_init and pacbayes_mag_orig", default_text="none"),
+        Param("pacbayes_draws", int, 10, "Monte-Carlo draws per σ (evaluated together)"),
+        Param("pacbayes_depth", int, 15, "bisection halvings of [0, 2]"),
+        Param("pacbayes_drop", float, 0.1, "the training-accuracy drop σ is sought for (tolerance 0.01)"),
+        Param("pacbayes_convention", PacBayesConvention, "paper", "noise N(0, σ²) as defined (paper), or with σ² as "
+              "the standard deviation as Dziugaite et al.'s code draws it (authors)"),
+        Param("pacbayes_adjust", bool, True, "report √(v/m) as Dziugaite et al. (m training samples)"),
+    ),
+    jobs=_pacbayes_jobs, compute=_pacbayes,
+    cost=lambda job: {"f": 2 * job["depth"] * job["draws"] + 1},  # at most: two searches
+    fields=("sigma", "sigma_mag", "accuracy", "seconds"),
+))
 
 
 def _gradient_noise(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int

@@ -107,8 +107,9 @@ def _measure_request(spec: RunSpec, study: Study) -> Any:
     settings = {**study.measure, "checkpoints": [str(RunDir(spec.directory).final)],
                 "out": str(measure_path(spec, study)), "device": spec.config.device,
                 "trust_import": [*study.measure.get("trust_import", ()), *own_import(spec.config.model)]}
-    if "norms" in study.measure.get("metrics", ()) and not study.measure.get("norms_init"):
-        settings["norms_init"] = str(RunDir(spec.directory).init)  # the measures from initialisation: its own x0
+    for metric, field in (("norms", "norms_init"), ("pacbayes", "pacbayes_init")):
+        if metric in study.measure.get("metrics", ()) and not study.measure.get(field):
+            settings[field] = str(RunDir(spec.directory).init)  # the measures from initialisation: its own x0
     return cfg.resolve(measure_request_type(), None, settings)
 
 
