@@ -69,7 +69,7 @@ def test_every_measure_equals_a_direct_float64_computation_on_a_two_layer_mlp() 
     adjusted = norms.measures(net, (3, 2, 2), norms.margins(net, batches), init=init)
     assert adjusted["log_prod_of_fro"] == pytest.approx(0.5 * (found["log_prod_of_fro"] - math.log(40)), rel=1e-12)
     assert adjusted["path_norm"] == pytest.approx(math.sqrt(found["path_norm"] / 40), rel=1e-12)
-    assert set(found) == set(norms.MEASURES)
+    assert set(found) == set(norms.MEASURES) - {"fisher_rao"}  # it needs the mean of fisher_rao_terms
 
 
 def test_a_convolutions_spectral_norm_is_that_of_its_dense_circular_matrix() -> None:
@@ -158,3 +158,20 @@ def test_gradient_noise_is_the_spread_of_batch_gradients() -> None:
     assert name == "gradient_noise_m12" and found["batches"] == 4
     assert found["value"] == pytest.approx(float(((g - g.mean(0)) ** 2).sum(1).mean()), rel=1e-10)
     assert metric.compute(obj, x, 0.0, {"m": 48}, 0)["value"] == pytest.approx(0.0, abs=1e-24)  # one batch: none
+
+
+def test_the_fisher_rao_norm_is_the_empirical_fisher_norm_of_a_bias_free_relu_network() -> None:
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6, bias=False), nn.ReLU(), nn.Linear(6, 5, bias=False),
+                        nn.ReLU(), nn.Linear(5, 4, bias=False)).double().eval()
+    batches = _data()
+    terms = norms.fisher_rao_terms(net, batches)
+    found = norms.measures(net, (3, 2, 2), norms.margins(net, batches), adjust=False,
+                           fisher_rao_mean=float(terms.mean()))["fisher_rao"]
+    direct = []  # E[⟨θ, ∇_θ ℓ(x, y)⟩²] sample by sample
+    for x, y in batches:
+        for i in range(len(y)):
+            net.zero_grad()
+            nn.functional.cross_entropy(net(x[i:i + 1]), y[i:i + 1]).backward()
+            direct.append(sum(float((p.detach() * p.grad).sum()) for p in net.parameters()) ** 2)
+    assert found == pytest.approx(np.mean(direct), rel=1e-10)

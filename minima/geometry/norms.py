@@ -21,7 +21,11 @@ Measures (Jiang et al.'s equation numbers): ``params`` (20), ``inverse_margin`` 
 ``fro_over_spec`` (33), ``log_sum_of_spec_over_margin`` (34), ``log_sum_of_spec`` (35),
 ``log_prod_of_fro_over_margin`` (36), ``log_prod_of_fro`` (37), ``log_sum_of_fro_over_margin`` (38),
 ``log_sum_of_fro`` (39), ``fro_dist`` (40), ``dist_spec_init`` (41), ``param_norm`` (42), ``path_norm_over_margin``
-(43), ``path_norm`` (44). The three ``*init*``/``*dist*`` ones need the initial weights.
+(43), ``path_norm`` (44). The three ``*init*``/``*dist*`` ones need the initial weights. Beside them the
+**Fisher–Rao norm** (Liang, Poggio, Rakhlin, Stokes 2019), ``fisher_rao`` = d² · E_x[(⟨softmax f(x), f(x)⟩ −
+f_y(x))²] over the training samples, d the number of weight layers: for a bias-free ReLU network (f homogeneous of
+degree d in θ) it equals E[⟨θ, ∇_θ ℓ⟩²], the norm of θ in the empirical Fisher metric; with biases or BatchNorm it is
+that formula's value, not the norm.
 
 Invariances (tested): when one layer's weights and bias are multiplied by c > 0 and the next layer's weights divided
 by c (a ReLU network computes the same function), the path norm, the margin, the products of spectral or Frobenius
@@ -45,7 +49,7 @@ NEEDS_INIT = ("log_spec_init_main", "fro_dist", "dist_spec_init")
 MEASURES = ("params", "inverse_margin", "log_spec_init_main", "log_spec_orig_main", "log_prod_of_spec_over_margin",
             "log_prod_of_spec", "fro_over_spec", "log_sum_of_spec_over_margin", "log_sum_of_spec",
             "log_prod_of_fro_over_margin", "log_prod_of_fro", "log_sum_of_fro_over_margin", "log_sum_of_fro",
-            "fro_dist", "dist_spec_init", "param_norm", "path_norm_over_margin", "path_norm")
+            "fro_dist", "dist_spec_init", "param_norm", "path_norm_over_margin", "path_norm", "fisher_rao")
 
 
 def weight_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, torch.Tensor, tuple[int, ...]]]:
@@ -98,6 +102,22 @@ def margins(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     return torch.cat(out)
 
 
+def fisher_rao_terms(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """(⟨softmax f(x), f(x)⟩ − f_y(x))² of every sample (eval mode; float64 on the CPU)."""
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                logits = model(x).to(torch.float64)
+                inner = (torch.softmax(logits, dim=1) * logits).sum(dim=1) - logits.gather(1, y.view(-1, 1)).squeeze(1)
+                out.append(inner.pow(2).cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
 def margin(values: torch.Tensor) -> float:
     """γ: the absolute value of the (m // 10)-th smallest margin (at least the first)."""
     k = max(len(values) // 10, 1)
@@ -114,9 +134,11 @@ def path_norm(model: nn.Module, input_shape: Sequence[int]) -> float:
 
 
 def measures(model: nn.Module, input_shape: Sequence[int], margin_values: torch.Tensor,
-             init: nn.Module | None = None, adjust: bool = True) -> dict[str, float]:
+             init: nn.Module | None = None, adjust: bool = True, fisher_rao_mean: float | None = None
+             ) -> dict[str, float]:
     """Every measure of :data:`MEASURES` (those of :data:`NEEDS_INIT` only with ``init``, a model of the same
-    architecture at its initial weights); ``margin_values`` are the training samples' margins (:func:`margins`)."""
+    architecture at its initial weights; ``fisher_rao`` only with ``fisher_rao_mean``, the mean of
+    :func:`fisher_rao_terms`); ``margin_values`` are the training samples' margins (:func:`margins`)."""
     layers = weight_layers(model, input_shape)
     d, m = len(layers), len(margin_values)
     fro = np.array([float(w.to(torch.float64).pow(2).sum()) for _, w, _ in layers])
@@ -138,6 +160,8 @@ def measures(model: nn.Module, input_shape: Sequence[int], margin_values: torch.
     out["param_norm"] = float(fro.sum())
     out["path_norm"] = path_norm(model, input_shape)
     out["path_norm_over_margin"] = out["path_norm"] / gamma ** 2 if gamma > 0 else math.inf
+    if fisher_rao_mean is not None:
+        out["fisher_rao"] = d ** 2 * fisher_rao_mean
     if init is not None:
         first = weight_layers(init, input_shape)
         if [w.shape for _, w, _ in first] != [w.shape for _, w, _ in layers]:
