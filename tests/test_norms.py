@@ -69,7 +69,7 @@ def test_every_measure_equals_a_direct_float64_computation_on_a_two_layer_mlp() 
     adjusted = norms.measures(net, (3, 2, 2), norms.margins(net, batches), init=init)
     assert adjusted["log_prod_of_fro"] == pytest.approx(0.5 * (found["log_prod_of_fro"] - math.log(40)), rel=1e-12)
     assert adjusted["path_norm"] == pytest.approx(math.sqrt(found["path_norm"] / 40), rel=1e-12)
-    assert set(found) == set(norms.MEASURES) - {"fisher_rao"}  # it needs the mean of fisher_rao_terms
+    assert set(found) == set(norms.MEASURES) - {"fisher_rao", "relative_flatness"}  # they need their terms' means
 
 
 def test_a_convolutions_spectral_norm_is_that_of_its_dense_circular_matrix() -> None:
@@ -175,3 +175,26 @@ def test_the_fisher_rao_norm_is_the_empirical_fisher_norm_of_a_bias_free_relu_ne
             nn.functional.cross_entropy(net(x[i:i + 1]), y[i:i + 1]).backward()
             direct.append(sum(float((p.detach() * p.grad).sum()) for p in net.parameters()) ** 2)
     assert found == pytest.approx(np.mean(direct), rel=1e-10)
+
+
+def test_relative_flatness_is_its_double_sum_over_the_dense_feature_layer_hessian() -> None:
+    net, batches = _mlp(6), _data()
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    w = net[3].weight.detach().clone()  # (classes, features): w_s is column s
+    phi = net[2](net[1](net[0](x))).detach()  # the features the last layer sees
+
+    def loss(weight: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(phi @ weight.T + net[3].bias.detach(), y)
+
+    hess = torch.autograd.functional.hessian(loss, w)  # (k, s, k', s′)
+    trace_blocks = torch.einsum("ksku->su", hess)  # Tr(H_{s,s′}) = Σ_k ∂²L/∂W_ks∂W_ks′
+    expected = float((w.T @ w * trace_blocks).sum())  # Σ_{s,s′} ⟨w_s, w_s′⟩ Tr(H_{s,s′})
+    terms = norms.relative_flatness_terms(net, batches)
+    assert float(terms.mean()) == pytest.approx(expected, rel=1e-10)
+    rescaled = _mlp(6)  # features × 4, last weights ÷ 4: the same function, the same relative flatness
+    with torch.no_grad():
+        rescaled[1].weight.mul_(4.0)
+        rescaled[1].bias.mul_(4.0)
+        rescaled[3].weight.div_(4.0)
+    assert float(norms.relative_flatness_terms(rescaled, batches).mean()) == pytest.approx(expected, rel=1e-10)

@@ -43,7 +43,7 @@ from minima.curvature.pacbayes import SigmaSearch
 from minima.curvature.pacbayes import measures as pacbayes_measures
 from minima.curvature.worstcase import worst_case_sharpness
 from minima.geometry.norms import MEASURES as NORM_MEASURES
-from minima.geometry.norms import NEEDS_INIT, fisher_rao_terms, margin, margins
+from minima.geometry.norms import NEEDS_INIT, fisher_rao_terms, margin, margins, relative_flatness_terms
 from minima.geometry.norms import measures as norm_measures
 
 Job = tuple[str, dict[str, Any]]
@@ -315,10 +315,11 @@ def _norm_values(obj: DatasetObjective, x: torch.Tensor, init_path: str | None, 
         from minima.files import checkpoint as ckpt_io
 
         init = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(init_path)).to(obj.dtype)
-    terms = fisher_rao_terms(obj.model, obj.batches)
-    sums = distributed.all_reduce_sum(torch.tensor([float(terms.sum()), float(len(terms))], dtype=torch.float64))
+    fisher, flat = fisher_rao_terms(obj.model, obj.batches), relative_flatness_terms(obj.model, obj.batches)
+    sums = distributed.all_reduce_sum(torch.tensor([float(fisher.sum()), float(flat.sum()), float(len(fisher))],
+                                                   dtype=torch.float64))
     found = norm_measures(obj.model, tuple(obj.batches[0][0].shape[1:]), values, init, adjust,
-                          fisher_rao_mean=float(sums[0] / sums[1]))
+                          fisher_rao_mean=float(sums[0] / sums[2]), relative_flatness_mean=float(sums[1] / sums[2]))
     found["_margin"], found["_samples"] = margin(values), float(len(values))
     obj._norms_cache = (key, x.clone(), found)
     return found

@@ -25,7 +25,10 @@ Measures (Jiang et al.'s equation numbers): ``params`` (20), ``inverse_margin`` 
 **Fisher–Rao norm** (Liang, Poggio, Rakhlin, Stokes 2019), ``fisher_rao`` = d² · E_x[(⟨softmax f(x), f(x)⟩ −
 f_y(x))²] over the training samples, d the number of weight layers: for a bias-free ReLU network (f homogeneous of
 degree d in θ) it equals E[⟨θ, ∇_θ ℓ⟩²], the norm of θ in the empirical Fisher metric; with biases or BatchNorm it is
-that formula's value, not the norm.
+that formula's value, not the norm. And Petzka et al.'s (2021) **relative flatness** of the feature layer,
+``relative_flatness`` = Σ_{s,s′} ⟨w_s, w_s′⟩ Tr(H_{s,s′}), w_s the last layer's weights out of feature s and H_{s,s′}
+the Hessian of the mean cross-entropy with respect to w_s and w_s′: for a last layer f = Wφ + b it is exactly
+E_x[Σ_k p_k(1 − p_k) · ‖Wφ(x)‖²] (p = softmax f), invariant to scaling the features by c and W by 1/c.
 
 Invariances (tested): when one layer's weights and bias are multiplied by c > 0 and the next layer's weights divided
 by c (a ReLU network computes the same function), the path norm, the margin, the products of spectral or Frobenius
@@ -49,7 +52,8 @@ NEEDS_INIT = ("log_spec_init_main", "fro_dist", "dist_spec_init")
 MEASURES = ("params", "inverse_margin", "log_spec_init_main", "log_spec_orig_main", "log_prod_of_spec_over_margin",
             "log_prod_of_spec", "fro_over_spec", "log_sum_of_spec_over_margin", "log_sum_of_spec",
             "log_prod_of_fro_over_margin", "log_prod_of_fro", "log_sum_of_fro_over_margin", "log_sum_of_fro",
-            "fro_dist", "dist_spec_init", "param_norm", "path_norm_over_margin", "path_norm", "fisher_rao")
+            "fro_dist", "dist_spec_init", "param_norm", "path_norm_over_margin", "path_norm", "fisher_rao",
+            "relative_flatness")
 
 
 def weight_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, torch.Tensor, tuple[int, ...]]]:
@@ -118,6 +122,28 @@ def fisher_rao_terms(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     return torch.cat(out)
 
 
+def relative_flatness_terms(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ_k p_k(1 − p_k) · ‖Wφ(x)‖² of every sample, φ the input of the network's last Linear layer and W its weight
+    (the folded eval-mode network; float64 on the CPU)."""
+    folded = fold_batchnorm(model)
+    last = [m for m in folded.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError("relative flatness needs a last Linear layer (the feature layer's weights)")
+    features: list[torch.Tensor] = []
+    hook = last[-1].register_forward_hook(lambda _m, args, _out: features.append(args[0].detach()))
+    out = []
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                features.clear()
+                p = torch.softmax(folded(x).to(torch.float64), dim=1)
+                wphi = features[-1].to(torch.float64) @ last[-1].weight.detach().to(torch.float64).T
+                out.append(((p * (1 - p)).sum(dim=1) * wphi.pow(2).sum(dim=1)).cpu())
+    finally:
+        hook.remove()
+    return torch.cat(out)
+
+
 def margin(values: torch.Tensor) -> float:
     """γ: the absolute value of the (m // 10)-th smallest margin (at least the first)."""
     k = max(len(values) // 10, 1)
@@ -134,11 +160,12 @@ def path_norm(model: nn.Module, input_shape: Sequence[int]) -> float:
 
 
 def measures(model: nn.Module, input_shape: Sequence[int], margin_values: torch.Tensor,
-             init: nn.Module | None = None, adjust: bool = True, fisher_rao_mean: float | None = None
-             ) -> dict[str, float]:
+             init: nn.Module | None = None, adjust: bool = True, fisher_rao_mean: float | None = None,
+             relative_flatness_mean: float | None = None) -> dict[str, float]:
     """Every measure of :data:`MEASURES` (those of :data:`NEEDS_INIT` only with ``init``, a model of the same
-    architecture at its initial weights; ``fisher_rao`` only with ``fisher_rao_mean``, the mean of
-    :func:`fisher_rao_terms`); ``margin_values`` are the training samples' margins (:func:`margins`)."""
+    architecture at its initial weights; ``fisher_rao`` and ``relative_flatness`` only with the means of
+    :func:`fisher_rao_terms` and :func:`relative_flatness_terms`); ``margin_values`` are the training samples'
+    margins (:func:`margins`)."""
     layers = weight_layers(model, input_shape)
     d, m = len(layers), len(margin_values)
     fro = np.array([float(w.to(torch.float64).pow(2).sum()) for _, w, _ in layers])
@@ -162,6 +189,8 @@ def measures(model: nn.Module, input_shape: Sequence[int], margin_values: torch.
     out["path_norm_over_margin"] = out["path_norm"] / gamma ** 2 if gamma > 0 else math.inf
     if fisher_rao_mean is not None:
         out["fisher_rao"] = d ** 2 * fisher_rao_mean
+    if relative_flatness_mean is not None:
+        out["relative_flatness"] = relative_flatness_mean
     if init is not None:
         first = weight_layers(init, input_shape)
         if [w.shape for _, w, _ in first] != [w.shape for _, w, _ in layers]:
