@@ -350,6 +350,24 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
+def accuracy_verdict(sb: list[float], lb: list[float], test_images: int) -> str:
+    """Whether LB's test accuracy (%) is below SB's, with the standard error of the difference: across seeds when
+    there are several (the seeds' spread), else binomial over the test images (√(p(1 − p)/n) for each); "not
+    distinguishable" when the difference is within 2 standard errors."""
+    sb_mean, lb_mean = float(np.mean(sb)), float(np.mean(lb))
+    if len(sb) > 1:
+        se = float(np.sqrt(np.var(sb, ddof=1) / len(sb) + np.var(lb, ddof=1) / len(lb)))
+        how = f"standard error over {len(sb)} seeds"
+    else:
+        p, q = sb_mean / 100, lb_mean / 100
+        se = 100 * float(np.sqrt(p * (1 - p) / test_images + q * (1 - q) / test_images))
+        how = f"binomial standard error over {test_images} test images, one seed"
+    diff = sb_mean - lb_mean
+    answer = "not distinguishable" if abs(diff) <= 2 * se else "yes" if diff > 0 else "no (LB above SB)"
+    return (f"LB test accuracy below SB: **{answer}** ({lb_mean:.2f} vs {sb_mean:.2f} %, difference {diff:.2f} ± "
+            f"{se:.2f} points, {how})")
+
+
 def summary_markdown(model: str, preset_name: str, p: Declared, rows: list[dict[str, Any]], ds: data_mod.Dataset,
                      compute_s: float, wall_s: float) -> str:
     """The markdown table: our SB/LB numbers (mean ± std over seeds) beside the paper's."""
@@ -404,13 +422,13 @@ def summary_markdown(model: str, preset_name: str, p: Declared, rows: list[dict[
                   f"{ours('precond_final', 'sb', 0)} | {ours('precond_final', 'lb', 0)} | — | — |",
                   f"| its largest value during training / threshold | {ours('precond_max_ratio', 'sb', 3)} | "
                   f"{ours('precond_max_ratio', 'lb', 3)} | — | — |"]
-    sb_test, lb_test = (np.mean([r[f"{k}_test_acc"] for r in rows]) for k in ("sb", "lb"))
     sb_phi, lb_phi = (np.mean([r[f"{k}_phi_full_{eps[0]}"] for r in rows]) for k in ("sb", "lb"))
     lines += [
         "",
-        f"Effect reproduced on this run: LB test accuracy below SB: **{'yes' if lb_test < sb_test else 'no'}** "
-        f"({lb_test:.2f} vs {sb_test:.2f} %); LB sharper on φ(ε={eps[0]}): **{'yes' if lb_phi > sb_phi else 'no'}** "
-        f"({lb_phi:.1f} vs {sb_phi:.1f}).",
+        "Effect on this run: " + accuracy_verdict([r["sb_test_acc"] for r in rows], [r["lb_test_acc"] for r in rows],
+                                                  len(ds.test))
+        + f"; LB sharper on φ(ε={eps[0]}): **{'yes' if lb_phi > sb_phi else 'no'}** ({lb_phi:.1f} vs {sb_phi:.1f}"
+        + (", one seed: no error bar)." if len(rows) == 1 else f", means over {len(rows)} seeds)."),
         "Stopping: " + "; ".join(f"seed {i}: SB {r['sb_stopped']}, LB {r['lb_stopped']}" for i, r in enumerate(rows)),
     ]
     if any("sb_precond_final" in r for r in rows):

@@ -274,3 +274,14 @@ def test_a_nested_preset_is_checked_before_the_first_stage(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert "keskar_preset = 'mini'" in err and "no preset 'mini'" in err, err
     assert not out.exists()
+
+
+def test_the_verdict_says_when_a_difference_is_within_its_standard_error() -> None:
+    # issue 30's example: 44.70 vs 45.25 % on 2,000 test images, one seed: SE ≈ 1.57 points → not distinguishable
+    text = keskar.accuracy_verdict([45.25], [44.70], 2000)
+    se = 100 * ((0.4525 * 0.5475 + 0.4470 * 0.5530) / 2000) ** 0.5
+    assert "**not distinguishable**" in text and f"0.55 ± {se:.2f} points" in text and "2000 test images" in text
+    assert "**yes**" in keskar.accuracy_verdict([55.12], [51.63], 10_000)  # 3.5 points, SE ≈ 0.70
+    seeds = keskar.accuracy_verdict([55.0, 55.4, 54.8], [51.0, 51.9, 51.2], 10_000)  # across seeds: their spread
+    assert "**yes**" in seeds and "standard error over 3 seeds" in seeds
+    assert "**no (LB above SB)**" in keskar.accuracy_verdict([50.0], [55.0], 10_000)
