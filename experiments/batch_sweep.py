@@ -30,7 +30,7 @@ from minima.core.allocator import keep_freed_memory
 from minima.core.config import setting
 from minima.files import results
 from minima.files.rundir import RunDir
-from minima.models import build_model, own_import
+from minima.models import own_import
 from minima.optim.schedule import scaled_lr
 from minima.pipelines.declared import Declared, Section, Spec
 from minima.pipelines.runs import evaluate_run
@@ -210,11 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     data = functools.cache(load)
 
-    def rates() -> Rates:
+    def rates() -> Rates:  # the sweep measures Keskar's φ of every run
         ds = data()
-        net = build_model(t["model"], ds.num_classes, trusted=own_import(t["model"]),
-                          **dict(t.get("model_kwargs") or {}))
-        return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(p.own.batches[0], 256))
+        return Rates.for_network(t["model"], t.get("model_kwargs"), ds.num_classes, ds.image_shape,
+                                 batch=min(p.own.batches[0], 256), keskar=True)
 
     try:
         data()

@@ -40,7 +40,6 @@ from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.files import results
 from minima.geometry.barriers import barriers
-from minima.models import build_model, own_import
 from minima.pipelines.curve import run as run_curve
 from minima.pipelines.declared import Declared, Section, Spec
 from minima.pipelines.stages import Rates, Stage
@@ -282,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pair = p.values("pair")
 
     def rates() -> Rates:
-        net = build_model(pair["model"], 10, trusted=own_import(pair["model"]), **dict(pair.get("model_kwargs") or {}))
-        return Rates.measure(net, (3, 32, 32), batch=min(pair["batch_size"], 256))
+        return Rates.for_network(pair["model"], pair.get("model_kwargs"), 10, (3, 32, 32),
+                                 batch=min(pair["batch_size"], 256))
 
     try:
         stages = pair_stages(p, out) + sb_lb_stages(p, out, kdir)

@@ -208,9 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def rates() -> Rates:
         ds = data()
-        net = build_model(t["model"], ds.num_classes, trusted=own_import(t["model"]),
-                          **dict(t.get("model_kwargs") or {}))
-        return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(len(ds.train), 256))
+        return Rates.for_network(t["model"], t.get("model_kwargs"), ds.num_classes, ds.image_shape,
+                                 batch=min(len(ds.train), 256))
 
     try:
         data()

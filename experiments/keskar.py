@@ -278,8 +278,8 @@ def _grid(text: str) -> tuple[float, float, int]:
 def rates(model: str, p: Declared, data: Callable[[], data_mod.Dataset]) -> Rates:
     """The network's measured seconds per image (the unit of the estimate), at the SB batch size."""
     ds = data()
-    net = build_model(model, ds.num_classes, trusted=own_import(model), **model_kwargs(model, p))
-    return Rates.measure(net, tuple(ds.train.images.shape[1:]), batch=min(p.own.sb_batch, 256))
+    return Rates.for_network(model, model_kwargs(model, p), ds.num_classes, ds.image_shape,
+                             batch=min(p.own.sb_batch, 256), keskar=True)
 
 
 def seed_row(model: str, out: Path) -> dict[str, Any]:

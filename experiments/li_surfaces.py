@@ -38,7 +38,7 @@ from minima.figures import save_curves_figure
 from minima.files import results
 from minima.models import available_models
 from minima.pipelines.declared import Declared, Section, Spec
-from minima.pipelines.stages import Stage
+from minima.pipelines.stages import Rates, Stage
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_curve
 from minima.studies.surface import SurfaceRequest
@@ -160,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = functools.cache(lambda: keskar.load_data(args.model, kp))
     try:
         runner = PIPELINE.execute(stages(li, kp, args.model, kdir, out), out, args,
-                                  lambda: keskar.rates(args.model, kp, data), li.to_dict())
+                                  lambda: Rates.for_network(args.model, keskar.model_kwargs(args.model, kp),
+                                                            data().num_classes, data().image_shape,
+                                                            batch=min(kp.own.sb_batch, 256)), li.to_dict())
     except (ValueError, OSError, data_mod.DataError) as exc:
         print(f"[experiments.li_surfaces] error: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from torch import nn
 from minima.core.cli import duration
 from minima.curvature.measures import keskar_overheads
 from minima.files.rundir import write_text_atomic
+from minima.models import build_model, own_import
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,19 @@ class Rates:
     overheads: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
-    def measure(cls, model: nn.Module, input_shape: Sequence[int], batch: int = 256) -> Rates:
+    def for_network(cls, name: str, kwargs: Mapping[str, Any] | None, num_classes: int, input_shape: Sequence[int],
+                    batch: int = 256, keskar: bool = False) -> Rates:
+        """:meth:`measure` on the network ``name`` built as a run would build it (the import that naming one's own
+        model allows included) for ``num_classes`` and images of ``input_shape``."""
+        net = build_model(name, num_classes, trusted=own_import(name), **dict(kwargs or {}))
+        return cls.measure(net, input_shape, batch, keskar)
+
+    @classmethod
+    def measure(cls, model: nn.Module, input_shape: Sequence[int], batch: int = 256, keskar: bool = False) -> Rates:
         """Timed on a copy of ``model`` with ``batch`` random inputs of ``input_shape`` (the faster of two timed
-        passes after a warm-up: the first pays allocation and kernel selection). The model itself is untouched."""
+        passes after a warm-up: the first pays allocation and kernel selection). The model itself is untouched.
+        ``keskar``: also time Keskar's L-BFGS-B and subspace work on the model's parameter count, for pipelines whose
+        stages measure Keskar's sharpness (the random-subspace probe allocates columns of that length)."""
         work = copy.deepcopy(model)
         x = torch.randn(batch, *input_shape)
         y = torch.zeros(batch, dtype=torch.long)
@@ -75,7 +86,7 @@ class Rates:
             torch.nn.functional.cross_entropy(work(x), y).backward()
 
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return cls(forward=timed(forward), train=timed(train), overheads=keskar_overheads(n))
+        return cls(forward=timed(forward), train=timed(train), overheads=keskar_overheads(n) if keskar else {})
 
     def training(self, epochs: int, train_images: int, test_images: int) -> float:
         """Seconds of ``epochs`` over ``train_images`` with a test evaluation after each (an upper bound when the
