@@ -15,7 +15,7 @@ at the checkpoint's parameters ``x`` (float64 vector) with f(x) = ``f0``, and re
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,7 +43,7 @@ from minima.curvature.pacbayes import SigmaSearch
 from minima.curvature.pacbayes import measures as pacbayes_measures
 from minima.curvature.worstcase import worst_case_sharpness
 from minima.geometry.norms import MEASURES as NORM_MEASURES
-from minima.geometry.norms import NEEDS_INIT, fisher_rao_terms, margin, margins, relative_flatness_terms
+from minima.geometry.norms import NEEDS_INIT, logit_terms, margin, relative_flatness_terms
 from minima.geometry.norms import measures as norm_measures
 
 Job = tuple[str, dict[str, Any]]
@@ -302,43 +302,64 @@ register(Metric(
 
 
 # ------------------------------------------------------------------------- norm and margin measures
-def _norm_values(obj: DatasetObjective, x: torch.Tensor, init_path: str | None, adjust: bool) -> dict[str, float]:
-    """Every measure of :mod:`minima.geometry.norms` at ``x``, computed once per objective, point and settings (the
-    jobs of one request share it: one pass over the data for the margins)."""
-    key = (init_path, adjust)
-    cached = getattr(obj, "_norms_cache", None)
-    if cached is not None and cached[0] == key and torch.equal(cached[1], x):
-        return cached[2]
-    values = distributed.all_gather_cat(margins(obj.model, obj.batches))
-    init = None
-    if init_path:
-        from minima.files import checkpoint as ckpt_io
+def _chosen_measures(p: Mapping[str, Any], names_param: str, init_param: str, every: Sequence[str],
+                     needs_init: Sequence[str]) -> list[str]:
+    """The measures a request of a family of measures names (``names_param``; default every one its initial weights
+    allow), refused in one line when one is unknown or needs the initial weights (``init_param``) it lacks."""
+    flag, init_flag = (f"--{name.replace('_', '-')}" for name in (names_param, init_param))
+    names = list(p[names_param]) or [n for n in every if p[init_param] or n not in needs_init]
+    unknown = sorted(set(names) - set(every))
+    if unknown:
+        raise ValueError(f"{flag}: unknown {unknown}; choose from {list(every)}")
+    if not p[init_param] and set(names) & set(needs_init):
+        raise ValueError(f"{flag} {sorted(set(names) & set(needs_init))} need the initial weights: {init_flag} "
+                         "RUN/init.pt (the zoo sets it to each run's own)")
+    return names
 
-        init = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(init_path)).to(obj.dtype)
-    fisher, flat = fisher_rao_terms(obj.model, obj.batches), relative_flatness_terms(obj.model, obj.batches)
+
+def _init_model(path: str | None, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The network of the initial weights' checkpoint ``path`` (None without one)."""
+    if not path:
+        return None
+    from minima.files import checkpoint as ckpt_io
+
+    return ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(path)).to(dtype)
+
+
+def _once_per_point(obj: DatasetObjective, x: torch.Tensor, key: Any, compute: Callable[[], dict[str, float]]
+                    ) -> dict[str, float]:
+    """``compute()`` once per objective, point ``x`` and ``key`` (the settings): the jobs of one request of a family of
+    measures share one computation of them all, and read their own entry."""
+    cached = getattr(obj, "_measures_cache", None)
+    if cached is None or cached[0] != key or not torch.equal(cached[1], x):
+        obj._measures_cache = (key, x.clone(), compute())
+    return obj._measures_cache[2]
+
+
+def _norm_values(obj: DatasetObjective, init_path: str | None, adjust: bool) -> dict[str, float]:
+    """Every measure of :mod:`minima.geometry.norms` at the objective's point: one pass over the data for the margins
+    and the Fisher–Rao terms, one for the relative flatness."""
+    values, fisher = logit_terms(obj.model, obj.batches)
+    values = distributed.all_gather_cat(values)
+    flat = relative_flatness_terms(obj.model, obj.batches)
     sums = distributed.all_reduce_sum(torch.tensor([float(fisher.sum()), float(flat.sum()), float(len(fisher))],
                                                    dtype=torch.float64))
-    found = norm_measures(obj.model, tuple(obj.batches[0][0].shape[1:]), values, init, adjust,
-                          fisher_rao_mean=float(sums[0] / sums[2]), relative_flatness_mean=float(sums[1] / sums[2]))
+    found = norm_measures(obj.model, tuple(obj.batches[0][0].shape[1:]), values, _init_model(init_path, obj.dtype),
+                          adjust, fisher_rao_mean=float(sums[0] / sums[2]),
+                          relative_flatness_mean=float(sums[1] / sums[2]))
     found["_margin"], found["_samples"] = margin(values), float(len(values))
-    obj._norms_cache = (key, x.clone(), found)
     return found
 
 
 def _norm_jobs(p: Mapping[str, Any]) -> list[Job]:
-    names = list(p["norm_measures"]) or [n for n in NORM_MEASURES if p["norms_init"] or n not in NEEDS_INIT]
-    unknown = sorted(set(names) - set(NORM_MEASURES))
-    if unknown:
-        raise ValueError(f"--norm-measures: unknown {unknown}; choose from {list(NORM_MEASURES)}")
-    if not p["norms_init"] and set(names) & set(NEEDS_INIT):
-        raise ValueError(f"--norm-measures {sorted(set(names) & set(NEEDS_INIT))} need the initial weights: "
-                         "--norms-init RUN/init.pt (the zoo sets it to each run's own)")
+    names = _chosen_measures(p, "norm_measures", "norms_init", NORM_MEASURES, NEEDS_INIT)
     return [(f"norm_{n}", {"measure": n, "init": p["norms_init"] or "", "adjust": p["norms_adjust"]}) for n in names]
 
 
 def _norms(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()  # the first job of a request computes them all; the others read them
-    found = _norm_values(obj, x, job["init"] or None, job["adjust"])
+    found = _once_per_point(obj, x, ("norms", job["init"] or None, job["adjust"]),
+                            lambda: _norm_values(obj, job["init"] or None, job["adjust"]))
     return {"value": found[job["measure"]], "margin": found["_margin"], "samples": int(found["_samples"]),
             "seconds": time.perf_counter() - t0}
 
@@ -424,14 +445,7 @@ def _worst_jobs(p: Mapping[str, Any]) -> list[Job]:
 
 
 def _pacbayes_jobs(p: Mapping[str, Any]) -> list[Job]:
-    names = list(p["pacbayes_measures"]) or [n for n in PACBAYES_MEASURES if p["pacbayes_init"]
-                                              or n not in PACBAYES_NEEDS_INIT]
-    unknown = sorted(set(names) - set(PACBAYES_MEASURES))
-    if unknown:
-        raise ValueError(f"--pacbayes-measures: unknown {unknown}; choose from {list(PACBAYES_MEASURES)}")
-    if not p["pacbayes_init"] and set(names) & set(PACBAYES_NEEDS_INIT):
-        raise ValueError(f"--pacbayes-measures {sorted(set(names) & set(PACBAYES_NEEDS_INIT))} need the initial "
-                         "weights: --pacbayes-init RUN/init.pt (the zoo sets it to each run's own)")
+    names = _chosen_measures(p, "pacbayes_measures", "pacbayes_init", PACBAYES_MEASURES, PACBAYES_NEEDS_INIT)
     if p["pacbayes_draws"] < 1 or p["pacbayes_depth"] < 1 or not 0 < p["pacbayes_drop"] < 1:
         raise ValueError("--pacbayes-draws and --pacbayes-depth must be ≥ 1 and --pacbayes-drop in (0, 1)")
     check_choice("--pacbayes-convention", p["pacbayes_convention"], PacBayesConvention)
@@ -444,18 +458,9 @@ def _pacbayes(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[st
               ) -> dict[str, Any]:
     t0 = time.perf_counter()
     settings = {k: job[k] for k in ("init", "draws", "depth", "drop", "convention", "adjust")}
-    key = (tuple(sorted(settings.items())), seed)
-    cached = getattr(obj, "_pacbayes_cache", None)
-    if cached is None or cached[0] != key or not torch.equal(cached[1], x):
-        init = None
-        if job["init"]:
-            from minima.files import checkpoint as ckpt_io
-
-            init = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(job["init"])).to(obj.dtype)
-        search = SigmaSearch(depth=job["depth"], draws=job["draws"], drop=job["drop"], convention=job["convention"])
-        found = pacbayes_measures(obj.model, obj.batches, obj.count, seed, init, search, job["adjust"])
-        obj._pacbayes_cache = (key, x.clone(), found)
-    found = obj._pacbayes_cache[2]
+    search = SigmaSearch(depth=job["depth"], draws=job["draws"], drop=job["drop"], convention=job["convention"])
+    found = _once_per_point(obj, x, ("pacbayes", tuple(sorted(settings.items())), seed), lambda: pacbayes_measures(
+        obj.model, obj.batches, obj.count, seed, _init_model(job["init"], obj.dtype), search, job["adjust"]))
     return {"value": found[job["measure"]], "sigma": found["sigma"], "sigma_mag": found["sigma_mag"],
             "accuracy": found["accuracy"], "seconds": time.perf_counter() - t0}
 

@@ -89,37 +89,34 @@ def spectral_norm(weight: torch.Tensor, spatial: Sequence[int] = ()) -> float:
     return float(np.linalg.svd(transforms, compute_uv=False).max())
 
 
-def margins(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Correct logit − largest other logit of every sample (eval mode; float64 on the CPU)."""
+def logit_terms(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """In one pass over ``batches`` (eval mode; float64 on the CPU), every sample's margin — correct logit − largest
+    other logit — and its Fisher–Rao term (⟨softmax f(x), f(x)⟩ − f_y(x))²."""
     was = model.training
     model.eval()
-    out = []
+    margin_parts, fisher_parts = [], []
     try:
         with torch.no_grad():
             for x, y in batches:
                 logits = model(x).to(torch.float64)
                 correct = logits.gather(1, y.view(-1, 1)).squeeze(1)
                 others = logits.scatter(1, y.view(-1, 1), float("-inf")).max(dim=1).values
-                out.append((correct - others).cpu())
+                margin_parts.append((correct - others).cpu())
+                fisher_parts.append(((torch.softmax(logits, dim=1) * logits).sum(dim=1) - correct).pow(2).cpu())
     finally:
         model.train(was)
-    return torch.cat(out)
+    return torch.cat(margin_parts), torch.cat(fisher_parts)
+
+
+def margins(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Correct logit − largest other logit of every sample (:func:`logit_terms`)."""
+    return logit_terms(model, batches)[0]
 
 
 def fisher_rao_terms(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """(⟨softmax f(x), f(x)⟩ − f_y(x))² of every sample (eval mode; float64 on the CPU)."""
-    was = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for x, y in batches:
-                logits = model(x).to(torch.float64)
-                inner = (torch.softmax(logits, dim=1) * logits).sum(dim=1) - logits.gather(1, y.view(-1, 1)).squeeze(1)
-                out.append(inner.pow(2).cpu())
-    finally:
-        model.train(was)
-    return torch.cat(out)
+    """(⟨softmax f(x), f(x)⟩ − f_y(x))² of every sample (:func:`logit_terms`)."""
+    return logit_terms(model, batches)[1]
 
 
 def relative_flatness_terms(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
