@@ -35,7 +35,7 @@ from minima.optim.schedule import scaled_lr
 from minima.pipelines.declared import Declared, Section, Spec
 from minima.pipelines.runs import evaluate_run
 from minima.pipelines.stages import Rates, Stage
-from minima.studies.sharpness import measure, measure_request_type, result_jobs
+from minima.studies.sharpness import measure, measure_request_type, recorded, result_jobs
 from minima.studies.train import NonFiniteLossError, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +102,6 @@ def run_stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> 
             ds = data()
             return r.training(t["epochs"], len(ds.train), len(ds.test))
 
-        def measured(q: Any = sharp) -> bool:
-            return q.out.exists() and {n for _, n, _ in result_jobs(q)} <= {
-                r["metric"] for r in results.load_sharpness(q.out)}
-
         def sharp_estimate(r: Rates, q: Any = sharp) -> float:
             n = q.train_subset or len(data().train)
             return sum(r.measurement(m.cost(job), n) for m, _, job in result_jobs(q) if m.cost is not None)
@@ -116,7 +112,7 @@ def run_stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> 
             Stage(f"{name}/evaluate", name, lambda d=d: (d / "evaluation.json").exists() or _diverged(d),
                   lambda d=d: evaluate_run(d, own_import(t["model"]), t.get("eval_batch_size", 1000)),
                   lambda r: r.grid(1, len(data().train) + len(data().test)), (f"{name}/train",)),
-            Stage(f"{name}/sharpness", name, lambda d=d, q=sharp: _diverged(d) or measured(q),
+            Stage(f"{name}/sharpness", name, lambda d=d, q=sharp: _diverged(d) or recorded(q),
                   lambda q=sharp: measure(q), sharp_estimate, (f"{name}/train",)),
         ]
     return stages

@@ -42,9 +42,7 @@ from minima import data as data_mod
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.curvature.probes import PRECONDITIONED
-from minima.files import checkpoint as ckpt_io
 from minima.files import results, timeline
-from minima.files.naming import unique_labels
 from minima.files.rundir import RunDir
 from minima.models import available_models, build_model, default_data, own_import
 from minima.pipelines.declared import Declared, Section, Spec
@@ -52,7 +50,7 @@ from minima.pipelines.runs import evaluate_run
 from minima.pipelines.stages import Rates, Stage
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_interpolation
-from minima.studies.sharpness import block_jobs, measure, measure_request_type, result_jobs
+from minima.studies.sharpness import block_jobs, measure, measure_request_type, recorded, result_jobs
 from minima.studies.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,17 +148,6 @@ def train_config(model: str, p: Declared, regime: str, seed: int, out: Path, tra
                      # training
                      probe=(f"{PRECONDITIONED}:{p.own.probe_every}epochs",) if p.own.probe_every else (),
                      probe_subset=min(t.get("probe_subset", 1000), train_images))
-
-
-def _sharpness_complete(path: Path, req: Any) -> bool:
-    """Whether every result of ``req`` is in ``path`` (reads only)."""
-    if not path.exists() or not all(Path(c).exists() for c in req.checkpoints):
-        return False
-    have = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(path)}
-    model = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(req.checkpoints[0]), req.trust_import)
-    want = {(label, name) for label in unique_labels(req.checkpoints)
-            for _, name, _ in block_jobs(result_jobs(req), model, req.blocks, req.curvature)}
-    return want <= have
 
 
 def _small_batch(values: Any) -> int:
@@ -261,9 +248,9 @@ def seed_stages(model: str, p: Declared, seed: int, out: Path, data: Callable[[]
         *trained,
         Stage(f"{group}/interpolate", group, lambda: curve_path.exists() and results.load_curve(curve_path).complete,
               interpolate, line_estimate, needs),
-        Stage(f"{group}/sharpness", group, lambda: _sharpness_complete(sharp_path, sharp), lambda: measure(sharp),
+        Stage(f"{group}/sharpness", group, lambda: recorded(sharp), lambda: measure(sharp),
               measure_estimate([sharp]), needs),
-        Stage(f"{group}/curvature", group, lambda: all(_sharpness_complete(curv_path, r) for r in curvature),
+        Stage(f"{group}/curvature", group, lambda: all(recorded(r) for r in curvature),
               lambda: [measure(r) for r in curvature], measure_estimate(curvature), needs),
         Stage(f"{group}/evaluate", group, lambda: all((out / r / "evaluation.json").exists() for r in REGIMES),
               evaluate_both, evaluate_estimate, needs),

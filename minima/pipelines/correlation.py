@@ -30,6 +30,7 @@ column. Rows that are not complete (status), not finite, or above a training-los
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -259,7 +260,7 @@ def _bootstrap(nets: Networks, measure: np.ndarray, draws: int, seed: int) -> di
         taus.append(kendall_tau(measure[rows], nets.gap[rows]))
         # a seed drawn twice is two seeds: its copies never share a Ψ cell
         labels = [str(d) for d, idx in enumerate(drawn) for _ in idx]
-        resampled = Networks({h: [v[i] for i in rows] for h, v in nets.hparams.items()}, nets.gap[rows], {}, labels)
+        resampled = dataclasses.replace(nets.take(rows), seeds=labels)
         psis.append(granulated(resampled, measure[rows])[0])
 
     def interval(values: list[float]) -> tuple[float, float]:

@@ -196,6 +196,19 @@ def block_jobs(jobs: list[tuple[Metric, str, dict[str, Any]]], model: nn.Module,
     return out
 
 
+def recorded(req: MeasureOptions) -> bool:
+    """Whether every result ``req`` asks for (every checkpoint's label × every result name, per block when blocks are
+    asked for) is already in its output file: reads only, so a pipeline can ask it of a stage before running it."""
+    out = _output(req)
+    if not out.exists() or not all(Path(c).exists() for c in req.checkpoints):
+        return False
+    have = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(out)}
+    model = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(req.checkpoints[0]), req.trust_import)
+    want = {(label, name) for label in unique_labels(req.checkpoints)
+            for _, name, _ in block_jobs(result_jobs(req), model, req.blocks, req.curvature)}
+    return want <= have
+
+
 def _load(path: Path, req: MeasureOptions) -> tuple[dict[str, Any], nn.Module]:
     ckpt = ckpt_io.load_checkpoint(path)
     return ckpt, ckpt_io.model_from_checkpoint(ckpt, req.trust_import)
