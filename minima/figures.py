@@ -336,7 +336,8 @@ def save_density_figure(densities: list[dict], path: str | Path, dpi: int = 130)
 def plot_probes(line: dict, metrics: list[dict], title: str = "") -> Figure:
     """A training run's probe timeline (:func:`minima.files.timeline.load`): one panel per probe against the
     optimiser step with its stability threshold dashed (2/η, 2(1+β)/η or Adam's (2 + 2β₁)/((1 − β₁)η), where one
-    applies), and the training loss per epoch (``metrics.jsonl`` rows) beneath on a log scale."""
+    applies; a SAM run's edge λ_SAM dotted), and the training loss per epoch (``metrics.jsonl`` rows) beneath on a
+    log scale."""
     probes = [name for name in line if not name.startswith("_")]
     fig = Figure(figsize=(7.5, 2.6 * (len(probes) + 1)), layout="constrained")
     axes = fig.subplots(len(probes) + 1, 1, sharex=True, squeeze=False)[:, 0]
@@ -370,6 +371,9 @@ def plot_probe_runs(lines: dict[str, dict], probe: str, ax: Axes, x: str = "step
             # dashes offset per run: thresholds that coincide show both colours in turn
             ax.plot(rows[x], threshold, color=f"C{k}", lw=1.2, ls=(5 * k, (5, 5 * (len(lines) - 1) or 5)),
                     label=f"{label}: stability threshold")
+        edge = np.asarray(rows.get("sam_threshold", []), dtype=float)
+        if edge.size and np.isfinite(edge).any():  # a SAM run: its own edge, below the base optimiser's
+            ax.plot(rows[x], edge, color=f"C{k}", lw=1.2, ls=":", label=f"{label}: SAM's edge λ_SAM")
         positive &= bool(np.all(value[np.isfinite(value)] > 0))
     if positive:
         ax.set_yscale("log")

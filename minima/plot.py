@@ -110,8 +110,11 @@ def _probes(run_dir: Path, out: Path | None) -> Path:
     line = timeline.load(path)
     metrics = RunDir(run_dir).metrics()
     attrs = line["_attrs"]
+    optimizer = attrs.get("optimizer", "?")
+    if "sam_rho" in attrs:
+        optimizer = f"SAM ρ = {float(attrs['sam_rho']):g} around {optimizer}"
     title = (f"{run_dir.name}: probes on {json.loads(attrs.get('subset', '{}')).get('n', '?')} training images, "
-             f"BatchNorm {attrs.get('bn_mode', '?')}, loss {attrs.get('loss', '?')}, {attrs.get('optimizer', '?')}")
+             f"BatchNorm {attrs.get('bn_mode', '?')}, loss {attrs.get('loss', '?')}, {optimizer}")
     out = save_probes_figure(line, metrics, out or run_dir / "probes.png", title)
     print(f"wrote {out}")
     return out

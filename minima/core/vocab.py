@@ -19,8 +19,9 @@
 * :data:`Norm`, :data:`Ignore` — normalisation of random directions (per filter, per layer, none) and what they
   do on 1-D parameters (zero on BatchNorm and biases, or no exception).
 * :data:`EigenMethod` — ``lanczos`` (torch, full reorthogonalisation) or ``arpack`` (scipy ``eigsh``).
-* :data:`ScalingRule`, :data:`ScheduleKind`, :data:`Optimizer`, :data:`Amp` — training: LR scaling with the
-  batch, LR schedule, optimiser, bfloat16 autocast.
+* :data:`ScalingRule`, :data:`ScheduleKind`, :data:`Optimizer`, :data:`SamBase`, :data:`Amp` — training: LR scaling
+  with the batch, LR schedule, optimiser (``sam``/``asam``: sharpness-aware steps around a :data:`SamBase`
+  optimiser), bfloat16 autocast.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ Ignore = Literal["bn-and-bias", "none"]
 EigenMethod = Literal["lanczos", "arpack"]
 ScalingRule = Literal["linear", "sqrt", "none"]
 ScheduleKind = Literal["constant", "step", "cosine"]
-Optimizer = Literal["adam", "sgd"]
+Optimizer = Literal["adam", "sgd", "sam", "asam"]
+SamBase = Literal["sgd", "adam"]  # the optimiser SAM and ASAM step with after their perturbation
 Amp = Literal["none", "bf16"]
 AlignMethod = Literal["weights", "activations"]
 CurveKind = Literal["bezier", "polychain"]

@@ -10,7 +10,9 @@ computes its shard in lockstep. A probe's seed is the step it runs at, so an int
 exactly what the uninterrupted one did.
 
 Stability thresholds (what λ_max is compared with): 2/η for gradient descent, 2(1 + β)/η with heavy-ball momentum β,
-(2 + 2β₁)/((1 − β₁)η) for Adam's preconditioned sharpness.
+(2 + 2β₁)/((1 − β₁)η) for Adam's preconditioned sharpness; under SAM also its own edge λ_SAM, which needs the
+full-batch gradient norm on the probe subset (:class:`Prober` with ``grad_norm=True`` measures it once per probe step,
+beside every probe's result).
 """
 
 from __future__ import annotations
@@ -143,8 +145,8 @@ class Prober:
     from the very numbers the uninterrupted one did); same tolerance, fewer Hessian-vector products."""
 
     def __init__(self, objective: DatasetObjective, probes: list[ProbeSpec], topk: int = 1,
-                 warm_start: bool = False) -> None:
-        self.obj, self.probes, self.topk = objective, probes, topk
+                 warm_start: bool = False, grad_norm: bool = False) -> None:
+        self.obj, self.probes, self.topk, self.grad_norm = objective, probes, topk, grad_norm
         self.warm: dict[str, torch.Tensor] | None = {} if warm_start else None
 
     def _keep(self, name: str, vector: Any) -> None:
@@ -157,7 +159,7 @@ class Prober:
     def run(self, model: nn.Module, probes: list[ProbeSpec], step: int,
             optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
         """Each probe's result at the live ``model``'s weights and buffers (BatchNorm's running statistics, which
-        ``eval`` mode uses): ``{name: {"value", "seconds", ["eigenvalues"]}}``."""
+        ``eval`` mode uses): ``{name: {"value", "seconds", ["eigenvalues"], ["grad_norm"]}}``."""
         live = [p for p in model.parameters() if p.requires_grad]
         buffers = dict(model.named_buffers())
         with torch.no_grad():
@@ -166,7 +168,11 @@ class Prober:
         x = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in live])
         x = x.to(self.obj.vector_device)
         self.obj.set_flat(x)
-        f0 = self.obj.value(x)
+        if self.grad_norm:  # ‖∇L‖ of the full probe subset, once for every probe of this step
+            f0, grad = self.obj.value_and_grad(x)
+            norm = float(torch.linalg.vector_norm(grad))
+        else:
+            f0 = self.obj.value(x)
         out = {}
         for probe in probes:
             t0 = time.perf_counter()
@@ -190,6 +196,8 @@ class Prober:
                 if "top_vector" in values:
                     self._keep(probe.name, values["top_vector"])
             result["seconds"] = time.perf_counter() - t0
+            if self.grad_norm:
+                result["grad_norm"] = norm
             out[probe.name] = result
         return out
 

@@ -3,12 +3,14 @@
 One group per probe (its name, e.g. ``hessian`` or ``preconditioned``) with one row per time it ran: datasets
 ``step`` (optimiser steps taken when it ran), ``epoch``, ``lr``, ``value`` (the headline number), ``threshold`` (the
 stability threshold of the optimiser at that learning rate: 2/η, 2(1+β)/η, (2 + 2β₁)/((1 − β₁)η); NaN where none
-applies), ``seconds``, ``hvps`` (Hessian-vector products, for eigenvalue probes), and ``eigenvalues`` (rows of the
-top-k, for eigenvalue probes). Root attributes describe the probes (image subset, BatchNorm mode, loss, optimiser)
-and ``probes``: a JSON list of every probe the run has had — its name, period (``every`` steps; ``every_epochs``
-when asked for in epochs), ``added_at_step`` (0, or the step of the resume that added it) and, when a resume changed
-or dropped it, ``changed_at_step`` / ``dropped_at_step``. A resumed run first truncates every group to the rows at
-or before the step it resumes from, so an interrupted and an uninterrupted run write the same timeline.
+applies), ``sam_threshold`` and ``grad_norm`` (a SAM run only: SAM's edge λ_SAM from the full-batch gradient norm on
+the probe subset, :func:`minima.optim.sam.sam_edge`), ``seconds``, ``hvps`` (Hessian-vector products, for eigenvalue
+probes), and ``eigenvalues`` (rows of the top-k, for eigenvalue probes). Root attributes describe the probes (image
+subset, BatchNorm mode, loss, optimiser) and ``probes``: a JSON list of every probe the run has had — its name,
+period (``every`` steps; ``every_epochs`` when asked for in epochs), ``added_at_step`` (0, or the step of the resume
+that added it) and, when a resume changed or dropped it, ``changed_at_step`` / ``dropped_at_step``. A resumed run
+first truncates every group to the rows at or before the step it resumes from, so an interrupted and an
+uninterrupted run write the same timeline.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from minima import __version__, utc_now
 
 FORMAT = "minima.probes/1"
-SCALARS = ("step", "epoch", "lr", "value", "threshold", "seconds", "hvps")
+SCALARS = ("step", "epoch", "lr", "value", "threshold", "sam_threshold", "grad_norm", "seconds", "hvps")
 
 
 def create(path: str | os.PathLike[str], attrs: dict[str, Any]) -> None:

@@ -15,6 +15,11 @@ reference batch (η < η_ref) the warmup is flat at η.
 multiplies the buffer at every step instead of being folded into it. Goyal et al. write the update as
 ``v ← μ·v + lr·g; θ ← θ − v`` and need a *momentum correction* (scale ``v`` by ``lr_{t+1}/lr_t``) whenever the
 LR changes; PyTorch's form is already equivalent to the corrected update, so no correction is applied.
+
+**Stochastic weight averaging** (Izmailov et al. 2018) replaces the schedule from its first step ``swa_start`` on:
+with η₀ the schedule's LR at step ``swa_start − 1`` and e the SWA epochs completed, ``lr = α·swa_lr + (1 − α)·η₀``
+with α = (1 − cos(π·min(1, e/A)))/2 over ``A = swa_anneal_epochs`` ≥ 1, and ``swa_lr`` at once for A = 0 — the values
+``torch.optim.swa_utils.SWALR`` (cosine annealing, stepped once per epoch) gives, as a function of the step.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class LRSchedule:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     final_lr: float = 0.0
+    swa_start: int | None = None  # the first step at SWA's learning rate (None: no SWA)
+    swa_lr: float = 0.0
+    swa_anneal_epochs: int = 0
+    steps_per_epoch: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
@@ -66,6 +75,17 @@ class LRSchedule:
 
 def learning_rate(step: int, s: LRSchedule) -> float:
     """The LR used for optimiser step ``step`` (0-based)."""
+    if s.swa_start is not None and step >= s.swa_start:
+        if s.swa_anneal_epochs == 0:
+            return s.swa_lr
+        before = _base_rate(max(s.swa_start - 1, 0), s)
+        t = min(1.0, (step - s.swa_start) // s.steps_per_epoch / s.swa_anneal_epochs)
+        alpha = (1.0 - math.cos(math.pi * t)) / 2
+        return s.swa_lr * alpha + before * (1 - alpha)
+    return _base_rate(step, s)
+
+
+def _base_rate(step: int, s: LRSchedule) -> float:
     if step < s.warmup_steps:
         return s.start_lr + (s.peak_lr - s.start_lr) * step / s.warmup_steps
     if s.kind == "constant":
@@ -81,8 +101,9 @@ def learning_rate(step: int, s: LRSchedule) -> float:
 def build_schedule(
     *, ref_lr: float, ref_batch: int, global_batch: int, scaling: str, warmup_epochs: float,
     kind: str, milestones_epochs: tuple[float, ...], gamma: float, epochs: int, steps_per_epoch: int,
+    swa_start_epoch: int | None = None, swa_lr: float = 0.0, swa_anneal_epochs: int = 0,
 ) -> LRSchedule:
-    """An :class:`LRSchedule` from epoch-based settings (warmup and milestones given in epochs)."""
+    """An :class:`LRSchedule` from epoch-based settings (warmup, milestones and the start of SWA given in epochs)."""
     peak = scaled_lr(ref_lr, ref_batch, global_batch, scaling)
     return LRSchedule(
         peak_lr=peak,
@@ -94,4 +115,8 @@ def build_schedule(
         kind=kind,
         milestones=tuple(round(m * steps_per_epoch) for m in milestones_epochs),
         gamma=gamma,
+        swa_start=None if swa_start_epoch is None else swa_start_epoch * steps_per_epoch,
+        swa_lr=swa_lr,
+        swa_anneal_epochs=swa_anneal_epochs,
+        steps_per_epoch=steps_per_epoch,
     )

@@ -32,6 +32,7 @@ from minima.curvature.probes import PRECONDITIONED, WARM_STARTABLE, Prober, pars
 from minima.files import timeline
 from minima.files.sinks import TrackingSink, probe_values
 from minima.geometry.evaluate import Batching
+from minima.optim.sam import sam_edge
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,17 @@ class ProbeSettings:
     momentum: float
     betas: tuple[float, ...]
     eval_batch_size: int
+    sam_rho: float | None = None  # SAM's radius: the probes also record SAM's edge λ_SAM (not for ASAM: no such form)
 
     def recorded(self) -> dict[str, Any]:
         """What every row of the timeline was measured with (a resume may not change it)."""
-        return {"subset": {"n": self.images, "seed": self.subset_seed}, "bn_mode": self.bn_mode, "topk": self.topk,
-                "loss": self.loss, "optimizer": self.optimizer}
+        out = {"subset": {"n": self.images, "seed": self.subset_seed}, "bn_mode": self.bn_mode, "topk": self.topk,
+               "loss": self.loss, "optimizer": self.optimizer}
+        return {**out, "sam_rho": self.sam_rho} if self.sam_rho is not None else out
 
 
 FLAGS = {"subset": "--probe-subset/--subset-seed", "bn_mode": "--probe-bn-mode", "topk": "--probe-topk",
-         "loss": "--loss", "optimizer": "--optimizer"}
+         "loss": "--loss", "optimizer": "--optimizer/--sam-base", "sam_rho": "--sam-rho"}
 
 
 class ProbeCallback:
@@ -79,7 +82,7 @@ class ProbeCallback:
         obj = DatasetObjective(model, batches, bn=s.bn_mode, loss=s.loss,
                                hvp_cache_bytes=memory_budget(env.device) // 4)
         self.prober = Prober(obj, parse_probes(s.probes, s.every, s.optimizer, steps_per_epoch), s.topk,
-                             warm_start=s.warm_start)
+                             warm_start=s.warm_start, grad_norm=s.sam_rho is not None)
         self.probed_at: dict[str, int] = {}  # probe → the last step it ran at
         self.seconds = 0.0  # probe time since it was last taken (kept out of images/s)
         self.said: dict[str, str] = {}  # rank 0: each probe's latest value against its threshold, until printed
@@ -145,13 +148,18 @@ class ProbeCallback:
         for name, result in found.items():
             threshold = stability_threshold(s.optimizer, lr, s.momentum, tuple(s.betas),
                                             preconditioned=name == PRECONDITIONED)
+            edge = {}
+            if s.sam_rho is not None and name != PRECONDITIONED:
+                edge = {"sam_threshold": sam_edge(threshold, s.sam_rho, result["grad_norm"])}
             timeline.append(self.path, name, {"step": step, "epoch": epoch, "lr": lr, "threshold": threshold,
-                                              **result})
+                                              **edge, **result})
             value = result["value"]
             for sink in self.sinks:
                 sink.log(probe_values(name, value, threshold), step)
             self.said[name] = f"{name} {value:.4g}" + (
                 f" ({value / threshold:.2f}× its threshold {threshold:.4g})" if math.isfinite(threshold) else "")
+            if edge and math.isfinite(edge["sam_threshold"]):
+                self.said[name] += f", {value / edge['sam_threshold']:.2f}× SAM's edge {edge['sam_threshold']:.4g}"
 
     def take_seconds(self) -> float:
         """Probe seconds since the last call (the epoch's, kept out of images/s)."""

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 
 from minima import data as data_mod
@@ -41,7 +42,18 @@ from minima.core.config import setting
 from minima.core.options import DataOptions
 from minima.core.precision import Float32Math, float32_math
 from minima.core.precision import effective as precision_effective
-from minima.core.vocab import Amp, BNMode, DataOnDevice, DeviceName, FullBatch, Loss, Optimizer, Sink, check_choice
+from minima.core.vocab import (
+    Amp,
+    BNMode,
+    DataOnDevice,
+    DeviceName,
+    FullBatch,
+    Loss,
+    Optimizer,
+    SamBase,
+    Sink,
+    check_choice,
+)
 from minima.curvature.probes import parse_probes
 from minima.files import checkpoint as ckpt_io
 from minima.files.checkpoint import RESUMABLE_CHANGES
@@ -66,6 +78,7 @@ from minima.models import (
     own_import,
     resolve_model,
 )
+from minima.optim import sam as sam_mod
 from minima.optim.schedule import LRSchedule, ScalingRule, ScheduleKind, build_schedule, learning_rate
 from minima.optim.steps import TrainingInterrupted, stop_on_signals
 from minima.studies.loop import NonFiniteLossError, Plan, TrainState, epoch_batches, plan_batches, run_epoch
@@ -94,7 +107,8 @@ class TrainConfig(DataOptions):
                                                 "step, accumulated over --micro-batch chunks)", unit="samples")
     micro_batch: int | None = setting(None, "largest per-rank forward batch; gradients are accumulated above it",
                                       unit="samples", default_text="the per-rank batch")
-    optimizer: Optimizer = setting("adam", "optimiser")
+    optimizer: Optimizer = setting("adam", "optimiser: adam, sgd, or sharpness-aware minimisation around --sam-base: "
+                                   "sam (Foret et al.) or asam (Kwon et al.'s scale-invariant SAM)")
     loss: Loss = setting("cross_entropy", "training loss: cross_entropy, or mse = ½ Σ_k (f_k − onehot_k)² per sample "
                          "(Cohen et al.'s square loss); recorded in every checkpoint, and every analysis of the "
                          "checkpoints (curves, surfaces, sharpness, curvature) uses it")
@@ -112,6 +126,23 @@ class TrainConfig(DataOptions):
     decay_bn_bias: bool = setting(False, "also apply weight decay to BatchNorm and bias parameters (Goyal: no)")
     adam_betas: tuple[float, ...] = setting((0.9, 0.999), "Adam betas")
     adam_eps: float = setting(1e-8, "Adam epsilon")
+    sam_rho: float | None = setting(None, "SAM/ASAM neighbourhood radius ρ. sam: the weights are perturbed by "
+                                    "ε = ρ·g/‖g‖ before the gradient is taken, a step of length ρ in parameter "
+                                    "units; asam: by ε = ρ·T²g/‖Tg‖ with T = |w| + --asam-eta, a step of length ρ "
+                                    "measured relative to each weight's magnitude (‖T⁻¹ε‖ = ρ)",
+                                    default_text="0.05 for sam, 2.0 for asam (davda54/sam's recommendations)")
+    sam_base: SamBase = setting("sgd", "the optimiser SAM/ASAM steps with, using the gradient at the perturbed "
+                                "weights (its own flags apply: --momentum, --weight-decay, --adam-betas, the LR "
+                                "schedule)")
+    asam_eta: float = setting(0.0, "ASAM's η in T = |w| + η (davda54/sam: 0; Kwon et al.'s code: 0.01)")
+    swa_start: int | None = setting(None, "stochastic weight averaging: after this many epochs the LR becomes "
+                                    "--swa-lr and the weights at the end of every later epoch are averaged into "
+                                    "swa.pt (BatchNorm statistics recomputed on the training data)", unit="epochs",
+                                    default_text="no SWA")
+    swa_lr: float | None = setting(None, "the learning rate during SWA (Izmailov et al.: a constant, high one)",
+                                   default_text="required with --swa-start")
+    swa_anneal_epochs: int = setting(0, "cosine annealing from the LR at --swa-start to --swa-lr over this many "
+                                     "epochs (torch's SWALR); 0 switches at once", unit="epochs")
     augment: bool = setting(False, "random crop (pad 4) + horizontal flip")
     seed: int = setting(0, "seed of shuffling, dropout and augmentation")
     init_seed: int | None = setting(None, "seed of the initial weights; equal values give SB and LB the same x0",
@@ -174,15 +205,55 @@ def validate_config(c: TrainConfig) -> None:
     if c.warmup_epochs < 0 or c.warmup_epochs > c.epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={c.epochs}]; got {c.warmup_epochs}")
     if c.probe:
-        parse_probes(c.probe, c.probe_every, c.optimizer)
+        parse_probes(c.probe, c.probe_every, base_optimizer(c))
         check_choice("probe BatchNorm mode (--probe-bn-mode)", c.probe_bn_mode, BNMode)
         if (c.probe_subset is not None and c.probe_subset < 1) or c.probe_topk < 1:
             raise ValueError("--probe-subset and --probe-topk must be ≥ 1")
     check_sinks(c.log)
     if c.target_accuracy is not None and not 0 < c.target_accuracy <= 1:
         raise ValueError(f"--target-accuracy is a fraction in (0, 1]; got {c.target_accuracy} (99 % is 0.99)")
+    _validate_flat(c)
     if c.schedule == "step" and not c.milestones:
         raise ValueError("schedule 'step' needs --milestones (epochs at which the LR is multiplied by --gamma)")
+
+
+SAM_RHO = {"sam": 0.05, "asam": 2.0}  # davda54/sam's recommended radii (WideResNet on CIFAR-10)
+
+
+def _validate_flat(c: TrainConfig) -> None:
+    """SAM/ASAM and SWA settings: refused where the optimiser or the run cannot honour them."""
+    check_choice("SAM base optimiser (--sam-base)", c.sam_base, SamBase)
+    sam = c.optimizer in SAM_RHO
+    if not sam and (c.sam_rho is not None or c.sam_base != "sgd"):
+        raise ValueError(f"--sam-rho and --sam-base apply to --optimizer sam or asam, not {c.optimizer!r}; drop them "
+                         "or choose sam/asam")
+    if c.asam_eta != 0 and c.optimizer != "asam":
+        raise ValueError("--asam-eta applies to --optimizer asam only; drop it or choose asam")
+    if (c.sam_rho is not None and c.sam_rho < 0) or c.asam_eta < 0:
+        raise ValueError(f"--sam-rho and --asam-eta must be ≥ 0; got {c.sam_rho}, {c.asam_eta}")
+    if c.swa_start is None:
+        if c.swa_lr is not None or c.swa_anneal_epochs:
+            raise ValueError("--swa-lr and --swa-anneal-epochs need --swa-start (the epoch averaging starts after)")
+        return
+    if not 0 <= c.swa_start < c.epochs:
+        raise ValueError(f"--swa-start must be in [0, epochs={c.epochs}) so that some epoch is averaged; got "
+                         f"{c.swa_start}")
+    if c.swa_lr is None or c.swa_lr <= 0:
+        raise ValueError(f"--swa-start needs --swa-lr > 0 (the learning rate while averaging); got {c.swa_lr}")
+    if c.swa_anneal_epochs < 0:
+        raise ValueError(f"--swa-anneal-epochs must be ≥ 0; got {c.swa_anneal_epochs}")
+
+
+def with_sam_default(c: TrainConfig) -> TrainConfig:
+    """The config with SAM/ASAM's radius filled in when it was left out (what the run records and a resume compares)."""
+    if c.optimizer in SAM_RHO and c.sam_rho is None:
+        return replace(c, sam_rho=SAM_RHO[c.optimizer])
+    return c
+
+
+def base_optimizer(c: TrainConfig) -> str:
+    """The optimiser that takes the steps: ``--sam-base`` under SAM/ASAM, else ``--optimizer``."""
+    return c.sam_base if c.optimizer in SAM_RHO else c.optimizer
 
 
 def load_dataset(c: TrainConfig) -> data_mod.Dataset:
@@ -202,7 +273,7 @@ def _param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) ->
 
 def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(model, c.weight_decay, c.decay_bn_bias)
-    if c.optimizer == "adam":
+    if base_optimizer(c) == "adam":
         return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps)
     return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
 
@@ -256,6 +327,7 @@ class Run:
                                                               "stopped": None})
     last_metrics: dict[str, Any] = field(default_factory=dict)
     probes: ProbeCallback | None = None  # the run's curvature probes (minima.studies.probing)
+    swa: AveragedModel | None = None  # the running average of the weights after --swa-start
     sinks: list = field(default_factory=list)  # rank 0: the tracking sinks (minima.files.sinks)
     fetched: Any = None  # the current epoch's micro-batches (an iterator)
     t0: float = 0.0  # when the current epoch (or its resumed part) started
@@ -273,12 +345,14 @@ class Run:
         return self.files.last
 
     def checkpoint(self, kind: str, epoch_sums: torch.Tensor | None = None,
-                   position: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A checkpoint of the current weights; ``kind="resume"`` adds what continuing needs."""
+                   position: dict[str, Any] | None = None, weights: nn.Module | None = None,
+                   metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A checkpoint of the current weights (or of ``weights``, with ``metrics``: the SWA average);
+        ``kind="resume"`` adds what continuing needs."""
         meta = ckpt_io.make_meta(
             epoch=position["epoch"] if position else self.epoch, step=self.step, global_batch_size=self.c.batch_size,
             world_size=self.env.world_size, seed=self.c.seed, train_config=self.resolved, data=self.ds.describe(),
-            metrics=self.last_metrics,
+            metrics=self.last_metrics if metrics is None else metrics,
             # found by check_model_accepts' dry forward: the data's image shape, the model's outputs
             model_info={"input_shape": list(self.ds.image_shape), "num_classes": self.ds.num_classes,
                         "convolutional": is_convolutional(self.model)},
@@ -294,7 +368,10 @@ class Run:
                      "position": position, "epoch_sums": epoch_sums, "trainer": dict(self.trainer)}
             if self.probes is not None:  # the probes' warm starts: a resume starts from them too
                 extra.update(self.probes.resume_state())
-        return ckpt_io.make_checkpoint(self.c.model, self.model_kwargs, self.model.state_dict(), meta, **extra)
+            if self.swa is not None:
+                extra["swa"] = self.swa.state_dict()
+        state = (self.model if weights is None else weights).state_dict()
+        return ckpt_io.make_checkpoint(self.c.model, self.model_kwargs, state, meta, **extra)
 
     # the one training loop's task (minima.studies.loop.Task)
     @property
@@ -308,27 +385,49 @@ class Run:
     def train_step(self, batch: int, seed: int, sums: torch.Tensor) -> None:
         """One optimiser step over the global batch: the rank's micro-batches (gradients accumulated, DDP's
         ``no_sync`` on all but the last), each augmented on the device from the step's seed, normalised, its loss
-        the sum of per-sample losses × world size / global batch."""
-        c, env, plan = self.c, self.env, self.plan
+        the sum of per-sample losses × world size / global batch.
+
+        SAM/ASAM (:mod:`minima.optim.sam`): that first pass takes each rank's own gradient (no all-reduce: under DDP
+        every rank perturbs by its own batch's gradient, Foret et al.'s m-sharpness with m the per-rank batch), the
+        weights move to θ + ε, a second pass over the same inputs — BatchNorm running statistics frozen — takes the
+        all-reduced gradient there, θ is restored and the base optimiser steps. The recorded loss is the first
+        pass's, at θ."""
+        c, plan = self.c, self.plan
         aug_gen = torch.Generator().manual_seed(seed)  # crop offsets and flips drawn on the host from the step's seed
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.amp == "bf16" else contextlib.nullcontext()
+        sam = c.optimizer in SAM_RHO
         self.optimizer.zero_grad(set_to_none=True)
+        inputs = []
         for m in range(plan.accumulation):
             x, y = next(self.fetched)
             if c.augment:
                 x = data_mod.augment(x, aug_gen)
             x = data_mod.normalize(x, self.ds.mean, self.ds.std, torch.float32, self.channels_last)
-            sync = (contextlib.nullcontext() if not env.distributed or m == plan.accumulation - 1
-                    else self.net.no_sync())
-            with sync:
-                with autocast:
-                    logits = self.net(x)
-                summed = (F.cross_entropy(logits.float(), y, reduction="sum") if c.loss == "cross_entropy"
-                          else per_sample_loss(logits.float(), y, c.loss).sum())
-                loss = summed * (env.world_size / c.batch_size)
-                loss.backward()
+            if sam:
+                inputs.append((x, y))
+            logits = self._backward(x, y, sync=not sam and m == plan.accumulation - 1)
             sums += batch_sums(logits.detach().float(), y, c.loss)
+        if sam:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            saved = sam_mod.ascent(params, float(c.sam_rho), adaptive=c.optimizer == "asam", eta=c.asam_eta)
+            self.optimizer.zero_grad(set_to_none=True)
+            with sam_mod.frozen_running_stats(self.model):
+                for m, (x, y) in enumerate(inputs):
+                    self._backward(x, y, sync=m == len(inputs) - 1)
+            sam_mod.restore(saved)
         self.optimizer.step()
+
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; under DDP the gradients are all-reduced only when ``sync``.
+        Returns the logits."""
+        c, env = self.c, self.env
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.amp == "bf16" else contextlib.nullcontext()
+        with contextlib.nullcontext() if not env.distributed or sync else self.net.no_sync():
+            with autocast:
+                logits = self.net(x)
+            summed = (F.cross_entropy(logits.float(), y, reduction="sum") if c.loss == "cross_entropy"
+                      else per_sample_loss(logits.float(), y, c.loss).sum())
+            (summed * (env.world_size / c.batch_size)).backward()
+        return logits
 
     def after_step(self, batch: int, batches: int, lr: float) -> None:
         """The probes due at this step."""
@@ -368,6 +467,7 @@ def train(
     written) and :class:`NonFiniteLossError` when the loss is NaN/inf (``last.pt`` kept from before).
     """
     validate_config(config)
+    config = with_sam_default(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     with distributed.session(config.device) as env, float32_math(config.float32_math):
@@ -445,8 +545,8 @@ def _probes(run: Run) -> ProbeCallback | None:
               f"--probe-subset {DEFAULT_PROBE_SUBSET})", flush=True)
     settings = ProbeSettings(probes=tuple(c.probe), every=c.probe_every, images=n, subset_seed=c.subset_seed,
                              bn_mode=c.probe_bn_mode, topk=c.probe_topk, warm_start=c.probe_warm_start, loss=c.loss,
-                             optimizer=c.optimizer, momentum=c.momentum, betas=tuple(c.adam_betas),
-                             eval_batch_size=c.eval_batch_size)
+                             optimizer=base_optimizer(c), momentum=c.momentum, betas=tuple(c.adam_betas),
+                             eval_batch_size=c.eval_batch_size, sam_rho=c.sam_rho if c.optimizer == "sam" else None)
     return ProbeCallback(settings, run.model, ds.train, ds.mean, ds.std, env, run.plan.steps_per_epoch, run.run_dir)
 
 
@@ -494,6 +594,7 @@ def _build(c: TrainConfig, env: distributed.DistEnv, ds: data_mod.Dataset) -> Ru
         ref_lr=c.lr, ref_batch=c.ref_batch, global_batch=c.batch_size, scaling=c.scaling,
         warmup_epochs=c.warmup_epochs, kind=c.schedule, milestones_epochs=tuple(c.milestones),
         gamma=c.gamma, epochs=c.epochs, steps_per_epoch=plan.steps_per_epoch,
+        swa_start_epoch=c.swa_start, swa_lr=c.swa_lr or 0.0, swa_anneal_epochs=c.swa_anneal_epochs,
     )
     model = model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, c)
@@ -511,6 +612,9 @@ def _restore(run: Run, state: dict[str, Any]) -> None:
     run.epoch, run.batch0, run.elapsed = pos["epoch"], pos["batch"], pos["elapsed_s"]
     run.step = state["meta"]["step"]
     run.trainer = dict(state["trainer"])
+    if "swa" in state:
+        run.swa = AveragedModel(run.model)
+        run.swa.load_state_dict(state["swa"])
     if run.env.is_main:
         run.carried = state["epoch_sums"].to(torch.float64)
 
@@ -569,12 +673,43 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
         run.probes.after_last_step(run.model, run.optimizer, run.step, float(run.epoch),
                                    learning_rate(max(run.step - 1, 0), run.schedule))
     final_path = run.run_dir / "final.pt"
+    if c.swa_start is not None:
+        _write_swa(run)
     if env.is_main:
         ckpt_io.save_checkpoint(run.checkpoint("final"), final_path)
         run.files.set_status("complete", run.trainer.get("stopped") or f"epoch cap {c.epochs}", run.epoch, run.step)
         print(f"[minima.train] wrote {final_path}", flush=True)
     distributed.barrier()
     return final_path
+
+
+def _write_swa(run: Run) -> None:
+    """``swa.pt``: the averaged weights with BatchNorm statistics recomputed by ``torch.optim.swa_utils.update_bn``
+    over the training images (no augmentation; every rank in lockstep over all of them, so SyncBatchNorm sees the
+    same batches), evaluated on the test set like an epoch; a line instead when the stopping rule ended the run
+    before any epoch was averaged."""
+    c, env = run.c, run.env
+    if run.swa is None:
+        if env.is_main:
+            print(f"[minima.train] no swa.pt: the run stopped after epoch {run.epoch}, before any epoch after "
+                  f"--swa-start {c.swa_start} was averaged", flush=True)
+        return
+    feed = Batching(c.eval_batch_size, env.device, torch.float32, run.channels_last)
+    split = run.train_split
+    update_bn(feed.batches(split, run.ds.mean, run.ds.std), run.swa, device=env.device)
+    metrics: dict[str, Any] = {"epoch": run.epoch, "step": run.step, "swa_start": c.swa_start,
+                               "swa_n_averaged": int(run.swa.n_averaged),
+                               "swa_bn": f"recomputed on the {len(split)} training images (update_bn)"}
+    if c.eval_test:
+        test = evaluate(run.swa.module, run.test_split, run.ds.mean, run.ds.std, feed, rank=env.rank,
+                        world_size=env.world_size, loss=c.loss)
+        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_nonfinite=test.nonfinite)
+    if env.is_main:
+        path = run.run_dir / "swa.pt"
+        ckpt_io.save_checkpoint(run.checkpoint("final", weights=run.swa.module, metrics=metrics), path)
+        said = f"; test loss {metrics['test_loss']:.4f} acc {metrics['test_accuracy']:.4f}" if c.eval_test else ""
+        print(f"[minima.train] wrote {path}: the average of {metrics['swa_n_averaged']} epochs' weights{said}",
+              flush=True)
 
 
 def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
@@ -615,6 +750,11 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         test = evaluate(run.model, run.test_split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size,
                         loss=c.loss)
         metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_nonfinite=test.nonfinite)
+    if c.swa_start is not None and run.epoch > c.swa_start:  # every epoch trained at SWA's LR joins the average
+        if run.swa is None:
+            run.swa = AveragedModel(run.model)
+        run.swa.update_parameters(run.model)
+        metrics["swa_n_averaged"] = int(run.swa.n_averaged)
     run.elapsed += time.perf_counter() - t0
     metrics["elapsed_s"] = run.elapsed
     run.last_metrics = metrics
