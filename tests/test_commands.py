@@ -59,7 +59,7 @@ def test_help_shows_real_defaults_and_units(command: str, help_texts: dict[str, 
     if command == "train":
         assert "--batch-size INT|full global batch size: samples per optimiser step over all ranks, or full " \
                "(full-batch gradient descent" in flat and "[samples] (default: 256)" in flat
-        assert "--optimizer {adam,sgd}" in flat and "(default: adam)" in flat
+        assert "--optimizer {adam,sgd,sam,asam}" in flat and "(default: adam)" in flat
         assert "--micro-batch INT" in flat and "(default: the per-rank batch)" in flat
     if command == "interpolate":
         assert "--bn {recompute,batch,interpolate}" in flat and "(default: recompute for models with BatchNorm)" in flat
