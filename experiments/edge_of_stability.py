@@ -8,7 +8,9 @@ first N CIFAR-10 training images (their ``cifar10-5k`` is the first 5,000, stand
 statistics): the step size η is set so that 2/η is a chosen multiple of λ_max at initialisation (quick preset) or
 given (paper preset), λ_max is probed every K steps (``--probe hessian:K``), and the run stops at a training-accuracy
 goal or a step cap. Sharpness rises until it reaches 2/η and then hovers there. One Adam run probes the
-preconditioned sharpness against (2 + 2β₁)/((1 − β₁)η). Writes every run into the run directory, ``summary.md``
+preconditioned sharpness against (2 + 2β₁)/((1 − β₁)η). One SAM run (radius ``sam_rho``, at the first GD run's η)
+probes λ_max against SAM's own edge λ_SAM = (‖g‖/2ρ)(√(1 + 8ρ/(η‖g‖)) − 1) < 2/η, from the measured full-batch
+gradient norm (:func:`minima.optim.sam.sam_edge`). Writes every run into the run directory, ``summary.md``
 (per run: the step where λ_max first reaches 0.9·2/η, and the median and range of λ_max/(2/η) afterwards) and
 ``edge_of_stability.png``.
 """
@@ -56,6 +58,8 @@ class EdgeOfStability:
     lrs: tuple[float, ...] = setting((), "GD runs: the step sizes η themselves", default_text="from threshold_ratios")
     probe_every: int = setting(25, "steps between probes", unit="steps")
     adam_lr: float | None = setting(2e-4, "the Adam run's step size (none: no Adam run)")
+    sam_rho: float | None = setting(None, "a full-batch SAM run at the first GD run's η with this radius, probed "
+                                    "against SAM's edge λ_SAM", default_text="no SAM run")
 
 
 # Cohen et al.: fc-tanh, the first N images, square loss, full-batch steps (one per epoch) up to a step cap or 99 %
@@ -111,10 +115,13 @@ class RunPlan:
     optimizer: str
     probe: str
     lr: Callable[[float], float]
+    sam_rho: float | None = None
 
     def directory(self, out: Path) -> Path:
-        """``gd_lr<η>`` or ``adam_lr<η>`` (η known once λ_max at initialisation is)."""
+        """``gd_lr<η>``, ``adam_lr<η>`` or ``sam_lr<η>_rho<ρ>`` (η known once λ_max at initialisation is)."""
         lr = self.lr(lambda0(out))
+        if self.optimizer == "sam":
+            return out / f"sam_lr{lr:.4g}_rho{self.sam_rho:g}"
         return out / (f"gd_lr{lr:.4g}" if self.optimizer == "sgd" else f"adam_lr{lr:g}")
 
 
@@ -124,6 +131,9 @@ def run_plans(p: Declared) -> list[RunPlan]:
                 for r in p.own.threshold_ratios])
     if p.own.adam_lr is not None:
         runs.append(RunPlan(f"adam_lr{p.own.adam_lr:g}", "adam", "preconditioned", lambda _l: p.own.adam_lr))
+    if p.own.sam_rho is not None:
+        first = runs[0]
+        runs.append(RunPlan(f"sam_rho{p.own.sam_rho:g}", "sam", "hessian", first.lr, p.own.sam_rho))
     return runs
 
 
@@ -139,30 +149,40 @@ def stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> list
         def fit(run: RunPlan = run) -> None:
             ds, d = data(), run.directory(out)
             lr = run.lr(lambda0(out))
+            sam = {"sam_rho": run.sam_rho} if run.optimizer == "sam" else {}
             config = p.request("train", optimizer=run.optimizer, lr=lr, init_from=str(out / "init.pt"),
-                               probe=(f"{run.probe}:{p.own.probe_every}",), probe_subset=len(ds.train), out=str(d))
+                               probe=(f"{run.probe}:{p.own.probe_every}",), probe_subset=len(ds.train), out=str(d),
+                               **sam)
             print(f"[experiments.edge_of_stability] {run.name}: η = {lr:.4g} (2/η = {2 / lr:.4g}, λ_max at "
                   f"initialisation {lambda0(out):.4g})", flush=True)
             train(config, resume=(d / "last.pt").exists(), dataset=ds)
 
-        def estimate(r: Rates) -> float:
-            steps = t["epochs"]
-            return r.training(steps, len(data().train), 0) + steps // max(p.own.probe_every, 1) * probe_cost(r)
+        def estimate(r: Rates, run: RunPlan = run) -> float:
+            steps = t["epochs"] * (2 if run.optimizer == "sam" else 1)  # SAM: two passes per step
+            return r.training(steps, len(data().train), 0) + t["epochs"] // max(p.own.probe_every, 1) * probe_cost(r)
 
         found.append(Stage(run.name, run.name, lambda run=run: (out / "lambda0.json").exists() and (
             run.directory(out) / "final.pt").exists(), fit, estimate, ("init",)))
     return found
 
 
+def edge(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The threshold a run's probe is held against: SAM's edge λ_SAM for a SAM run, else the optimiser's own."""
+    return np.asarray(rows["sam_threshold"] if "sam_threshold" in rows else rows["threshold"])
+
+
 def summarise(run_dir: Path, probe: str) -> dict[str, Any]:
-    """The step where the probe first reaches 0.9 × its threshold, and the median and range of value/threshold
-    afterwards."""
+    """The step where the probe first reaches 0.9 × its threshold (a SAM run: λ_SAM), and the median and range of
+    value/threshold afterwards."""
     rows = timeline.load(run_dir / "probes.h5")[probe]
-    ratio = np.asarray(rows["value"]) / np.asarray(rows["threshold"])
+    ratio = np.asarray(rows["value"]) / edge(rows)
     reached = np.flatnonzero(ratio >= 0.9)
     after = ratio[reached[0]:] if len(reached) else np.array([])
     metrics = RunDir(run_dir).metrics()
     return {"run": run_dir.name, "probe": probe, "lr": float(rows["lr"][0]), "threshold": float(rows["threshold"][0]),
+            "edge": "λ_SAM" if "sam_threshold" in rows else "own",
+            "sam_threshold_first_last": ([float(rows["sam_threshold"][0]), float(rows["sam_threshold"][-1])]
+                                         if "sam_threshold" in rows else None),
             "first_value": float(rows["value"][0]), "max_value": float(np.max(rows["value"])),
             "reached_step": int(rows["step"][reached[0]]) if len(reached) else None,
             "median_after": float(np.median(after)) if after.size else None,
@@ -177,12 +197,14 @@ def figure(runs: list[tuple[Path, str]], path: Path, title: str) -> Path:
     for k, (run_dir, probe) in enumerate(runs):
         rows = timeline.load(run_dir / "probes.h5")[probe]
         label = f"{run_dir.name} ({probe}, η = {rows['lr'][0]:g})"
-        top.plot(rows["step"], np.asarray(rows["value"]) / np.asarray(rows["threshold"]), "o-", ms=2.5,
-                 color=f"C{k}", label=f"{label}, threshold {rows['threshold'][0]:.4g}")
+        held = ("SAM's edge λ_SAM (from ‖g‖ at each probe)" if "sam_threshold" in rows
+                else f"threshold {rows['threshold'][0]:.4g}")
+        top.plot(rows["step"], np.asarray(rows["value"]) / edge(rows), "o-", ms=2.5, color=f"C{k}",
+                 label=f"{label}, against {held}")
         metrics = RunDir(run_dir).metrics()
         bottom.plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics], color=f"C{k}", lw=1.0)
     top.axhline(1.0, color="0.4", ls="--", lw=1.0)
-    top.set_ylabel("sharpness / its stability threshold\n(λ_max·η/2 for GD; Adam: preconditioned)")
+    top.set_ylabel("sharpness / its stability threshold\n(λ_max·η/2 for GD; Adam: preconditioned; SAM: λ_max/λ_SAM)")
     top.legend(fontsize=7)
     bottom.set_yscale("log")
     bottom.set(xlabel="step (full-batch: one per epoch)", ylabel="training loss (square)")
@@ -235,11 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         after = (f"{r['median_after']:.3f} / {r['range_after'][0]:.3f}–{r['range_after'][1]:.3f}"
                  if r["median_after"] is not None else "—")
-        lines.append(f"| {r['run']} | {r['probe']} | {r['lr']:.4g} | {r['threshold']:.4g} | {r['first_value']:.4g} | "
+        threshold = (f"λ_SAM {r['sam_threshold_first_last'][0]:.4g} → {r['sam_threshold_first_last'][1]:.4g} "
+                     f"(2/η {r['threshold']:.4g})" if r["sam_threshold_first_last"] else f"{r['threshold']:.4g}")
+        lines.append(f"| {r['run']} | {r['probe']} | {r['lr']:.4g} | {threshold} | {r['first_value']:.4g} | "
                      f"{r['max_value']:.4g} | {r['reached_step'] if r['reached_step'] is not None else 'not reached'} "
                      f"| {after} | {r['steps']} | {r['final_train_accuracy']:.3f} |")
     lines += ["", "Cohen et al. (2021), fc-tanh on cifar10-5k, MSE, η = 0.01: λ_max rises from ≈ 75–80 to 2/η = 200 at "
-              "≈ 4,500 steps and stays at ≈ 200–210 until ≈ 9,000 steps."]
+              "≈ 4,500 steps and stays at ≈ 200–210 until ≈ 9,000 steps.",
+              "", "A SAM run's threshold is its own edge λ_SAM, which moves with the full-batch gradient norm ‖g‖ "
+              "(first → last probe shown): λ_max at or below it is what SAM's stability predicts."]
     md = "\n".join(lines) + "\n"
     write_summary(out, md, {"lambda0": lam0, "runs": rows})
     fig = figure(runs, out / "edge_of_stability.png",

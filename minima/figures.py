@@ -169,7 +169,8 @@ HALO = [withStroke(linewidth=2.5, foreground="white")]  # labels stay legible on
 LABEL_OFFSETS = ((4, 4), (4, -11), (-6, 4), (-6, -11), (4, 14), (4, -21), (-6, 14), (-6, -21))
 
 
-def _overlay(ax: Axes, grid: Grid) -> None:
+def overlay_marks(ax: Axes, grid: Grid) -> None:
+    """A plane's marked checkpoints (labels placed clear of each other) and projected trajectory on ``ax``."""
     marks, path = _marks(grid)
     if path is not None:
         ax.plot(path[:, 0], path[:, 1], "-o", color="k", markersize=2.5, lw=1.0, label="trajectory")
@@ -212,7 +213,7 @@ def plot_surface(grid: Grid, fig: Figure | None = None) -> Figure:
         j, i = np.unravel_index(np.argmin(np.where(bad, np.inf, loss)), loss.shape)
         ax1.plot([x[i]], [y[j]], "*", color="red", markersize=9, alpha=0.8, label=f"lowest loss {loss[j, i]:.3g}")
         ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)  # off the plane
-    _overlay(ax1, grid)
+    overlay_marks(ax1, grid)
     ax2 = fig.add_subplot(1, 3, 2)
     acc_masked = np.ma.masked_invalid(acc)
     if acc_masked.count() >= 4:
@@ -220,7 +221,7 @@ def plot_surface(grid: Grid, fig: Figure | None = None) -> Figure:
         levels = np.linspace(lo, hi, 21) if hi > lo else np.linspace(0.0, 1.0, 21)  # the scale fits the data
         cf = ax2.contourf(x, y, acc_masked, levels=levels, cmap="magma")
         fig.colorbar(cf, ax=ax2, label="test accuracy")
-    _overlay(ax2, grid)
+    overlay_marks(ax2, grid)
     ax3 = fig.add_subplot(1, 3, 3, projection="3d")
     if (~bad).any():
         xx, yy = np.meshgrid(x, y)

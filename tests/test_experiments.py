@@ -8,6 +8,7 @@ import h5py
 import nbformat
 import numpy as np
 import pytest
+import torch
 from nbclient import NotebookClient
 
 from experiments import keskar
@@ -218,8 +219,10 @@ def test_edge_of_stability_smoke(tmp_path: Path) -> None:
     out = tmp_path / "eos"
     assert edge_of_stability.main(["--preset", "smoke", "--out", str(out), "--figures", str(tmp_path)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    gd, adam = summary["runs"]
-    assert gd["probe"] == "hessian" and adam["probe"] == "preconditioned"
+    gd, adam, sam = summary["runs"]
+    assert gd["probe"] == "hessian" and adam["probe"] == "preconditioned" and sam["run"].startswith("sam_")
+    first, last = sam["sam_threshold_first_last"]  # SAM's edge, from the measured ‖g‖, below its 2/η
+    assert sam["edge"] == "λ_SAM" and sam["lr"] == gd["lr"] and last > 0 and first < sam["threshold"]
     assert gd["threshold"] == pytest.approx(1.2 * summary["lambda0"], rel=1e-9)  # 2/η = 1.2 × λ_max(init)
     assert gd["first_value"] == pytest.approx(summary["lambda0"], rel=0.2)  # probed after the first 5 steps
     assert_drawn(tmp_path / "edge_of_stability_smoke.png")
@@ -285,3 +288,48 @@ def test_the_verdict_says_when_a_difference_is_within_its_standard_error() -> No
     seeds = keskar.accuracy_verdict([55.0, 55.4, 54.8], [51.0, 51.9, 51.2], 10_000)  # across seeds: their spread
     assert "**yes**" in seeds and "standard error over 3 seeds" in seeds
     assert "**no (LB above SB)**" in keskar.accuracy_verdict([50.0], [55.0], 10_000)
+
+
+@pytest.mark.slow  # four trainings, four measurements, two lines and a plane (≈ 40 s)
+def test_flat_optimizers_smoke_compares_four_minima_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    from experiments import flat_optimizers as fo
+    from minima.files import checkpoint as ck
+
+    out, figs = tmp_path / "fo", tmp_path / "figs"
+    assert fo.main(["--preset", "smoke", "--out", str(out), "--figures", str(figs)]) == 0
+    configs = {run: ck.load_checkpoint(out / run / "final.pt")["meta"]["train_config"] for run in fo.RUNS}
+    assert configs["sam"]["optimizer"] == "sam" and configs["sam"]["sam_rho"] == 0.05
+    assert configs["asam"]["optimizer"] == "asam" and configs["asam"]["sam_rho"] == 2.0
+    assert configs["swa"]["swa_start"] == 1 and (out / "swa" / "swa.pt").exists()
+    inits = [ck.load_checkpoint(out / run / "init.pt")["state_dict"] for run in fo.RUNS]
+    assert all(all(torch.equal(i[k], inits[0][k]) for k in i) for i in inits)  # one initial point for all four
+    table = json.loads((out / "summary.json").read_text())["runs"]
+    for run in fo.RUNS:
+        assert {"lambda_max", "trace", "worst_case", "keskar", "test_accuracy"} <= set(table[run]), run
+        assert all(np.isfinite(v) for v in table[run].values())
+    swa_eval = json.loads((out / "swa" / "evaluation-swa.json").read_text())
+    assert swa_eval["test_accuracy"] == pytest.approx(table["swa"]["test_accuracy"])
+    marks = json.loads(results.load_grid(out / "plane.h5").attrs["marks"])
+    assert list(marks) == ["sgd", "sam", "swa"]
+    assert_drawn(figs / "flat_optimizers_smoke.png")
+    md = (out / "summary.md").read_text()
+    assert md.count("\n| ") == 5 and "Loss barrier on the line SGD → SAM" in md  # header and one row per run
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a complete pipeline ran a stage again")
+
+    for name in ("train", "measure", "align", "run_line", "run_plane", "evaluate_run"):
+        monkeypatch.setattr(fo, name, fails)
+    assert fo.main(["--preset", "smoke", "--out", str(out)]) == 0
+
+
+def test_flat_optimizers_refuses_a_bad_plane_before_anything_is_written(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    from experiments import flat_optimizers as fo
+
+    out = tmp_path / "fo"
+    assert fo.main(["--preset", "smoke", "plane=[\"sgd\", \"sam\", \"adam\"]", "--out", str(out)]) == 2
+    assert "plane must name three different runs" in capsys.readouterr().err and not out.exists()
+    assert fo.main(["--preset", "smoke", "train.optimizer=sam", "--out", str(out)]) == 2
+    assert "SAM and ASAM are this pipeline's own runs" in capsys.readouterr().err and not out.exists()

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from experiments import batch_sweep, connectivity, edge_of_stability, keskar, li_surfaces
+from experiments import batch_sweep, connectivity, edge_of_stability, flat_optimizers, keskar, li_surfaces
 from minima.core.config import setting
 from minima.pipelines import declared
 from minima.pipelines.declared import Section, Spec
 from minima.pipelines.stages import Rates, Runner, Stage, describe, plan, shard
 from minima.studies.train import TrainConfig
 
-PIPELINES = (keskar, batch_sweep, li_surfaces, connectivity, edge_of_stability)
+PIPELINES = (keskar, batch_sweep, li_surfaces, connectivity, edge_of_stability, flat_optimizers)
 
 
 @dataclass(frozen=True)

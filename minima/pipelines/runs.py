@@ -142,14 +142,15 @@ def _set_aside_if_unreadable(path: Path) -> None:
 
 
 def evaluate_run(directory: Path, trust_import: Sequence[str] = (), eval_batch_size: int = 1000,
-                 data_root: str | None = None) -> dict[str, float]:
-    """A run directory's final weights: exact loss and accuracy on the run's own training and test data (as its
-    checkpoint records them; eval mode, its loss), computed once into ``evaluation.json`` and read from it after —
-    so a pipeline's summary or a zoo's table never evaluates a checkpoint twice."""
-    path = directory / "evaluation.json"
+                 data_root: str | None = None, weights: str = "final") -> dict[str, float]:
+    """A run directory's final weights (``weights="swa"``: its ``swa.pt``): exact loss and accuracy on the run's own
+    training and test data (as its checkpoint records them; eval mode, its loss), computed once into
+    ``evaluation.json`` (``evaluation-swa.json``) and read from it after — so a pipeline's summary or a zoo's table
+    never evaluates a checkpoint twice."""
+    path = directory / ("evaluation.json" if weights == "final" else f"evaluation-{weights}.json")
     if path.exists():
         return json.loads(path.read_text())
-    ckpt = ckpt_io.load_checkpoint(RunDir(directory).final)
+    ckpt = ckpt_io.load_checkpoint(RunDir(directory).final if weights == "final" else directory / f"{weights}.pt")
     model = ckpt_io.model_from_checkpoint(ckpt, trust_import)
     meta = ckpt["meta"]
     ds = load_for_checkpoint(meta["data"], root=data_root)
