@@ -3,6 +3,7 @@ torch's own SWA utilities, a 2-rank DDP run and a 2-D quadratic."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -278,3 +279,51 @@ def test_flat_settings_that_cannot_be_honoured_are_refused(tmp_path: Path) -> No
                         ({"optimizer": "sgd", "swa_lr": 0.1}, "need --swa-start")):
         with pytest.raises(ValueError, match=message):
             validate_config(_config(tmp_path / "x", **kw))
+
+
+def test_cutout_zeroes_one_clipped_square_per_image_in_every_channel() -> None:
+    x = torch.randn(64, 3, 8, 8) + 10  # no zeros of its own
+    out = data.cutout(x, 4, torch.Generator().manual_seed(3))
+    again = data.cutout(x, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)  # the generator decides everything
+    gen = torch.Generator().manual_seed(3)
+    rows, cols = torch.randint(0, 8, (64,), generator=gen), torch.randint(0, 8, (64,), generator=gen)
+    for i in range(64):  # the square by hand: rows r−2 … r+1 and columns c−2 … c+1, clipped to the image
+        want = torch.ones(8, 8, dtype=torch.bool)
+        want[max(int(rows[i]) - 2, 0):int(rows[i]) + 2, max(int(cols[i]) - 2, 0):int(cols[i]) + 2] = False
+        for ch in range(3):
+            assert torch.equal(out[i, ch] != 0, want), i
+            assert torch.equal(out[i, ch][want], x[i, ch][want])
+
+
+def test_label_smoothing_trains_on_the_smoothed_targets(tmp_path: Path) -> None:
+    ds = _data()
+    c = _config(tmp_path / "run", optimizer="sgd", epochs=1, momentum=0.0, weight_decay=0.0, label_smoothing=0.2)
+    final = ck.load_checkpoint(train(c, dataset=ds))["state_dict"]
+    model = build_model("mlp", num_classes=3, **c.model_kwargs).double()
+    model.load_state_dict(ck.load_checkpoint(tmp_path / "run" / "init.pt")["state_dict"])
+    x, y = _inputs(ds)
+    log_p = torch.log_softmax(model(x), dim=1)
+    target = torch.full_like(log_p, 0.2 / 3).scatter_(1, y[:, None], 1 - 0.2 + 0.2 / 3)  # (1 − s)·onehot + s/K
+    grads = torch.autograd.grad(-(target * log_p).sum(1).mean(), list(model.parameters()))
+    for (name, p), g in zip(model.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(final[name].double(), p.detach() - c.lr * g, rtol=1e-5, atol=1e-6, msg=name)
+    # what the run reports stays the plain cross-entropy at the weights of the step
+    line = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0]
+    assert math.isclose(float(json.loads(line)["train_loss"]), float(F.cross_entropy(model(x), y).detach()),
+                        rel_tol=1e-5)
+
+
+def test_wide_resnet_has_the_published_layout() -> None:
+    model = build_model("wrn16_8", 10)
+
+    def unit(cin: int, cout: int) -> int:  # BN(cin), conv3×3 cin→cout, BN(cout), conv3×3 cout→cout, 1×1 if changed
+        return 2 * cin + 9 * cin * cout + 2 * cout + 9 * cout * cout + (cin * cout if cin != cout else 0)
+
+    widths = [16, 128, 256, 512]
+    count = 27 * 16 + sum(unit(widths[g], widths[g + 1]) + unit(widths[g + 1], widths[g + 1]) for g in range(3))
+    count += 2 * 512 + 512 * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == count == 10_961_370
+    assert torch.equal(model(torch.randn(2, 3, 32, 32)), torch.zeros(2, 10))  # davda54/sam: a zero last layer
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        build_model("wide_resnet", 10, depth=15)

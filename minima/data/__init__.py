@@ -25,6 +25,7 @@ from minima.data.splits import DataError, Dataset, Split, stratified_subset, sub
 from minima.data.transforms import (
     augment,
     channel_stats,
+    cutout,
     epoch_permutation,
     eval_batches,
     global_batches,
@@ -34,8 +35,8 @@ from minima.data.transforms import (
 
 __all__ = [
     "CIFAR10_CLASSES", "DEFAULT_CACHE", "ENV_VAR", "NPZ_KEYS", "TORCHVISION_SETS", "DataError", "Dataset",
-    "DeviceBatches", "Placement", "Split", "augment", "channel_stats", "check_fits_in_memory", "decide_placement",
-    "epoch_permutation", "eval_batches", "global_batches", "load_cifar10", "load_for_checkpoint", "load_from_spec",
-    "load_imagefolder", "load_npz", "load_source", "load_torchvision", "load_torchvision_cifar10", "normalize",
-    "place", "rebuild", "shard", "stratified_subset", "subset_chain", "synthetic",
+    "DeviceBatches", "Placement", "Split", "augment", "channel_stats", "check_fits_in_memory", "cutout",
+    "decide_placement", "epoch_permutation", "eval_batches", "global_batches", "load_cifar10", "load_for_checkpoint",
+    "load_from_spec", "load_imagefolder", "load_npz", "load_source", "load_torchvision", "load_torchvision_cifar10",
+    "normalize", "place", "rebuild", "shard", "stratified_subset", "subset_chain", "synthetic",
 ]

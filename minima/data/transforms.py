@@ -69,6 +69,22 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017) on a normalised batch (N, C, H, W): per image one ``size`` × ``size`` square,
+    its centre drawn uniformly over the pixels (the square clipped at the border, so it may be smaller), set to 0 —
+    the data's mean — in every channel. The centres come from ``generator`` (a CPU generator)."""
+    n, _, h, w = images.shape
+    centres = torch.stack([torch.randint(0, h, (n,), generator=generator),
+                           torch.randint(0, w, (n,), generator=generator)]).to(images.device)
+    top, left = centres[0] - size // 2, centres[1] - size // 2
+    rows = torch.arange(h, device=images.device)[None, :]
+    cols = torch.arange(w, device=images.device)[None, :]
+    inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)  # (N, H)
+    inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)  # (N, W)
+    keep = ~(inside_rows[:, :, None] & inside_cols[:, None, :])  # (N, H, W)
+    return images * keep[:, None].to(images.dtype)
+
+
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffle of epoch ``epoch``: a permutation of ``range(n)`` that every rank computes identically."""

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from minima.models.trust import ModelSpecError, check_trusted
-from minima.models.zoo import C1, C2, MLP, VGG11BN, fc_tanh, mobilenet_v2, vgg11
+from minima.models.zoo import C1, C2, MLP, VGG11BN, WideResNet, fc_tanh, mobilenet_v2, vgg11, wrn16_8
 
 UNSET: Any = object()  # "num_classes not passed": the model arguments' own num_classes, else 10
 
@@ -51,6 +51,9 @@ REGISTRY: dict[str, ModelInfo] = {info.name: info for info in (
     ModelInfo("mlp", MLP, (3, 32, 32), 10, False, "fully connected net, optional BatchNorm and dropout"),
     ModelInfo("fc_tanh", fc_tanh, (3, 32, 32), 10, False, "Cohen et al.'s edge-of-stability network: 3072-200-200-10, "
               "tanh (656,810 parameters)"),
+    ModelInfo("wrn16_8", wrn16_8, (3, 32, 32), 10, True, "WideResNet-16-8, pre-activation, davda54/sam's "
+              "initialisation (10,961,370 parameters)"),
+    ModelInfo("wide_resnet", WideResNet, (3, 32, 32), 10, True, "WideResNet-d-k (depth = 6n + 4, width k)"),
     ModelInfo("mobilenet_v2", mobilenet_v2, (3, 32, 32), 10, True, "torchvision MobileNetV2, stride-1 stem"),
 )}
 TORCHVISION_PREFIX = "torchvision:"

@@ -198,6 +198,62 @@ def fc_tanh(num_classes: int = 10, input_shape: Sequence[int] = (3, 32, 32)) -> 
     return MLP(num_classes, input_shape, widths=(200, 200), activation="tanh")
 
 
+class _WideBasic(nn.Module):
+    """Pre-activation residual unit: BN → ReLU → conv3×3 (stride) → BN → ReLU → dropout → conv3×3, added to the input
+    or, when the shape changes, to a 1×1 convolution of the pre-activated input (the first unit of a group)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (cin != cout or stride != 1) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.bn1(x))
+        out = self.conv2(self.dropout(torch.relu(self.bn2(self.conv1(pre)))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k (Zagoruyko & Komodakis 2016) for 32×32 inputs: conv3×3 to 16 channels, three groups of (d − 4)/6
+    pre-activation units with 16k, 32k, 64k channels (strides 1, 2, 2), BN → ReLU → 8×8 average pool → linear. The
+    initialisation of davda54/sam's WideResNet (SAM's reference recipe): Kaiming-normal convolutions (fan-in, ReLU),
+    BatchNorm scale 1 and shift 0, a zero linear layer. WRN-16-8: 10,961,370 parameters at 10 classes."""
+
+    def __init__(self, num_classes: int = 10, depth: int = 16, width: int = 8, dropout: float = 0.0,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4 (10, 16, 22, 28, …); got {depth}")
+        units = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)]
+        for g, stride in enumerate((1, 2, 2)):
+            for u in range(units):
+                layers.append(_WideBasic(channels[g] if u == 0 else channels[g + 1], channels[g + 1],
+                                         stride if u == 0 else 1, dropout))
+        layers += [nn.BatchNorm2d(channels[3]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def wrn16_8(num_classes: int = 10, dropout: float = 0.0) -> WideResNet:
+    """WRN-16-8, the network of SAM's and ASAM's CIFAR-10 comparisons in davda54/sam."""
+    return WideResNet(num_classes, depth=16, width=8, dropout=dropout)
+
+
 def mobilenet_v2(num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
     """torchvision's MobileNetV2 adapted to 32×32 inputs: the stem convolution has stride 1 instead of 2
     (otherwise a CIFAR image is 1×1 after the fourth stage). Parameter names and shapes are torchvision's,

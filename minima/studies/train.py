@@ -144,6 +144,11 @@ class TrainConfig(DataOptions):
     swa_anneal_epochs: int = setting(0, "cosine annealing from the LR at --swa-start to --swa-lr over this many "
                                      "epochs (torch's SWALR); 0 switches at once", unit="epochs")
     augment: bool = setting(False, "random crop (pad 4) + horizontal flip")
+    cutout: int = setting(0, "Cutout (DeVries & Taylor): one square of this side per training image, centred on a "
+                          "random pixel, set to the data's mean after normalisation (16 for CIFAR-10; 0: none)",
+                          unit="pixels")
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss (cross_entropy only; the loss every "
+                                     "evaluation, metric and analysis reports stays the plain cross-entropy)")
     seed: int = setting(0, "seed of shuffling, dropout and augmentation")
     init_seed: int | None = setting(None, "seed of the initial weights; equal values give SB and LB the same x0",
                                     default_text="--seed")
@@ -213,6 +218,10 @@ def validate_config(c: TrainConfig) -> None:
     if c.target_accuracy is not None and not 0 < c.target_accuracy <= 1:
         raise ValueError(f"--target-accuracy is a fraction in (0, 1]; got {c.target_accuracy} (99 % is 0.99)")
     _validate_flat(c)
+    if c.cutout < 0 or not 0 <= c.label_smoothing < 1:
+        raise ValueError(f"--cutout must be ≥ 0 and --label-smoothing in [0, 1); got {c.cutout}, {c.label_smoothing}")
+    if c.label_smoothing and c.loss != "cross_entropy":
+        raise ValueError("--label-smoothing applies to --loss cross_entropy only")
     if c.schedule == "step" and not c.milestones:
         raise ValueError("schedule 'step' needs --milestones (epochs at which the LR is multiplied by --gamma)")
 
@@ -402,6 +411,8 @@ class Run:
             if c.augment:
                 x = data_mod.augment(x, aug_gen)
             x = data_mod.normalize(x, self.ds.mean, self.ds.std, torch.float32, self.channels_last)
+            if c.cutout:
+                x = data_mod.cutout(x, c.cutout, aug_gen)
             if sam:
                 inputs.append((x, y))
             logits = self._backward(x, y, sync=not sam and m == plan.accumulation - 1)
@@ -424,8 +435,8 @@ class Run:
         with contextlib.nullcontext() if not env.distributed or sync else self.net.no_sync():
             with autocast:
                 logits = self.net(x)
-            summed = (F.cross_entropy(logits.float(), y, reduction="sum") if c.loss == "cross_entropy"
-                      else per_sample_loss(logits.float(), y, c.loss).sum())
+            summed = (F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=c.label_smoothing)
+                      if c.loss == "cross_entropy" else per_sample_loss(logits.float(), y, c.loss).sum())
             (summed * (env.world_size / c.batch_size)).backward()
         return logits
 
