@@ -204,7 +204,9 @@ def figure(runs: list[tuple[Path, str]], path: Path, title: str) -> Path:
         metrics = RunDir(run_dir).metrics()
         bottom.plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics], color=f"C{k}", lw=1.0)
     top.axhline(1.0, color="0.4", ls="--", lw=1.0)
-    top.set_ylabel("sharpness / its stability threshold\n(λ_max·η/2 for GD; Adam: preconditioned; SAM: λ_max/λ_SAM)")
+    top.set_ylabel("sharpness ÷ its stability threshold")
+    top.set_title("GD: λ_max ÷ 2/η · Adam: preconditioned sharpness ÷ (2 + 2β₁)/((1 − β₁)η) · SAM: λ_max ÷ λ_SAM, "
+                  "SAM's edge from ‖g‖ at each probe", fontsize=8)
     top.legend(fontsize=7)
     bottom.set_yscale("log")
     bottom.set(xlabel="step (full-batch: one per epoch)", ylabel="training loss (square)")

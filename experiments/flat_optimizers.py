@@ -88,8 +88,8 @@ SPEC = Spec("flat_optimizers", FlatOptimizers, {
     # λ_max, trace, worst-case sharpness and Keskar's φ of the four minima, BatchNorm in eval mode
     "measure": Section(measure_request_type(), {"metrics": ["hessian", "trace", "worst_case", "keskar"], "topk": 1,
                                                 "eps": (1e-3,), "subspace": 0, "maxiter": 10, "trace_method": "hutchpp",
-                                                "trace_max_probes": 30, "bn_mode": "eval", "train_subset": 1000,
-                                                "worst_n": 1000, "eval_batch_size": 1000},
+                                                "trace_max_probes": 30, "bn_mode": "eval", "train_subset": 1024,
+                                                "worst_n": 1024, "eval_batch_size": 1024},
                        frozenset({"checkpoints", "out", "trust_import", "metrics_file"}),
                        "sharpness of the four minima (minima.sharpness)"),
     "align": Section(AlignRequest, {"method": "weights"},
@@ -136,6 +136,7 @@ def check(p: Declared) -> None:
                          "SAM and ASAM are this pipeline's own runs")
     for run in RUNS:  # every run's request validated before the first stage
         validate_config(run_config(p, run, Path("runs")))
+    result_jobs(p.request("measure", checkpoints=[Path("x.pt")], out=Path("x.h5")))  # the metrics' parameters
 
 
 def stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> list[Stage]:

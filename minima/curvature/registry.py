@@ -394,16 +394,24 @@ class NormalisedLogits(torch.nn.Module):
         return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def check_batches(n: int, m: int, flags: tuple[str, str] = ("--worst-n", "--worst-m")) -> None:
+    """Refuse ``n`` images in batches of ``m`` unless 1 ≤ m ≤ n and m divides n."""
+    nf, mf = flags
+    if m < 1:
+        raise ValueError(f"{mf} must be ≥ 1, got {m}")
+    if m > n:
+        raise ValueError(f"{mf} {m} exceeds {nf} {n}: a batch cannot hold more images than are measured")
+    if n % m:
+        raise ValueError(f"{nf} {n} is not a multiple of {mf} {m}; pass n = k·m (e.g. 1024 and 128)")
+
+
 def batch_objectives(obj: DatasetObjective, n: int, m: int, logit_norm: bool = False,
                      flags: tuple[str, str] = ("--worst-n", "--worst-m")) -> list[DatasetObjective]:
     """Objectives of this rank's first images of the measured data in batches of ``m`` (BatchNorm eval, sums not
     reduced over ranks); in one process the first ``n`` images, under torchrun ⌈n / ranks⌉ of each rank's shard.
     ``flags``: how the refusals name ``n`` and ``m``."""
-    nf, mf = flags
-    if m > n:
-        raise ValueError(f"{mf} {m} exceeds {nf} {n}: a batch cannot hold more images than are measured")
-    if n % m:
-        raise ValueError(f"{nf} {n} is not a multiple of {mf} {m}; pass n = k·m (e.g. 1024 and 128)")
+    nf = flags[0]
+    check_batches(n, m, flags)
     if n > obj.count:
         raise ValueError(f"{nf} {n} exceeds the {obj.count} training images measured; pass --train-subset ≥ "
                          f"{n} or a smaller {nf}")
@@ -436,6 +444,7 @@ def _worst_case(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[
 def _worst_jobs(p: Mapping[str, Any]) -> list[Job]:
     if p["worst_rho"] <= 0:
         raise ValueError(f"--worst-rho must be > 0, got {p['worst_rho']}")
+    check_batches(p["worst_n"], p["worst_m"])  # refused with the request, before any work
     kind = ("adaptive_" if p["worst_adaptive"] else "") + p["worst_norm"]
     step = "_authors" if p["worst_norm"] == "l2" and p["worst_l2_step"] == "authors" else ""
     extra = {"logit_norm": True} if p["worst_logit_norm"] else {}  # absent when off: earlier results still resume
