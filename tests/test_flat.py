@@ -327,3 +327,12 @@ def test_wide_resnet_has_the_published_layout() -> None:
     assert torch.equal(model(torch.randn(2, 3, 32, 32)), torch.zeros(2, 10))  # davda54/sam: a zero last layer
     with pytest.raises(ValueError, match="6n \\+ 4"):
         build_model("wide_resnet", 10, depth=15)
+
+
+def test_sam_with_micro_batches_equals_one_batch(tmp_path: Path) -> None:
+    """Both passes accumulate over the micro-batches (the inputs kept for the second): the same ε and step."""
+    ds = _data()
+    whole = ck.load_checkpoint(train(_config(tmp_path / "whole"), dataset=ds))["state_dict"]
+    micro = ck.load_checkpoint(train(_config(tmp_path / "micro", micro_batch=8), dataset=ds))["state_dict"]
+    for k, v in whole.items():
+        torch.testing.assert_close(micro[k], v, rtol=1e-6, atol=1e-7, msg=k)
