@@ -52,6 +52,7 @@ def help_texts() -> dict[str, str]:
     return dict(zip(HELP_COMMANDS, texts, strict=True))
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 @pytest.mark.parametrize("command", HELP_COMMANDS)
 def test_help_shows_real_defaults_and_units(command: str, help_texts: dict[str, str]) -> None:
     flat = " ".join(help_texts[command].split())

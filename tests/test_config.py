@@ -55,6 +55,6 @@ def test_presets_load() -> None:
             pipeline.PIPELINE.load(name)
     assert connectivity.PIPELINE.load("paper").values("pair")["model"] == "vgg11"
     expected = [f"{pipeline}_{n}.toml" for pipeline in ("keskar", "batch_sweep", "li_surfaces", "connectivity",
-                                                        "edge_of_stability")
+                                                        "edge_of_stability", "flat_optimizers")
                 for n in ("paper", "quick", "smoke")]
     assert sorted(p.name for p in (root / "pipelines").glob("*.toml")) == sorted(expected)

@@ -153,6 +153,7 @@ def _zoo_table(path: Path, seeds: int = 2) -> Path:
     return path
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_zoo_analyze_writes_scores_a_table_and_a_figure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from minima.zoo import main
 

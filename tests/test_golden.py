@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ GOLDEN: dict[str, list[float]] = {
     "zoo_train_loss": [0.7137556682173454, 0.24559376035423552],
     "zoo_test_loss": [0.6453285448114912, 0.24460220703051405],
     "zoo_average": [-0.0034879446029663086, -0.0007844120264053345],
+    # pinned 2026-12-07 (AMD EPYC without AVX-512): SAM and ASAM around Adam, and SGD with SWA, on the trainer's run
+    "sam_train_loss": [1.508022953569889, 1.4797979906201362, 1.3622208312153816],
+    "asam_train_loss": [1.5217667445540428, 1.5166053548455238, 1.4162174239754677],
+    "swa_train_loss": [1.535372729599476, 1.5102139800786971, 1.443724262714386],
+    "swa_weights_sq_norm": [49.745387674358234],
 }
 
 
@@ -58,6 +64,24 @@ def test_golden_trainer(tmp_path: Path) -> None:
     train(_resume_config(tmp_path / "run"), dataset=_resume_data())
     rows = RunDir(tmp_path / "run").metrics()
     _check("trainer_train_loss", [r["train_loss"] for r in rows])
+
+
+@pytest.mark.parametrize("kind", ["sam", "asam", "swa"])
+def test_golden_flat_optimisers(tmp_path: Path, kind: str) -> None:
+    """The trainer's run with SAM / ASAM (ρ 0.05 / 2.0, η 0.01) around Adam, and SGD with SWA from epoch 1: 3 epochs;
+    for SWA also the squared norm of the averaged weights (BatchNorm's buffers left out)."""
+    settings = {"sam": {"optimizer": "sam", "sam_base": "adam"},
+                "asam": {"optimizer": "asam", "sam_base": "adam", "asam_eta": 0.01},
+                "swa": {"optimizer": "sgd", "lr": 0.05, "swa_start": 1, "swa_lr": 0.02, "eval_test": False}}[kind]
+    config = replace(_resume_config(tmp_path / "run"), **settings)
+    train(config, dataset=_resume_data())
+    _check(f"{kind}_train_loss", [r["train_loss"] for r in RunDir(tmp_path / "run").metrics()])
+    if kind == "swa":
+        from minima.files.checkpoint import load_checkpoint
+
+        weights = load_checkpoint(tmp_path / "run" / "swa.pt")["state_dict"]
+        _check("swa_weights_sq_norm", [float(sum(v.double().pow(2).sum() for k, v in weights.items()
+                                                 if "running" not in k and "num_batches" not in k))])
 
 
 def test_golden_curve(tmp_path: Path) -> None:

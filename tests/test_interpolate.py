@@ -208,6 +208,7 @@ def test_bad_inputs(pair: tuple, tmp_path: Path) -> None:
     assert main([str(a_path), str(tmp_path / "missing.pt"), "--out", str(tmp_path / "y.h5")]) == 2
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_plot_cli_and_default_output_name(pair: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a_path, b_path, _ = pair
     elsewhere = tmp_path / "cwd"

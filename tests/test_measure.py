@@ -13,6 +13,7 @@ from minima.studies.sharpness import MeasureRequest, measure
 from .helpers import toy_checkpoint, toy_dataset
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_sharpness_cli_stores_resumes_and_refuses_foreign_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ds = toy_dataset()
     a = toy_checkpoint(tmp_path / "a.pt", 1, ds, batchnorm=True)

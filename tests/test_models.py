@@ -48,7 +48,8 @@ def test_c1_pooling_is_keras_same_padding() -> None:
 
 
 def test_build_model_errors_list_choices() -> None:
-    choices = r"\['c1', 'c2', 'c3', 'c4', 'fc_tanh', 'mlp', 'mobilenet_v2', 'vgg11', 'vgg11_bn'\]"
+    choices = (r"\['c1', 'c2', 'c3', 'c4', 'fc_tanh', 'mlp', 'mobilenet_v2', 'vgg11', 'vgg11_bn', 'wide_resnet', "
+               r"'wrn16_8'\]")
     with pytest.raises(ValueError, match=rf"unknown model 'resnet'.*{choices}.*torchvision:NAME"):
         models.build_model("resnet")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['depth'\].*valid arguments"):

@@ -103,6 +103,7 @@ def test_a_misspelled_flag_gets_the_nearest_real_one(capsys: pytest.CaptureFixtu
     assert "did you mean --yes" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_loss_landscape_surface_files_round_trip_and_plot(tmp_path: Path) -> None:
     """A file in loss-landscape's layout — built here as their code fills it: values in ``np.meshgrid(x, y)`` order
     under the shape (nx, ny), accuracy in percent, −1 not computed — reads as the [x, y] grid, draws, and a minima
@@ -166,6 +167,7 @@ def test_the_sharpness_estimate_is_printed_and_learns_from_finished_results(ckpt
     assert _seconds(jobs[1:], unit, {"average_sigma": 2.0, "keskar_full_eps": 8.0}) == pytest.approx(5 * 1.5)
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_a_plane_from_a_loss_landscape_direction_file_and_the_overlay(ckpts: tuple[Path, Path], tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     """``--directions`` reads loss-landscape's xdirection/ydirection (weights: one tensor per parameter): the plane's
@@ -266,6 +268,7 @@ def test_grid_estimates_count_the_work_that_follows(tmp_path: Path, command: str
     assert estimate == pytest.approx(measured - 3 * 32e-3, rel=0.05, abs=0.05)
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_density_results_are_drawn_and_the_trace_methods_recorded(ckpts: tuple[Path, Path], tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     from minima.files import results

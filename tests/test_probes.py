@@ -159,6 +159,7 @@ def test_preconditioned_probe_with_adam_and_with_the_identity(tmp_path: Path, mo
     np.testing.assert_allclose(same["preconditioned"]["value"], same["hessian"]["value"], rtol=1e-6)
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_plot_draws_a_run_directory_s_probes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from minima.plot import main as plot_main
 
@@ -293,6 +294,7 @@ def test_users_own_probe_through_on_step_sees_the_live_model(tmp_path: Path) -> 
                                     rel=1e-6)
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_probe_time_is_reported_apart_and_kept_out_of_images_per_second(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Probes made to take 0.4 s each: ``probe_seconds`` holds that time and the training speed does not — three

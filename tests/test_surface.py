@@ -210,6 +210,7 @@ def _toy_run(tmp_path: Path, name: str, seed: int) -> Path:
     return tmp_path / name
 
 
+@pytest.mark.slow  # end to end: ≥ 1.5 s on 2 cores (the fast suite stays under a minute)
 def test_trajectory_surface_from_a_training_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = _toy_run(tmp_path, "run", 0)
     epochs = sorted(run_dir.glob("epoch_*.pt"))
