@@ -67,7 +67,8 @@ class EdgeOfStability:
 SPEC = Spec("edge_of_stability", EdgeOfStability, {
     "train": Section(TrainConfig, {"model": "fc_tanh", "train_subset": 1000, "subset_mode": "first", "epochs": 1500,
                                    "batch_size": "full", "momentum": 0.0, "loss": "mse", "target_accuracy": 0.99,
-                                   "eval_test": False, "eval_batch_size": 1000, "progress": False},
+                                   "eval_test": False, "eval_batch_size": 1000, "progress": False,
+                                   "print_every": 100},
                      frozenset({"optimizer", "lr", "init_from", "probe", "probe_subset", "out"}),
                      "every run (minima.train; epochs = the step cap)"),
 })

@@ -45,6 +45,7 @@ from minima.pipelines.declared import Declared, Section, Spec
 from minima.pipelines.runs import evaluate_run
 from minima.pipelines.stages import Rates, Stage
 from minima.studies.align import AlignRequest, align
+from minima.studies.align import units_moved as units_of
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_line
 from minima.studies.sharpness import block_jobs, measure, measure_request_type, recorded, result_jobs
@@ -336,9 +337,7 @@ def units_moved(aligned: Path) -> tuple[int, int]:
     the same initial weights and data order they often do, and the two lines are one)."""
     from minima.files import checkpoint as ckpt_io
 
-    perms = ckpt_io.load_checkpoint(aligned)["meta"]["alignment"]["permutations"]
-    moved = sum(int(np.sum(np.asarray(p) != np.arange(len(p)))) for p in perms.values())
-    return moved, sum(len(p) for p in perms.values())
+    return units_of(ckpt_io.load_checkpoint(aligned)["meta"]["alignment"]["permutations"])
 
 
 def _test_images(out: Path) -> int | None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.curvature.probes import PRECONDITIONED
 from minima.files import results, timeline
+from minima.files.naming import natural_key
 from minima.files.rundir import RunDir
 from minima.models import available_models, build_model, default_data, own_import
 from minima.pipelines.declared import Declared, Section, Spec
@@ -309,10 +309,7 @@ def layer_rows(path: Path) -> dict[str, dict[str, Any]]:
         row = rows.setdefault(str(r["block"]), {"params": int(r["block_size"])})
         row[f"{regime}_{'lambda_max' if metric.startswith('hessian') else 'trace'}"] = float(r["value"])
 
-    def natural(name: str) -> list:
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-    return {name: rows[name] for name in sorted(rows, key=natural)}
+    return {name: rows[name] for name in sorted(rows, key=natural_key)}
 
 
 def probe_row(path: Path) -> dict[str, float]:

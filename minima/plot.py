@@ -32,10 +32,14 @@ from minima.files.rundir import RunDir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = cfg.ArgumentParser(prog="python -m minima.plot", description="Redraw figures from .h5 result files.")
+    p = cfg.ArgumentParser(prog="python -m minima.plot",
+                           description="Redraw figures from result files and training runs: nothing is computed.")
     p.add_argument("files", nargs="+", type=Path,
-                   help="grid files (.h5) written by python -m minima.interpolate or python -m minima.surface, or "
-                        "loss-landscape surface files")
+                   help="what to draw: grid files (.h5) of python -m minima.interpolate, minima.surface or "
+                        "minima.curve (one curve, several curves overlaid, a plane, or several planes' contours "
+                        "overlaid); loss-landscape's surface files; sharpness files (.h5) of python -m "
+                        "minima.sharpness holding eigenvalue densities; or a training run's folder (its probes.h5 "
+                        "timeline with the stability thresholds and the training loss)")
     p.add_argument("--out", type=Path, default=None,
                    help="output image, .png/.pdf/.svg (default: FILE.png beside a single file; for several curves "
                         "overlay.png beside the first)")

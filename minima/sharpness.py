@@ -37,7 +37,10 @@ def parse_args(argv: Sequence[str] | None = None) -> MeasureOptions:
     p = cfg.ArgumentParser(prog="python -m minima.sharpness", description=__doc__.split("\n")[0],
                                 epilog=f"metrics: {metrics}. python -m minima.sharpness --show FILE.h5 prints a "
                                 "results file's table with the settings of every result.")
-    cfg.add_arguments(p, cls)
+    p.add_argument("--show", metavar="FILE.h5", help="print a results file's table with the settings every result "
+                   "was measured with, and exit (nothing is computed; give no other argument)")
+    groups = {param.name: (f"metric {m.name}", m.summary) for m in REGISTRY.values() for param in m.params}
+    cfg.add_arguments(p, cls, groups=groups)  # each metric's parameters under its name
     cfg.add_deprecated(p, DEPRECATED_FLAGS)
     args = cfg.apply_deprecated(p.parse_args(argv), DEPRECATED_FLAGS, "minima.sharpness")
     return cfg.resolve(cls, None, args)

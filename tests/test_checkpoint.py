@@ -123,3 +123,17 @@ def test_sha256(tmp_path: Path) -> None:
     p = tmp_path / "x"
     p.write_bytes(b"abc")
     assert ck.sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_a_result_file_given_as_a_checkpoint_is_named_as_one(tmp_path: Path) -> None:
+    """Issue 30: an .h5 result file where a checkpoint belongs says so, and what to pass — a curve's curve.pt for
+    ``minima.curve --evaluate``."""
+    import h5py
+
+    h5 = tmp_path / "curve.h5"
+    with h5py.File(h5, "w") as f:
+        f.attrs["format"] = "minima.grid/1"
+    with pytest.raises(ck.CheckpointError, match="HDF5 result file, not a checkpoint; pass a .pt file written by"):
+        ck.load_checkpoint(h5)
+    with pytest.raises(ck.CheckpointError, match="pass a curve.pt written by python -m minima.curve"):
+        ck.load_curve_checkpoint(h5)

@@ -324,3 +324,47 @@ def test_plot_points_the_right_way_for_a_checkpoint_and_a_pipeline_folder(tmp_pa
     assert plot_main([str(tmp_path / "pipeline")]) == 2
     err = capsys.readouterr().err
     assert "is not a training run; it holds 1 run(s) with a probe timeline" in err and str(run) in err
+
+
+def test_output_a_person_can_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 30 item 8: the epoch line every --print-every epochs (and the last); align says how many units moved;
+    --show orders columns and rows as a person counts (net.2 before net.10)."""
+    from minima.align import main as align_main
+    from minima.files.naming import natural_key
+    from minima.studies.train import TrainConfig, train
+
+    ds = toy_dataset()
+    train(TrainConfig(model="mlp", model_kwargs={"input_shape": list(ds.image_shape), "widths": [4]}, epochs=5,
+                      batch_size=8, optimizer="sgd", lr=0.1, device="cpu", progress=False, eval_test=False,
+                      print_every=2, out=str(tmp_path / "run")), dataset=ds)
+    printed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert printed == ["2/5", "4/5", "5/5"]
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds, widths=(6,))
+    assert align_main([str(a), str(a), "--out", str(tmp_path / "same.pt"), "--device", "cpu"]) == 0
+    assert "0 of 6 units moved: B already matches A" in capsys.readouterr().out
+    assert sorted(["hessian@net.10", "hessian@net.2", "epoch_0010", "epoch_0009"], key=natural_key) == [
+        "epoch_0009", "epoch_0010", "hessian@net.2", "hessian@net.10"]
+
+
+def test_help_texts_name_every_input_and_group_metric_flags(capsys: pytest.CaptureFixture) -> None:
+    """Issue 30 item 9: plot names what it draws, sharpness lists --show and each metric's flags under the metric,
+    curve lists --align-method's choices and says --resume also resumes the training."""
+    from minima.curve import main as curve_main
+    from minima.plot import main as plot_main
+
+    def help_of(main: Any) -> str:
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    plot = help_of(plot_main)
+    for what in ("minima.interpolate", "minima.surface", "minima.curve", "loss-landscape", "sharpness files",
+                 "training run's folder"):
+        assert what in plot, what
+    sharp = help_of(sharpness_main)
+    assert "--show FILE.h5 print a results file's table" in sharp
+    adaptive = sharp.index("metric adaptive:")
+    assert adaptive < sharp.index("--rho FLOAT box radius") < sharp.index("metric average:") < sharp.index(
+        "--sigma FLOAT noise scale")
+    curve = help_of(curve_main)
+    assert "--align-method {weights,activations}" in curve and "continue an interrupted curve training" in curve

@@ -23,7 +23,7 @@ from minima.files.rundir import RunDir
 from minima.pipelines.runs import complete, run_one, zoo_state
 from minima.pipelines.study import load_study, parse_shard, run_hash, shard
 from minima.pipelines.zoo import ZooRequest, submit_slurm, zoo
-from minima.studies.train import TrainingInterrupted, train
+from minima.studies.train import TrainConfig, TrainingInterrupted, train
 from tests.test_train import _sgd_config, _toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,10 @@ def test_a_run_is_named_by_what_it_computes(tmp_path: Path) -> None:
     two studies declaring the same run share its directory."""
     config = _sgd_config(tmp_path / "a")
     assert run_hash(config) == run_hash(replace(config, out="elsewhere", threads=7, progress=True))
+    # pinned: the hashes of fc45d42, before the SAM/SWA settings existed — a grown request keeps a zoo's runs
+    assert run_hash(TrainConfig()) == "f74c84679050"
+    assert run_hash(TrainConfig(model="mlp", lr=0.25, batch_size=64, optimizer="sgd")) == "22d97eb0b439"
+    assert run_hash(TrainConfig(optimizer="sam")) != run_hash(TrainConfig(optimizer="sam", sam_rho=0.1))
     assert run_hash(config) != run_hash(replace(config, lr=0.25))
     one = load_study(_study(tmp_path), tmp_path / "pool")
     other = _study(tmp_path, name="other.toml")

@@ -162,42 +162,58 @@ def help_text(f: dataclasses.Field) -> str:
     return text.replace("%", "%%")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] = ()) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] = (),
+                  groups: Mapping[str, tuple[str, str]] | None = None) -> None:
     """One argument per field of dataclass ``cls``; flags default to ``None`` (= "not given", so TOML values and
-    dataclass defaults apply), positional fields are required unless they have a default."""
+    dataclass defaults apply), positional fields are required unless they have a default. ``groups`` (field → a
+    title and a description) lists those fields' flags under their title in ``--help`` (e.g. each metric's
+    parameters under its metric), after the others."""
     hints = typing.get_type_hints(cls)
     skip = set(skip)
+    groups = dict(groups or {})
+    made: dict[str, Any] = {}
     own = set(vars(cls).get("__annotations__", {}))  # a command's own settings first, shared (inherited) ones after
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
+    for f in sorted(dataclasses.fields(cls), key=lambda f: (f.name in groups, f.name not in own)):
         if f.name in skip:
             continue
-        tp, optional = unwrap_optional(hints[f.name])
-        doc = help_text(f)
-        origin = typing.get_origin(tp)
-        if f.metadata.get("positional"):
-            many = origin in (tuple, list)
-            elem = typing.get_args(tp)[0] if many else tp
-            required = _default_of(f) is _NO_DEFAULT
-            nargs = ("+" if required else "*") if many else ("?" if optional else None)
-            parser.add_argument(f.name, nargs=nargs, type=elem, help=doc)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if tp is bool and f.metadata.get("switch"):
-            parser.add_argument(flag, action="store_const", const=True, default=None, help=doc)
-        elif tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
-        elif origin is Literal:
-            parser.add_argument(flag, choices=typing.get_args(tp), default=None, help=doc)
-        elif origin in (tuple, list) and typing.get_origin(typing.get_args(tp)[0]) is Literal:
-            parser.add_argument(flag, nargs="+", choices=typing.get_args(typing.get_args(tp)[0]), default=None,
-                                help=doc)
-        elif origin in (tuple, list):
-            elem = typing.get_args(tp)[0]
-            parser.add_argument(flag, nargs="+", type=elem, default=None, metavar=elem.__name__.upper(), help=doc)
-        elif tp is dict or origin is dict:
-            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=doc)
-        else:
-            parser.add_argument(flag, type=_scalar_parser(tp, optional), default=None, metavar=_metavar(tp), help=doc)
+        group = groups.get(f.name)
+        target: Any = parser
+        if group is not None:
+            if group[0] not in made:
+                made[group[0]] = parser.add_argument_group(*group)
+            target = made[group[0]]
+        _add_field(target, f, hints)
+
+
+def _add_field(parser: Any, f: dataclasses.Field, hints: dict[str, Any]) -> None:
+    """The argument of one field (see :func:`add_arguments`)."""
+    tp, optional = unwrap_optional(hints[f.name])
+    doc = help_text(f)
+    origin = typing.get_origin(tp)
+    if f.metadata.get("positional"):
+        many = origin in (tuple, list)
+        elem = typing.get_args(tp)[0] if many else tp
+        required = _default_of(f) is _NO_DEFAULT
+        nargs = ("+" if required else "*") if many else ("?" if optional else None)
+        parser.add_argument(f.name, nargs=nargs, type=elem, help=doc)
+        return
+    flag = "--" + f.name.replace("_", "-")
+    if tp is bool and f.metadata.get("switch"):
+        parser.add_argument(flag, action="store_const", const=True, default=None, help=doc)
+    elif tp is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+    elif origin is Literal:
+        parser.add_argument(flag, choices=typing.get_args(tp), default=None, help=doc)
+    elif origin in (tuple, list) and typing.get_origin(typing.get_args(tp)[0]) is Literal:
+        parser.add_argument(flag, nargs="+", choices=typing.get_args(typing.get_args(tp)[0]), default=None,
+                            help=doc)
+    elif origin in (tuple, list):
+        elem = typing.get_args(tp)[0]
+        parser.add_argument(flag, nargs="+", type=elem, default=None, metavar=elem.__name__.upper(), help=doc)
+    elif tp is dict or origin is dict:
+        parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=doc)
+    else:
+        parser.add_argument(flag, type=_scalar_parser(tp, optional), default=None, metavar=_metavar(tp), help=doc)
 
 
 def coerce(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:

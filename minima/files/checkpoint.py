@@ -43,7 +43,8 @@ REQUIRED_META = ("epoch", "step", "global_batch_size", "world_size", "seed", "tr
 _ZIP_MAGIC = b"PK\x03\x04"
 # Training settings (``meta["train_config"]`` keys) that may change when a run is resumed: they do not change the
 # computation's result, so the checkpoints of one run may differ in them.
-RESUMABLE_CHANGES = frozenset({"device", "threads", "progress", "eval_batch_size", "out", "data_on_device",
+RESUMABLE_CHANGES = frozenset({"device", "threads", "progress", "print_every", "eval_batch_size", "out",
+                               "data_on_device",
                                # probes measure the run without changing it: one may be added on resume
                                "probe", "probe_every", "probe_subset", "probe_bn_mode", "probe_topk",
                                "probe_warm_start",
@@ -151,7 +152,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 def load_curve_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a curve checkpoint (:func:`make_curve_checkpoint`); a network checkpoint, or any other
     file, is a :class:`CheckpointError` saying what it is."""
-    obj = _load_file(path, map_location)
+    obj = _load_file(path, map_location, expected="a curve.pt written by python -m minima.curve")
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if isinstance(fmt, str) and fmt in READABLE_FORMATS:
         raise CheckpointError(f"{path} is a network checkpoint ({fmt}), not a curve; train a curve between two "
@@ -183,8 +184,10 @@ def check_inputs(paths: Iterable[str | os.PathLike[str] | None]) -> None:
                                   else f"checkpoint {path} is not a file")
 
 
-def _load_file(path: str | os.PathLike[str], map_location: str | torch.device) -> Any:
-    """The object in a PyTorch file, read with ``weights_only=True``, or a :class:`CheckpointError` naming why not."""
+def _load_file(path: str | os.PathLike[str], map_location: str | torch.device,
+               expected: str = "a .pt file written by minima.train") -> Any:
+    """The object in a PyTorch file, read with ``weights_only=True``, or a :class:`CheckpointError` naming why not
+    and what to pass instead (``expected``)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -192,10 +195,12 @@ def _load_file(path: str | os.PathLike[str], map_location: str | torch.device) -
         raise CheckpointError(f"checkpoint {path} is not a file")
     with open(path, "rb") as f:
         head = f.read(512)
+    if head.startswith(b"\x89HDF"):
+        raise CheckpointError(f"{path} is an HDF5 result file, not a checkpoint; pass {expected}")
     if not head.startswith(_ZIP_MAGIC) and not head.startswith(b"\x80"):  # zip archive, or legacy pickle
         what = "an empty file" if not head else ("a text file" if _is_text(head) else "not a PyTorch file")
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what}; torch.save writes a zip archive); "
-                              "pass a .pt file written by minima.train")
+                              f"pass {expected}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -8,6 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def natural_key(name: str) -> list[int | str]:
+    """Sort key of names with numbers in them in the order a person expects: ``net.2`` before ``net.10``,
+    ``epoch_0009`` before ``epoch_0010`` (digit runs compare as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def run_label(path: str | os.PathLike[str]) -> str:
     """A readable name for a checkpoint: its run directory for generic names (final.pt, last.pt, init.pt,
     epoch_XXXX.pt), else the file's stem."""

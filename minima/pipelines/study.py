@@ -43,7 +43,11 @@ from minima.studies.sharpness import measure_request_type, result_jobs
 from minima.studies.train import TrainConfig, validate_config
 
 STUDY_KEYS = ("name", "seeds", "train", "grid", "variants", "measure")
-NOT_IN_HASH = ("out", "progress", "threads", "log")  # how a run is executed, not what it computes
+NOT_IN_HASH = ("out", "progress", "threads", "log", "print_every")  # how a run is executed, not what it computes
+# settings added to the training request after its hash was introduced: left out while they hold their default, so a
+# zoo's existing runs keep their hashes (and directories) when the request grows
+ADDED_LATER = ("sam_rho", "sam_base", "asam_eta", "swa_start", "swa_lr", "swa_anneal_epochs", "cutout",
+               "label_smoothing")
 MEASURE_SET_BY_ZOO = ("checkpoints", "out", "device")
 
 
@@ -87,8 +91,11 @@ class Study:
 
 
 def run_hash(config: TrainConfig) -> str:
-    """12 hex digits of the SHA-256 of the resolved training request without :data:`NOT_IN_HASH` (sorted JSON)."""
-    settings = {k: v for k, v in cfg.to_dict(config).items() if k not in NOT_IN_HASH}
+    """12 hex digits of the SHA-256 of the resolved training request without :data:`NOT_IN_HASH` and without the
+    :data:`ADDED_LATER` settings that hold their defaults (sorted JSON)."""
+    defaults = cfg.to_dict(TrainConfig())
+    settings = {k: v for k, v in cfg.to_dict(config).items()
+                if k not in NOT_IN_HASH and not (k in ADDED_LATER and v == defaults[k])}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -10,6 +10,7 @@ its settings, every group's permutation, and the matching objective before and a
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,12 +115,20 @@ def _align(req: AlignRequest) -> tuple[Path, Matching]:
     aligned_ck = ckpt_io.make_checkpoint(ck_b["model"]["name"], ck_b["model"]["kwargs"], aligned,
                                          {**ck_b["meta"], "alignment": record})
     ckpt_io.save_checkpoint(aligned_ck, out)
-    print(f"[minima.align] {found.objective_name}: {found.objective_before:.6g} → {found.objective_after:.6g}"
+    moved, units = units_moved(found.perms)
+    said = f"{moved:,} of {units:,} units moved" + (": B already matches A" if moved == 0 else "")
+    print(f"[minima.align] {said}; {found.objective_name}: {found.objective_before:.6g} → {found.objective_after:.6g}"
           f"{f' after {found.sweeps} sweep(s)' if req.method == 'weights' else ''} "
           f"({time.perf_counter() - t0:.1f} s); aligned B = B's function (largest logit difference {diff:.1e})",
           flush=True)
     print(f"[minima.align] wrote {out}", flush=True)
     return out, found
+
+
+def units_moved(perms: Mapping[str, Any]) -> tuple[int, int]:
+    """How many hidden units a permutation moves (``perm[i] ≠ i``), of how many, over all permuted groups."""
+    arrays = [np.asarray(p) for p in perms.values()]
+    return sum(int(np.sum(p != np.arange(len(p)))) for p in arrays), sum(len(p) for p in arrays)
 
 
 def _function_difference(ck_b: dict[str, Any], aligned: dict[str, torch.Tensor], x: torch.Tensor,

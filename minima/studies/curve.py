@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from minima.core import distributed
 from minima.core.cli import duration
 from minima.core.config import setting, to_dict
-from minima.core.vocab import Amp, CurveKind, ScheduleKind, check_choice
+from minima.core.vocab import AlignMethod, Amp, CurveKind, ScheduleKind, check_choice
 from minima.data import (
     Dataset,
     augment,
@@ -93,7 +93,10 @@ class CurveRequest(EvalOptions):
     amp: Amp = setting("none", "bf16: CUDA autocast of the curve's forward passes")
     align: bool = setting(False, "align B to A first (python -m minima.align) and train the curve between A and the "
                           "aligned B", switch=True)
-    align_method: str = setting("weights", "alignment method with --align (weights or activations)")
+    resume: bool = setting(False, "continue an interrupted curve training from its last.pt (bit for bit), then "
+                           "compute only the grid points the curve's files still lack", switch=True)
+    align_method: AlignMethod = setting("weights", "alignment method with --align: weight matching or activation "
+                                        "matching (minima.align --method)")
     t: str = setting("0:1:21", "t grid the curve and the lines are evaluated on: START:STOP:NUM or a list in [0, 1]")
     out: Path | None = setting(None, "the curve's directory", default_text="<A>_curve_<B>/ beside A")
 

@@ -41,7 +41,7 @@ from minima.curvature.worstcase import iteration_seconds
 from minima.data import load_for_checkpoint
 from minima.files import checkpoint as ckpt_io
 from minima.files import results
-from minima.files.naming import check_output, unique_labels
+from minima.files.naming import check_output, natural_key, unique_labels
 from minima.geometry.evaluate import Batching, recorded_loss
 
 
@@ -377,8 +377,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     (BatchNorm mode, training images, dtype, batch size, subset seed, float32 math). Results of one column measured
     with different settings are marked ``*`` and listed, and columns measured with different settings are said to
     be so: numbers of different protocols are never shown as one table without saying it."""
-    labels = sorted({str(r["checkpoint_label"]) for r in rows})
-    metrics = sorted({str(r["metric"]) for r in rows})
+    labels = sorted({str(r["checkpoint_label"]) for r in rows}, key=natural_key)  # epoch_2 before epoch_10
+    metrics = sorted({str(r["metric"]) for r in rows}, key=natural_key)  # hessian@net.2 before hessian@net.10
     cell = {(str(r["checkpoint_label"]), str(r["metric"])): r for r in rows}
 
     def settings(r: dict[str, Any]) -> tuple[str, ...]:

@@ -192,6 +192,8 @@ class TrainConfig(DataOptions):
                                     "optional extra, e.g. pip install 'minima[tensorboard]'", default_text="none")
     eval_test: bool = setting(True, "evaluate the test set after every epoch")
     progress: bool = setting(True, "tqdm progress bar on rank 0")
+    print_every: int = setting(1, "print the epoch's line every K epochs (and the last one, and the one the stopping "
+                               "rule ends on); metrics.jsonl keeps every epoch", unit="epochs")
 
 
 def validate_config(c: TrainConfig) -> None:
@@ -218,6 +220,8 @@ def validate_config(c: TrainConfig) -> None:
     if c.target_accuracy is not None and not 0 < c.target_accuracy <= 1:
         raise ValueError(f"--target-accuracy is a fraction in (0, 1]; got {c.target_accuracy} (99 % is 0.99)")
     _validate_flat(c)
+    if c.print_every < 1:
+        raise ValueError(f"--print-every must be ≥ 1 epoch; got {c.print_every}")
     if c.cutout < 0 or not 0 <= c.label_smoothing < 1:
         raise ValueError(f"--cutout must be ≥ 0 and --label-smoothing in [0, 1); got {c.cutout}, {c.label_smoothing}")
     if c.label_smoothing and c.loss != "cross_entropy":
@@ -788,7 +792,8 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         said = run.probes.take_said() if run.probes is not None else ""
         if said:  # the probes that ran in this epoch, each at its last step, against its threshold
             msg += f" | {said}"
-        tqdm.write(msg)
+        if run.epoch % c.print_every == 0 or run.epoch == c.epochs or stopped:
+            tqdm.write(msg)
         if stopped:
             tqdm.write(f"[minima.train] stopping: {stopped}")
     return stopped
