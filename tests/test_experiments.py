@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -123,6 +124,19 @@ def test_notebook_executes_on_a_small_file(tmp_path: Path, monkeypatch) -> None:
     assert "3×3 points, 9 computed" in text
     with h5py.File(out / "seed0" / "sb_vs_lb.h5") as f:
         assert f.attrs["format"] == results.GRID_FORMAT and list(f["coords"]) == ["alpha"]
+    # the run folder is a parameter: any training run's folder (no curves there) gets its own small plane
+    for name in ("MINIMA_CURVES", "MINIMA_SHARPNESS", "MINIMA_SURFACE"):
+        monkeypatch.delenv(name)
+    run = tmp_path / "lb_copy"
+    shutil.copytree(out / "seed0" / "lb", run)
+    monkeypatch.setenv("MINIMA_RUN", str(run))
+    nb = nbformat.read(ROOT / "notebooks" / "explore_curves.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs += [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "no curve file in" in text and "7×7 points, 49 computed" in text and (run / "lb_copy_surface.h5").exists()
+    assert "Warning" not in text, text  # no TqdmWarning (or any other) in the notebook's output
 
 
 @pytest.mark.slow
