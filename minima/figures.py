@@ -82,7 +82,8 @@ def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -
                         rotation=90, va="top", ha="center", fontsize=7, color="0.3")
     ax.set_yscale("log")
     _readable_log_axis(ax)
-    ax.set_xlabel("α   (θ = (1 − α)·θ_A + α·θ_B)")
+    kind = str(curve.attrs.get("path_kind", ""))
+    ax.set_xlabel("t along the curve   (t = 0: A, t = 1: B)" if "curve" in kind else "α   (θ = (1 − α)·θ_A + α·θ_B)")
     ax.set_ylabel("cross-entropy (nats)", color=LOSS_COLOR)
     acc_ax.set_ylabel("accuracy", color=ACC_COLOR)
     acc_ax.set_ylim(0.0, 1.02)
@@ -97,7 +98,8 @@ def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -
     extra = ("\nbarrier (max above the endpoints' line, α ∈ [0, 1]): loss train "
              f"{found['barrier_train_loss']:.3g}, test {found['barrier_test_loss']:.3g}; accuracy train "
              f"{found['barrier_train_accuracy']:.3g}, test {found['barrier_test_accuracy']:.3g}") if found else ""
-    ax.set_title(title or f"{curve.name_a} → {curve.name_b} · {describe(curve.attrs)}{extra}", fontsize=9)
+    what = f"{kind}: " if kind else ""
+    ax.set_title(title or f"{what}{curve.name_a} → {curve.name_b} · {describe(curve.attrs)}{extra}", fontsize=9)
     return fig
 
 
@@ -119,7 +121,8 @@ def curve_label(curve: Curve) -> str:
     """How a curve is named in a legend: the checkpoint for a direction through one, A → B for a segment."""
     if not str(curve.attrs.get("checkpoint_b", "")):
         return curve.name_a
-    return f"{curve.name_a} → {curve.name_b}"
+    kind = str(curve.attrs.get("path_kind", ""))  # a trained curve and the straight line between its ends differ
+    return f"{curve.name_a} → {curve.name_b}" + (f" ({kind})" if kind else "")
 
 
 def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] | None = None,
@@ -132,9 +135,13 @@ def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] |
 
         fig, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
     fig = ax.figure
+    settings = [describe(c.attrs) for c in curves]
+    shared = len(set(settings)) <= 1  # else each curve's own images and BatchNorm policy go into its legend entry
     for k, curve in enumerate(curves):
         color = f"C{k % 10}"
         name = labels[k] if labels is not None else curve_label(curve)
+        if not shared:
+            name += f" · {settings[k]}"
         for split, style in SPLIT_STYLE.items():
             loss = np.asarray(getattr(curve, f"{split}_loss"), dtype=float)
             ok = np.isfinite(loss) & (loss > 0)
@@ -146,7 +153,8 @@ def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] |
     ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy (nats)")
     if curves:
-        ax.set_title((f"{title}\n" if title else "") + describe(curves[0].attrs), fontsize=9)
+        said = settings[0] if shared else "each curve's images and BatchNorm policy in its legend entry"
+        ax.set_title((f"{title}\n" if title else "") + said, fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, handlelength=4.0, frameon=False)
     return fig
 

@@ -112,3 +112,24 @@ def test_a_log_axis_always_has_labelled_ticks_inside_its_range(lo: float, hi: fl
     shown = [t for t in [*ax.yaxis.get_majorticklabels(), *ax.yaxis.get_minorticklabels()]
              if t.get_text() and ymin <= t.get_position()[1] <= ymax]
     assert len(shown) >= 2, [t.get_text() for t in shown]
+
+
+def test_a_trained_curve_and_a_line_are_labelled_as_what_they_are() -> None:
+    """Issue 30 item 5: a curve's x axis is t along the curve and its title says it is one; overlaid, a curve and a
+    line carry their kinds, and files on different images each name their own."""
+    alpha = np.linspace(0, 1, 5)
+
+    def made(kind: str, test_size: int) -> object:
+        config = json.dumps({"data": {"train_size": 1000, "test_size": test_size}})
+        return curve_from_values(alpha, _values((5,)), {"bn_policy": "recompute", "label_a": "sb",
+                                                        "label_b": "lb_aligned_to_sb", "checkpoint_b": "b.pt",
+                                                        "path_kind": kind, "config": config})
+
+    curve, line = made("bezier curve (1 bend(s))", 2000), made("straight line between the endpoints", 1000)
+    ax = plot_curve(curve, ax=Figure().add_subplot()).axes[0]
+    assert ax.get_xlabel().startswith("t along the curve") and ax.get_title().startswith("bezier curve (1 bend(s)): ")
+    ax = plot_curves([curve, line], ax=Figure().add_subplot()).axes[0]
+    labels = [ln.get_label() for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    assert any("bezier curve" in lab and "2,000 test" in lab for lab in labels), labels
+    assert any("straight line" in lab and "1,000 test" in lab for lab in labels), labels
+    assert "2,000" not in ax.get_title() and "in its legend entry" in ax.get_title()
