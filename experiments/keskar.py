@@ -306,7 +306,7 @@ def layer_rows(path: Path) -> dict[str, dict[str, Any]]:
         metric, regime = str(r["metric"]), r["checkpoint_label"]
         if "@" not in metric:
             continue
-        row = rows.setdefault(str(r["block"]), {"params": int(r["block_size"])})
+        row = rows.setdefault(str(r["block"]), {"params": int(r["block_size"]), "modules": r.get("block_modules")})
         row[f"{regime}_{'lambda_max' if metric.startswith('hessian') else 'trace'}"] = float(r["value"])
 
     return {name: rows[name] for name in sorted(rows, key=natural_key)}
@@ -438,7 +438,8 @@ def summary_markdown(model: str, preset_name: str, p: Declared, rows: list[dict[
             "",
             "| layer (parameters) | SB λ_max | LB λ_max | SB trace | LB trace |",
             "|---|---|---|---|---|",
-            *(f"| {name} ({v['params']:,}) | {v.get('sb_lambda_max', float('nan')):.4g} | "
+            *(f"| {name}{' · ' + v['modules'] if v.get('modules') else ''} ({v['params']:,}) | "
+              f"{v.get('sb_lambda_max', float('nan')):.4g} | "
               f"{v.get('lb_lambda_max', float('nan')):.4g} | {v.get('sb_trace', float('nan')):.4g} | "
               f"{v.get('lb_trace', float('nan')):.4g} |" for name, v in layers.items()),
         ]
@@ -489,9 +490,10 @@ def curvature_figure(path: Path, out: Path, title: str) -> Path:
         left.bar(where + (k - 0.5) * 0.4, [rows[b].get(f"{regime}_lambda_max", np.nan) for b in labels], 0.4,
                  label=regime.upper(), color=f"C{k}")
     left.set_yscale("log")
-    left.set_xticks(where, [f"{b}\n({rows[b]['params']:,})" for b in labels], fontsize=7)
-    left.set(ylabel="λ_max of the layer's Hessian block", title="per layer (parameters)")
-    left.legend(fontsize=8)
+    left.set_xticks(where, [f"{b}\n{rows[b]['modules'] or ''}\n({rows[b]['params']:,})" for b in labels],
+                    fontsize=7)
+    left.set(ylabel="λ_max of the layer's Hessian block", title="per layer: its modules (parameters)")
+    left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncols=2, frameon=False)  # off the bars
     if densities:
         plot_density(densities, right)
     fig.suptitle(f"Curvature of SB and LB — {title}", fontsize=9)

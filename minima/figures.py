@@ -301,22 +301,40 @@ DENSITY_WIDTH = 0.01  # Gaussian broadening σ, as a fraction of the range of th
 def plot_density(densities: list[dict], ax: Axes | None = None, width: float = DENSITY_WIDTH) -> Figure:
     """Hessian eigenvalue densities of sharpness results (``metric`` density…: ``nodes``, ``weights``), PyHessian
     style: each quadrature broadened by Gaussians of σ = ``width`` × the range of all Ritz values, on a log y axis,
-    one colour per checkpoint; the largest Ritz value of each is marked (the outlier that λ_max measures)."""
-    from minima.curvature.hessian import broadened
-
+    one colour per checkpoint; the largest Ritz value of each is marked (the outlier that λ_max measures). Per-block
+    densities (``--blocks``) are drawn by :func:`plot_block_densities` instead."""
     if ax is None:
         import matplotlib.pyplot as plt  # only here: a notebook asking for a new figure
 
         _, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
     fig = ax.figure
+    sigma = _draw_densities(ax, densities, width, _checkpoint_colours(densities))
+    meta = densities[0]
+    ax.set_title(f"Hessian eigenvalue density · BatchNorm {meta.get('bn_mode', '?')} · "
+                 f"{int(meta.get('train_samples', 0)):,} training images\nbroadening σ = {sigma:.3g} "
+                 f"({100 * width:g} % of the Ritz values' range); dotted: largest Ritz value", fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)  # clear of the marks
+    return fig
+
+
+def _checkpoint_colours(densities: list[dict]) -> dict[str, str]:
+    """One colour per checkpoint, in the order the checkpoints first appear: the same in every panel."""
+    labels = list(dict.fromkeys(str(d["checkpoint_label"]) for d in densities))
+    return {label: f"C{k % 10}" for k, label in enumerate(labels)}
+
+
+def _draw_densities(ax: Axes, densities: list[dict], width: float, colours: dict[str, str]) -> float:
+    """The broadened densities on ``ax`` (log y, the largest Ritz value dotted and labelled); returns σ."""
+    from minima.curvature.hessian import broadened
+
     lo = min(float(np.min(d["nodes"])) for d in densities)
     hi = max(float(np.max(d["nodes"])) for d in densities)
     span = max(hi - lo, 1e-12)
     sigma = width * span
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 4000)
-    for k, d in enumerate(densities):
+    for d in densities:
         dens = broadened(np.asarray(d["nodes"]), np.asarray(d["weights"]), grid, sigma)
-        color = f"C{k % 10}"
+        color = colours[str(d["checkpoint_label"])]
         ax.plot(grid, np.maximum(dens, 1e-12), color=color, lw=1.2,
                 label=f"{d['checkpoint_label']} ({int(d['probes'])} probes × {int(d['steps'])} steps, "
                       f"n = {int(d['dimension']):,})")
@@ -328,16 +346,53 @@ def plot_density(densities: list[dict], ax: Axes | None = None, width: float = D
     ax.set_ylim(bottom=1e-10)  # low enough for an isolated outlier of one Ritz weight
     ax.set_xlabel("Hessian eigenvalue λ")
     ax.set_ylabel("density (Gaussian-broadened SLQ)")
+    return sigma
+
+
+def plot_block_densities(densities: list[dict], fig: Figure | None = None, width: float = DENSITY_WIDTH) -> Figure:
+    """Per-block densities (results of ``--blocks``) as small multiples: one panel per block, in the network's order,
+    titled with the block, the modules that own its parameters (``Linear 3072→512``, ``BatchNorm 512``) and its
+    size; every checkpoint in each panel in the same colour throughout; one legend for all."""
+    from minima.files.naming import natural_key
+
+    blocks: dict[str, list[dict]] = {}
+    for d in densities:
+        blocks.setdefault(str(d["block"]), []).append(d)
+    names = sorted(blocks, key=natural_key)
+    cols = min(len(names), 3)
+    rows = -(-len(names) // cols)
+    if fig is None:
+        fig = Figure(figsize=(4.6 * cols, 3.4 * rows + 1.0), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colours = _checkpoint_colours(densities)
+    for ax, name in zip(axes, names, strict=False):
+        found = blocks[name]
+        _draw_densities(ax, found, width, colours)
+        modules = found[0].get("block_modules")
+        ax.set_title(f"{name}" + (f" · {modules}" if modules else "")
+                     + f"\n{int(found[0].get('block_size', found[0]['dimension'])):,} parameters", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.label.set_fontsize(7)
+        ax.yaxis.label.set_fontsize(7)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    handles = {ln.get_label().split(" (")[0]: ln for ax in axes for ln in ax.get_lines()
+               if not ln.get_label().startswith("_")}
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
+               fontsize=8, frameon=False)
     meta = densities[0]
-    ax.set_title(f"Hessian eigenvalue density · BatchNorm {meta.get('bn_mode', '?')} · "
-                 f"{int(meta.get('train_samples', 0)):,} training images\nbroadening σ = {sigma:.3g} "
-                 f"({100 * width:g} % of the Ritz values' range); dotted: largest Ritz value", fontsize=8)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)  # clear of the marks
+    fig.suptitle(f"Hessian eigenvalue density of each block · BatchNorm {meta.get('bn_mode', '?')} · "
+                 f"{int(meta.get('train_samples', 0)):,} training images · broadening σ = {100 * width:g} % of each "
+                 "panel's Ritz values' range; dotted: largest Ritz value", fontsize=9)
     return fig
 
 
 def save_density_figure(densities: list[dict], path: str | Path, dpi: int = 130) -> Path:
-    """Draw :func:`plot_density` into ``path`` without pyplot."""
+    """Draw :func:`plot_density` (or, for per-block results, :func:`plot_block_densities`) into ``path`` without
+    pyplot."""
+    if any("block" in d for d in densities):
+        plot_block_densities(densities).savefig(path, dpi=dpi)
+        return Path(path)
     return _save(plot_density, densities, path, (7.0, 4.6), dpi)
 
 

@@ -132,6 +132,12 @@ def test_per_block_densities_are_drawn_as_small_multiples(tmp_path: Path) -> Non
                            "--density-steps", "6", "--out", str(out)]) == 0
     assert plot_main([str(out)]) == 0
     assert_drawn(tmp_path / "d_density.png")
+    from minima.figures import plot_block_densities
+    from minima.files.results import load_sharpness
+
+    fig = plot_block_densities([r for r in load_sharpness(out) if str(r["metric"]).startswith("density")])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["net.1 · Linear 48→6\n294 parameters", "net.3 · Linear 6→3\n21 parameters"], titles
 
 
 def _jacobian_ggn(model: nn.Module, ds: data.Dataset) -> torch.Tensor:

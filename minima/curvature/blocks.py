@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 KEYWORDS = ("all", "layers", "modules")
 
@@ -101,3 +102,26 @@ def flat_index(named: Sequence[tuple[str, int]], names: Sequence[str]) -> torch.
         raise ValueError(f"block parameters {missing} are not parameters of this model")
     return torch.cat([torch.arange(offsets[n][0], offsets[n][0] + offsets[n][1]) for n in names])
 
+
+
+def module_kind(module: nn.Module) -> str:
+    """A layer as a reader names it: ``Linear 3072→512``, ``Conv 64→128 3×3``, ``BatchNorm 512``; else its class."""
+    if isinstance(module, nn.Linear):
+        return f"Linear {module.in_features}→{module.out_features}"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"Conv {module.in_channels}→{module.out_channels} {'×'.join(str(k) for k in module.kernel_size)}"
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return f"BatchNorm {module.num_features}"
+    if isinstance(module, nn.LayerNorm):
+        return f"LayerNorm {'×'.join(str(s) for s in module.normalized_shape)}"
+    return type(module).__name__
+
+
+def describe_block(model: nn.Module, names: Sequence[str]) -> str:
+    """The modules that own a block's parameters (``names``), each as :func:`module_kind` says, in order."""
+    owners: list[str] = []
+    for name in names:
+        owner = name.rpartition(".")[0]
+        if owner not in owners:
+            owners.append(owner)
+    return ", ".join(module_kind(model.get_submodule(o)) if o else type(model).__name__ for o in owners)

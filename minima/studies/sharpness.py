@@ -33,7 +33,7 @@ from minima.core.options import CheckpointData
 from minima.core.precision import effective as precision_effective
 from minima.core.precision import float32_math
 from minima.core.vocab import TORCH_DTYPES, BNMode, Curvature, CurvatureDtype, check_choice
-from minima.curvature.blocks import parameter_blocks
+from minima.curvature.blocks import describe_block, parameter_blocks
 from minima.curvature.measures import keskar_overheads
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.curvature.registry import REGISTRY, Metric, Param, batch_objectives, get_metric, load_plugins
@@ -296,7 +296,9 @@ def _measure_checkpoint(path: Path, label: str, ckpt: dict[str, Any], model: nn.
             precision = json.dumps(precision_effective(env.device, req.float32_math))
             results.ensure_sharpness_file(out)
             results.set_attrs(out, {"sharpness_request": to_dict(req)})
-            results.write_sharpness(out, label, name, {**common, **job, **values, "settings_key": key_of(metric, job),
+            block = {"block_modules": describe_block(model, job["block_params"])} if "block_params" in job else {}
+            results.write_sharpness(out, label, name, {**common, **job, **values, **block,
+                                                       "settings_key": key_of(metric, job),
                                                        "metric_kind": metric.name, "precision": precision})
             cache = obj.hvp_cache_info
             kept = (f"; gradient graphs of {cache['batches']}/{len(obj.batches)} batches kept "
