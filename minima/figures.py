@@ -95,7 +95,7 @@ def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=4,
               handlelength=4.0, frameon=False)
     found = barriers(curve) if str(curve.attrs.get("checkpoint_b", "segment")) else {}  # not along a random direction
-    extra = ("\nbarrier (max above the endpoints' line, α ∈ [0, 1]): loss train "
+    extra = ("\nbarrier (max above the endpoints' line, α ∈ [0, 1]):\nloss train "
              f"{found['barrier_train_loss']:.3g}, test {found['barrier_test_loss']:.3g}; accuracy train "
              f"{found['barrier_train_accuracy']:.3g}, test {found['barrier_test_accuracy']:.3g}") if found else ""
     what = f"{kind}: " if kind else ""
@@ -317,10 +317,21 @@ def plot_density(densities: list[dict], ax: Axes | None = None, width: float = D
     return fig
 
 
+ROLE_COLOURS = {"sb": "C0", "lb": "C1"}  # Keskar's two regimes: one colour each in every figure, standalone or not
+
+
 def _checkpoint_colours(densities: list[dict]) -> dict[str, str]:
-    """One colour per checkpoint, in the order the checkpoints first appear: the same in every panel."""
+    """One colour per checkpoint, the same in every panel: SB and LB their :data:`ROLE_COLOURS`, the others the
+    remaining colours in the order the checkpoints first appear."""
     labels = list(dict.fromkeys(str(d["checkpoint_label"]) for d in densities))
-    return {label: f"C{k % 10}" for k, label in enumerate(labels)}
+    free = [f"C{k}" for k in range(10) if f"C{k}" not in {ROLE_COLOURS.get(lab) for lab in labels}]
+    out = {}
+    for label in labels:
+        if label in ROLE_COLOURS:
+            out[label] = ROLE_COLOURS[label]
+        else:
+            out[label] = free.pop(0) if free else "0.4"  # more than ten checkpoints: grey beyond
+    return out
 
 
 def _draw_densities(ax: Axes, densities: list[dict], width: float, colours: dict[str, str]) -> float:
@@ -420,21 +431,30 @@ def plot_probes(line: dict, metrics: list[dict], title: str = "") -> Figure:
     return fig
 
 
+PROBE_QUANTITIES = {"hessian": "λ_max of H", "preconditioned": "λ_max of P⁻¹ᐟ²HP⁻¹ᐟ²", "trace": "trace of H",
+                    "density": "largest Ritz value of H", "worst_case": "worst-case sharpness",
+                    "keskar": "Keskar's φ (%)", "adaptive": "adaptive sharpness", "average": "average sharpness"}
+
+
 def plot_probe_runs(lines: dict[str, dict], probe: str, ax: Axes, x: str = "step") -> Axes:
     """One probe of several training runs (``{label: timeline}``, :func:`minima.files.timeline.load`) on one axes
     against ``x`` (``step`` or ``epoch``: runs with different batch sizes take different numbers of steps per epoch),
     each run's stability threshold dashed in its colour (offset dashes, so equal thresholds stay visible), log scale
     when every value is positive."""
     positive = True
+    drawn: list[tuple[str, np.ndarray]] = []  # thresholds drawn so far, to say when one coincides with another's
     for k, (label, line) in enumerate(lines.items()):
         rows = line[probe]
         value = np.asarray(rows["value"], dtype=float)
         ax.plot(rows[x], value, "o-", ms=3, color=f"C{k}", label=label)
         threshold = np.asarray(rows.get("threshold", []), dtype=float)
         if threshold.size and np.isfinite(threshold).any():
+            same = next((other for other, t in drawn if t.shape == threshold.shape
+                         and np.allclose(t, threshold, rtol=1e-9, equal_nan=True)), None)
+            drawn.append((label, threshold))
             # dashes offset per run: thresholds that coincide show both colours in turn
             ax.plot(rows[x], threshold, color=f"C{k}", lw=1.2, ls=(5 * k, (5, 5 * (len(lines) - 1) or 5)),
-                    label=f"{label}: stability threshold")
+                    label=f"{label}: stability threshold" + (f" (the same as {same}'s)" if same else ""))
         edge = np.asarray(rows.get("sam_threshold", []), dtype=float)
         if edge.size and np.isfinite(edge).any():  # a SAM run: its own edge, below the base optimiser's
             ax.plot(rows[x], edge, color=f"C{k}", lw=1.2, ls=":", label=f"{label}: SAM's edge λ_SAM")
@@ -442,7 +462,7 @@ def plot_probe_runs(lines: dict[str, dict], probe: str, ax: Axes, x: str = "step
     if positive:
         ax.set_yscale("log")
         _readable_log_axis(ax)
-    ax.set(xlabel="optimiser step" if x == "step" else "epoch", ylabel=probe)
+    ax.set(xlabel="optimiser step" if x == "step" else "epoch", ylabel=PROBE_QUANTITIES.get(probe, probe))
     ax.legend(fontsize=7, loc="best")
     return ax
 

@@ -133,3 +133,17 @@ def test_a_trained_curve_and_a_line_are_labelled_as_what_they_are() -> None:
     assert any("bezier curve" in lab and "2,000 test" in lab for lab in labels), labels
     assert any("straight line" in lab and "1,000 test" in lab for lab in labels), labels
     assert "2,000" not in ax.get_title() and "in its legend entry" in ax.get_title()
+
+
+def test_sb_and_lb_keep_their_colours_and_probe_panels_name_their_quantity() -> None:
+    """Issue 30 item 5: SB blue and LB orange whichever order a file lists them in; a probe panel's y label is the
+    quantity; a threshold that coincides with another run's says so in the legend."""
+    from minima.figures import _checkpoint_colours, plot_probe_runs
+
+    assert _checkpoint_colours([{"checkpoint_label": "lb"}, {"checkpoint_label": "sb"}]) == {"lb": "C1", "sb": "C0"}
+    assert _checkpoint_colours([{"checkpoint_label": "x"}, {"checkpoint_label": "sb"}])["x"] == "C1"
+    rows = {"step": np.array([1.0, 2.0]), "value": np.array([3.0, 4.0]), "threshold": np.array([5.0, 5.0])}
+    ax = Figure().add_subplot()
+    plot_probe_runs({"a": {"hessian": rows}, "b": {"hessian": rows}}, "hessian", ax)
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    assert ax.get_ylabel() == "λ_max of H" and "b: stability threshold (the same as a's)" in labels, labels
