@@ -70,11 +70,15 @@ class Pipeline:
     def load(self, name_or_path: str, overrides: Sequence[str] = ()) -> Declared:
         return declared.load(self.spec, self.configs, name_or_path, overrides)
 
-    def parser(self, description: str) -> argparse.ArgumentParser:
-        """The shared arguments; a pipeline adds its own (``--model``, …)."""
+    def parser(self, doc: str) -> argparse.ArgumentParser:
+        """The shared arguments; a pipeline adds its own (``--model``, …). ``doc`` is the pipeline's docstring: its
+        first line describes the command, the rest — the presets and how long they take on 2 CPU cores, what the
+        pipeline trains first when an input run is missing, what it writes — is shown after the flags."""
         names = sorted(p.stem[len(self.spec.name) + 1:] for p in self.configs.glob(f"{self.spec.name}_*.toml"))
         tables = ", ".join(f"{k}.KEY ({s.help})" for k, s in self.spec.sections.items())
-        p = cfg.ArgumentParser(prog=f"python -m {self.command}", description=description)
+        first, _, rest = doc.strip().partition("\n")
+        p = cfg.ArgumentParser(prog=f"python -m {self.command}", description=first, epilog=rest.strip("\n") or None,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help=f"override a preset value: the pipeline's own KEY, or {tables}; e.g. train.lr=0.05")
         p.add_argument("--preset", default="quick", help=f"{', '.join(names)} (experiments/configs/pipelines/"

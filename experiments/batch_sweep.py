@@ -181,7 +181,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
 
 @interruptible("batch_sweep")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = PIPELINE.parser(__doc__.split("\n")[0])
+    ap = PIPELINE.parser(__doc__)
     ap.add_argument("--batches", type=int, nargs="+", default=None,
                     help="the batch sizes: the same as batches=A/B/C")
     ap.add_argument("--pretrained", default=None, help="mobilenet_v2: 'imagenet' (torchvision download) or a local "

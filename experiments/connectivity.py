@@ -261,7 +261,7 @@ def summary_markdown(p: Declared, pair: dict, sblb: dict, wall_s: float, kdir: P
 
 @interruptible("connectivity")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = PIPELINE.parser(__doc__.split("\n")[0])
+    ap = PIPELINE.parser(__doc__)
     ap.add_argument("--keskar-out", type=Path, default=None,
                     help="the Keskar pipeline's run directory (default: runs/keskar_<keskar_model>_<keskar_preset>)")
     args = ap.parse_intermixed_args(argv)

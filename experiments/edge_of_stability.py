@@ -218,7 +218,7 @@ def figure(runs: list[tuple[Path, str]], path: Path, title: str) -> Path:
 
 @interruptible("edge_of_stability")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = PIPELINE.parser(__doc__.split("\n")[0])
+    ap = PIPELINE.parser(__doc__)
     args = ap.parse_intermixed_args(argv)
     try:
         p = PIPELINE.load(args.preset, args.overrides)

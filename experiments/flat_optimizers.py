@@ -1,6 +1,6 @@
 """SGD vs SAM vs ASAM vs SWA from the same initial weights: accuracy, sharpness and the geometry between them.
 
-    python -m experiments.flat_optimizers --preset quick     # ≈ 15 min on 2 CPU cores (the Keskar quick BN-MLP)
+    python -m experiments.flat_optimizers --preset quick     # ≈ 6 min on 2 CPU cores (the Keskar quick BN-MLP)
     python -m experiments.flat_optimizers --preset paper     # GPU work: WideResNet-16-8, 200 epochs (see the preset)
     python -m experiments.flat_optimizers --preset quick --dry-run   # the plan and its estimate, nothing run
 
@@ -361,7 +361,7 @@ def _barrier(curve: Any) -> float:
 
 @interruptible("flat_optimizers")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = PIPELINE.parser(__doc__.split("\n")[0])
+    ap = PIPELINE.parser(__doc__)
     args = ap.parse_intermixed_args(argv)
     try:
         p = PIPELINE.load(args.preset, args.overrides)

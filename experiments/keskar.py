@@ -1,6 +1,6 @@
 """Keskar et al. (2017) end to end: SB vs LB training, the parametric plot, sharpness, a summary beside the paper.
 
-    python -m experiments.keskar --model mlp --preset quick            # 5–8 min on 2 CPU cores
+    python -m experiments.keskar --model mlp --preset quick            # 6–13 min on 2 CPU cores
     python -m experiments.keskar --model c1 --preset paper --seeds 5   # GPU work
     python -m experiments.keskar --preset quick train.lr=5e-4 --dry-run  # the plan and its estimate, nothing run
 
@@ -513,7 +513,7 @@ def parse_summary_table(markdown: str) -> dict[str, list[str]]:
 
 @interruptible("keskar")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    p = PIPELINE.parser(__doc__.split("\n")[0])
+    p = PIPELINE.parser(__doc__)
     p.add_argument("--model", default="mlp",
                    help=f"network: one of {available_models()}, torchvision:NAME or package.module:factory (your own; "
                         "naming it allows importing it) (default: mlp)")

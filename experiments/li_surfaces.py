@@ -135,7 +135,7 @@ def _rise(curve: results.Curve, alpha: float) -> float:
 
 @interruptible("li_surfaces")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = PIPELINE.parser(__doc__.split("\n")[0])
+    ap = PIPELINE.parser(__doc__)
     ap.add_argument("--model", default="mlp", choices=available_models(), help="network (default: mlp)")
     ap.add_argument("--keskar-out", type=Path, default=None,
                     help="the Keskar pipeline's run directory (default: runs/keskar_<model>_<keskar preset>)")

@@ -155,3 +155,15 @@ def test_a_refused_preset_is_exit_2_before_anything_is_written(tmp_path: Path, a
     assert not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("[experiments.keskar] error:"), err
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda m: m.__name__.split(".")[-1])
+def test_help_says_how_long_the_presets_take_and_what_runs_first(pipeline, capsys: pytest.CaptureFixture) -> None:
+    """Issue 30 item 3: each pipeline's --help ends with its docstring — the presets' commands with their time on 2
+    CPU cores, and (for those that need another pipeline's runs) what it trains first."""
+    with pytest.raises(SystemExit):
+        pipeline.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--preset quick" in text and "2 CPU cores" in text, text[-600:]
+    if pipeline in (li_surfaces, connectivity):
+        assert "first when its run directory" in text or "trained first" in text, text[-900:]
