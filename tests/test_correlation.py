@@ -116,16 +116,20 @@ def test_bootstrap_over_seeds_brackets_the_estimate() -> None:
 
 def test_a_table_is_read_with_exclusions_and_percentages(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
-    rows = [{"model": m, "lr": lr, "train_acc": 99.0, "test_acc": t, "phi": p, "status": s}
-            for m, lr, t, p, s in [("a", "0.1", 80.0, 5.0, "complete"), ("b", "0.1", 70.0, 9.0, "complete"),
-                                   ("c", "0.01", 75.0, 7.0, "complete"), ("d", "0.01", 60.0, "", "complete"),
-                                   ("e", "0.1", 50.0, 1.0, "diverged")]]
+    rows = [{"model": m, "lr": lr, "train_acc": 99.0, "test_acc": t, "phi": p, "status": s, "converged": c}
+            for m, lr, t, p, s, c in [("a", "0.1", 80.0, 5.0, "complete", "yes"),
+                                      ("b", "0.1", 70.0, 9.0, "complete", "yes"),
+                                      ("c", "0.01", 75.0, 7.0, "complete", ""),
+                                      ("d", "0.01", 60.0, "", "complete", "yes"),
+                                      ("e", "0.1", 50.0, 1.0, "diverged", ""),
+                                      ("f", "0.01", 40.0, 2.0, "complete", "no")]]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     nets = corr.read_table(path, hparams=["lr"])
-    assert nets.n == 4 and list(nets.measures) == ["phi"] and nets.excluded == {"status diverged": 1}
+    assert nets.n == 4 and list(nets.measures) == ["phi"]
+    assert nets.excluded == {"status diverged": 1, "not converged to its training target": 1}
     np.testing.assert_allclose(nets.gap, [0.19, 0.29, 0.24, 0.39])  # percentages read as fractions
     row = corr.score(nets, bootstrap=0)[0]  # the network without φ is left out of φ's scores only
     assert row["networks"] == 3 and row["kendall_tau"] == pytest.approx(1.0)
@@ -187,3 +191,15 @@ def test_zoo_analyze_refuses_in_one_line_and_writes_nothing(tmp_path: Path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "t_analysis").exists()
+
+
+def test_a_zoo_run_is_converged_when_its_stopping_rule_says_it_reached_the_target() -> None:
+    from minima.pipelines.runs import converged
+    from minima.studies.train import TrainConfig
+
+    target = TrainConfig(target_loss=0.01)
+    assert converged(target, "complete", "training loss 0.0098 ≤ target 0.01") == "yes"
+    assert converged(target, "complete", "epoch cap 30") == "no"
+    assert converged(TrainConfig(target_accuracy=0.99), "complete", "training accuracy 0.9912 ≥ target 0.99") == "yes"
+    assert converged(TrainConfig(), "complete", "epoch cap 30") == ""  # no target asked for
+    assert converged(target, "diverged", "training loss became NaN") == ""

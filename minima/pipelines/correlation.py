@@ -24,7 +24,8 @@ test_acc`` (Jiang et al. 2020; the PGDL competition). For each measure μ:
   (Σw)²/Σw² below 12 are dropped. Reported: the mean, the 90th percentile and the maximum over environments.
 
 Bootstrap intervals of τ and Ψ resample the seeds (all networks of a drawn seed together) when the table has a seed
-column. Rows that are not complete (status), not finite, or above a training-loss bar are excluded and counted.
+column. Rows that are not complete (status), that did not reach their training target (a zoo table's ``converged``
+``no``), not finite, or above a training-loss bar are excluded and counted.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-NOT_MEASURES = frozenset({"run", "index", "status", "reason", "epochs", "steps", "train_loss", "train_accuracy",
+NOT_MEASURES = frozenset({"run", "index", "status", "reason", "converged", "epochs", "steps", "train_loss",
+                          "train_accuracy",
                           "test_loss", "test_accuracy", "train_acc", "test_acc", "seed", "gap"})
 SEED_COLUMN = "seed"
 
@@ -111,6 +113,8 @@ def read_table(path: str | Path, hparams: Sequence[str] | None = None, measures:
         why = None
         if "status" in r and r["status"] not in ("complete", ""):
             why = f"status {r['status']}"
+        elif r.get("converged") == "no":  # a zoo run that did not reach its training target (Jiang et al.'s protocol)
+            why = "not converged to its training target"
         elif max_train_loss is not None and not _float(r.get("train_loss")) <= max_train_loss:
             why = f"training loss above {max_train_loss:g}"
         elif not all(math.isfinite(_float(r[c])) for c in acc):

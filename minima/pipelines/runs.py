@@ -40,7 +40,8 @@ from minima.studies.train import NonFiniteLossError, train
 
 TABLE_FIXED = ("run", "index")
 ZOO_ERROR = "zoo_error.json"  # a failure of the study's own work on a run (evaluation, measurement, a refused request)
-TABLE_OUTCOME = ("status", "reason", "epochs", "steps", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+TABLE_OUTCOME = ("status", "reason", "converged", "epochs", "steps", "train_loss", "train_accuracy", "test_loss",
+                 "test_accuracy")
 LOSS_TARGETS = (0.1, 0.01)  # Jiang et al.'s optimisation measures: steps to these training cross-entropies
 
 
@@ -247,8 +248,19 @@ def _run_one(spec: RunSpec, study: Study, t0: float) -> dict[str, Any]:
             "seconds": time.perf_counter() - t0}
 
 
+def converged(config: Any, state: str, reason: str | None) -> str:
+    """Whether a complete run reached its training target (``--target-loss``/``--target-accuracy``: Jiang et al.'s
+    protocol trains every network to cross-entropy 0.01): ``yes``, ``no`` (the epoch cap or the patience rule ended
+    it first), or empty (no target asked for, or not complete)."""
+    if state != "complete" or (config.target_loss is None and config.target_accuracy is None):
+        return ""
+    reached = bool(reason) and ("≤ target" in reason or "≥ target" in reason)  # the stopping rule's own words
+    return "yes" if reached else "no"
+
+
 def table_rows(study: Study) -> list[dict[str, Any]]:
-    """One row per run: its hash and index, the settings that vary, status and reason, epochs and steps, the final
+    """One row per run: its hash and index, the settings that vary, status, reason and whether it reached its training
+    target (:func:`converged`), epochs and steps, the final
     weights' exact train/test loss and accuracy, the steps to training losses 0.1 and 0.01 (empty when not reached),
     and every measured result's value (empty where not there yet)."""
     varied = study.varied
@@ -257,7 +269,8 @@ def table_rows(study: Study) -> list[dict[str, Any]]:
     for spec in study.runs:
         state, reason, epochs, steps = zoo_state(spec, study)
         row: dict[str, Any] = {"run": spec.run, "index": spec.index, **{k: spec.params.get(k, "") for k in varied},
-                               "status": state, "reason": reason or "", "epochs": epochs, "steps": steps}
+                               "status": state, "reason": reason or "",
+                               "converged": converged(spec.config, state, reason), "epochs": epochs, "steps": steps}
         with idle(spec.directory) as free:  # a run a worker is on gets its numbers in the next table
             evaluation = spec.directory / "evaluation.json"
             row.update(json.loads(evaluation.read_text()) if free and evaluation.exists() else {})
