@@ -464,7 +464,7 @@ def sb_lb_figure(seed_dir: Path, out: Path) -> Path:
         attrs = next(iter(lines.values()))["_attrs"]
         subset = json.loads(attrs["subset"])
         plot_probe_runs(lines, PRECONDITIONED, axes[1], x="epoch")
-        axes[1].set_ylabel("λ_max of P^-1/2 H P^-1/2 (Adam)")
+        axes[1].set_ylabel("λ_max of P⁻¹ᐟ²HP⁻¹ᐟ² (Adam)")
         axes[1].set_title(f"Adam's preconditioned sharpness during training, {seed_dir.name}\n{subset['n']} training "
                           f"images, BatchNorm {attrs['bn_mode']}; dashed: its threshold (2 + 2β₁)/((1 − β₁)η)",
                           fontsize=9)
@@ -490,9 +490,11 @@ def curvature_figure(path: Path, out: Path, title: str) -> Path:
         left.bar(where + (k - 0.5) * 0.4, [rows[b].get(f"{regime}_lambda_max", np.nan) for b in labels], 0.4,
                  label=regime.upper(), color=f"C{k}")
     left.set_yscale("log")
-    left.set_xticks(where, [f"{b}\n{rows[b]['modules'] or ''}\n({rows[b]['params']:,})" for b in labels],
-                    fontsize=7)
-    left.set(ylabel="λ_max of the layer's Hessian block", title="per layer: its modules (parameters)")
+    # the module on two lines ("Linear" over "3072→512"): neighbouring labels stay clear of each other
+    left.set_xticks(where, [f"{b}\n{(rows[b]['modules'] or '').replace(' ', chr(10), 1)}\n({rows[b]['params']:,})"
+                            for b in labels], fontsize=7)
+    left.set_ylabel("λ_max of the layer's Hessian block")
+    left.set_title("per layer: its module (parameters)", fontsize=9)
     left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncols=2, frameon=False)  # off the bars
     if densities:
         plot_density(densities, right)
