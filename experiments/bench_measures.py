@@ -23,7 +23,7 @@ from minima.geometry.evaluate import evaluate_checkpoint
 from minima.studies.sharpness import measure, measure_request_type
 from minima.studies.train import TrainConfig, train
 
-METRICS = ("hessian", "trace", "norms", "pacbayes", "gradient_noise")
+METRICS = ("hessian", "trace", "norms", "pacbayes", "alpha_sharpness", "gradient_noise")
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ def test_keskar_smoke_pipeline_writes_every_artefact_and_resumes(tmp_path: Path,
         assert {(regime, f"hessian_top1@{b}") for b in ("net.1", "net.2", "net.4")} <= curvature
         assert (regime, "trace_hutchpp@net.4") in curvature and (regime, "density_m6_probes2") in curvature
     table = keskar.parse_summary_table((out / "summary.md").read_text())
-    assert set(table["net.2 (32)"]) != {"nan"}  # the per-layer table: BatchNorm's 16 scales and 16 shifts
+    assert set(table["net.2 · BatchNorm 16 (32)"]) != {"nan"}  # the per-layer table: BatchNorm's 16 scales and shifts
     assert set(table["test accuracy (%)"][2:]) == {"—"}  # no paper numbers for the MLP
     # the table reports exactly what the files and checkpoints hold
     stored = {(r["checkpoint_label"], r["metric"]): r for r in results.load_sharpness(out / "seed0" / "sharpness.h5")}
