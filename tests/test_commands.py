@@ -88,7 +88,8 @@ def test_requests_are_generated_from_the_same_fields() -> None:
 
 
 def test_unknown_metric_lists_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown metric 'bogus'; choose from \['adaptive', 'average', 'density', "
+    with pytest.raises(ValueError, match=r"unknown metric 'bogus'; choose from \['adaptive', 'alpha_sharpness', "
+                                         r"'average', 'density', "
                                          r"'gradient_noise', 'hessian', 'keskar', 'norms', 'pacbayes', 'trace', "
                                          r"'worst_case'\]"):
         metrics.get_metric("bogus")
@@ -113,7 +114,8 @@ def test_every_registered_metric_returns_its_declared_fields() -> None:
              "worst_m": 16, "worst_n": 48, "worst_iterations": 3, "worst_l2_step": "invariant",
              "worst_logit_norm": False, "norm_measures": (), "norms_init": None, "norms_adjust": True,
              "noise_batch": 16, "pacbayes_measures": (), "pacbayes_init": None, "pacbayes_draws": 3,
-             "pacbayes_depth": 4, "pacbayes_drop": 0.1, "pacbayes_convention": "paper", "pacbayes_adjust": True}
+             "pacbayes_depth": 4, "pacbayes_drop": 0.1, "pacbayes_convention": "paper", "pacbayes_adjust": True,
+             "alpha_depth": 3, "alpha_steps": 2, "alpha_drop": 0.1}
     variants = {"trace": [{"trace_method": "hutchpp"}],
                 "worst_case": [{"worst_norm": "l2"}, {"worst_logit_norm": True}]}
     for metric in metrics.REGISTRY.values():
