@@ -76,7 +76,7 @@ def _resume_data() -> data.Dataset:
     return data.synthetic(n_train=40, n_test=16, image_shape=(3, 8, 8), num_classes=4, seed=6)
 
 
-def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ds = _resume_data()
     reference = _weights(train(_resume_config(tmp_path / "ref"), dataset=ds))
 
@@ -90,7 +90,10 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     last = ck.load_checkpoint(info.value.checkpoint)
     assert last["position"] == {"epoch": 1, "batch": 2, "elapsed_s": last["position"]["elapsed_s"]}
     assert last["meta"]["step"] == 7 and not (tmp_path / "run" / "final.pt").exists()
+    capsys.readouterr()
     resumed = _weights(train(config, dataset=ds, resume=True))
+    said = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'run' / 'last.pt'} at epoch 2, batch 2 of 5 (optimiser step 7)" in said, said
     for k, v in reference.items():
         assert torch.equal(resumed[k], v), k
     ref_lines = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()

@@ -656,6 +656,8 @@ def _announce(run: Run, resumed: bool) -> None:
         ckpt_io.save_checkpoint(run.checkpoint("final"), run.run_dir / "init.pt")
     else:
         run.files.truncate_metrics(run.epoch)
+        print(f"[minima.train] resuming {run.last_path} at epoch {run.epoch + 1}, batch {run.batch0} of "
+              f"{plan.steps_per_epoch} (optimiser step {run.step})", flush=True)
     if run.probes is not None:
         run.probes.open(resumed, run.step, run.sinks)
 
