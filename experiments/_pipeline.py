@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from minima.core import config as cfg
@@ -123,6 +124,25 @@ class Pipeline:
                   "finds every stage complete — run the command without --shard once every shard has finished",
                   flush=True)
         return runner
+
+
+def accuracy_difference(a: Sequence[float], b: Sequence[float], test_images: int) -> tuple[float, float, str]:
+    """mean(a) − mean(b) of test accuracies in percent, its standard error — across seeds when there are several (the
+    seeds' spread), else binomial over the test images (√(p(1 − p)/n) for each) — and how that error was taken."""
+    a_mean, b_mean = float(np.mean(a)), float(np.mean(b))
+    if len(a) > 1:
+        se = float(np.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b)))
+        how = f"standard error over {len(a)} seeds"
+    else:
+        p, q = a_mean / 100, b_mean / 100
+        se = 100 * float(np.sqrt(p * (1 - p) / test_images + q * (1 - q) / test_images))
+        how = f"binomial standard error over {test_images} test images, one seed"
+    return a_mean - b_mean, se, how
+
+
+def within_noise(diff: float, se: float) -> bool:
+    """A difference within 2 standard errors: "not distinguishable" in every pipeline's verdict."""
+    return abs(diff) <= 2 * se
 
 
 def copy_figures(figures: list[Path], into: Path | None, names: list[str] | None = None) -> list[Path]:

@@ -34,22 +34,32 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
+from experiments._pipeline import (
+    Pipeline,
+    accuracy_difference,
+    copy_figures,
+    interruptible,
+    within_noise,
+    write_summary,
+)
 from minima import data as data_mod
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
 from minima.figures import overlay_marks, plot_curves, plot_planes
+from minima.files import checkpoint as ckpt_io
 from minima.files import results
+from minima.geometry.barriers import barriers
 from minima.models import build_model, own_import
 from minima.pipelines.declared import Declared, Section, Spec
-from minima.pipelines.runs import evaluate_run
+from minima.pipelines.runs import evaluate_run, evaluation_path
 from minima.pipelines.stages import Rates, Stage
 from minima.studies.align import AlignRequest, align
 from minima.studies.align import units_moved as units_of
+from minima.studies.grid import parse_axis
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_line
 from minima.studies.sharpness import block_jobs, measure, measure_request_type, recorded, result_jobs
-from minima.studies.surface import SurfaceRequest
+from minima.studies.surface import SurfaceRequest, axis_points
 from minima.studies.surface import run as run_plane
 from minima.studies.train import TrainConfig, load_dataset, train, validate_config
 
@@ -108,9 +118,14 @@ SPEC = Spec("flat_optimizers", FlatOptimizers, {
 PIPELINE = Pipeline(SPEC, ROOT / "experiments" / "configs" / "pipelines")
 
 
+def weights(run: str) -> str:
+    """Which of a run's checkpoints is its minimum: SWA's averaged ``swa``, the others' ``final``."""
+    return "swa" if run == "swa" else "final"
+
+
 def minimum(out: Path, run: str) -> Path:
     """The minimum a run contributes: SWA's averaged ``swa.pt``, the others' ``final.pt``."""
-    return out / run / ("swa.pt" if run == "swa" else "final.pt")
+    return out / run / f"{weights(run)}.pt"
 
 
 def run_config(p: Declared, run: str, out: Path) -> TrainConfig:
@@ -167,8 +182,7 @@ def stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> list
 
     def evaluate_all() -> None:
         for run in RUNS:
-            evaluate_run(out / run, trust, t["eval_batch_size"], t.get("data_root"),
-                         weights="swa" if run == "swa" else "final")
+            evaluate_run(out / run, trust, t["eval_batch_size"], t.get("data_root"), weights=weights(run))
 
     def measure_estimate(r: Rates) -> float:
         ds = data()
@@ -193,7 +207,7 @@ def stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> list
     def line_estimate(r: Rates) -> float:
         ds = data()
         v = p.values("line")
-        points = int(v["alphas"].split(":")[2]) if v["alphas"].count(":") == 2 else len(v["alphas"].split(","))
+        points = len(parse_axis(v["alphas"]))
         n_train, n_test = v.get("train_subset") or len(ds.train), v.get("test_subset") or len(ds.test)
         return len(lines) * r.grid(points, 2 * n_train + n_test)
 
@@ -204,9 +218,9 @@ def stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> list
     def plane_estimate(r: Rates) -> float:
         ds = data()
         v = p.values("plane")
-        side = int(str(v["x"]).split(":")[-1]) if str(v["x"]).startswith("auto:") else 11
+        points = axis_points(v["x"], "x") * axis_points(v["y"], "y")
         n_train, n_test = v.get("train_subset") or len(ds.train), v.get("test_subset") or len(ds.test)
-        return r.grid(side * side, 2 * n_train + n_test)
+        return r.grid(points, 2 * n_train + n_test)
 
     def evaluate_estimate(r: Rates) -> float:
         ds = data()
@@ -214,7 +228,7 @@ def stages(p: Declared, out: Path, data: Callable[[], data_mod.Dataset]) -> list
 
     found += [
         Stage("evaluate", "compare", lambda: all(
-            (out / run / ("evaluation-swa.json" if run == "swa" else "evaluation.json")).exists() for run in RUNS),
+            evaluation_path(out / run, weights(run)).exists() for run in RUNS),
             evaluate_all, evaluate_estimate, trained),
         Stage("measure", "compare", lambda: recorded(measure_req), lambda: measure(measure_req), measure_estimate,
               trained),
@@ -235,8 +249,7 @@ def rows(out: Path) -> dict[str, dict[str, Any]]:
     """Per run, from the files the stages wrote: accuracy and loss, the epochs, and the four sharpness measures."""
     found: dict[str, dict[str, Any]] = {}
     for run in RUNS:
-        name = "evaluation-swa.json" if run == "swa" else "evaluation.json"
-        ev = json.loads((out / run / name).read_text())
+        ev = json.loads(evaluation_path(out / run, weights(run)).read_text())
         found[run] = {k: float(v) for k, v in ev.items()}
     for r in results.load_sharpness(out / "measures.h5"):
         run = _run_of(str(r["checkpoint"]), out)  # a result's attribute: the measured file's path
@@ -312,16 +325,17 @@ def markdown(p: Declared, table: dict[str, dict[str, Any]], out: Path, wall: flo
                      f"{r['test_loss']:.4f} | {r.get('lambda_max', float('nan')):.4g} | "
                      f"{r.get('trace', float('nan')):.4g} | {r.get('worst_case', float('nan')):.4g} | "
                      f"{r.get('keskar', float('nan')):.4g} |")
-    acc = {r: table[r]["test_accuracy"] for r in RUNS}
+    acc = {r: 100 * table[r]["test_accuracy"] for r in RUNS}
     n = _test_images(out)
-    se = {r: (acc[r] * (1 - acc[r]) / n) ** 0.5 for r in RUNS} if n else {}
-    lines += ["", f"Test accuracy on {n or '?'} test images; one seed, so the standard error is binomial over the "
-              "test images: " + "; ".join(
-                  f"{r} − sgd = {100 * (acc[r] - acc['sgd']):+.2f} ± {100 * (se[r] ** 2 + se['sgd'] ** 2) ** 0.5:.2f}"
-                  f" points ({_verdict(acc[r] - acc['sgd'], (se[r] ** 2 + se['sgd'] ** 2) ** 0.5)})"
-                  for r in RUNS[1:]) + "."]
-    barrier = {name: _barrier(results.load_curve(out / name)) for name in ("line_sgd_sam.h5",
-                                                                           "line_sgd_sam_aligned.h5")}
+    said = []
+    for r in RUNS[1:]:
+        diff, se, _ = accuracy_difference([acc[r]], [acc["sgd"]], n)
+        said.append(f"{r} − sgd = {diff:+.2f} ± {se:.2f} points ("
+                    f"{'not distinguishable' if within_noise(diff, se) else 'better' if diff > 0 else 'worse'})")
+    lines += ["", f"Test accuracy on {n} test images; one seed, so the standard error is binomial over the test "
+              "images: " + "; ".join(said) + "."]
+    barrier = {name: barriers(results.load_curve(out / name))["barrier_train_loss"]
+               for name in ("line_sgd_sam.h5", "line_sgd_sam_aligned.h5")}
     moved, units = units_moved(out / "sam_aligned_to_sgd.pt")
     lines += ["", "Loss barrier on the line SGD → SAM (max over α ∈ [0, 1] of the training loss minus the linear "
               f"interpolation of its ends): {barrier['line_sgd_sam.h5']:.4g} nats; after aligning SAM's hidden units "
@@ -335,28 +349,12 @@ def markdown(p: Declared, table: dict[str, dict[str, Any]], out: Path, wall: flo
 def units_moved(aligned: Path) -> tuple[int, int]:
     """How many hidden units the alignment permuted, of how many (0 of N: SAM's units already matched SGD's — from
     the same initial weights and data order they often do, and the two lines are one)."""
-    from minima.files import checkpoint as ckpt_io
-
     return units_of(ckpt_io.load_checkpoint(aligned)["meta"]["alignment"]["permutations"])
 
 
-def _test_images(out: Path) -> int | None:
-    from minima.files import checkpoint as ckpt_io
-
-    size = ckpt_io.load_checkpoint(out / "sgd" / "final.pt")["meta"]["data"].get("test_size")
-    return int(size) if size else None
-
-
-def _verdict(diff: float, se: float) -> str:
-    return "not distinguishable" if abs(diff) <= 2 * se else ("better" if diff > 0 else "worse")
-
-
-def _barrier(curve: Any) -> float:
-    alpha, loss = np.asarray(curve.alpha), np.asarray(curve.train_loss, dtype=float)
-    inside = (alpha >= 0) & (alpha <= 1)
-    a, la = alpha[inside], loss[inside]
-    ends = np.interp(a, [a[0], a[-1]], [la[0], la[-1]])
-    return float(np.max(la - ends))
+def _test_images(out: Path) -> int:
+    """The test images the runs were evaluated on (their checkpoints record it)."""
+    return int(ckpt_io.load_checkpoint(out / "sgd" / "final.pt")["meta"]["data"]["test_size"])
 
 
 @interruptible("flat_optimizers")  # Ctrl-C or SIGTERM: one line, exit 75, the same command continues

@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
+from experiments._pipeline import (
+    Pipeline,
+    accuracy_difference,
+    copy_figures,
+    interruptible,
+    within_noise,
+    write_summary,
+)
 from minima import data as data_mod
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
@@ -48,6 +55,7 @@ from minima.models import available_models, build_model, default_data, own_impor
 from minima.pipelines.declared import Declared, Section, Spec
 from minima.pipelines.runs import evaluate_run
 from minima.pipelines.stages import Rates, Stage
+from minima.studies.grid import parse_axis
 from minima.studies.interpolate import SweepRequest
 from minima.studies.interpolate import run as run_interpolation
 from minima.studies.sharpness import block_jobs, measure, measure_request_type, recorded, result_jobs
@@ -221,7 +229,7 @@ def seed_stages(model: str, p: Declared, seed: int, out: Path, data: Callable[[]
     def line_estimate(r: Rates) -> float:
         ds = data()
         n_train, n_test = line.get("train_subset") or len(ds.train), line.get("test_subset") or len(ds.test)
-        return r.grid(len(np.linspace(*_grid(line["alphas"]))), 2 * n_train + n_test)
+        return r.grid(len(parse_axis(line["alphas"])), 2 * n_train + n_test)
 
     def measure_estimate(requests: Sequence[Any]) -> Callable[[Rates], float]:
         def seconds(r: Rates) -> float:
@@ -255,11 +263,6 @@ def seed_stages(model: str, p: Declared, seed: int, out: Path, data: Callable[[]
         Stage(f"{group}/evaluate", group, lambda: all((out / r / "evaluation.json").exists() for r in REGIMES),
               evaluate_both, evaluate_estimate, needs),
     ]
-
-
-def _grid(text: str) -> tuple[float, float, int]:
-    start, stop, num = text.split(":")
-    return float(start), float(stop), int(num)
 
 
 def rates(model: str, p: Declared, data: Callable[[], data_mod.Dataset]) -> Rates:
@@ -338,18 +341,10 @@ def accuracy_verdict(sb: list[float], lb: list[float], test_images: int) -> str:
     """Whether LB's test accuracy (%) is below SB's, with the standard error of the difference: across seeds when
     there are several (the seeds' spread), else binomial over the test images (√(p(1 − p)/n) for each); "not
     distinguishable" when the difference is within 2 standard errors."""
-    sb_mean, lb_mean = float(np.mean(sb)), float(np.mean(lb))
-    if len(sb) > 1:
-        se = float(np.sqrt(np.var(sb, ddof=1) / len(sb) + np.var(lb, ddof=1) / len(lb)))
-        how = f"standard error over {len(sb)} seeds"
-    else:
-        p, q = sb_mean / 100, lb_mean / 100
-        se = 100 * float(np.sqrt(p * (1 - p) / test_images + q * (1 - q) / test_images))
-        how = f"binomial standard error over {test_images} test images, one seed"
-    diff = sb_mean - lb_mean
-    answer = "not distinguishable" if abs(diff) <= 2 * se else "yes" if diff > 0 else "no (LB above SB)"
-    return (f"LB test accuracy below SB: **{answer}** ({lb_mean:.2f} vs {sb_mean:.2f} %, difference {diff:.2f} ± "
-            f"{se:.2f} points, {how})")
+    diff, se, how = accuracy_difference(sb, lb, test_images)
+    answer = "not distinguishable" if within_noise(diff, se) else "yes" if diff > 0 else "no (LB above SB)"
+    return (f"LB test accuracy below SB: **{answer}** ({np.mean(lb):.2f} vs {np.mean(sb):.2f} %, difference "
+            f"{diff:.2f} ± {se:.2f} points, {how})")
 
 
 def summary_markdown(model: str, preset_name: str, p: Declared, rows: list[dict[str, Any]], ds: data_mod.Dataset,

@@ -39,12 +39,11 @@ class AlphaSearch:
 def worst_accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], alpha: float,
                    steps: int) -> float:
     """The accuracy of eval-mode ``model`` after ``steps`` sign-gradient ascent steps within |δ_i| ≤ α·|w_i|
-    (gradients of the mean cross-entropy over every rank's ``batches``)."""
+    (the sign of the gradient of the cross-entropy summed over every rank's ``batches``)."""
     params = {k: p.detach() for k, p in model.named_parameters()}
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     box = {k: alpha * p.abs() for k, p in params.items()}
     delta = {k: torch.zeros_like(p) for k, p in params.items()}
-    count = distributed.all_reduce_sum(torch.tensor(float(sum(len(y) for _, y in batches)), dtype=torch.float64))
     for _ in range(steps):
         moved = {k: (params[k] + delta[k]).requires_grad_() for k in params}
         grads = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -54,15 +53,11 @@ def worst_accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
                 grads[k] += g
         flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads.values()]))
         offset = 0
-        for k, p in params.items():  # every rank takes the same step from the same summed gradient
-            g = flat[offset:offset + p.numel()].view_as(p) / float(count)
+        for k, p in params.items():  # every rank takes the same step from the same summed gradient (only its sign)
+            g = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
             delta[k] = torch.clamp(delta[k] + 2 * box[k] / steps * torch.sign(g), -box[k], box[k])
-    perturbed = {k: params[k] + delta[k] for k in params}
-    with torch.no_grad():
-        right = sum(int((functional_call(model, (perturbed, buffers), (x,)).argmax(-1) == y).sum())
-                    for x, y in batches)
-    return float(distributed.all_reduce_sum(torch.tensor(float(right), dtype=torch.float64)) / count)
+    return accuracy(model, batches, {k: params[k] + delta[k] for k in params})
 
 
 def alpha_sharpness(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],

@@ -86,10 +86,17 @@ def perturbed_accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, t
     return float(counts[:-1].mean() / counts[-1])  # every rank's images: every rank takes the same bisection step
 
 
-def accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The accuracy of ``model`` on ``batches`` (of every rank's)."""
+def accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+             params: dict[str, torch.Tensor] | None = None) -> float:
+    """The accuracy of ``model`` (with ``params`` in place of its parameters, when given) on ``batches`` (of every
+    rank's)."""
+    buffers = dict(model.named_buffers())
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return model(x) if params is None else functional_call(model, (params, buffers), (x,))
+
     with torch.no_grad():
-        right = sum(int((model(x).argmax(dim=-1) == y).sum()) for x, y in batches)
+        right = sum(int((logits(x).argmax(dim=-1) == y).sum()) for x, y in batches)
     counts = distributed.all_reduce_sum(torch.tensor([float(right), float(sum(len(y) for _, y in batches))],
                                                      dtype=torch.float64))
     return float(counts[0] / counts[1])

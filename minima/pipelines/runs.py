@@ -36,7 +36,7 @@ from minima.models import own_import
 from minima.optim.steps import TrainingInterrupted
 from minima.pipelines.study import RunSpec, Study
 from minima.studies.sharpness import measure, measure_request_type, result_jobs
-from minima.studies.train import NonFiniteLossError, train
+from minima.studies.train import NonFiniteLossError, reached_target, train
 
 TABLE_FIXED = ("run", "index")
 ZOO_ERROR = "zoo_error.json"  # a failure of the study's own work on a run (evaluation, measurement, a refused request)
@@ -142,13 +142,19 @@ def _set_aside_if_unreadable(path: Path) -> None:
               f"{path.name}.unreadable and measured again", flush=True)
 
 
+def evaluation_path(directory: Path, weights: str = "final") -> Path:
+    """Where :func:`evaluate_run` keeps a run's evaluation: ``evaluation.json`` of ``final.pt``, else
+    ``evaluation-<weights>.json`` (``swa``: of ``swa.pt``)."""
+    return directory / ("evaluation.json" if weights == "final" else f"evaluation-{weights}.json")
+
+
 def evaluate_run(directory: Path, trust_import: Sequence[str] = (), eval_batch_size: int = 1000,
                  data_root: str | None = None, weights: str = "final") -> dict[str, float]:
     """A run directory's final weights (``weights="swa"``: its ``swa.pt``): exact loss and accuracy on the run's own
     training and test data (as its checkpoint records them; eval mode, its loss), computed once into
     ``evaluation.json`` (``evaluation-swa.json``) and read from it after — so a pipeline's summary or a zoo's table
     never evaluates a checkpoint twice."""
-    path = directory / ("evaluation.json" if weights == "final" else f"evaluation-{weights}.json")
+    path = evaluation_path(directory, weights)
     if path.exists():
         return json.loads(path.read_text())
     ckpt = ckpt_io.load_checkpoint(RunDir(directory).final if weights == "final" else directory / f"{weights}.pt")
@@ -254,8 +260,7 @@ def converged(config: Any, state: str, reason: str | None) -> str:
     it first), or empty (no target asked for, or not complete)."""
     if state != "complete" or (config.target_loss is None and config.target_accuracy is None):
         return ""
-    reached = bool(reason) and ("≤ target" in reason or "≥ target" in reason)  # the stopping rule's own words
-    return "yes" if reached else "no"
+    return "yes" if reached_target(reason) else "no"
 
 
 def table_rows(study: Study) -> list[dict[str, Any]]:

@@ -195,6 +195,17 @@ def _mark_name(path: Path) -> str:
     return f"{label}/{path.stem}" if path.stem.startswith("epoch_") or path.stem == "last" else label
 
 
+def axis_points(text: str, name: str) -> int:
+    """How many points the grid ``text`` of axis ``name`` has: ``auto[:NUM]`` NUM (default 21), else the points of
+    :func:`~minima.studies.grid.parse_axis`; a bad grid refused in one line."""
+    if not text.startswith("auto"):
+        return len(parse_axis(text, name))
+    count = text.partition(":")[2] or str(DEFAULT_POINTS)
+    if text.partition(":")[0] != "auto" or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{name} grid {text!r}: auto takes a point count ≥ 1, e.g. auto:21")
+    return int(count)
+
+
 def auto_axes(req: SurfaceRequest, plane: Plane) -> dict[str, np.ndarray]:
     """The grid: ``--x``/``--y`` as given, or for ``auto[:NUM]`` (NUM points, default 21) [−1, 1] around a random
     plane's checkpoint, and the marked points (checkpoints, the trajectory) with a margin of half their spread (at
@@ -205,10 +216,7 @@ def auto_axes(req: SurfaceRequest, plane: Plane) -> dict[str, np.ndarray]:
         if not text.startswith("auto"):
             axes[name] = parse_axis(text, name)
             continue
-        count = text.partition(":")[2] or str(DEFAULT_POINTS)
-        if text.partition(":")[0] != "auto" or not count.isdigit() or int(count) < 1:
-            raise ValueError(f"{name} grid {text!r}: auto takes a point count ≥ 1, e.g. auto:21")
-        points = int(count)
+        points = axis_points(text, name)
         if plane.provenance["kind"] in ("random", "loss-landscape"):
             axes[name] = np.linspace(-1.0, 1.0, points)
         else:

@@ -700,6 +700,21 @@ def _train(run: Run, on_step: Callable[[TrainState], None] | None,
     return final_path
 
 
+def _feed(run: Run) -> Batching:
+    """How the run's evaluations feed a split: ``--eval-batch-size`` images at a time, on the device, float32, in the
+    run's memory format."""
+    return Batching(run.c.eval_batch_size, run.env.device, torch.float32, run.channels_last)
+
+
+def _test_metrics(run: Run, model: nn.Module) -> dict[str, Any]:
+    """``test_loss``, ``test_accuracy``, ``test_nonfinite`` of ``model`` (the live network, or the SWA average) on the
+    run's test split, sharded over the ranks."""
+    c, env, ds = run.c, run.env, run.ds
+    test = evaluate(model, run.test_split, ds.mean, ds.std, _feed(run), rank=env.rank, world_size=env.world_size,
+                    loss=c.loss)
+    return {"test_loss": test.loss, "test_accuracy": test.accuracy, "test_nonfinite": test.nonfinite}
+
+
 def _write_swa(run: Run) -> None:
     """``swa.pt``: the averaged weights with BatchNorm statistics recomputed by ``torch.optim.swa_utils.update_bn``
     over the training images (no augmentation; every rank in lockstep over all of them, so SyncBatchNorm sees the
@@ -711,16 +726,13 @@ def _write_swa(run: Run) -> None:
             print(f"[minima.train] no swa.pt: the run stopped after epoch {run.epoch}, before any epoch after "
                   f"--swa-start {c.swa_start} was averaged", flush=True)
         return
-    feed = Batching(c.eval_batch_size, env.device, torch.float32, run.channels_last)
     split = run.train_split
-    update_bn(feed.batches(split, run.ds.mean, run.ds.std), run.swa, device=env.device)
+    update_bn(_feed(run).batches(split, run.ds.mean, run.ds.std), run.swa, device=env.device)
     metrics: dict[str, Any] = {"epoch": run.epoch, "step": run.step, "swa_start": c.swa_start,
                                "swa_n_averaged": int(run.swa.n_averaged),
                                "swa_bn": f"recomputed on the {len(split)} training images (update_bn)"}
     if c.eval_test:
-        test = evaluate(run.swa.module, run.test_split, run.ds.mean, run.ds.std, feed, rank=env.rank,
-                        world_size=env.world_size, loss=c.loss)
-        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_nonfinite=test.nonfinite)
+        metrics.update(_test_metrics(run, run.swa.module))
     if env.is_main:
         path = run.run_dir / "swa.pt"
         ckpt_io.save_checkpoint(run.checkpoint("final", weights=run.swa.module, metrics=metrics), path)
@@ -749,7 +761,7 @@ def _train_epoch(run: Run, stop: dict[str, int | None], t0: float,
 def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) -> str | None:
     """Close the epoch: exact train metrics, test evaluation, stopping rule, ``last.pt`` / ``epoch_XXXX.pt`` /
     ``metrics.jsonl`` on rank 0. Returns the reason to stop, if any."""
-    c, env, ds = run.c, run.env, run.ds
+    c, env = run.c, run.env
     probe_time = run.probes.take_seconds() if run.probes is not None else 0.0
     train_time = time.perf_counter() - t0 - probe_time  # probes are measured apart from the training's speed
     total = sums_to_result(distributed.all_reduce_sum(sums).cpu() + run.carried)
@@ -763,10 +775,7 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         **({"probe_seconds": probe_time} if run.probes is not None else {}),
     }
     if c.eval_test:
-        feed = Batching(c.eval_batch_size, env.device, torch.float32, run.channels_last)
-        test = evaluate(run.model, run.test_split, ds.mean, ds.std, feed, rank=env.rank, world_size=env.world_size,
-                        loss=c.loss)
-        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_nonfinite=test.nonfinite)
+        metrics.update(_test_metrics(run, run.model))
     if c.swa_start is not None and run.epoch > c.swa_start:  # every epoch trained at SWA's LR joins the average
         if run.swa is None:
             run.swa = AveragedModel(run.model)
@@ -791,14 +800,22 @@ def _end_epoch(run: Run, sums: torch.Tensor, seen: int, lr: float, t0: float) ->
         if c.eval_test:
             msg += f" | test loss {metrics['test_loss']:.4f} acc {metrics['test_accuracy']:.4f}"
         msg += f" | {metrics['images_per_s']:.0f} img/s"
-        said = run.probes.take_said() if run.probes is not None else ""
-        if said:  # the probes that ran in this epoch, each at its last step, against its threshold
-            msg += f" | {said}"
         if run.epoch % c.print_every == 0 or run.epoch == c.epochs or stopped:
-            tqdm.write(msg)
+            # the probes that ran since the last printed line, each at its last step, against its threshold
+            said = run.probes.take_said() if run.probes is not None else ""
+            tqdm.write(msg + (f" | {said}" if said else ""))
         if stopped:
             tqdm.write(f"[minima.train] stopping: {stopped}")
     return stopped
+
+
+TARGET_MARKS = ("≤ target", "≥ target")  # the words _stopping_rule ends a run at its target with
+
+
+def reached_target(reason: str | None) -> bool:
+    """Whether a run's stopping reason (``status.json``) is :func:`_stopping_rule` saying the training target was
+    reached (not the epoch cap, the patience rule or an interruption)."""
+    return bool(reason) and any(mark in reason for mark in TARGET_MARKS)
 
 
 def _stopping_rule(c: TrainConfig, trainer: dict[str, Any], loss: float, accuracy: float = 0.0) -> str | None:
