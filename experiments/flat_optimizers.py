@@ -340,8 +340,9 @@ def markdown(p: Declared, table: dict[str, dict[str, Any]], out: Path, wall: flo
     lines += ["", "Loss barrier on the line SGD → SAM (max over α ∈ [0, 1] of the training loss minus the linear "
               f"interpolation of its ends): {barrier['line_sgd_sam.h5']:.4g} nats; after aligning SAM's hidden units "
               f"to SGD's ({moved} of {units} units moved): {barrier['line_sgd_sam_aligned.h5']:.4g} nats."]
-    if t["model"] == "wrn16_8":
-        lines += ["", "Published test error (WideResNet-16-8, 200 epochs, label smoothing, cutout): " + ", ".join(
+    if t["model"] in ("wrn16_8", "wide_resnet"):
+        lines += ["", "Published test error (davda54/sam's WideResNet-16-8 — 3 units per group, 17,158,106 parameters "
+                  "—, 200 epochs, label smoothing, cutout): " + ", ".join(
             f"{k} {v:.2f} %" for k, v in PUBLISHED.items()) + "."]
     return "\n".join(lines) + "\n"
 

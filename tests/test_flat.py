@@ -294,6 +294,14 @@ def test_cutout_zeroes_one_clipped_square_per_image_in_every_channel() -> None:
         for ch in range(3):
             assert torch.equal(out[i, ch] != 0, want), i
             assert torch.equal(out[i, ch][want], x[i, ch][want])
+    # with p = 0.5 (davda54/sam's recipe) the same squares, on exactly the images whose uniform draw is below p
+    half = data.cutout(x, 4, torch.Generator().manual_seed(3), p=0.5)
+    gen = torch.Generator().manual_seed(3)
+    torch.randint(0, 8, (64,), generator=gen), torch.randint(0, 8, (64,), generator=gen)
+    cut = torch.rand(64, generator=gen) < 0.5
+    assert 0 < int(cut.sum()) < 64
+    for i in range(64):
+        assert torch.equal(half[i], out[i] if cut[i] else x[i]), i
 
 
 def test_label_smoothing_trains_on_the_smoothed_targets(tmp_path: Path) -> None:
@@ -314,6 +322,18 @@ def test_label_smoothing_trains_on_the_smoothed_targets(tmp_path: Path) -> None:
                         rel_tol=1e-5)
 
 
+def test_torchs_label_smoothing_10_9ths_is_davda54s_smoothing() -> None:
+    """davda54/sam's smooth_crossentropy(0.1) targets 0.9 on the label and 0.1/9 elsewhere; PyTorch's label_smoothing
+    s targets 1 − s + s/K and s/K: with s = 0.1·K/(K − 1) the targets, hence the gradients, are the same."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, 10, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(8)
+    target = torch.full((8, 10), 0.1 / 9, dtype=torch.float64).scatter_(1, y[:, None], 0.9)
+    theirs = torch.autograd.grad(-(target * torch.log_softmax(logits, 1)).sum(1).mean(), logits)[0]
+    ours = torch.autograd.grad(F.cross_entropy(logits, y, label_smoothing=0.11111111111111112), logits)[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15)
+
+
 def test_wide_resnet_has_the_published_layout() -> None:
     model = build_model("wrn16_8", 10)
 
@@ -324,6 +344,10 @@ def test_wide_resnet_has_the_published_layout() -> None:
     count = 27 * 16 + sum(unit(widths[g], widths[g + 1]) + unit(widths[g + 1], widths[g + 1]) for g in range(3))
     count += 2 * 512 + 512 * 10 + 10
     assert sum(p.numel() for p in model.parameters()) == count == 10_961_370
+    # davda54/sam's WideResNet(16, 8): one more unit per group (units=3), 17,158,106 parameters
+    extra = sum(unit(widths[g + 1], widths[g + 1]) for g in range(3))
+    davda = build_model("wide_resnet", 10, depth=16, width=8, units=3)
+    assert sum(p.numel() for p in davda.parameters()) == count + extra == 17_158_106
     assert torch.equal(model(torch.randn(2, 3, 32, 32)), torch.zeros(2, 10))  # davda54/sam: a zero last layer
     with pytest.raises(ValueError, match="6n \\+ 4"):
         build_model("wide_resnet", 10, depth=15)

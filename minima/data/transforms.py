@@ -69,10 +69,12 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator, p: float = 1.0) -> torch.Tensor:
     """Cutout (DeVries & Taylor 2017) on a normalised batch (N, C, H, W): per image one ``size`` × ``size`` square,
     its centre drawn uniformly over the pixels (the square clipped at the border, so it may be smaller), set to 0 —
-    the data's mean — in every channel. The centres come from ``generator`` (a CPU generator)."""
+    the data's mean — in every channel; with ``p`` < 1 each image gets its square with probability ``p`` (davda54/sam's
+    recipe: 0.5). The centres (then, for ``p`` < 1, one uniform draw per image) come from ``generator`` (a CPU
+    generator)."""
     n, _, h, w = images.shape
     centres = torch.stack([torch.randint(0, h, (n,), generator=generator),
                            torch.randint(0, w, (n,), generator=generator)]).to(images.device)
@@ -82,6 +84,9 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)  # (N, H)
     inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)  # (N, W)
     keep = ~(inside_rows[:, :, None] & inside_cols[:, None, :])  # (N, H, W)
+    if p < 1:
+        spared = (torch.rand(n, generator=generator) >= p).to(images.device)  # these images keep every pixel
+        keep = keep | spared[:, None, None]
     return images * keep[:, None].to(images.dtype)
 
 

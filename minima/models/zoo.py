@@ -219,14 +219,20 @@ class WideResNet(nn.Module):
     """WRN-d-k (Zagoruyko & Komodakis 2016) for 32×32 inputs: conv3×3 to 16 channels, three groups of (d − 4)/6
     pre-activation units with 16k, 32k, 64k channels (strides 1, 2, 2), BN → ReLU → 8×8 average pool → linear. The
     initialisation of davda54/sam's WideResNet (SAM's reference recipe): Kaiming-normal convolutions (fan-in, ReLU),
-    BatchNorm scale 1 and shift 0, a zero linear layer. WRN-16-8: 10,961,370 parameters at 10 classes."""
+    BatchNorm scale 1 and shift 0, a zero linear layer. WRN-16-8: 10,961,370 parameters at 10 classes.
+
+    ``units`` overrides the units per group: davda54/sam's ``WideResNet(16, 8, …)`` — the network its published
+    SGD/SAM/ASAM errors were measured with — builds a downsampling unit plus (d − 4)/6 more per group, 3 for d = 16
+    (17,158,106 parameters; ``units=3`` builds it, parameter for parameter)."""
 
     def __init__(self, num_classes: int = 10, depth: int = 16, width: int = 8, dropout: float = 0.0,
-                 in_channels: int = 3) -> None:
+                 in_channels: int = 3, units: int | None = None) -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4 (10, 16, 22, 28, …); got {depth}")
-        units = (depth - 4) // 6
+        units = (depth - 4) // 6 if units is None else units
+        if units < 1:
+            raise ValueError(f"WideResNet units per group must be ≥ 1; got {units}")
         channels = [16, 16 * width, 32 * width, 64 * width]
         layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)]
         for g, stride in enumerate((1, 2, 2)):

@@ -46,7 +46,7 @@ STUDY_KEYS = ("name", "seeds", "train", "grid", "variants", "measure")
 NOT_IN_HASH = ("out", "progress", "threads", "log", "print_every")  # how a run is executed, not what it computes
 # settings added to the training request after its hash was introduced: left out while they hold their default, so a
 # zoo's existing runs keep their hashes (and directories) when the request grows
-ADDED_LATER = ("sam_rho", "sam_base", "asam_eta", "swa_start", "swa_lr", "swa_anneal_epochs", "cutout",
+ADDED_LATER = ("sam_rho", "sam_base", "asam_eta", "swa_start", "swa_lr", "swa_anneal_epochs", "cutout", "cutout_p",
                "label_smoothing")
 MEASURE_SET_BY_ZOO = ("checkpoints", "out", "device")
 

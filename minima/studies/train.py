@@ -147,6 +147,8 @@ class TrainConfig(DataOptions):
     cutout: int = setting(0, "Cutout (DeVries & Taylor): one square of this side per training image, centred on a "
                           "random pixel, set to the data's mean after normalisation (16 for CIFAR-10; 0: none)",
                           unit="pixels")
+    cutout_p: float = setting(1.0, "the probability that a training image gets its Cutout square (DeVries & Taylor: "
+                              "1; davda54/sam's recipe: 0.5)")
     label_smoothing: float = setting(0.0, "label smoothing of the training loss (cross_entropy only; the loss every "
                                      "evaluation, metric and analysis reports stays the plain cross-entropy)")
     seed: int = setting(0, "seed of shuffling, dropout and augmentation")
@@ -222,6 +224,8 @@ def validate_config(c: TrainConfig) -> None:
     _validate_flat(c)
     if c.print_every < 1:
         raise ValueError(f"--print-every must be ≥ 1 epoch; got {c.print_every}")
+    if not 0 < c.cutout_p <= 1:
+        raise ValueError(f"--cutout-p is a probability in (0, 1]; got {c.cutout_p}")
     if c.cutout < 0 or not 0 <= c.label_smoothing < 1:
         raise ValueError(f"--cutout must be ≥ 0 and --label-smoothing in [0, 1); got {c.cutout}, {c.label_smoothing}")
     if c.label_smoothing and c.loss != "cross_entropy":
@@ -416,7 +420,7 @@ class Run:
                 x = data_mod.augment(x, aug_gen)
             x = data_mod.normalize(x, self.ds.mean, self.ds.std, torch.float32, self.channels_last)
             if c.cutout:
-                x = data_mod.cutout(x, c.cutout, aug_gen)
+                x = data_mod.cutout(x, c.cutout, aug_gen, c.cutout_p)
             if sam:
                 inputs.append((x, y))
             logits = self._backward(x, y, sync=not sam and m == plan.accumulation - 1)
