@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from minima import data
+from minima.files import results
 from minima.curvature.objective import DatasetObjective, FixedBatches
-from minima.curvature.registry import get_metric
+from minima.curvature.registry import get_metric, worst_batches
 from minima.curvature.worstcase import apgd, project_l2_euclidean, project_l2_scaled, worst_case_sharpness
 from minima.geometry.evaluate import Batching
 from minima.models import build_model
@@ -144,3 +145,26 @@ def test_worst_case_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "w.h5").exists()
     assert sharpness_main([*base, "--worst-m", "32", "--worst-n", "64", "--worst-iterations", "5"]) == 0
+
+
+def test_worst_case_defaults_shrink_to_the_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A default --worst-n (1,024) on fewer images uses all of them and says so in one line; --worst-m's default
+    shrinks to n when n < 128; given values are kept (and refused when they do not fit, as above)."""
+    assert worst_batches(None, None, None) == (1024, 128)
+    assert worst_batches(None, None, 50_000) == (1024, 128)
+    assert worst_batches(None, None, 300) == (256, 128)  # a multiple of m
+    assert worst_batches(None, None, 96) == (96, 96)
+    assert worst_batches(None, 32, 100) == (96, 32)
+    assert worst_batches(64, None, 96) == (64, 64)
+    assert worst_batches(2048, 128, 96) == (2048, 128)  # given: kept, then refused by batch_objectives
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds)
+    out = tmp_path / "w.h5"
+    assert sharpness_main([str(a), "--metrics", "worst_case", "--worst-iterations", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert said.count("--worst-n: the default 1,024 exceeds") == 1 and "uses 96 of them (batches of 96)" in said
+    (row,) = results.load_sharpness(out)
+    assert row["metric"] == "worst_adaptive_linf_rho0.002_m96_n96" and row["n"] == 96 and row["m"] == 96
+    assert sharpness_main([str(a), "--metrics", "worst_case", "--train-subset", "64", "--worst-m", "32",
+                           "--worst-iterations", "2", "--out", str(tmp_path / "w64.h5")]) == 0
+    assert "uses 64 of them (batches of 32)" in capsys.readouterr().out

@@ -29,7 +29,7 @@ from torch import nn
 from minima.core.config import parse_setting
 from minima.curvature.hessian import CountingOperator, hessian_operator, top_eigenvalues
 from minima.curvature.objective import DatasetObjective
-from minima.curvature.registry import REGISTRY, get_metric
+from minima.curvature.registry import MEASURED, REGISTRY, get_metric
 
 PRECONDITIONED = "preconditioned"
 
@@ -183,7 +183,7 @@ class Prober:
                 metric = get_metric(probe.name)
                 given = dict(probe.params)
                 params = {p.name: given.get(p.name, self.topk if p.name == "topk" else p.default)
-                          for p in metric.params}
+                          for p in metric.params} | {MEASURED: self.obj.count}
                 _, job = metric.jobs(params)[0]
                 if self.warm is not None and probe.name in WARM_STARTABLE:
                     job = {**job, "warm_start": self.warm.get(probe.name)}

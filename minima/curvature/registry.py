@@ -48,6 +48,7 @@ from minima.geometry.norms import NEEDS_INIT, logit_terms, margin, relative_flat
 from minima.geometry.norms import measures as norm_measures
 
 Job = tuple[str, dict[str, Any]]
+MEASURED = "measured_images"  # key of a jobs function's mapping: how many training images are measured, when known
 
 
 @dataclass(frozen=True)
@@ -442,10 +443,29 @@ def _worst_case(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[
     return {"value": r.sharpness, **asdict(r), "bn_mode_used": "eval"}
 
 
+WORST_N, WORST_M = 1024, 128  # the defaults of --worst-n and --worst-m where the measured images allow them
+
+
+def worst_batches(n: int | None, m: int | None, measured: int | None) -> tuple[int, int]:
+    """``(n, m)`` of a worst-case request: given values as given; a default (``None``) is 1,024 images in batches of
+    128, or — when fewer training images are measured (``measured``, ``None`` when not known before the data is
+    read) — every measured image, rounded down to a multiple of ``m``, in batches of at most ``m``. A default that
+    does not fit the data is shrunk; a given value that does not fit is refused later, naming its flag."""
+    if m is None:
+        m = min(WORST_M, n if n is not None else (WORST_N if measured is None else min(WORST_N, measured)))
+    if n is None:
+        n = WORST_N if measured is None else min(WORST_N, measured)
+        n -= n % m if m > 0 else 0
+        n = n or m  # m exceeds every measured image: check_batches names --worst-m
+    return n, m
+
+
 def _worst_jobs(p: Mapping[str, Any]) -> list[Job]:
     if p["worst_rho"] <= 0:
         raise ValueError(f"--worst-rho must be > 0, got {p['worst_rho']}")
-    check_batches(p["worst_n"], p["worst_m"])  # refused with the request, before any work
+    n, m = worst_batches(p["worst_n"], p["worst_m"], p.get(MEASURED))
+    p = {**p, "worst_n": n, "worst_m": m}
+    check_batches(n, m)  # refused with the request, before any work
     kind = ("adaptive_" if p["worst_adaptive"] else "") + p["worst_norm"]
     step = "_authors" if p["worst_norm"] == "l2" and p["worst_l2_step"] == "authors" else ""
     extra = {"logit_norm": True} if p["worst_logit_norm"] else {}  # absent when off: earlier results still resume
@@ -561,8 +581,10 @@ register(Metric(
         Param("worst_norm", WorstNorm, "linf", "ℓ∞ box or ℓ2 ellipsoid"),
         Param("worst_adaptive", bool, True, "scale the set by |w| (adaptive, invariant to ReLU rescaling); off: |w| "
               "→ 1"),
-        Param("worst_m", int, 128, "images per batch (m-sharpness)", "samples"),
-        Param("worst_n", int, 1024, "images measured (the first n of the training data measured)", "samples"),
+        Param("worst_m", int | None, None, "images per batch (m-sharpness)", "samples",
+              default_text="128, or n when fewer images are measured"),
+        Param("worst_n", int | None, None, "images measured (the first n of the training data measured)", "samples",
+              default_text="1024, or every measured image (a multiple of m) when fewer"),
         Param("worst_iterations", int, 20, "Auto-PGD iterations per batch"),
         Param("worst_l2_step", L2Step, "invariant", "ℓ2 ascent step: normalised in the scaled coordinates "
               "(invariant), or g/‖g‖ ⊙ |w| with a Euclidean projection (the authors' code; not invariant)"),

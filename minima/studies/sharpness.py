@@ -36,7 +36,16 @@ from minima.core.vocab import TORCH_DTYPES, BNMode, Curvature, CurvatureDtype, c
 from minima.curvature.blocks import describe_block, parameter_blocks
 from minima.curvature.measures import keskar_overheads
 from minima.curvature.objective import DatasetObjective, FixedBatches
-from minima.curvature.registry import REGISTRY, Metric, Param, batch_objectives, get_metric, load_plugins
+from minima.curvature.registry import (
+    MEASURED,
+    REGISTRY,
+    WORST_N,
+    Metric,
+    Param,
+    batch_objectives,
+    get_metric,
+    load_plugins,
+)
 from minima.curvature.worstcase import iteration_seconds
 from minima.data import load_for_checkpoint
 from minima.files import checkpoint as ckpt_io
@@ -113,13 +122,25 @@ def metric_list(requested: Sequence[str]) -> list[Metric]:
     return [get_metric(n) for n in names]
 
 
-def result_jobs(req: MeasureOptions) -> list[tuple[Metric, str, dict[str, Any]]]:
+def measured_images(req: MeasureOptions, checkpoints: Sequence[dict[str, Any]]) -> int | None:
+    """How many training images ``req`` measures, known before the data is read: ``--train-subset``, or the
+    fewest that the ``checkpoints`` record (``meta["data"]["train_size"]``) when no other data is named."""
+    if req.train_subset is not None:
+        return req.train_subset
+    sizes = [c["meta"].get("data", {}).get("train_size") for c in checkpoints] if req.data is None else []
+    return min(sizes) if sizes and None not in sizes else None
+
+
+def result_jobs(req: MeasureOptions, measured: int | None = None) -> list[tuple[Metric, str, dict[str, Any]]]:
     """(metric, result name, parameters) in the order they run. A parameter the request has no field for (its
-    type was built before the metric was registered) takes the parameter's default."""
+    type was built before the metric was registered) takes the parameter's default. ``measured``: the number of
+    training images measured (:func:`measured_images`; ``--train-subset`` when not given), where a default depends
+    on it (``--worst-n``)."""
     values = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}
+    measured = req.train_subset if measured is None else measured
     out = []
     for metric in metric_list(req.metrics):
-        params = {p.name: values.get(p.name, p.default) for p in metric.params}
+        params = {p.name: values.get(p.name, p.default) for p in metric.params} | {MEASURED: measured}
         out += [(metric, name, job) for name, job in metric.jobs(params)]
     return out
 
@@ -152,9 +173,12 @@ def measure(req: MeasureOptions) -> Path:
     """Compute every requested metric for every checkpoint into ``req.out``; return the path."""
     out = _output(req)
     with distributed.session(req.device) as env:
-        jobs = distributed.agree(env, lambda: (_validate(req), result_jobs(req))[1])
+        distributed.agree(env, lambda: _validate(req))
         # every checkpoint is read and its model rebuilt before the output is touched: a refusal leaves no file
         loaded = distributed.agree(env, lambda: [_load(Path(p), req) for p in req.checkpoints])
+        jobs = distributed.agree(env, lambda: result_jobs(req, measured_images(req, [c for c, _ in loaded])))
+        if env.is_main:
+            _say_shrunk_defaults(req, jobs)
         per_checkpoint = distributed.agree(env, lambda: [block_jobs(jobs, model, req.blocks, req.curvature)
                                                          for _, model in loaded])
 
@@ -172,6 +196,15 @@ def measure(req: MeasureOptions) -> Path:
                   f"[minima.sharpness] nothing to compute: every result is already in {out}", flush=True)
         distributed.barrier()
     return out
+
+
+def _say_shrunk_defaults(req: MeasureOptions, jobs: list[tuple[Metric, str, dict[str, Any]]]) -> None:
+    """One line for each default that does not fit the measured images and was shrunk to all of them."""
+    for metric, _, job in jobs:
+        if metric.name == "worst_case" and getattr(req, "worst_n", None) is None and job["n"] < WORST_N:
+            print(f"[minima.sharpness] --worst-n: the default {WORST_N:,} exceeds the training images measured; "
+                  f"worst_case uses {job['n']:,} of them (batches of {job['m']})", flush=True)
+            return
 
 
 def block_jobs(jobs: list[tuple[Metric, str, dict[str, Any]]], model: nn.Module, spec: str,
@@ -203,9 +236,11 @@ def recorded(req: MeasureOptions) -> bool:
     if not out.exists() or not all(Path(c).exists() for c in req.checkpoints):
         return False
     have = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(out)}
-    model = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(req.checkpoints[0]), req.trust_import)
+    ckpts = [ckpt_io.load_checkpoint(c) for c in req.checkpoints]
+    model = ckpt_io.model_from_checkpoint(ckpts[0], req.trust_import)
     want = {(label, name) for label in unique_labels(req.checkpoints)
-            for _, name, _ in block_jobs(result_jobs(req), model, req.blocks, req.curvature)}
+            for _, name, _ in block_jobs(result_jobs(req, measured_images(req, ckpts)), model, req.blocks,
+                                         req.curvature)}
     return want <= have
 
 
