@@ -24,7 +24,14 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
+from experiments._pipeline import (
+    Pipeline,
+    accuracy_difference,
+    copy_figures,
+    interruptible,
+    within_noise,
+    write_summary,
+)
 from minima import data as data_mod
 from minima.core.allocator import keep_freed_memory
 from minima.core.config import setting
@@ -135,6 +142,8 @@ def row(p: Declared, batch: int, warmup: bool, d: Path) -> dict[str, Any]:
 
 def table_markdown(rows: list[dict[str, Any]], p: Declared, ds: data_mod.Dataset, wall: float) -> str:
     t, sh = p.values("train"), p.values("sharpness")
+    ok = [r for r in rows if "diverged" not in r]
+    base = min((r for r in ok if r["warmup"]), key=lambda r: r["batch"], default=None)
     lines = [
         f"# Batch-size sweep — `{t['model']}`, preset `{p.name}`", "",
         f"{len(ds.train)} training / {len(ds.test)} test images ({ds.spec.get('kind')}); SGD momentum "
@@ -143,17 +152,31 @@ def table_markdown(rows: list[dict[str, Any]], p: Declared, ds: data_mod.Dataset
         f"epochs; augmentation {t['augment']}. φ: Keskar ε = {', '.join(f'{e:g}' for e in sh['eps'])}, full "
         f"space, BN {sh['bn_mode']}, {sh['train_subset']} training samples. "
         f"Wall time {wall / 60:.1f} min.", "",
-        "| batch | warmup | peak LR | train acc (%) | test acc (%) | train loss | φ |",
-        "|---|---|---|---|---|---|---|",
+        f"| batch | warmup | peak LR | train acc (%) | test acc (%) | vs batch {base['batch'] if base else '—'} "
+        "(points) | train loss | φ |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "diverged" in r:
             lines.append(f"| {r['batch']} | {'yes' if r['warmup'] else 'no'} | {r['peak_lr']:g} | diverged | "
-                         f"diverged | — | — |")
+                         f"diverged | — | — | — |")
         else:
             lines.append(f"| {r['batch']} | {'yes' if r['warmup'] else 'no'} | {r['peak_lr']:g} | {r['train_acc']:.2f} "
-                         f"| {r['test_acc']:.2f} | {r['train_loss']:.4f} | {r['phi']:.2f} |")
+                         f"| {r['test_acc']:.2f} | {versus(r, base, len(ds.test))} | {r['train_loss']:.4f} | "
+                         f"{r['phi']:.2f} |")
+    lines += ["", f"“vs batch …”: test accuracy minus that of the smallest batch trained with warmup, ± its binomial "
+              f"standard error over the {len(ds.test)} test images (one seed); “≈” marks a difference within 2 "
+              "standard errors — not distinguishable from noise."]
     return "\n".join(lines) + "\n"
+
+
+def versus(row: dict[str, Any], base: dict[str, Any] | None, test_images: int) -> str:
+    """``row``'s test accuracy minus ``base``'s in points ± the binomial standard error, "≈ " in front when within
+    2 standard errors; "—" for the base itself or without one."""
+    if base is None or row is base:
+        return "—"
+    diff, se, _ = accuracy_difference([row["test_acc"]], [base["test_acc"]], test_images)
+    return f"{'≈ ' if within_noise(diff, se) else ''}{diff:+.2f} ± {se:.2f}"
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:

@@ -34,7 +34,14 @@ import torch
 from matplotlib.figure import Figure
 
 from experiments import keskar
-from experiments._pipeline import Pipeline, copy_figures, interruptible, write_summary
+from experiments._pipeline import (
+    Pipeline,
+    accuracy_difference,
+    copy_figures,
+    interruptible,
+    within_noise,
+    write_summary,
+)
 from minima import data as data_mod
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
@@ -99,7 +106,9 @@ def _row(path: Path) -> dict[str, Any]:
     curve = results.load_curve(path)
     found = barriers(curve)
     mid = int(np.argmin(np.abs(curve.alpha - 0.5)))
+    test_images = json.loads(curve.attrs.get("config", "{}")).get("data", {}).get("test_size")
     return {"endpoint_test_acc": [100 * float(curve.test_accuracy[0]), 100 * float(curve.test_accuracy[-1])],
+            "test_images": test_images,
             "midpoint_test_acc": 100 * float(curve.test_accuracy[mid]), "midpoint": float(curve.alpha[mid]),
             "min_test_acc": 100 * float(np.min(curve.test_accuracy)), **found}
 
@@ -214,13 +223,33 @@ def _fmt_barrier(row: dict[str, Any], key: str, scale: float = 1.0) -> str:
     return f"{scale * row[key]:.3g} (α {row[key + '_alpha']:.2g})" if key in row else "—"
 
 
+def ordering_verdict(naive: float, permuted: float, repaired: float, endpoint: float, test_images: int) -> str:
+    """Whether REPAIR's ordering naive < best alignment < best alignment + REPAIR ≤ endpoints holds, each step's
+    difference of test accuracies (%) with its binomial standard error over ``test_images`` (one pair of seeds):
+    "yes" when every strict step exceeds 2 standard errors and the last is not above the endpoints by more; "no"
+    when a step goes the other way by more than 2 SE; else "not distinguishable"."""
+    steps = [("best alignment − naive", permuted, naive, True), ("+ REPAIR − best alignment", repaired, permuted, True),
+             ("+ REPAIR − best endpoint", repaired, endpoint, False)]
+    told, answers = [], []
+    for name, a, b, strict in steps:
+        diff, se, _ = accuracy_difference([a], [b], test_images)
+        if strict:  # a above b by more than 2 SE
+            answers.append("not distinguishable" if within_noise(diff, se) else "yes" if diff > 0 else "no")
+        else:  # a not above b by more than 2 SE
+            answers.append("no" if diff > 2 * se else "yes")
+        told.append(f"{name} {diff:+.2f} ± {se:.2f}")
+    answer = "no" if "no" in answers else "not distinguishable" if "not distinguishable" in answers else "yes"
+    return (f"Same ordering here (naive < best alignment < best alignment + REPAIR ≤ endpoints): **{answer}** "
+            f"({naive:.2f} < {permuted:.2f} < {repaired:.2f} ≤ {endpoint:.2f} %; {'; '.join(told)} points, binomial "
+            f"standard errors over {test_images} test images, one pair of seeds; within 2 SE is not distinguishable).")
+
+
 def summary_markdown(p: Declared, pair: dict, sblb: dict, wall_s: float, kdir: Path) -> str:
     t, line, c = p.values("pair"), p.values("line"), p.values("curve")
     ends = pair["naive"]["endpoint_test_acc"]
     mids = {k: v["midpoint_test_acc"] for k, v in pair.items()}
     permuted = max(mids["weight matching"], mids["activation matching"])
     repaired = max(mids["weight matching + REPAIR"], mids["activation matching + REPAIR"])
-    ordered = mids["naive"] < permuted < repaired <= max(ends) + 1e-9
     lines = [
         f"# Connectivity — preset `{p.name}`", "",
         f"Seeds 0 and 1 of `{t['model']}` {json.dumps(t.get('model_kwargs') or {})} trained {t['epochs']} epochs "
@@ -238,9 +267,8 @@ def summary_markdown(p: Declared, pair: dict, sblb: dict, wall_s: float, kdir: P
         "",
         f"Endpoints: {ends[0]:.2f} / {ends[1]:.2f} % test accuracy. REPAIR's CIFAR-10 MLP (Jordan et al. 2023, 11 "
         f"hidden layers × 512): endpoints {REPAIR_MLP['endpoints']} %, naive midpoint {REPAIR_MLP['naive']} %, "
-        f"permuted {REPAIR_MLP['permuted']} %, + REPAIR {REPAIR_MLP['repair']} %. Same ordering here (naive < best "
-        f"alignment < best alignment + REPAIR ≤ endpoints): **{'yes' if ordered else 'no'}** "
-        f"({mids['naive']:.2f} < {permuted:.2f} < {repaired:.2f} ≤ {max(ends):.2f}).", "",
+        f"permuted {REPAIR_MLP['permuted']} %, + REPAIR {REPAIR_MLP['repair']} %. "
+        + ordering_verdict(mids["naive"], permuted, repaired, max(ends), pair["naive"]["test_images"]), "",
         f"Keskar SB/LB checkpoints: {kdir}/seed0; curve: {c['bends']}-bend Bézier, {c['epochs']} epochs "
         f"(SGD lr {c['lr']:g}, batch {c['batch_size']}, wd {c['weight_decay']:g}) on "
         f"{c.get('train_subset') or 'all'} training images, which the curve and both lines are evaluated on "

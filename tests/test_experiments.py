@@ -151,6 +151,7 @@ def test_batch_sweep_smoke(tmp_path: Path) -> None:
     assert any("| no |" in r for r in rows)
     assert_drawn(tmp_path / "batch_sweep.png")
     assert "diverged" not in md  # the smoke sweep is seeded and converges
+    assert "| vs batch 16 (points) |" in md and sum(" ± " in r for r in rows) == 2  # every row but the base's
     for b in ("b16", "b64", "b64_nowarmup"):
         assert (out / b / "final.pt").is_file() and (out / b / "sharpness.h5").is_file()
 
@@ -213,7 +214,7 @@ def test_connectivity_smoke_writes_every_table_row_and_resumes(tmp_path: Path) -
     aligned = torch_load_meta(out / "pair" / "seed1_weights_aligned.pt")
     assert aligned["alignment"]["method"] == "weights"
     md = (out / "summary.md").read_text()
-    assert "REPAIR's CIFAR-10 MLP" in md and "Same ordering here" in md
+    assert "REPAIR's CIFAR-10 MLP" in md and "Same ordering here" in md and "binomial standard errors over" in md
     # a second run finds every stage complete
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")}
     assert connectivity.main(argv) == 0
@@ -302,6 +303,24 @@ def test_the_verdict_says_when_a_difference_is_within_its_standard_error() -> No
     seeds = keskar.accuracy_verdict([55.0, 55.4, 54.8], [51.0, 51.9, 51.2], 10_000)  # across seeds: their spread
     assert "**yes**" in seeds and "standard error over 3 seeds" in seeds
     assert "**no (LB above SB)**" in keskar.accuracy_verdict([50.0], [55.0], 10_000)
+
+
+def test_connectivity_and_batch_sweep_verdicts_carry_standard_errors() -> None:
+    from experiments import batch_sweep, connectivity
+    # REPAIR's own MLP numbers on 10,000 images: every step beyond 2 SE (SE ≈ 0.7 points)
+    assert "**yes**" in connectivity.ordering_verdict(36.0, 55.0, 64.0, 65.0, 10_000)
+    # a 0.5-point step on 1,000 images (SE ≈ 2.2): not distinguishable, whatever the sign
+    text = connectivity.ordering_verdict(40.0, 40.5, 50.0, 52.0, 1000)
+    se = 100 * ((0.405 * 0.595 + 0.40 * 0.60) / 1000) ** 0.5
+    assert "**not distinguishable**" in text and f"best alignment − naive +0.50 ± {se:.2f}" in text
+    assert "**no**" in connectivity.ordering_verdict(60.0, 40.0, 50.0, 52.0, 10_000)  # alignment clearly worse
+    assert "**no**" in connectivity.ordering_verdict(30.0, 40.0, 60.0, 52.0, 10_000)  # REPAIR above the ends
+    assert "**yes**" in connectivity.ordering_verdict(30.0, 40.0, 52.5, 52.0, 10_000)  # ≤ the ends within noise
+    base = {"test_acc": 50.0}
+    assert batch_sweep.versus(base, base, 10_000) == "—" and batch_sweep.versus(base, None, 10_000) == "—"
+    se = 100 * ((0.5 * 0.5 + 0.49 * 0.51) / 10_000) ** 0.5
+    assert batch_sweep.versus({"test_acc": 49.0}, base, 10_000) == f"≈ -1.00 ± {se:.2f}"  # within 2 SE (1.41)
+    assert batch_sweep.versus({"test_acc": 45.0}, base, 10_000).startswith("-5.00 ± ")
 
 
 @pytest.mark.slow  # four trainings, four measurements, two lines and a plane (≈ 40 s)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from minima import data
-from minima.files import results
 from minima.curvature.objective import DatasetObjective, FixedBatches
 from minima.curvature.registry import get_metric, worst_batches
 from minima.curvature.worstcase import apgd, project_l2_euclidean, project_l2_scaled, worst_case_sharpness
+from minima.files import results
 from minima.geometry.evaluate import Batching
 from minima.models import build_model
 from minima.sharpness import main as sharpness_main
