@@ -31,6 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+#: A request type.
 T = TypeVar("T")
 _NO_DEFAULT = dataclasses.MISSING
 
@@ -53,6 +54,7 @@ class ArgumentParser(argparse.ArgumentParser):
     --eval-batch-size?"), as Python 3.14's ``suggest_on_error`` does, on every Python."""
 
     def error(self, message: str) -> NoReturn:
+        """Exit with status 2 after the usage and ``message``; an unknown flag also names the nearest known ones."""
         if message.startswith("unrecognized arguments: "):
             flags = [o for a in self._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
             hints = []

@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+#: What a function run on one rank returns.
 T = TypeVar("T")
 
 

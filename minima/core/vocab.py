@@ -31,36 +31,66 @@ from typing import Any, Literal
 
 import torch
 
+#: What BatchNorm does at a point of a path or grid that is not a trained checkpoint (see the module docstring).
 BNPolicy = Literal["recompute", "batch", "interpolate"]
+#: The BatchNorm policy a grid file records: a :data:`BNPolicy`, or ``none`` for a model without BatchNorm.
 BNRecord = Literal["recompute", "batch", "interpolate", "none"]
+#: How BatchNorm normalises inside one function evaluation: running statistics or the batch's own.
 BNMode = Literal["eval", "batch"]
+#: The floating-point type of evaluation (``bfloat16``: autocast, sums in float32/float64).
 Dtype = Literal["float32", "float64", "bfloat16"]
+#: The floating-point types in which derivatives are taken.
 CurvatureDtype = Literal["float32", "float64"]
+#: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda`` (under torchrun, GPU ``LOCAL_RANK``).
 DeviceName = Literal["auto", "cpu", "cuda"]
+#: Data placement: on the device when it fits (``auto``), always, or pinned host memory (``no``).
 DataOnDevice = Literal["auto", "yes", "no"]
+#: float32 matmuls and convolutions on CUDA: ``fp32`` (TF32 off), ``tf32``, or torch's ``default``.
 Float32Math = Literal["fp32", "tf32", "default"]
+#: The α line of ``minima.interpolate``: the ``segment`` A→B or a ``random`` direction.
 Direction = Literal["segment", "random"]
+#: Normalisation of a random direction: per filter, per layer, or none.
 Norm = Literal["filter", "layer", "none"]
+#: What a random direction does on 1-D parameters: zero on BatchNorm and biases, or no exception.
 Ignore = Literal["bn-and-bias", "none"]
+#: Eigenvalue solver: ``lanczos`` (torch, full reorthogonalisation) or ``arpack`` (scipy ``eigsh``).
 EigenMethod = Literal["lanczos", "arpack"]
+#: How the learning rate scales with the global batch size.
 ScalingRule = Literal["linear", "sqrt", "none"]
+#: The learning-rate schedule after warmup.
 ScheduleKind = Literal["constant", "step", "cosine"]
+#: The training optimiser (``sam``/``asam``: sharpness-aware steps around a :data:`SamBase` optimiser).
 Optimizer = Literal["adam", "sgd", "sam", "asam"]
-SamBase = Literal["sgd", "adam"]  # the optimiser SAM and ASAM step with after their perturbation
+#: The optimiser SAM and ASAM step with after their perturbation.
+SamBase = Literal["sgd", "adam"]
+#: Mixed precision of training: none, or bfloat16 autocast.
 Amp = Literal["none", "bf16"]
+#: How units are matched between two networks: by their weights or by their activations.
 AlignMethod = Literal["weights", "activations"]
+#: The shape of a trained path: a Bézier curve or a polygonal chain.
 CurveKind = Literal["bezier", "polychain"]
+#: Trace estimator: Hutchinson or Hutch++.
 TraceMethod = Literal["hutchinson", "hutchpp"]
+#: The set of worst-case sharpness: an ℓ∞ box or an ℓ2 ellipsoid.
 WorstNorm = Literal["linf", "l2"]
+#: The ℓ2 ascent step of worst-case sharpness: invariant (scaled coordinates) or the authors'.
 L2Step = Literal["invariant", "authors"]
-PacBayesConvention = Literal["paper", "authors"]  # N(0, σ²) as defined, or Dziugaite et al.'s code's N(0, (σ²)²)
+#: N(0, σ²) as defined, or Dziugaite et al.'s code's N(0, (σ²)²).
+PacBayesConvention = Literal["paper", "authors"]
+#: The curvature operator: the Hessian or the Gauss–Newton matrix (GGN).
 Curvature = Literal["hessian", "ggn"]
+#: How a data subset is drawn: stratified by class, or the first images of the split.
 SubsetMode = Literal["stratified", "first"]
+#: The training and evaluation loss.
 Loss = Literal["cross_entropy", "mse"]
-RunState = Literal["running", "complete", "interrupted", "diverged", "failed"]  # a run directory's status.json
-Sink = Literal["tensorboard", "wandb", "mlflow"]  # tracking sinks a training run mirrors its metrics to
-Executor = Literal["local", "slurm"]  # who starts a zoo's processes
-FullBatch = Literal["full"]  # --batch-size full: full-batch gradient descent
+#: A run directory's ``status.json`` state.
+RunState = Literal["running", "complete", "interrupted", "diverged", "failed"]
+#: Tracking sinks a training run mirrors its metrics to.
+Sink = Literal["tensorboard", "wandb", "mlflow"]
+#: Who starts a zoo's processes: local worker processes or Slurm (submitit).
+Executor = Literal["local", "slurm"]
+#: ``--batch-size full``: full-batch gradient descent.
+FullBatch = Literal["full"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
                                         "bfloat16": torch.bfloat16}

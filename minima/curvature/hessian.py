@@ -60,7 +60,7 @@ class CountingOperator(LinearOperator):
         self.products = 0
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        """H·v for a float64 vector on :attr:`device` (returned there)."""
+        """H·v for a float64 vector on the operator's ``device`` (returned there)."""
         self.products += 1
         return self._hv(v)
 

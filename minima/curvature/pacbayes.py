@@ -35,8 +35,10 @@ from torch.func import functional_call, vmap
 from minima.core import distributed
 from minima.geometry.fold import fold_batchnorm
 
+#: Every PAC-Bayes measure, in the order they are reported.
 MEASURES = ("pacbayes_init", "pacbayes_orig", "pacbayes_flatness", "pacbayes_mag_init", "pacbayes_mag_orig",
             "pacbayes_mag_flatness")
+#: The PAC-Bayes measures that need the initial weights (``--pacbayes-init``).
 NEEDS_INIT = ("pacbayes_init", "pacbayes_mag_init", "pacbayes_mag_orig")
 MAG_EPS = 1e-3
 

@@ -98,6 +98,7 @@ def load_npz(path: str | os.PathLike[str], num_classes: int | None = None) -> Da
     )
 
 
+#: The torchvision data sets minima loads by name, with their class counts.
 TORCHVISION_SETS: dict[str, int] = {"CIFAR10": 10, "CIFAR100": 100, "MNIST": 10, "FashionMNIST": 10, "SVHN": 10}
 
 

@@ -43,6 +43,7 @@ CURVE_FORMAT = "minima.curve/1"  # the one-dimensional format before grids; stil
 SHARPNESS_FORMAT = "minima.sharpness/1"
 RESULT_FORMATS = (GRID_FORMAT, CURVE_FORMAT, SHARPNESS_FORMAT)
 SPLITS = ("train", "test")
+#: The values each point of a grid file stores, as ``split/quantity`` dataset names.
 POINT_FIELDS = ("train/loss", "train/accuracy", "train/nonfinite", "test/loss", "test/accuracy",
                 "test/nonfinite", "bn/negative_variance")
 INT_FIELDS = frozenset({"train/nonfinite", "test/nonfinite", "bn/negative_variance"})

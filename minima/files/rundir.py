@@ -1,19 +1,25 @@
 """A training run's directory as a format (``minima.run/1``), read and written through this module only.
 
-``RUN/``
-  ``config.json``   the resolved training request (every field, defaults included), written when the run starts
-  ``status.json``   ``{"format", "state", "reason", "epoch", "step", "updated"}``; ``state`` is one of
-                    ``running`` (started, or killed without a word), ``complete`` (``final.pt`` written; ``reason``
-                    says why it stopped: the epoch cap or the stopping rule), ``interrupted`` (a signal: ``last.pt``
-                    written, ``--resume`` continues it), ``diverged`` (the training loss became NaN/inf; ``last.pt``
-                    holds the last good epoch) or ``failed`` (any other error; ``reason`` is its one line)
-  ``metrics.jsonl`` one JSON object per finished epoch: ``epoch``, ``step``, ``lr``, ``train_loss``,
-                    ``train_accuracy``, ``train_samples``, ``images_per_s``, ``elapsed_s`` (seconds since the run
-                    started, summed over resumes), with ``--eval-test`` also ``test_loss``, ``test_accuracy``,
-                    ``test_nonfinite``, with probes ``probe_seconds``, and ``stopped`` on the epoch the stopping rule
-                    ended; lines of epochs after the resumed ``last.pt`` are dropped on resume
-  ``init.pt`` ``last.pt`` ``final.pt`` ``epoch_XXXX.pt``   checkpoints (``minima.checkpoint/2``)
-  ``probes.h5``     the probe timeline (``minima.files.timeline``), when the run probes
+``RUN/`` holds:
+
+``config.json``
+    the resolved training request (every field, defaults included), written when the run starts
+``status.json``
+    ``{"format", "state", "reason", "epoch", "step", "updated"}``; ``state`` is one of ``running`` (started, or
+    killed without a word), ``complete`` (``final.pt`` written; ``reason`` says why it stopped: the epoch cap or the
+    stopping rule), ``interrupted`` (a signal: ``last.pt`` written, ``--resume`` continues it), ``diverged`` (the
+    training loss became NaN/inf; ``last.pt`` holds the last good epoch) or ``failed`` (any other error; ``reason``
+    is its one line)
+``metrics.jsonl``
+    one JSON object per finished epoch: ``epoch``, ``step``, ``lr``, ``train_loss``, ``train_accuracy``,
+    ``train_samples``, ``images_per_s``, ``elapsed_s`` (seconds since the run started, summed over resumes), with
+    ``--eval-test`` also ``test_loss``, ``test_accuracy``, ``test_nonfinite``, with probes ``probe_seconds``, and
+    ``stopped`` on the epoch the stopping rule ended; lines of epochs after the resumed ``last.pt`` are dropped on
+    resume
+``init.pt`` ``last.pt`` ``final.pt`` ``epoch_XXXX.pt``
+    checkpoints (``minima.checkpoint/2``)
+``probes.h5``
+    the probe timeline (``minima.files.timeline``), when the run probes
 
 A directory written before ``status.json`` existed reads as ``complete`` when it holds ``final.pt``, ``interrupted``
 when it holds only ``last.pt``, and ``new`` when it holds neither (:func:`RunDir.status`).

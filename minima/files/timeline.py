@@ -26,6 +26,7 @@ import numpy as np
 from minima import __version__, utc_now
 
 FORMAT = "minima.probes/1"
+#: The scalar fields of each probe record in ``probes.h5``.
 SCALARS = ("step", "epoch", "lr", "value", "threshold", "sam_threshold", "grad_norm", "seconds", "hvps")
 
 

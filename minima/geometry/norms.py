@@ -48,7 +48,9 @@ from torch import nn
 
 from minima.geometry.fold import fold_batchnorm
 
+#: The norm-based measures that need the initial weights (``--norms-init``).
 NEEDS_INIT = ("log_spec_init_main", "fro_dist", "dist_spec_init")
+#: Every norm-based measure, in the order they are reported.
 MEASURES = ("params", "inverse_margin", "log_spec_init_main", "log_spec_orig_main", "log_prod_of_spec_over_margin",
             "log_prod_of_spec", "fro_over_spec", "log_sum_of_spec_over_margin", "log_sum_of_spec",
             "log_prod_of_fro_over_margin", "log_prod_of_fro", "log_sum_of_fro_over_margin", "log_sum_of_fro",

@@ -37,6 +37,7 @@ from minima.geometry.permute import PermutationSpec, permutation_spec
 from minima.geometry.points import EvalData, EvalSettings
 from minima.models import has_batchnorm
 
+#: Added to variances before a square root (BatchNorm's default ε).
 EPS = 1e-5
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer → (mean, unbiased variance) per unit, float64
 _BN_FOR = {nn.Linear: nn.BatchNorm1d, nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
@@ -100,7 +101,11 @@ def repair_state(work: nn.Module, state: StateDict, layers: list[str], stats: Se
 class Repairer:
     """REPAIR between given endpoints for the grid runner: refuses a network with BatchNorm, traces the hidden
     layers, measures each endpoint's unit statistics once on ``d.bn_split`` (as ``s`` evaluates), and gives the
-    repaired model (:attr:`model`, what the grid evaluates) and the state at any point (:meth:`state`)."""
+    repaired model (:attr:`Repairer.model`, what the grid evaluates) and the state at any point
+    (:meth:`Repairer.state`)."""
+
+    #: The repaired network: the model with a rescaling after each traced hidden layer; what the grid evaluates.
+    model: nn.Module
 
     def __init__(self, model: nn.Module, endpoints: Sequence[StateDict], example: torch.Tensor, d: EvalData,
                  s: EvalSettings) -> None:

@@ -25,7 +25,7 @@ UNSET: Any = object()  # "num_classes not passed": the model arguments' own num_
 class ModelInfo:
     """A registry entry: how to build the model and what it expects.
 
-    ``factory(num_classes=..., **kwargs)`` returns an ``nn.Module`` mapping (N, *input_shape) float batches to
+    ``factory(num_classes=..., **kwargs)`` returns an ``nn.Module`` mapping (N, \\*input_shape) float batches to
     (N, num_classes) logits; ``input_shape`` and ``num_classes`` are the defaults; ``convolutional`` decides the
     memory format (channels_last) and the convolution-specific derivatives (one source of truth); ``data`` is the
     data set the model is meant for when none is given (``--data`` syntax; None: CIFAR-10's default resolution)."""

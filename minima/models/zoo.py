@@ -63,7 +63,7 @@ def _keras_same_maxpool_3x3_s2() -> nn.MaxPool2d:
 
 class C1(nn.Module):
     """Keskar's C1 ("shallownet"): 2 × [conv64 5×5 → BN → ReLU → maxpool 3×3/2 'same'] (computed as
-    maxpool → ReLU, the same function: see :func:`_append_pool`), then
+    maxpool → ReLU, the same function: see ``_append_pool``), then
     FC384 → BN → ReLU → Dropout(.5) → FC192 → BN → ReLU → Dropout(.5) → FC10. 1,757,834 parameters
     at 32×32×3 input."""
 

@@ -1,25 +1,23 @@
 """A zoo study: a TOML file that declares many training runs over minima's own training request, and what to measure
-on each.
+on each::
 
-```toml
-name = "zoo-smoke"            # optional (default: the file's stem)
-seeds = [0, 1]                # every configuration once per seed (default [0]); the seed is TrainConfig.seed
+    name = "zoo-smoke"            # optional (default: the file's stem)
+    seeds = [0, 1]                # every configuration once per seed (default [0]); the seed is TrainConfig.seed
 
-[train]                       # the request every run shares: any setting of python -m minima.train
-model = "mlp"
-epochs = 3
+    [train]                       # the request every run shares: any setting of python -m minima.train
+    model = "mlp"
+    epochs = 3
 
-[grid]                        # lists whose product gives the configurations
-lr = [0.01, 0.1]
-batch_size = [32, 128]
+    [grid]                        # lists whose product gives the configurations
+    lr = [0.01, 0.1]
+    batch_size = [32, 128]
 
-[[variants]]                  # optional: each table one more set of settings, crossed with the grid
-optimizer = "sgd"
+    [[variants]]                  # optional: each table one more set of settings, crossed with the grid
+    optimizer = "sgd"
 
-[measure]                     # optional: measured on each run's final.pt (any setting of python -m minima.sharpness)
-metrics = ["hessian"]
-train_subset = 256
-```
+    [measure]                     # optional: measured on each run's final.pt (any minima.sharpness setting)
+    metrics = ["hessian"]
+    train_subset = 256
 
 A run is the training request resolved (defaults filled in); it is named by a hash of that request without the
 settings that do not change its numbers (``out``, ``progress``, ``threads``, ``log``), so two studies that declare
@@ -43,9 +41,10 @@ from minima.studies.sharpness import measure_request_type, result_jobs
 from minima.studies.train import TrainConfig, validate_config
 
 STUDY_KEYS = ("name", "seeds", "train", "grid", "variants", "measure")
-NOT_IN_HASH = ("out", "progress", "threads", "log", "print_every")  # how a run is executed, not what it computes
-# settings added to the training request after its hash was introduced: left out while they hold their default, so a
-# zoo's existing runs keep their hashes (and directories) when the request grows
+#: How a run is executed, not what it computes.
+NOT_IN_HASH = ("out", "progress", "threads", "log", "print_every")
+#: Settings added to the training request after its hash was introduced: left out while they hold their default, so a
+#: zoo's existing runs keep their hashes (and directories) when the request grows.
 ADDED_LATER = ("sam_rho", "sam_base", "asam_eta", "swa_start", "swa_lr", "swa_anneal_epochs", "cutout", "cutout_p",
                "label_smoothing")
 MEASURE_SET_BY_ZOO = ("checkpoints", "out", "device")

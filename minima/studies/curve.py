@@ -4,11 +4,11 @@ Training: the bends of a Bézier curve or polygonal chain (:mod:`minima.geometry
 and B are trained as Garipov et al. do: one t ~ U(0, 1) per optimiser step (the same on every rank), loss = the
 endpoints' training loss (cross-entropy or MSE, as recorded) at θ(t) + ½·wd·‖θ(t)‖² over its parameters, BatchNorm
 in batch mode, SGD with momentum. The loop has the trainer's habits (:mod:`minima.optim.steps`): data placed once
-(:func:`minima.data.place`), every step seeded from (seed, step, rank), gradients all-reduced across torchrun ranks,
-a bar per epoch on rank 0, an estimate after the first epoch, ``last.pt`` at every epoch end and on SIGTERM/SIGINT
-(then :class:`~minima.optim.steps.TrainingInterrupted`), and ``--resume`` continuing bit for bit. The result is
-``curve.pt`` in the curve's directory: a curve checkpoint (:func:`minima.files.checkpoint.make_curve_checkpoint`)
-naming its endpoints by path and sha256.
+(:func:`minima.data.placement.place`), every step seeded from (seed, step, rank), gradients all-reduced across
+torchrun ranks, a bar per epoch on rank 0, an estimate after the first epoch, ``last.pt`` at every epoch end and on
+SIGTERM/SIGINT (then :class:`~minima.optim.steps.TrainingInterrupted`), and ``--resume`` continuing bit for bit.
+The result is ``curve.pt`` in the curve's directory: a curve checkpoint
+(:func:`minima.files.checkpoint.make_curve_checkpoint`) naming its endpoints by path and sha256.
 
 Evaluation: a path through state dicts (the curve: A, bends, B; the straight line: A, B as a chain without bends)
 is a one-axis grid (axis ``t``) on :mod:`minima.studies.grid`, BatchNorm re-estimated at every t by default, with

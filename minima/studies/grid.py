@@ -47,6 +47,7 @@ from minima.geometry.points import EvalData, EvalSettings, evaluate_point
 from minima.models import has_batchnorm, is_convolutional
 
 PointFn = Callable[[np.ndarray], StateDict]
+#: A grid request type (a subclass of :class:`~minima.core.options.EvalOptions`).
 R = TypeVar("R", bound="EvalOptions")
 
 

@@ -35,7 +35,8 @@ from minima.data import DeviceBatches, Placement, Split, epoch_permutation, glob
 from minima.optim.schedule import LRSchedule, learning_rate
 from minima.optim.steps import TrainingInterrupted, step_seed
 
-CHECK_EVERY = 10  # steps between the loop's host reads (non-finite loss, and under DDP the stop signal)
+#: Steps between the loop's host reads (non-finite loss, and under DDP the stop signal).
+CHECK_EVERY = 10
 
 
 class NonFiniteLossError(RuntimeError):

@@ -4,9 +4,9 @@
 objective on the fixed probe subset, the Lanczos warm starts), the timeline ``probes.h5`` (created, truncated to a
 resumed ``last.pt``, every probe's history recorded, other settings refused on resume), which probes already ran at
 the resumed step, the time probes take (kept out of images/s), what is printed, and what the tracking sinks get. The
-trainer calls it at four places: when the run starts (:meth:`restore`, then :meth:`open` on rank 0), after every
-optimiser step (:meth:`after_step`), after the last step (:meth:`after_last_step`), and when it saves ``last.pt``
-(:meth:`resume_state`).
+trainer calls it at four places: when the run starts (:meth:`~ProbeCallback.restore`, then
+:meth:`~ProbeCallback.open` on rank 0), after every optimiser step (:meth:`~ProbeCallback.after_step`), after the last
+step (:meth:`~ProbeCallback.after_last_step`), and when it saves ``last.pt`` (:meth:`~ProbeCallback.resume_state`).
 """
 
 from __future__ import annotations

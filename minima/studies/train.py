@@ -84,7 +84,8 @@ from minima.optim.steps import TrainingInterrupted, stop_on_signals
 from minima.studies.loop import NonFiniteLossError, Plan, TrainState, epoch_batches, plan_batches, run_epoch
 from minima.studies.probing import ProbeCallback, ProbeSettings
 
-DEFAULT_PROBE_SUBSET = 1000  # images the probes measure on when --probe-subset is not given
+#: Images the probes measure on when --probe-subset is not given.
+DEFAULT_PROBE_SUBSET = 1000
 
 
 @dataclass(frozen=True)
@@ -817,7 +818,7 @@ TARGET_MARKS = ("≤ target", "≥ target")  # the words _stopping_rule ends a r
 
 
 def reached_target(reason: str | None) -> bool:
-    """Whether a run's stopping reason (``status.json``) is :func:`_stopping_rule` saying the training target was
+    """Whether a run's stopping reason (``status.json``) is ``_stopping_rule`` saying the training target was
     reached (not the epoch cap, the patience rule or an interruption)."""
     return bool(reason) and any(mark in reason for mark in TARGET_MARKS)
 
