@@ -15,6 +15,7 @@ import minima
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the experiments package, documented beside minima
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))  # minima_gallery: the gallery's figure scraper
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 project = "minima"
@@ -33,7 +34,7 @@ extensions = [
     "sphinx_gallery.gen_gallery",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "_inventories", "README.md", "examples/README.txt"]
+exclude_patterns = ["_build", "_inventories", "_ext", "README.md", "examples/README.txt"]
 templates_path = ["_templates"]
 
 nitpicky = True
@@ -75,6 +76,7 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "within_subsection_order": "FileNameSortKey",
+    "image_scrapers": ("matplotlib", "minima_gallery.figures_in_globals"),
 }
 
 coverage_show_missing_items = True

@@ -45,6 +45,7 @@ from experiments._pipeline import (
 from minima import data as data_mod
 from minima.core.allocator import cpu_name, keep_freed_memory
 from minima.core.config import setting
+from minima.figures import readable_log_axis
 from minima.files import results
 from minima.geometry.barriers import barriers
 from minima.pipelines.curve import run as run_curve
@@ -202,7 +203,8 @@ def figure(pair: dict[str, dict[str, Any]], sblb: dict[str, dict[str, Any]], pat
                   marker="o", ms=3, label=name)
     left.set(xlabel="α (0: seed 0, 1: seed 1, aligned or not)", ylabel="test accuracy (%)",
              title="two seeds: the line before and after alignment, ± REPAIR")
-    left.legend(fontsize=7, handlelength=4.0)
+    left.legend(fontsize=7, handlelength=4.0, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2,
+                frameon=False)  # below the axes: inside, it covers the naive line's valley
     for k, (name, row) in enumerate(sblb.items()):
         curve = results.load_curve(row["file"])
         wide = {"lw": 4.0, "alpha": 0.45} if k == 0 else {}  # visible under a line that coincides with it
@@ -210,6 +212,7 @@ def figure(pair: dict[str, dict[str, Any]], sblb: dict[str, dict[str, Any]], pat
         right.plot(curve.alpha, curve.test_loss, color=f"C{k}", ls="--", marker="s", ms=3, label=f"{name} (test)",
                    **wide)
     right.set_yscale("log")
+    readable_log_axis(right)
     right.set(xlabel="α along the lines, t along the curve (0: SB, 1: LB)", ylabel="cross-entropy (nats)",
               title="Keskar's SB and LB minima: line, aligned line, trained curve")
     right.legend(fontsize=7, handlelength=4.0, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2,

@@ -44,10 +44,11 @@ def describe(attrs: dict) -> str:
     return " · ".join(parts)
 
 
-def _readable_log_axis(ax: Axes) -> None:
-    """A log y axis spanning less than a decade gets plain tick labels (0.3, 0.4) instead of 3 × 10⁻¹: every minor
-    tick labelled below a ratio of 3, else labelled ticks at 2 and 5 × 10^k (so that a range holding no power of ten,
-    e.g. 1.4e4–7.2e4, still has labels)."""
+def readable_log_axis(ax: Axes) -> None:
+    """Label a log y axis that spans few decades so that it can be read: below a decade plain tick labels (0.3, 0.4)
+    instead of 3 × 10⁻¹, every minor tick labelled below a ratio of 3, else labelled ticks at 2 and 5 × 10^k (so that
+    a range holding no power of ten, e.g. 1.4e4–7.2e4, still has labels); up to three decades the powers of ten and
+    2 and 5 × 10^k, all in plain numbers (0.02, 0.05, 0.1, …) rather than two labels 10⁻¹ and 10⁰."""
     from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     lo, hi = ax.get_ylim()
@@ -55,6 +56,10 @@ def _readable_log_axis(ax: Axes) -> None:
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
         if hi / lo >= 3:
             ax.yaxis.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+    elif lo > 0 and hi / lo < 1000:
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0)))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
 
 
@@ -81,7 +86,7 @@ def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -
             ax.annotate(f"{n} non-finite ({split})", (x, 1.0), xycoords=("data", "axes fraction"),
                         rotation=90, va="top", ha="center", fontsize=7, color="0.3")
     ax.set_yscale("log")
-    _readable_log_axis(ax)
+    readable_log_axis(ax)
     kind = str(curve.attrs.get("path_kind", ""))
     ax.set_xlabel("t along the curve   (t = 0: A, t = 1: B)" if "curve" in kind else "α   (θ = (1 − α)·θ_A + α·θ_B)")
     ax.set_ylabel("cross-entropy (nats)", color=LOSS_COLOR)
@@ -149,7 +154,7 @@ def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] |
             extra = f", {bad} non-finite" if bad else ""
             ax.plot(curve.alpha[ok], loss[ok], color=color, markersize=3, label=f"{name} ({split}{extra})", **style)
     ax.set_yscale("log")
-    _readable_log_axis(ax)
+    readable_log_axis(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy (nats)")
     if curves:
@@ -423,7 +428,7 @@ def plot_probes(line: dict, metrics: list[dict], title: str = "") -> Figure:
     if metrics:
         loss_ax.plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics], "-", color="C2")
         loss_ax.set_yscale("log")
-        _readable_log_axis(loss_ax)
+        readable_log_axis(loss_ax)
     loss_ax.set_ylabel("training loss")
     loss_ax.set_xlabel("optimiser step")
     if title:
@@ -461,7 +466,7 @@ def plot_probe_runs(lines: dict[str, dict], probe: str, ax: Axes, x: str = "step
         positive &= bool(np.all(value[np.isfinite(value)] > 0))
     if positive:
         ax.set_yscale("log")
-        _readable_log_axis(ax)
+        readable_log_axis(ax)
     ax.set(xlabel="optimiser step" if x == "step" else "epoch", ylabel=PROBE_QUANTITIES.get(probe, probe))
     ax.legend(fontsize=7, loc="best")
     return ax
