@@ -76,7 +76,7 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "within_subsection_order": "FileNameSortKey",
-    "image_scrapers": ("matplotlib", "minima_gallery.figures_in_globals"),
+    "image_scrapers": ("minima_gallery.figures_in_globals", "matplotlib"),  # ours first: pyplot's are still open
 }
 
 coverage_show_missing_items = True

@@ -18,6 +18,7 @@ __all__ = ["AlignRequest", "align", "main", "parse_args"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> AlignRequest:
+    """The :class:`~minima.studies.align.AlignRequest` of a command line (``sys.argv`` when ``argv`` is None)."""
     p = cfg.ArgumentParser(prog="python -m minima.align", description=__doc__.split("\n")[0])
     cfg.add_arguments(p, AlignRequest)
     args = p.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
@@ -25,6 +26,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AlignRequest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minima.align``: align B's hidden units to A's; returns the exit status (2 for bad input)."""
     req = parse_args(argv)
     return run_command("minima.align", lambda: align(req))
 

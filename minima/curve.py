@@ -23,6 +23,7 @@ __all__ = ["CurveRequest", "main", "parse_args", "run"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> CurveRequest:
+    """The :class:`~minima.studies.curve.CurveRequest` of a command line (``sys.argv`` when ``argv`` is None)."""
     p = cfg.ArgumentParser(prog="python -m minima.curve", description=__doc__.split("\n")[0])
     cfg.add_arguments(p, CurveRequest)
     args = p.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
@@ -30,6 +31,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CurveRequest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minima.curve``: align (optionally), train and evaluate a curve; returns the exit status."""
     req = parse_args(argv)
     def work() -> list[Path]:
         with distributed.session(req.device):  # one process group for the alignment, the training and the grids

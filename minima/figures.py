@@ -49,18 +49,19 @@ def readable_log_axis(ax: Axes) -> None:
     instead of 3 × 10⁻¹, every minor tick labelled below a ratio of 3, else labelled ticks at 2 and 5 × 10^k (so that
     a range holding no power of ten, e.g. 1.4e4–7.2e4, still has labels); up to three decades the powers of ten and
     2 and 5 × 10^k, all in plain numbers (0.02, 0.05, 0.1, …) rather than two labels 10⁻¹ and 10⁰."""
-    from matplotlib.ticker import FormatStrFormatter, LogLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if 1e3 <= abs(v) < 1e7 else f"{v:.3g}")  # 50,000 not 5e+04
     lo, hi = ax.get_ylim()
     if lo > 0 and hi / lo < 10:
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_major_formatter(plain)
         if hi / lo >= 3:
             ax.yaxis.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0)))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(plain)
     elif lo > 0 and hi / lo < 1000:
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0)))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(plain)
 
 
 def plot_curve(curve: Curve, ax: Axes | None = None, title: str | None = None) -> Figure:
@@ -140,13 +141,15 @@ def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] |
 
         fig, ax = plt.subplots(figsize=(7.0, 4.6), layout="constrained")
     fig = ax.figure
-    settings = [describe(c.attrs) for c in curves]
-    shared = len(set(settings)) <= 1  # else each curve's own images and BatchNorm policy go into its legend entry
+    parts = [describe(c.attrs).split(" · ") for c in curves]
+    common = [p for p in parts[0] if all(p in q for q in parts)] if parts else []
+    own = [[p for p in q if p not in common] for q in parts]  # what differs goes into each curve's legend entry
+    shared = not any(own)
     for k, curve in enumerate(curves):
         color = f"C{k % 10}"
         name = labels[k] if labels is not None else curve_label(curve)
-        if not shared:
-            name += f" · {settings[k]}"
+        if own[k]:
+            name += " · " + " · ".join(own[k])
         for split, style in SPLIT_STYLE.items():
             loss = np.asarray(getattr(curve, f"{split}_loss"), dtype=float)
             ok = np.isfinite(loss) & (loss > 0)
@@ -158,7 +161,7 @@ def plot_curves(curves: list[Curve], ax: Axes | None = None, labels: list[str] |
     ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy (nats)")
     if curves:
-        said = settings[0] if shared else "each curve's images and BatchNorm policy in its legend entry"
+        said = " · ".join(common) + ("" if shared else "; the rest of each curve's settings in its legend entry")
         ax.set_title((f"{title}\n" if title else "") + said, fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, handlelength=4.0, frameon=False)
     return fig

@@ -19,6 +19,7 @@ __all__ = ["SweepRequest", "interpolate", "main", "parse_alphas", "parse_args", 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SweepRequest:
+    """The :class:`~minima.studies.interpolate.SweepRequest` of a command line (``sys.argv`` when ``argv`` is None)."""
     p = cfg.ArgumentParser(prog="python -m minima.interpolate", description=__doc__.split("\n")[0])
     cfg.add_arguments(p, SweepRequest)
     # intermixed: "A.pt --alphas=... B.pt" works as well as "A.pt B.pt --alphas=..."
@@ -27,6 +28,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SweepRequest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minima.interpolate``: evaluate the line; returns the exit status (1 when the endpoints do not
+    reproduce the checkpoints)."""
     req = parse_args(argv)
     return run_command("minima.interpolate", lambda: run(req), statuses={EndpointMismatchError: 1},
                        interrupted="interrupted; finished points are saved — rerun with --resume")

@@ -32,6 +32,7 @@ from minima.files.rundir import RunDir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minima.plot``: redraw figures from files; returns the exit status."""
     p = cfg.ArgumentParser(prog="python -m minima.plot",
                            description="Redraw figures from result files and training runs: nothing is computed.")
     p.add_argument("files", nargs="+", type=Path,

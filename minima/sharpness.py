@@ -53,6 +53,7 @@ def __getattr__(name: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minima.sharpness``: measure (or ``--show`` a results file); returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--show" in args:  # python -m minima.sharpness --show FILE.h5: the table of a results file, nothing computed
         shown = cfg.ArgumentParser(prog="python -m minima.sharpness --show",

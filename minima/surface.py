@@ -18,6 +18,7 @@ __all__ = ["SurfaceRequest", "main", "parse_args", "run", "surface"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SurfaceRequest:
+    """The :class:`~minima.studies.surface.SurfaceRequest` of a command line (``sys.argv`` when ``argv`` is None)."""
     p = cfg.ArgumentParser(prog="python -m minima.surface", description=__doc__.split("\n")[0])
     cfg.add_arguments(p, SurfaceRequest)
     args = p.parse_intermixed_args(cfg.join_negative_values(list(sys.argv[1:] if argv is None else argv),
@@ -26,6 +27,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SurfaceRequest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minima.surface``: compute the plane; returns the exit status."""
     req = parse_args(argv)
     return run_command("minima.surface", lambda: run(req),
                        interrupted="interrupted; finished points are saved — rerun with --resume")

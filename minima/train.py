@@ -39,6 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minima.train``: train; returns the exit status (75 when interrupted, 2 for bad input)."""
     def work() -> None:
         config, resume = parse_args(argv)
         if resume and not RunDir(config.out).last.exists():

@@ -24,6 +24,7 @@ __all__ = ["AnalysisRequest", "ZooRequest", "analyze", "main", "parse_args", "zo
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ZooRequest:
+    """The :class:`~minima.pipelines.zoo.ZooRequest` of a command line (``sys.argv`` when ``argv`` is None)."""
     p = cfg.ArgumentParser(prog="python -m minima.zoo", description=__doc__.split("\n")[0],
                            epilog="The study file: experiments/studies/zoo-smoke.toml is a 4-run example (README: "
                                   "'A zoo of runs').")
@@ -38,6 +39,7 @@ def parse_analysis(argv: Sequence[str]) -> AnalysisRequest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m minima.zoo``: run a study, or ``analyze`` one; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["analyze"]:
         return run_command("minima.zoo", lambda: analyze(parse_analysis(args[1:])))

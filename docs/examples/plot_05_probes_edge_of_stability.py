@@ -20,10 +20,12 @@ work = Path(tempfile.mkdtemp(prefix="minima-gallery-"))
 ds = data.synthetic(n_train=256, n_test=64, image_shape=(3, 4, 4), noise=300.0, seed=0)
 
 # %%
-# Cohen et al.'s tanh network (two hidden layers of 200), the square loss, every image in every step (``batch_size="full"``), plain gradient descent
-# (no momentum), and λ_max measured every 10 steps. At the initial weights λ_max ≈ 2.7 on these images; the step
-# size η = 0.5 puts the stability threshold 2/η = 4 at about 1.5 times that (as the edge-of-stability pipeline
-# chooses its step sizes), so the sharpening has somewhere to go before it meets the edge.
+# Cohen et al.'s tanh network (two hidden layers of 200), the square loss, every image in every step
+# (``batch_size="full"``), plain gradient descent (no momentum), and λ_max measured every 10 steps. At the initial
+# weights λ_max ≈ 2.7 on these images; the step size η = 0.5 puts the stability threshold 2/η = 4 at about 1.5
+# times that (as the edge-of-stability pipeline chooses its step sizes), so the sharpening has somewhere to go
+# before it meets the edge. It overshoots to about 6, the loss spikes, and λ_max falls back to hover just above 4
+# while the loss keeps falling, non-monotonically: the edge of stability.
 final = train(TrainConfig(model="fc_tanh", model_kwargs={"input_shape": [3, 4, 4]}, loss="mse",
                           batch_size="full", optimizer="sgd", momentum=0.0, lr=0.5, epochs=300,
                           probe=("hessian:10",), eval_test=False, progress=False, print_every=50,

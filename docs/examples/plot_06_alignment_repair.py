@@ -12,6 +12,8 @@ What ``python -m minima.align A.pt B.pt`` and ``python -m minima.interpolate A.p
 import tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+
 from minima import data
 from minima.figures import plot_curves
 from minima.files import results
@@ -43,4 +45,5 @@ for name, end, repair in (("naive", b, False), ("weight matching", aligned, Fals
     lines[name] = results.load_curve(path)
     print(f"{name:26s} train-loss barrier {barriers(lines[name])['barrier_train_loss']:.3f}")
 
-fig = plot_curves(list(lines.values()), labels=list(lines))
+fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+plot_curves(list(lines.values()), ax=ax, labels=list(lines))

@@ -32,10 +32,12 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is rank 0 (the one that prints and writes)."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one process runs (under torchrun)."""
         return self.world_size > 1
 
 
@@ -132,6 +134,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

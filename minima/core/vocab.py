@@ -97,7 +97,11 @@ TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": tor
 
 
 def choices(literal: Any) -> tuple[str, ...]:
-    """The values a ``Literal`` admits, in their declared order."""
+    """The values a ``Literal`` admits, in their declared order.
+
+    >>> choices(BNPolicy)
+    ('recompute', 'batch', 'interpolate')
+    """
     return tuple(typing.get_args(literal))
 
 

@@ -29,6 +29,7 @@ class Block:
 
     @property
     def size(self) -> int:
+        """The number of parameters in the block."""
         return int(self.index.numel())
 
 

@@ -108,6 +108,7 @@ class EigenResult:
 
     @property
     def relative_error_bounds(self) -> np.ndarray:
+        """Each eigenvalue's residual bound relative to its magnitude, ``r / |λ̂|``."""
         return self.residuals / np.maximum(np.abs(self.eigenvalues), 1e-300)
 
 

@@ -105,6 +105,7 @@ class DenseSubspace(RandomSubspace):
         self.matrix = matrix
 
     def columns(self, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start:stop`` of the subspace basis A (n × p), as a view."""
         return self.matrix[:, start:stop]
 
 

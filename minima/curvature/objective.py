@@ -113,6 +113,7 @@ class DatasetObjective:
 
     @property
     def hvp_cache_bytes(self) -> int:
+        """The memory budget for gradient graphs kept between Hessian-vector products, in bytes."""
         return self.cache.limit_bytes
 
     @property

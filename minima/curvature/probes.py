@@ -154,6 +154,7 @@ class Prober:
             self.warm[name] = torch.as_tensor(vector).to(torch.float32).cpu()
 
     def due(self, step: int) -> list[ProbeSpec]:
+        """The probes whose period divides optimiser step ``step``."""
         return [p for p in self.probes if step % p.every == 0]
 
     def run(self, model: nn.Module, probes: list[ProbeSpec], step: int,

@@ -392,6 +392,7 @@ class NormalisedLogits(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of ``x``, each sample's divided by its Euclidean norm."""
         z = self.model(x)
         return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -450,7 +451,11 @@ def worst_batches(n: int | None, m: int | None, measured: int | None) -> tuple[i
     """``(n, m)`` of a worst-case request: given values as given; a default (``None``) is 1,024 images in batches of
     128, or — when fewer training images are measured (``measured``, ``None`` when not known before the data is
     read) — every measured image, rounded down to a multiple of ``m``, in batches of at most ``m``. A default that
-    does not fit the data is shrunk; a given value that does not fit is refused later, naming its flag."""
+    does not fit the data is shrunk; a given value that does not fit is refused later, naming its flag.
+
+    >>> worst_batches(None, None, 50_000), worst_batches(None, None, 300), worst_batches(None, None, 96)
+    ((1024, 128), (256, 128), (96, 96))
+    """
     if m is None:
         m = min(WORST_M, n if n is not None else (WORST_N if measured is None else min(WORST_N, measured)))
     if n is None:

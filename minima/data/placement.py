@@ -26,6 +26,7 @@ class Placement:
     device: str
 
     def describe(self) -> dict[str, Any]:
+        """The placement as a JSON-able record (what result files store under ``data_placement``)."""
         return {"policy": self.policy, "resident": self.resident, "pinned": self.pinned, "device": self.device}
 
 

@@ -253,7 +253,11 @@ SYNTHETIC_SIZES = (2048, 512)  # training / test images of ``synthetic`` without
 
 def synthetic_sizes(source: str) -> tuple[int, int] | None:
     """``synthetic`` → (2048, 512), ``synthetic:N`` → (N, 512), ``synthetic:N/M`` → (N, M); None for another source.
-    A ``DataError`` for sizes that are not positive whole numbers."""
+    A ``DataError`` for sizes that are not positive whole numbers.
+
+    >>> synthetic_sizes("synthetic:4096/1024"), synthetic_sizes("synthetic:300"), synthetic_sizes("cifar10")
+    ((4096, 1024), (300, 512), None)
+    """
     kind, sep, rest = source.partition(":")
     if kind != "synthetic":
         return None
@@ -271,7 +275,7 @@ def synthetic_sizes(source: str) -> tuple[int, int] | None:
 
 
 def load_source(source: str | None, root: str | os.PathLike[str] | None = None) -> Dataset:
-    """What a ``--data`` flag names:
+    """The data set a ``--data`` flag names.
 
     * ``None``: CIFAR-10 from ``$MINIMA_DATA``, else torchvision's download (:func:`load_cifar10`);
     * ``synthetic``, ``synthetic:N_TRAIN`` or ``synthetic:N_TRAIN/N_TEST``: a seeded 3×32×32, 10-class problem of that

@@ -53,6 +53,7 @@ class Split:
 
     @property
     def nbytes(self) -> int:
+        """Memory held by the images and labels, in bytes."""
         return self.images.numel() * self.images.element_size() + self.labels.numel() * self.labels.element_size()
 
 

@@ -68,6 +68,7 @@ class Grid:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The grid's shape: one length per axis, in the order of :attr:`axes`."""
         return tuple(len(self.coords[a]) for a in self.axes)
 
     @property
@@ -77,10 +78,12 @@ class Grid:
 
     @property
     def complete(self) -> bool:
+        """Whether every point has been computed."""
         return bool(self.done.all())
 
     @property
     def config(self) -> dict[str, Any]:
+        """The settings the file was computed with (its ``config`` attribute, parsed)."""
         return json.loads(self.attrs.get("config", "{}"))
 
 
@@ -101,18 +104,22 @@ class Curve:
 
     @property
     def config(self) -> dict[str, Any]:
+        """The settings the file was computed with (its ``config`` attribute, parsed)."""
         return json.loads(self.attrs.get("config", "{}"))
 
     @property
     def complete(self) -> bool:
+        """Whether every point has been computed."""
         return bool((self.test_nonfinite >= 0).all())
 
     @property
     def name_a(self) -> str:
+        """A short name of the first endpoint: its label, else its checkpoint's file stem."""
         return self.attrs.get("label_a") or Path(str(self.attrs.get("checkpoint_a", "A"))).stem
 
     @property
     def name_b(self) -> str:
+        """A short name of the second endpoint: its label, else its checkpoint's file stem."""
         return self.attrs.get("label_b") or Path(str(self.attrs.get("checkpoint_b", "B"))).stem
 
 

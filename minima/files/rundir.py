@@ -82,14 +82,17 @@ class RunDir:
     # checkpoints
     @property
     def final(self) -> Path:
+        """The path of ``final.pt``, the checkpoint written when training ends."""
         return self.path / "final.pt"
 
     @property
     def last(self) -> Path:
+        """The path of ``last.pt``, the resumable checkpoint written every epoch and on a signal."""
         return self.path / "last.pt"
 
     @property
     def init(self) -> Path:
+        """The path of ``init.pt``, the initial weights."""
         return self.path / "init.pt"
 
     def epoch_checkpoints(self) -> list[Path]:
@@ -103,6 +106,7 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def write_config(self, resolved: dict[str, Any]) -> None:
+        """Write the resolved training request to ``config.json`` (atomically)."""
         write_text_atomic(self.path / "config.json", json.dumps(resolved, indent=2) + "\n")
 
     # per-epoch metrics
@@ -138,6 +142,7 @@ class RunDir:
         return rows[-1] if rows else {}
 
     def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one epoch's metrics as a line of ``metrics.jsonl``."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -164,6 +169,7 @@ class RunDir:
         return RunStatus("new")
 
     def set_status(self, state: str, reason: str | None = None, epoch: int = 0, step: int = 0) -> RunStatus:
+        """Write ``status.json`` with ``state`` (a :data:`~minima.core.vocab.RunState`) and return it."""
         check_choice("run state", state, RunState)
         status = RunStatus(state, reason, epoch, step, utc_now())
         write_text_atomic(self.path / "status.json", json.dumps({"format": FORMAT, **asdict(status)}, indent=2) + "\n")

@@ -36,9 +36,13 @@ EPOCH_NAMES = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "
 
 
 class TrackingSink(Protocol):
-    def log(self, values: Mapping[str, float], step: int) -> None: ...
+    """What a tracking sink does: take scalar values at a step, and close with the run's final state."""
 
-    def close(self, state: str) -> None: ...
+    def log(self, values: Mapping[str, float], step: int) -> None:
+        """Record ``values`` (name → number) at optimiser step ``step``."""
+
+    def close(self, state: str) -> None:
+        """Finish the tracker's run, recording the run directory's final ``state``."""
 
 
 def check_sinks(names: Sequence[str]) -> None:
@@ -59,6 +63,12 @@ def epoch_values(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def probe_values(name: str, value: float, threshold: float) -> dict[str, float]:
+    """A probe's value and threshold as sink scalars ``probe/<name>`` and ``probe/<name>_threshold`` (non-finite
+    ones left out).
+
+    >>> probe_values("hessian", 76.5, float("inf"))
+    {'probe/hessian': 76.5}
+    """
     out = {f"probe/{name}": float(value)} if math.isfinite(value) else {}
     if math.isfinite(threshold):
         out[f"probe/{name}_threshold"] = float(threshold)

@@ -54,6 +54,7 @@ class EvalResult:
 
     @property
     def loss(self) -> float:
+        """The mean loss over the samples whose loss is finite (NaN when none is)."""
         finite = self.count - self.nonfinite
         return self.loss_sum / finite if finite > 0 else float("nan")
 
@@ -105,6 +106,7 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor, loss: Loss = "cross_e
 
 
 def sums_to_result(sums: torch.Tensor) -> EvalResult:
+    """An :class:`EvalResult` from the four sums (loss, correct, count, non-finite) of an evaluation."""
     loss_sum, correct, count, nonfinite = sums.tolist()
     return EvalResult(loss_sum=loss_sum, correct=int(correct), count=int(count), nonfinite=int(nonfinite))
 

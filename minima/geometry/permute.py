@@ -94,6 +94,7 @@ class PermutationSpec:
     parameters: frozenset[str]
 
     def identity(self) -> dict[str, np.ndarray]:
+        """The identity permutation of every group."""
         return {g.name: np.arange(g.size) for g in self.groups}
 
     def random(self, seed: int) -> dict[str, np.ndarray]:
@@ -124,6 +125,11 @@ def permute_state(state: StateDict, spec: PermutationSpec, perms: dict[str, np.n
 
 
 def invert(perm: np.ndarray) -> np.ndarray:
+    """The inverse permutation: ``invert(p)[p[i]] == i``.
+
+    >>> invert(np.array([2, 0, 1]))
+    array([1, 2, 0])
+    """
     inv = np.empty_like(perm)
     inv[perm] = np.arange(len(perm))
     return inv

@@ -45,7 +45,7 @@ class EvalSettings:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        """dtype of the parameters and input batches (float32 under bfloat16 autocast)."""
+        """The dtype of the parameters and input batches (float32 under bfloat16 autocast)."""
         return torch.float32 if self.dtype == torch.bfloat16 else self.dtype
 
     @property

@@ -23,9 +23,9 @@ UNSET: Any = object()  # "num_classes not passed": the model arguments' own num_
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A registry entry: how to build the model and what it expects.
+    r"""A registry entry: how to build the model and what it expects.
 
-    ``factory(num_classes=..., **kwargs)`` returns an ``nn.Module`` mapping (N, \\*input_shape) float batches to
+    ``factory(num_classes=..., **kwargs)`` returns an ``nn.Module`` mapping (N, \*input_shape) float batches to
     (N, num_classes) logits; ``input_shape`` and ``num_classes`` are the defaults; ``convolutional`` decides the
     memory format (channels_last) and the convolution-specific derivatives (one source of truth); ``data`` is the
     data set the model is meant for when none is given (``--data`` syntax; None: CIFAR-10's default resolution)."""
@@ -101,7 +101,7 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
 def build_model(name: str, num_classes: int | object | None = UNSET, /, *, trusted: Iterable[str] = (),
                 **kwargs: object) -> nn.Module:
     """Construct the model ``name`` with ``num_classes`` outputs (None: the arguments decide; a ``num_classes`` in
-    ``kwargs`` as well must equal it, see :func:`resolve_model`):
+    ``kwargs`` as well must equal it, see :func:`resolve_model`).
 
     * a registry name (:func:`available_models`);
     * ``torchvision:NAME`` — a torchvision classification model, ``torchvision.models.get_model(NAME, weights=None,

@@ -85,6 +85,7 @@ class C1(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch of images."""
         return self.classifier(self.features(x))
 
 
@@ -119,6 +120,7 @@ class C2(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch of images."""
         return self.classifier(self.features(x))
 
 
@@ -152,6 +154,7 @@ class VGG11BN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch of images."""
         return self.classifier(self.features(x))
 
 
@@ -189,6 +192,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch of images."""
         return self.net(x)
 
 
@@ -252,6 +256,7 @@ class WideResNet(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch of images."""
         return self.classifier(self.features(x))
 
 
@@ -261,7 +266,7 @@ def wrn16_8(num_classes: int = 10, dropout: float = 0.0) -> WideResNet:
 
 
 def mobilenet_v2(num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
-    """torchvision's MobileNetV2 adapted to 32×32 inputs: the stem convolution has stride 1 instead of 2
+    """MobileNetV2 of torchvision adapted to 32×32 inputs: the stem convolution has stride 1 instead of 2
     (otherwise a CIFAR image is 1×1 after the fourth stage). Parameter names and shapes are torchvision's,
     so ImageNet weights load into every layer but the classifier (see :func:`load_imagenet_weights`)."""
     from torchvision.models import mobilenet_v2 as tv_mobilenet_v2

@@ -61,6 +61,7 @@ class Networks:
 
     @property
     def n(self) -> int:
+        """The number of networks."""
         return len(self.gap)
 
     def take(self, rows: np.ndarray) -> Networks:

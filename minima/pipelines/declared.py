@@ -43,6 +43,7 @@ class Section:
     help: str = ""
 
     def valid(self) -> list[str]:
+        """The request's fields a preset may set in this section (those the protocol does not own)."""
         return [f.name for f in dataclasses.fields(self.request) if f.name not in self.owned]
 
 
@@ -72,6 +73,7 @@ class Declared:
         return cls(**cfg.coerce(cls, {**self.sections[section], **owned}, f"[{section}]"))
 
     def values(self, section: str) -> Mapping[str, Any]:
+        """The resolved settings of ``section``."""
         return self.sections[section]
 
     def to_dict(self) -> dict[str, Any]:

@@ -101,6 +101,7 @@ def output_to(path: Path) -> Iterator[None]:
 
 
 def measure_path(spec: RunSpec, study: Study) -> Path:
+    """The run's measurement file for this study's measure request (named by its key, so two requests never mix)."""
     return spec.directory / f"measure-{study.measure_key()}.h5"
 
 

@@ -1,5 +1,6 @@
-"""A zoo study: a TOML file that declares many training runs over minima's own training request, and what to measure
-on each::
+"""A zoo study: a TOML file that declares many training runs over minima's own training request, and what to measure.
+
+For example::
 
     name = "zoo-smoke"            # optional (default: the file's stem)
     seeds = [0, 1]                # every configuration once per seed (default [0]); the seed is TrainConfig.seed
@@ -62,6 +63,7 @@ class RunSpec:
 
     @property
     def directory(self) -> Path:
+        """The run directory (the training request's ``out``)."""
         return Path(self.config.out)
 
 
@@ -178,4 +180,5 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def shard(runs: list[RunSpec], k: int, n: int) -> list[RunSpec]:
+    """The runs of shard ``k`` of ``n`` (1-based): every n-th run by index."""
     return [r for r in runs if r.index % n == k - 1]

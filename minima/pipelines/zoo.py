@@ -52,14 +52,17 @@ class Layout:
 
     @property
     def manifest(self) -> Path:
+        """The study's ``manifest.json``: the resolved study and its runs."""
         return self.study_dir / "manifest.json"
 
     @property
     def table(self) -> Path:
+        """The study's tidy table ``runs.csv``."""
         return self.study_dir / "runs.csv"
 
     @property
     def seconds(self) -> Path:
+        """The study's ``seconds.json``: each finished run's wall time, for the estimate."""
         return self.study_dir / "seconds.json"
 
 
@@ -115,6 +118,11 @@ def summary(study: Study, runs: list[RunSpec] | None = None) -> Counter[str]:
 
 
 def said(counts: Counter[str]) -> str:
+    """Run counts by state in words, in a fixed order.
+
+    >>> said(Counter({"failed": 1, "complete": 3}))
+    '3 complete, 1 failed'
+    """
     order = ("complete", "diverged", "failed", "interrupted", "running", "pending")
     return ", ".join(f"{counts[k]} {k}" for k in order if counts[k])
 
@@ -212,10 +220,12 @@ class SlurmRun:
         self.threads = threads
 
     def __call__(self, spec: RunSpec) -> dict[str, Any]:
+        """Run one run in this (cluster) process; returns its table row."""
         keep_freed_memory()  # a fresh process on the cluster
         return run_one(spec, self.study, self.threads)
 
     def checkpoint(self, spec: RunSpec) -> Any:
+        """The requeue hook of submitit: resubmit the same run (it resumes from its ``last.pt``)."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, spec)
@@ -255,6 +265,7 @@ def submit_slurm(study: Study, where: Layout, todo: list[RunSpec], *, parallelis
 
 
 def pending_runs(study: Study, k: int, n: int) -> list[RunSpec]:
+    """The runs of shard ``k`` of ``n`` that are not complete yet."""
     return [r for r in shard(study.runs, k, n) if not complete(r, study)]
 
 

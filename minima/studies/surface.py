@@ -197,7 +197,11 @@ def _mark_name(path: Path) -> str:
 
 def axis_points(text: str, name: str) -> int:
     """How many points the grid ``text`` of axis ``name`` has: ``auto[:NUM]`` NUM (default 21), else the points of
-    :func:`~minima.studies.grid.parse_axis`; a bad grid refused in one line."""
+    :func:`~minima.studies.grid.parse_axis`; a bad grid refused in one line.
+
+    >>> axis_points("-1:1:11", "--x"), axis_points("auto", "--x"), axis_points("auto:7", "--y")
+    (11, 21, 7)
+    """
     if not text.startswith("auto"):
         return len(parse_axis(text, name))
     count = text.partition(":")[2] or str(DEFAULT_POINTS)

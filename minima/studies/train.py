@@ -290,6 +290,7 @@ def _param_groups(model: nn.Module, weight_decay: float, decay_bn_bias: bool) ->
 
 
 def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
+    """The base optimiser of ``c`` (Adam or SGD) over the model's parameter groups (weight decay off BN and biases)."""
     groups = _param_groups(model, c.weight_decay, c.decay_bn_bias)
     if base_optimizer(c) == "adam":
         return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps)
@@ -352,14 +353,17 @@ class Run:
 
     @property
     def run_dir(self) -> Path:
+        """The run directory."""
         return Path(self.c.out)
 
     @property
     def files(self) -> RunDir:
+        """The run directory as a :class:`~minima.files.rundir.RunDir`."""
         return RunDir(self.c.out)
 
     @property
     def last_path(self) -> Path:
+        """The path of the run's ``last.pt``."""
         return self.files.last
 
     def checkpoint(self, kind: str, epoch_sums: torch.Tensor | None = None,
@@ -394,10 +398,12 @@ class Run:
     # the one training loop's task (minima.studies.loop.Task)
     @property
     def seed(self) -> int:
+        """The seed of the data order and augmentation."""
         return self.c.seed
 
     @property
     def epochs(self) -> int:
+        """The epoch cap."""
         return self.c.epochs
 
     def train_step(self, batch: int, seed: int, sums: torch.Tensor) -> None:
@@ -455,13 +461,16 @@ class Run:
             self.probes.after_step(self.model, self.optimizer, self.step, self.epoch + (batch + 1) / batches, lr)
 
     def save_interrupted(self, sums: torch.Tensor, batch: int) -> None:
+        """Write ``last.pt`` mid-epoch after a signal, with the epoch's sums so far and the batch reached."""
         self.elapsed += time.perf_counter() - self.t0
         self.save_resumable(distributed.all_reduce_sum(sums).cpu() + self.carried, batch=batch)
 
     def resume_hint(self) -> str:
+        """The command that continues this run."""
         return f"python -m minima.train --out {self.run_dir} --resume"
 
     def state(self, batch: int, lr: float) -> TrainState:
+        """The loop's state after batch ``batch`` (what callbacks receive)."""
         return TrainState(epoch=self.epoch, batch=batch, step=self.step, lr=lr, model=self.model,
                           optimizer=self.optimizer, env=self.env)
 
