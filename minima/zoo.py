@@ -26,8 +26,8 @@ __all__ = ["AnalysisRequest", "ZooRequest", "analyze", "main", "parse_args", "zo
 def parse_args(argv: Sequence[str] | None = None) -> ZooRequest:
     """The :class:`~minima.pipelines.zoo.ZooRequest` of a command line (``sys.argv`` when ``argv`` is None)."""
     p = cfg.ArgumentParser(prog="python -m minima.zoo", description=__doc__.split("\n")[0],
-                           epilog="The study file: experiments/studies/zoo-smoke.toml is a 4-run example (README: "
-                                  "'A zoo of runs').")
+                           epilog="The study file: experiments/studies/zoo-smoke.toml is a 4-run example "
+                                  "(docs/guide/zoo.md).")
     cfg.add_arguments(p, ZooRequest)
     return cfg.resolve(ZooRequest, None, p.parse_args(argv))
 

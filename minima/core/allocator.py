@@ -6,12 +6,12 @@ and returns it to the kernel on ``free``. A CIFAR batch of activations (1000 × 
 262 MB) is far above that, so every forward pass maps new memory and page-faults on every 4 KiB page the
 first time it is written — on a virtual machine each fault is expensive. :func:`keep_freed_memory` tells
 glibc (``mallopt``) to serve large blocks from the heap and never trim it, so freed activation buffers are
-reused without faults (the speed-up on this project's machines is in README's measured section).
+reused without faults (the speed-up on this project's machines is in ``docs/benchmarks.md``).
 
 The cost: memory freed by the process is kept for reuse rather than given back to the kernel, so the
 resident size stays at its high-water mark, and that mark is higher: a freed block is reused only once
 neighbours have coalesced with it (PyTorch's 64-byte-aligned requests do not fit the exact freed size), so a
-few spare copies of the largest buffers stay resident (README's measured section has peak resident sizes
+few spare copies of the largest buffers stay resident (``docs/benchmarks.md`` has peak resident sizes
 with and without it). The command-line entry
 points call it; library users call it once at the top of a script or notebook. ``MINIMA_MALLOC=default`` in
 the environment switches it off.

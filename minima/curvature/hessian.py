@@ -14,7 +14,7 @@ Hutchinson's trace estimate.
   - ``"arpack"``: ``scipy.sparse.linalg.eigsh`` (implicitly restarted, ``ncv`` vectors), for models whose basis
     would not fit in memory; its residuals are computed with one extra product per eigenvalue.
 
-  README's measured section compares their product counts on a trained C1.
+  ``docs/benchmarks.md`` compares their product counts on a trained C1.
 * **Trace**: tr(H) = E[zᵀHz] for Rademacher z; the mean over probes with its standard error
   s/√m, stopping once the standard error is below ``rtol·|mean|`` (after ``min_probes``) or at ``max_probes``.
   Hutch++ (Meyer, Musco, Musco, Woodruff 2021) spends a third of its products on a sketch Q of the top of the

@@ -84,7 +84,7 @@ class DatasetObjective:
     ``bn``: the BatchNorm mode inside f. ``hvp_cache_bytes``: memory budget for gradient graphs kept between
     Hessian-vector products at one θ (:mod:`minima.curvature.graphcache`; 0 keeps none — the numbers are the same either
     way). ``channels_last``: None (default) runs f and ∇f of convolutional models on channels_last copies of the
-    batches and HVPs on the stored contiguous ones (each the faster layout for its pass on CPU, see README);
+    batches and HVPs on the stored contiguous ones (each the faster layout for its pass on CPU, see docs/benchmarks.md);
     True/False put everything in that layout. ``hvp_mode``: ``reverse`` (reverse over reverse, stored graphs) or
     ``forward`` (``torch.func.jvp`` of ``torch.func.grad``, a cross-check).
     """

@@ -28,8 +28,8 @@ def _append_pool(layers: list[nn.Module], pool: nn.Module) -> None:
 
     max-pool(ReLU(z)) = ReLU(max-pool(z)) exactly (ReLU is monotone, so it commutes with max), with the same
     gradient and Hessian (both pick the window's maximum if it is positive, else nothing); the ReLU and its
-    backward then touch a quarter of the elements (README's measured section has the gain). Parameter-free swap:
-    the state_dict keys (module indices of the convolutions and BatchNorms) are unchanged.
+    backward then touch a quarter of the elements (``docs/benchmarks.md`` has the gain). Parameter-free swap: the
+    state_dict keys (module indices of the convolutions and BatchNorms) are unchanged.
     """
     if layers and isinstance(layers[-1], nn.ReLU):
         layers.insert(len(layers) - 1, pool)

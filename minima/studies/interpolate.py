@@ -47,7 +47,7 @@ from minima.studies.grid import (
 
 DEFAULT_ALPHAS = "-1:2:25"
 # Largest relative difference the endpoint check accepts: float rounding of the folded vs unfolded network
-# (bfloat16: autocast rounding of every product; README has the measured differences).
+# (bfloat16: autocast rounding of every product; docs/benchmarks.md has the measured differences).
 ENDPOINT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 parse_alphas = parse_axis  # the α grid's parser, under the name users import from minima.interpolate
 
