@@ -309,7 +309,8 @@ DENSITY_WIDTH = 0.01  # Gaussian broadening σ, as a fraction of the range of th
 def plot_density(densities: list[dict], ax: Axes | None = None, width: float = DENSITY_WIDTH) -> Figure:
     """Hessian eigenvalue densities of sharpness results (``metric`` density…: ``nodes``, ``weights``), PyHessian
     style: each quadrature broadened by Gaussians of σ = ``width`` × the range of all Ritz values, on a log y axis,
-    one colour per checkpoint; the largest Ritz value of each is marked (the outlier that λ_max measures). Per-block
+    one colour per checkpoint; the largest and smallest Ritz values of each are marked (the outlier that λ_max
+    measures, and the most negative curvature), and the legend gives each density's mass below zero. Per-block
     densities (``--blocks``) are drawn by :func:`plot_block_densities` instead."""
     if ax is None:
         import matplotlib.pyplot as plt  # only here: a notebook asking for a new figure
@@ -320,7 +321,8 @@ def plot_density(densities: list[dict], ax: Axes | None = None, width: float = D
     meta = densities[0]
     ax.set_title(f"Hessian eigenvalue density · BatchNorm {meta.get('bn_mode', '?')} · "
                  f"{int(meta.get('train_samples', 0)):,} training images\nbroadening σ = {sigma:.3g} "
-                 f"({100 * width:g} % of the Ritz values' range); dotted: largest Ritz value", fontsize=8)
+                 f"({100 * width:g} % of the Ritz values' range); dotted: the largest and smallest Ritz values",
+                 fontsize=8)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)  # clear of the marks
     return fig
 
@@ -343,7 +345,7 @@ def _checkpoint_colours(densities: list[dict]) -> dict[str, str]:
 
 
 def _draw_densities(ax: Axes, densities: list[dict], width: float, colours: dict[str, str]) -> float:
-    """The broadened densities on ``ax`` (log y, the largest Ritz value dotted and labelled); returns σ."""
+    """The broadened densities on ``ax`` (log y, both extreme Ritz values dotted and labelled); returns σ."""
     from minima.curvature.hessian import broadened
 
     lo = min(float(np.min(d["nodes"])) for d in densities)
@@ -354,13 +356,14 @@ def _draw_densities(ax: Axes, densities: list[dict], width: float, colours: dict
     for d in densities:
         dens = broadened(np.asarray(d["nodes"]), np.asarray(d["weights"]), grid, sigma)
         color = colours[str(d["checkpoint_label"])]
+        below = float(np.sum(np.asarray(d["weights"])[np.asarray(d["nodes"]) < 0]))
         ax.plot(grid, np.maximum(dens, 1e-12), color=color, lw=1.2,
                 label=f"{d['checkpoint_label']} ({int(d['probes'])} probes × {int(d['steps'])} steps, "
-                      f"n = {int(d['dimension']):,})")
-        top = float(np.max(d["nodes"]))
-        ax.axvline(top, color=color, ls=":", lw=1.0)
-        ax.annotate(f"{top:.3g}", (top, 0.99), xycoords=("data", "axes fraction"), color=color, fontsize=7,
-                    ha="right", va="top", rotation=90, xytext=(-2, 0), textcoords="offset points")
+                      f"n = {int(d['dimension']):,}; spectral mass below 0: {100 * below:.2g} %)")
+        for end in (float(np.max(d["nodes"])), float(np.min(d["nodes"]))):  # both ends: λ_max and the smallest
+            ax.axvline(end, color=color, ls=":", lw=1.0)
+            ax.annotate(f"{end:.3g}", (end, 0.99), xycoords=("data", "axes fraction"), color=color, fontsize=7,
+                        ha="right", va="top", rotation=90, xytext=(-2, 0), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_ylim(bottom=1e-10)  # low enough for an isolated outlier of one Ritz weight
     ax.set_xlabel("Hessian eigenvalue λ")
@@ -402,7 +405,7 @@ def plot_block_densities(densities: list[dict], fig: Figure | None = None, width
     meta = densities[0]
     fig.suptitle(f"Hessian eigenvalue density of each block · BatchNorm {meta.get('bn_mode', '?')} · "
                  f"{int(meta.get('train_samples', 0)):,} training images · broadening σ = {100 * width:g} % of each "
-                 "panel's Ritz values' range; dotted: largest Ritz value", fontsize=9)
+                 "panel's Ritz values' range; dotted: the largest and smallest Ritz values", fontsize=9)
     return fig
 
 

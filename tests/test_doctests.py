@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ("minima.core.vocab", "minima.geometry.permute", "minima.data.sources", "minima.studies.surface",
-           "minima.pipelines.zoo", "minima.curvature.registry", "minima.files.sinks")
+           "minima.pipelines.zoo", "minima.curvature.registry", "minima.files.sinks", "minima.curvature.hessian")
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -151,3 +151,16 @@ def test_sb_and_lb_keep_their_colours_and_probe_panels_name_their_quantity() -> 
     plot_probe_runs({"a": {"hessian": rows}, "b": {"hessian": rows}}, "hessian", ax)
     labels = [ln.get_label() for ln in ax.get_lines()]
     assert ax.get_ylabel() == "λ_max of H" and "b: stability threshold (the same as a's)" in labels, labels
+
+
+def test_a_density_marks_both_ends_and_its_mass_below_zero() -> None:
+    """Issue 29 item 1: the density plot marks the smallest Ritz value beside the largest, and the legend gives the
+    share of the spectrum below zero."""
+    from minima.figures import plot_density
+
+    d = {"checkpoint_label": "sb", "nodes": np.array([-0.5, 0.1, 3.0]), "weights": np.array([0.2, 0.7, 0.1]),
+         "probes": 1, "steps": 3, "dimension": 10}
+    ax = plot_density([d], ax=Figure().add_subplot()).axes[0]
+    assert {t.get_text() for t in ax.texts} == {"3", "-0.5"}
+    (label,) = [ln.get_label() for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    assert "below 0: 20 %" in label

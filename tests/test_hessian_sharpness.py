@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from minima.sharpness import (
     keskar_sharpness,
 )
 
-from .helpers import free_port, logits_of_flat
+from .helpers import free_port, logits_of_flat, toy_checkpoint, toy_dataset
 
 
 def _setup(seed: int = 0, batchnorm: bool = False) -> tuple[torch.nn.Module, data.Dataset]:
@@ -342,3 +343,52 @@ def test_hutchpp_beats_hutchinson_on_a_spectrum_with_a_few_large_eigenvalues() -
         assert r.hvps == 30
         errors["hutchpp"].append(abs(r.trace - exact))
     assert np.mean(errors["hutchpp"]) < 0.2 * np.mean(errors["hutchinson"]), errors
+
+
+def test_smallest_eigenvalues_of_a_planted_indefinite_spectrum() -> None:
+    """Issue 29 item 1: the algebraically smallest eigenvalues (negative ones) to 1e-6, by Lanczos and ARPACK, with
+    the same residual reporting as the largest; residual bounds that hold."""
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((150, 150)))
+    spectrum = np.concatenate([[-3.0, -1.5, -0.2], np.linspace(0.01, 1.0, 144), [5.0, 9.0, 20.0]])
+    h = torch.from_numpy(q @ np.diag(spectrum) @ q.T)
+    for method in ("lanczos", "arpack"):
+        op = CountingOperator(150, lambda v: h @ v)
+        low = top_eigenvalues(op, k=3, tol=1e-9, method=method, which="smallest", max_steps=150, ncv=60)
+        np.testing.assert_allclose(low.eigenvalues, [-3.0, -1.5, -0.2], atol=1e-6)
+        assert low.converged and low.hvps == op.products
+        assert np.all(np.abs(low.eigenvalues - [-3.0, -1.5, -0.2]) <= low.residuals + 1e-12)
+    high = top_eigenvalues(CountingOperator(150, lambda v: h @ v), k=2, tol=1e-9, max_steps=150)
+    np.testing.assert_allclose(high.eigenvalues, [20.0, 9.0], atol=1e-6)  # unchanged for the largest
+    with pytest.raises(ValueError, match="largest' or 'smallest"):
+        top_eigenvalues(CountingOperator(150, lambda v: h @ v), which="both")
+
+
+def test_smallest_hessian_eigenvalue_of_a_network_and_the_metric_names(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """The network's dense Hessian is indefinite at random weights: λ_min < 0 found by the metric to 1e-6; the
+    results are ``hessian_top{k}`` (unchanged, so earlier files resume) and ``hessian_bottom{k}``; a probe asking
+    for both ends is refused in one line."""
+    from minima.curvature.probes import parse_probes
+    from minima.files import results
+    from minima.sharpness import main as sharpness_main
+
+    model, ds = _setup()
+    dense = _dense_hessian(model.eval(), ds)
+    exact = np.sort(np.linalg.eigvalsh(dense.numpy()))
+    assert exact[0] < 0
+    low = top_eigenvalues(hessian_operator(_objective(model, ds)), k=2, tol=1e-10, which="smallest")
+    np.testing.assert_allclose(low.eigenvalues, exact[:2], atol=1e-6)
+    ck = toy_checkpoint(tmp_path / "a.pt", 1, toy_dataset())
+    out = tmp_path / "h.h5"
+    assert sharpness_main([str(ck), "--metrics", "hessian", "--topk", "1", "--eig-which", "both", "--eig-tol",
+                           "1e-8", "--dtype", "float64", "--out", str(out)]) == 0
+    rows = {r["metric"]: r for r in results.load_sharpness(out)}
+    assert set(rows) == {"hessian_top1", "hessian_bottom1"}
+    assert rows["hessian_bottom1"]["value"] <= rows["hessian_top1"]["value"]
+    with pytest.raises(SystemExit) as stop:
+        sharpness_main([str(ck), "--metrics", "hessian", "--eig-which", "middle", "--out", str(out)])
+    assert stop.value.code == 2 and "--eig-which: invalid choice: 'middle'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="one end of the spectrum"):
+        parse_probes(["hessian:10:eig_which=both"], 10, "sgd")
+    assert parse_probes(["hessian:10:eig_which=smallest"], 10, "sgd")[0].params == (("eig_which", "smallest"),)

@@ -69,6 +69,9 @@ Amp = Literal["none", "bf16"]
 AlignMethod = Literal["weights", "activations"]
 #: The shape of a trained path: a Bézier curve or a polygonal chain.
 CurveKind = Literal["bezier", "polychain"]
+#: Which end of the spectrum an eigenvalue metric finds: the algebraically largest, the smallest (negative ones
+#: included: saddles, non-convexity), or both.
+EigenWhich = Literal["largest", "smallest", "both"]
 #: Trace estimator: Hutchinson or Hutch++.
 TraceMethod = Literal["hutchinson", "hutchpp"]
 #: The set of worst-case sharpness: an ℓ∞ box or an ℓ2 ellipsoid.

@@ -118,10 +118,15 @@ EIGEN_METHODS: tuple[str, ...] = typing.get_args(EigenMethod)
 def top_eigenvalues(
     op: CountingOperator, k: int = 1, *, tol: float = 1e-3, method: str = "lanczos", max_steps: int | None = None,
     ncv: int | None = None, seed: int = 0, maxiter: int | None = None, return_vectors: bool = False,
-    warm_start: torch.Tensor | None = None,
+    warm_start: torch.Tensor | None = None, which: str = "largest",
 ) -> EigenResult:
     """The ``k`` algebraically largest eigenvalues of the symmetric operator, each with a residual ``r`` such
     that some eigenvalue lies within ``r`` of it; stops once ``r ≤ tol·|λ̂|`` for all k (see the module notes).
+
+    ``which="smallest"``: the ``k`` algebraically smallest instead (ascending; negative ones included — the
+    directions of negative curvature at a saddle). Near zero a relative bound can never be met, so these stop once
+    ``r ≤ tol·max(|λ̂|, ρ)`` with ρ the largest |Ritz value| so far (an estimate of the spectral radius): the
+    absolute error of a small eigenvalue is then bounded by ``tol`` times the scale of the spectrum.
 
     ``warm_start`` (e.g. the top Ritz vector of a nearby operator): the start vector is
     w/‖w‖ + WARM_NOISE·g/‖g‖ with g the seeded Gaussian draw, so that the Krylov space still reaches the other
@@ -138,6 +143,8 @@ def top_eigenvalues(
         raise ValueError(f"unknown eigenvalue method {method!r}; choose one of {list(EIGEN_METHODS)}")
     if tol <= 0:
         raise ValueError(f"tol must be > 0; got {tol}")
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest'; got {which!r}")
     rng = np.random.default_rng(seed)
     start, t0 = op.products, time.perf_counter()
     v0 = _start_vector(rng, n, op.device, "gaussian")
@@ -150,18 +157,20 @@ def top_eigenvalues(
         steps = min(n, max_steps if max_steps is not None else max(4 * k + 20, 40))
         if steps < k:
             raise ValueError(f"max_steps={steps} is smaller than k={k}")
-        vals, residuals, vecs, used, converged = _lanczos(op, k, tol, steps, v0, return_vectors)
+        vals, residuals, vecs, used, converged = _lanczos(op, k, tol, steps, v0, return_vectors, which)
     else:
         used = min(n, ncv if ncv is not None else max(2 * k + 1, k + 8))
         # the same start vector as Lanczos'
-        vals, vecs = eigsh(op, k=k, which="LA", tol=tol, ncv=used, v0=v0.cpu().numpy(), maxiter=maxiter)
-        order = np.argsort(vals)[::-1]
+        vals, vecs = eigsh(op, k=k, which="LA" if which == "largest" else "SA", tol=tol, ncv=used,
+                           v0=v0.cpu().numpy(), maxiter=maxiter)
+        order = np.argsort(vals)[::-1] if which == "largest" else np.argsort(vals)
         vals, vecs = vals[order], vecs[:, order]
         residuals = np.empty(k)
         for j in range(k):
             x = vecs[:, j] / np.linalg.norm(vecs[:, j])
             residuals[j] = np.linalg.norm(op.matvec(x) - vals[j] * x)
-        converged = bool(np.all(residuals <= tol * np.abs(vals)))
+        scale = np.abs(vals) if which == "largest" else np.maximum(np.abs(vals), np.abs(vals).max())
+        converged = bool(np.all(residuals <= tol * scale))
     return EigenResult(eigenvalues=vals, residuals=residuals, hvps=op.products - start,
                        seconds=time.perf_counter() - t0, tol=tol, ncv=used, method=method, converged=converged,
                        eigenvectors=vecs if return_vectors else None)
@@ -199,16 +208,20 @@ def _ritz(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def _lanczos(
     op: CountingOperator, k: int, tol: float, steps: int, v0: torch.Tensor, return_vectors: bool,
+    which: str = "largest",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, bool]:
-    """Top-k Ritz values, their residuals β_m·|s_{m,i}|, Ritz vectors, basis size and whether converged."""
+    """The k Ritz values at ``which`` end (largest first, or smallest first), their residuals β_m·|s_{m,i}|, Ritz
+    vectors, basis size and whether converged."""
     for step in _lanczos_steps(op, v0, steps):
         basis, alphas, betas, beta = step
         theta, s = _ritz(alphas, betas)
-        top = np.argsort(theta)[::-1][:k]
+        top = (np.argsort(theta)[::-1] if which == "largest" else np.argsort(theta))[:k]
         residuals = beta * np.abs(s[-1, top])
+        radius = float(np.abs(theta).max())
+        scale = np.abs(theta[top]) if which == "largest" else np.maximum(np.abs(theta[top]), radius)
         # β ≈ 0: the Krylov space is invariant, its Ritz values are eigenvalues.
-        exhausted = beta <= 1e-12 * max(float(np.abs(theta).max()), 1e-300)
-        converged = (len(top) == k and bool(np.all(residuals <= tol * np.abs(theta[top])))) or exhausted
+        exhausted = beta <= 1e-12 * max(radius, 1e-300)
+        converged = (len(top) == k and bool(np.all(residuals <= tol * scale))) or exhausted
         if converged:
             break
     used = len(theta)
@@ -322,6 +335,17 @@ def slq_density(
     """Ritz nodes and weights of :func:`spectral_density`."""
     r = spectral_density(op, steps=steps, probes=probes, seed=seed)
     return r.nodes, r.weights
+
+
+def negative_mass(nodes: np.ndarray, weights: np.ndarray) -> float:
+    """The share of the spectrum below zero: Σ τ_j over the Ritz nodes θ_j < 0 of a stochastic Lanczos quadrature
+    (the weights of all probes sum to 1), an unbiased estimate of (number of negative eigenvalues)/n up to the
+    quadrature's resolution — how far from convex the loss is at this point (Ghorbani et al. 2019).
+
+    >>> negative_mass(np.array([-1.0, 0.5, 2.0]), np.array([0.25, 0.5, 0.25]))
+    0.25
+    """
+    return float(np.sum(weights[nodes < 0]))
 
 
 def broadened(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, width: float) -> np.ndarray:

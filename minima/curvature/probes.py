@@ -82,8 +82,12 @@ def parse_probes(specs: tuple[str, ...] | list[str], default_every: int, optimiz
             raise ValueError("the preconditioned probe measures Adam's P^-1/2 H P^-1/2; with plain SGD the "
                              "preconditioner is the identity and it is λ_max — use --probe hessian")
         epochs = unit.startswith("epoch")
+        params = _probe_params(name, settings, str(spec))
+        if dict(params).get("eig_which") == "both":
+            raise ValueError(f"probe {spec!r}: a probe measures one end of the spectrum; give eig_which=largest or "
+                             "eig_which=smallest")
         out.append(ProbeSpec(name, period * steps_per_epoch if epochs else period, period if epochs else None,
-                             _probe_params(name, settings, str(spec))))
+                             params))
     names = [p.name for p in out]
     if len(set(names)) != len(names):
         raise ValueError(f"a probe is named twice in {list(specs)}; give each once (NAME:EVERY sets its period)")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from minima.core import distributed
-from minima.core.vocab import L2Step, PacBayesConvention, TraceMethod, WorstNorm, check_choice
+from minima.core.vocab import EigenWhich, L2Step, PacBayesConvention, TraceMethod, WorstNorm, check_choice
 from minima.curvature.alphasharp import AlphaSearch, alpha_sharpness
 from minima.curvature.blocks import flat_index
 from minima.curvature.hessian import (
@@ -33,6 +33,7 @@ from minima.curvature.hessian import (
     hessian_operator,
     hutchinson_trace,
     hutchpp_trace,
+    negative_mass,
     spectral_density,
     top_eigenvalues,
 )
@@ -191,22 +192,36 @@ def _hessian(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str
     # job["warm_start"] (the training probes' option): start from that vector and hand back the new top Ritz vector
     warm = "warm_start" in job
     r = top_eigenvalues(_operator(obj, job), k=job["k"], tol=job["tol"], method=job["method"], seed=seed,
-                        warm_start=job.get("warm_start"), return_vectors=warm)
+                        warm_start=job.get("warm_start"), return_vectors=warm, which=job.get("which", "largest"))
     return {"value": float(r.eigenvalues[0]), "eigenvalues": r.eigenvalues, "residuals": r.residuals,
             "relative_error_bounds": r.relative_error_bounds, "hvps": r.hvps, "seconds": r.seconds,
             "tol": r.tol, "ncv": r.ncv, "method": r.method, "converged": r.converged,
             **({"top_vector": r.eigenvectors[:, 0]} if warm else {})}
 
 
+def _hessian_jobs(p: Mapping[str, Any]) -> list[Job]:
+    """``hessian_top{k}`` (the largest; its job has no ``which``, as before the smallest existed, so earlier results
+    resume) and/or ``hessian_bottom{k}`` (the smallest)."""
+    check_choice("--eig-which", p["eig_which"], EigenWhich)
+    job = {"k": p["topk"], "tol": p["eig_tol"], "method": p["eig_method"]}
+    ends = {"largest": ("largest",), "smallest": ("smallest",), "both": ("largest", "smallest")}[p["eig_which"]]
+    return [(f"hessian_top{p['topk']}", job) if end == "largest" else
+            (f"hessian_bottom{p['topk']}", {**job, "which": "smallest"}) for end in ends]
+
+
 register(Metric(
-    name="hessian", summary="top-k Hessian eigenvalues with residual error bounds (value: λ_max)",
+    name="hessian", summary="top-k Hessian eigenvalues with residual error bounds (value: λ_max; with --eig-which "
+    "smallest or both also the k smallest, value λ_min)",
     params=(
-        Param("topk", int, 5, "number of largest Hessian eigenvalues"),
-        Param("eig_tol", float, 1e-3, "stop once every eigenvalue's residual bound is ≤ this × |eigenvalue|"),
+        Param("topk", int, 5, "number of eigenvalues at each end asked for"),
+        Param("eig_tol", float, 1e-3, "stop once every eigenvalue's residual bound is ≤ this × |eigenvalue| (the "
+              "smallest: × max(|eigenvalue|, the largest |Ritz value|))"),
         Param("eig_method", EigenMethod, "lanczos", "lanczos: full reorthogonalisation, fewest products, stores "
               "its basis; arpack: scipy eigsh, bounded memory"),
+        Param("eig_which", EigenWhich, "largest", "the largest eigenvalues (hessian_topK), the smallest — negative "
+              "ones included: saddles — (hessian_bottomK), or both"),
     ),
-    jobs=lambda p: [(f"hessian_top{p['topk']}", {"k": p["topk"], "tol": p["eig_tol"], "method": p["eig_method"]})],
+    jobs=_hessian_jobs,
     compute=_hessian, uses_hessian=True, blockwise=True,
     cost=lambda job: {"hvp": 10 + 5 * job["k"]},  # Lanczos: ~11–16 for k = 1
     fields=("eigenvalues", "residuals", "relative_error_bounds", "hvps", "seconds", "tol", "ncv", "method",
@@ -251,7 +266,8 @@ def _density(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str
     op = _operator(obj, job)
     r = spectral_density(op, steps=job["steps"], probes=job["probes"], seed=seed)
     return {"value": float(r.nodes.max()), "nodes": r.nodes, "weights": r.weights, "probe": r.probe,
-            "probes": r.probes, "steps": r.steps, "dimension": op.shape[0], "hvps": r.hvps, "seconds": r.seconds}
+            "probes": r.probes, "steps": r.steps, "dimension": op.shape[0], "hvps": r.hvps, "seconds": r.seconds,
+            "smallest": float(r.nodes.min()), "negative_mass": negative_mass(r.nodes, r.weights)}
 
 
 register(Metric(
@@ -264,7 +280,8 @@ register(Metric(
     jobs=lambda p: [(f"density_m{p['density_steps']}_probes{p['density_probes']}",
                      {"steps": p["density_steps"], "probes": p["density_probes"]})],
     compute=_density, uses_hessian=True, blockwise=True, cost=lambda job: {"hvp": job["steps"] * job["probes"]},
-    fields=("nodes", "weights", "probe", "probes", "steps", "dimension", "hvps", "seconds"),
+    fields=("nodes", "weights", "probe", "probes", "steps", "dimension", "hvps", "seconds", "smallest",
+            "negative_mass"),
 ))
 
 
