@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from minima.core import distributed
@@ -30,11 +31,13 @@ from minima.curvature.hessian import (
     EigenMethod,
     block_operator,
     ggn_operator,
+    hessian_diagonal,
     hessian_operator,
     hutchinson_trace,
     hutchpp_trace,
     negative_mass,
     spectral_density,
+    squared_frobenius,
     top_eigenvalues,
 )
 from minima.curvature.measures import RandomSubspace, adaptive_sharpness, average_sharpness, keskar_sharpness
@@ -256,6 +259,70 @@ register(Metric(
     ),
     jobs=_trace_jobs, compute=_trace, uses_hessian=True, blockwise=True,
     cost=lambda job: {"hvp": job["max_probes"]},  # at most
+    fields=("trace", "stderr", "probes", "hvps", "seconds", "converged"),
+))
+
+
+# ------------------------------------------------------------------- diagonal and squared Frobenius norm
+def _tensor_sizes(obj: DatasetObjective, job: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """(parameter name, size) in the order of the operator's coordinates: the model's, or the block's."""
+    named = [(n, p.numel()) for n, p in zip(obj.names, obj.params, strict=True)]
+    if "block_params" not in job:
+        return named
+    sizes = dict(named)
+    return [(n, sizes[n]) for n in job["block_params"]]
+
+
+def _diagonal(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
+              ) -> dict[str, Any]:
+    r = hessian_diagonal(_operator(obj, job), probes=job["probes"], exact_below=job["exact_below"], seed=seed)
+    per_tensor, start = {}, 0
+    for name, size in _tensor_sizes(obj, job):
+        part, err = r.diagonal[start:start + size], r.stderr[start:start + size]
+        per_tensor[name] = {"size": size, "sum": float(part.sum()), "sum_sq": float((part ** 2).sum()),
+                            "sum_stderr": float(np.sqrt((err ** 2).sum()))}
+        start += size
+    return {"value": float((r.diagonal ** 2).sum()), "diagonal": r.diagonal, "stderr": r.stderr,
+            "sum": float(r.diagonal.sum()), "sum_sq": float((r.diagonal ** 2).sum()), "per_tensor": per_tensor,
+            "probes": r.probes, "hvps": r.hvps, "seconds": r.seconds, "exact": r.exact}
+
+
+def _diagonal_jobs(p: Mapping[str, Any]) -> list[Job]:
+    if p["diag_probes"] < 2 or p["diag_exact_below"] < 0:
+        raise ValueError(f"--diag-probes must be ≥ 2 and --diag-exact-below ≥ 0; got {p['diag_probes']}, "
+                         f"{p['diag_exact_below']}")
+    return [(f"diagonal_probes{p['diag_probes']}", {"probes": p["diag_probes"],
+                                                    "exact_below": p["diag_exact_below"]})]
+
+
+register(Metric(
+    name="diagonal", summary="the Hessian diagonal by Hutchinson's estimator (exact on small blocks), its standard "
+    "errors and per-tensor sums (value: Σ diag², the diagonal's squared norm)",
+    params=(
+        Param("diag_probes", int, 100, "Rademacher probes of the diagonal estimator", "products"),
+        Param("diag_exact_below", int, 0, "compute the diagonal exactly (one product per coordinate) for an operator "
+              "(a block, with --blocks) of at most this many parameters; 0: never"),
+    ),
+    jobs=_diagonal_jobs, compute=_diagonal, uses_hessian=True, blockwise=True,
+    cost=lambda job: {"hvp": job["probes"]},  # the exact diagonal of a small block: its size instead
+    fields=("diagonal", "stderr", "sum", "sum_sq", "per_tensor", "probes", "hvps", "seconds", "exact"),
+))
+
+
+def _trace_sq(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
+              ) -> dict[str, Any]:
+    r = squared_frobenius(_operator(obj, job), rtol=job["rtol"], max_probes=job["max_probes"], seed=seed)
+    return {"value": r.trace, **asdict(r)}
+
+
+register(Metric(
+    name="trace_sq", summary="tr(H²) = ‖H‖_F² = Σ λ_i² by Hutchinson on ‖Hz‖², with its standard error",
+    params=(
+        Param("trace_sq_rtol", float, 1e-2, "stop at this relative standard error"),
+        Param("trace_sq_max_probes", int, 100, "most Rademacher probes", "products"),
+    ),
+    jobs=lambda p: [("trace_sq", {"rtol": p["trace_sq_rtol"], "max_probes": p["trace_sq_max_probes"]})],
+    compute=_trace_sq, uses_hessian=True, blockwise=True, cost=lambda job: {"hvp": job["max_probes"]},
     fields=("trace", "stderr", "probes", "hvps", "seconds", "converged"),
 ))
 

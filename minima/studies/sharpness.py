@@ -69,11 +69,12 @@ class MeasureOptions(CheckpointData):
                                "sharpness/)",
                                default_text="<label>[_<label2>…]_sharpness.h5 beside the first checkpoint")
     seed: int = setting(0, "seed of Lanczos start vectors, probes and noise")
-    blocks: str = setting("all", "restrict hessian, trace and density to diagonal Hessian blocks: all (the whole "
-                          "network), layers (each weight with its bias), modules (each module's parameters) or "
+    blocks: str = setting("all", "restrict the curvature metrics (hessian, trace, trace_sq, diagonal, density) to "
+                          "diagonal Hessian blocks: all (the whole network), layers (each weight with its bias), "
+                          "modules (each module's parameters) or "
                           "REGEX[,REGEX…] (each a block of the parameter names it matches); one result per block, "
                           "named <result>@<block>")
-    curvature: Curvature = setting("hessian", "the matrix hessian, trace and density measure: the Hessian, or the "
+    curvature: Curvature = setting("hessian", "the matrix the curvature metrics measure: the Hessian, or the "
                                    "generalised Gauss–Newton matrix Jᵀ H_out J (positive semi-definite; results named "
                                    "<result>_ggn)")
     hvp_cache_gb: float | None = setting(None, "memory for gradient graphs kept between Hessian-vector products "
