@@ -468,3 +468,69 @@ def test_the_diagonal_per_layer_block_is_the_whole_diagonal_in_pieces(tmp_path: 
     parts = np.concatenate([r["diagonal"] for r in sorted(results.load_sharpness(blocks),
                                                           key=lambda r: int(r["block"].split(".")[1]))])
     np.testing.assert_allclose(parts, np.diag(dense.numpy()), rtol=1e-8, atol=1e-12)
+
+
+def _dense_jacobian_and_probs(model: torch.nn.Module, ds: data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """J (N × C × P, the logits' Jacobian in θ) and the softmax probabilities (N × C), in float64."""
+    x = data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64)
+    logits_of, theta = logits_of_flat(model, x)
+    jac = torch.autograd.functional.jacobian(logits_of, theta)
+    return jac, torch.softmax(logits_of(theta), dim=1)
+
+
+def test_fisher_operators_equal_their_dense_definitions() -> None:
+    """Issue 29 item 3: the empirical Fisher is (1/N) Σ g_i g_iᵀ with the data's labels (dense per-sample gradients,
+    to 1e-10, for cross-entropy and MSE); the exact Fisher Σ_c p_ic g_ic g_icᵀ / N equals the GGN (the identity
+    behind the Monte-Carlo Fisher), and the Monte-Carlo Fisher is a fixed PSD matrix per seed whose mean over seeds
+    approaches the GGN."""
+    model, ds = _setup()
+    jac, prob = _dense_jacobian_and_probs(model.eval(), ds)
+    n, c, _ = jac.shape
+    onehot = torch.nn.functional.one_hot(ds.train.labels, c).to(torch.float64)
+    grads = torch.einsum("nc,ncp->np", prob - onehot, jac)  # per-sample gradients of the cross-entropy
+    ef_dense = grads.T @ grads / n
+    exact = sum(torch.einsum("n,np,nq->pq", prob[:, k], g, g) for k in range(c)
+                for g in [torch.einsum("nc,ncp->np", prob - torch.nn.functional.one_hot(
+                    torch.full((n,), k), c).to(torch.float64), jac)]) / n
+    obj = _objective(model, ds)
+    eye = torch.eye(obj.numel, dtype=torch.float64)
+    ggn = torch.stack([obj.ggn_vp(e) for e in eye], dim=1)
+    torch.testing.assert_close(exact, ggn, rtol=1e-10, atol=1e-12)  # exact Fisher = GGN for cross-entropy
+    v = torch.randn(obj.numel, dtype=torch.float64)
+    torch.testing.assert_close(obj.fisher_vp(v, "empirical"), ef_dense @ v, rtol=1e-10, atol=1e-12)
+    # MSE: r = f − y
+    mse = _objective(model, ds, loss="mse")
+    logits_of, theta = logits_of_flat(model, data.normalize(ds.train.images, ds.mean, ds.std, dtype=torch.float64))
+    g_mse = torch.einsum("nc,ncp->np", logits_of(theta) - onehot, jac)
+    torch.testing.assert_close(mse.fisher_vp(v, "empirical"), g_mse.T @ g_mse @ v / n, rtol=1e-10, atol=1e-12)
+    # Monte-Carlo: the same matrix at every product for one seed, PSD, another for another seed, mean → GGN
+    assert torch.equal(obj.fisher_vp(v, "mc", seed=3), obj.fisher_vp(v, "mc", seed=3))
+    assert not torch.equal(obj.fisher_vp(v, "mc", seed=3), obj.fisher_vp(v, "mc", seed=4))
+    assert float(v @ obj.fisher_vp(v, "mc", seed=3)) >= 0
+    mean = sum(obj.fisher_vp(v, "mc", seed=s) for s in range(200)) / 200
+    assert float(torch.linalg.vector_norm(mean - ggn @ v) / torch.linalg.vector_norm(ggn @ v)) < 0.05
+    with pytest.raises(ValueError, match="unknown Fisher kind"):
+        obj.fisher_vp(v, "true")
+
+
+def test_curvature_ef_and_fisher_name_their_results(tmp_path: Path) -> None:
+    """``--curvature ef`` / ``fisher`` make the curvature metrics measure the Fisher matrices: results
+    ``<name>_ef`` / ``<name>_fisher``; λ_max of the empirical Fisher equals the dense one's."""
+    from minima.files import checkpoint as ck
+    from minima.files import results
+    from minima.sharpness import main as sharpness_main
+
+    ds = toy_dataset()
+    path = toy_checkpoint(tmp_path / "a.pt", 1, ds)
+    model, _meta = ck.load_model(path)
+    jac, prob = _dense_jacobian_and_probs(model.double().eval(), ds)
+    grads = torch.einsum("nc,ncp->np", prob - torch.nn.functional.one_hot(ds.train.labels, 3).to(torch.float64), jac)
+    top = float(torch.linalg.eigvalsh(grads.T @ grads / len(grads))[-1])
+    for kind in ("ef", "fisher"):
+        out = tmp_path / f"{kind}.h5"
+        assert sharpness_main([str(path), "--metrics", "hessian", "--topk", "1", "--eig-tol", "1e-9", "--curvature",
+                               kind, "--dtype", "float64", "--out", str(out)]) == 0
+        (row,) = results.load_sharpness(out)
+        assert row["metric"] == f"hessian_top1_{kind}" and row["value"] > 0
+        if kind == "ef":
+            assert row["value"] == pytest.approx(top, rel=1e-7)

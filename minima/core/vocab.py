@@ -80,8 +80,9 @@ WorstNorm = Literal["linf", "l2"]
 L2Step = Literal["invariant", "authors"]
 #: N(0, σ²) as defined, or Dziugaite et al.'s code's N(0, (σ²)²).
 PacBayesConvention = Literal["paper", "authors"]
-#: The curvature operator: the Hessian or the Gauss–Newton matrix (GGN).
-Curvature = Literal["hessian", "ggn"]
+#: The curvature operator: the Hessian, the generalised Gauss–Newton matrix (GGN), the empirical Fisher (``ef``, the
+#: data's labels) or the Monte-Carlo Fisher (``fisher``, labels drawn from the model; its expectation is the GGN).
+Curvature = Literal["hessian", "ggn", "ef", "fisher"]
 #: How a data subset is drawn: stratified by class, or the first images of the split.
 SubsetMode = Literal["stratified", "first"]
 #: The training and evaluation loss.

@@ -83,6 +83,14 @@ def ggn_operator(objective: object) -> CountingOperator:
     return CountingOperator(objective.numel, objective.ggn_vp, objective.vector_device)  # type: ignore[attr-defined]
 
 
+def fisher_operator(objective: object, kind: str = "empirical", seed: int = 0) -> CountingOperator:
+    """The empirical (``kind="empirical"``) or Monte-Carlo (``"mc"``, labels drawn from the model with ``seed``)
+    Fisher matrix of a :class:`minima.curvature.objective.DatasetObjective` (``fisher_vp``)."""
+    return CountingOperator(objective.numel,  # type: ignore[attr-defined]
+                            lambda v: objective.fisher_vp(v, kind, seed),  # type: ignore[attr-defined]
+                            objective.vector_device)  # type: ignore[attr-defined]
+
+
 WARM_NOISE = 0.1  # share of the seeded random draw in a warm-started Lanczos start vector
 
 

@@ -30,6 +30,7 @@ from minima.curvature.hessian import (
     CountingOperator,
     EigenMethod,
     block_operator,
+    fisher_operator,
     ggn_operator,
     hessian_diagonal,
     hessian_operator,
@@ -181,10 +182,13 @@ register(Metric(
 
 
 # --------------------------------------------------------------------------------------- Hessian spectrum
-def _operator(obj: DatasetObjective, job: Mapping[str, Any]) -> CountingOperator:
-    """The Hessian of ``obj`` (or its generalised Gauss–Newton matrix for ``job["curvature"] == "ggn"``), or its
-    diagonal block on the parameters ``job["block_params"]``."""
-    op = ggn_operator(obj) if job.get("curvature", "hessian") == "ggn" else hessian_operator(obj)
+def _operator(obj: DatasetObjective, job: Mapping[str, Any], seed: int = 0) -> CountingOperator:
+    """The Hessian of ``obj`` — or, for ``job["curvature"]``, its generalised Gauss–Newton matrix (``ggn``), empirical
+    Fisher (``ef``) or Monte-Carlo Fisher (``fisher``, labels drawn with ``seed``) — or its diagonal block on the
+    parameters ``job["block_params"]``."""
+    kind = job.get("curvature", "hessian")
+    op = (ggn_operator(obj) if kind == "ggn" else fisher_operator(obj, "empirical") if kind == "ef" else
+          fisher_operator(obj, "mc", seed) if kind == "fisher" else hessian_operator(obj))
     if "block_params" not in job:
         return op
     named = [(n, p.numel()) for n, p in zip(obj.names, obj.params, strict=True)]
@@ -194,7 +198,7 @@ def _operator(obj: DatasetObjective, job: Mapping[str, Any]) -> CountingOperator
 def _hessian(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
     # job["warm_start"] (the training probes' option): start from that vector and hand back the new top Ritz vector
     warm = "warm_start" in job
-    r = top_eigenvalues(_operator(obj, job), k=job["k"], tol=job["tol"], method=job["method"], seed=seed,
+    r = top_eigenvalues(_operator(obj, job, seed), k=job["k"], tol=job["tol"], method=job["method"], seed=seed,
                         warm_start=job.get("warm_start"), return_vectors=warm, which=job.get("which", "largest"))
     return {"value": float(r.eigenvalues[0]), "eigenvalues": r.eigenvalues, "residuals": r.residuals,
             "relative_error_bounds": r.relative_error_bounds, "hvps": r.hvps, "seconds": r.seconds,
@@ -234,7 +238,7 @@ register(Metric(
 
 # ----------------------------------------------------------------------------------------- Hessian trace
 def _trace(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    op = _operator(obj, job)
+    op = _operator(obj, job, seed)
     if job.get("method", "hutchinson") == "hutchpp":
         r = hutchpp_trace(op, products=job["max_probes"], seed=seed)
     else:
@@ -275,7 +279,7 @@ def _tensor_sizes(obj: DatasetObjective, job: Mapping[str, Any]) -> list[tuple[s
 
 def _diagonal(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
               ) -> dict[str, Any]:
-    r = hessian_diagonal(_operator(obj, job), probes=job["probes"], exact_below=job["exact_below"], seed=seed)
+    r = hessian_diagonal(_operator(obj, job, seed), probes=job["probes"], exact_below=job["exact_below"], seed=seed)
     per_tensor, start = {}, 0
     for name, size in _tensor_sizes(obj, job):
         part, err = r.diagonal[start:start + size], r.stderr[start:start + size]
@@ -311,7 +315,7 @@ register(Metric(
 
 def _trace_sq(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
               ) -> dict[str, Any]:
-    r = squared_frobenius(_operator(obj, job), rtol=job["rtol"], max_probes=job["max_probes"], seed=seed)
+    r = squared_frobenius(_operator(obj, job, seed), rtol=job["rtol"], max_probes=job["max_probes"], seed=seed)
     return {"value": r.trace, **asdict(r)}
 
 
@@ -330,7 +334,7 @@ register(Metric(
 # ------------------------------------------------------------------------------------ spectral density
 def _density(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
              ) -> dict[str, Any]:
-    op = _operator(obj, job)
+    op = _operator(obj, job, seed)
     r = spectral_density(op, steps=job["steps"], probes=job["probes"], seed=seed)
     return {"value": float(r.nodes.max()), "nodes": r.nodes, "weights": r.weights, "probe": r.probe,
             "probes": r.probes, "steps": r.steps, "dimension": op.shape[0], "hvps": r.hvps, "seconds": r.seconds,

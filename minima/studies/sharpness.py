@@ -74,9 +74,11 @@ class MeasureOptions(CheckpointData):
                           "modules (each module's parameters) or "
                           "REGEX[,REGEX…] (each a block of the parameter names it matches); one result per block, "
                           "named <result>@<block>")
-    curvature: Curvature = setting("hessian", "the matrix the curvature metrics measure: the Hessian, or the "
-                                   "generalised Gauss–Newton matrix Jᵀ H_out J (positive semi-definite; results named "
-                                   "<result>_ggn)")
+    curvature: Curvature = setting("hessian", "the matrix the curvature metrics measure: the Hessian; ggn, the "
+                                   "generalised Gauss–Newton matrix Jᵀ H_out J; ef, the empirical Fisher (the data's "
+                                   "labels); fisher, the Monte-Carlo Fisher (labels drawn from the model, --seed; its "
+                                   "expectation is the GGN) — the last three positive semi-definite, results named "
+                                   "<result>_<curvature>")
     hvp_cache_gb: float | None = setting(None, "memory for gradient graphs kept between Hessian-vector products "
                                          "at one θ (0 keeps none; the numbers are the same)", unit="GB",
                                          default_text="a quarter of the available memory")
@@ -210,12 +212,13 @@ def _say_shrunk_defaults(req: MeasureOptions, jobs: list[tuple[Metric, str, dict
 
 def block_jobs(jobs: list[tuple[Metric, str, dict[str, Any]]], model: nn.Module, spec: str,
                curvature: str = "hessian") -> list[tuple[Metric, str, dict[str, Any]]]:
-    """``jobs`` with every blockwise metric's job measuring ``curvature`` (``ggn``: result ``<name>_ggn``) and
+    """``jobs`` with every blockwise metric's job measuring ``curvature`` (``ggn``, ``ef``, ``fisher``: result
+    ``<name>_<curvature>``) and
     replaced by one job per block of ``spec`` (result ``<name>@<block>``, the block's label, parameter names and size
     in the job); unchanged for the Hessian of the whole network."""
     check_choice("curvature (--curvature)", curvature, Curvature)
-    if curvature == "ggn":
-        jobs = [(m, f"{name}_ggn", {**job, "curvature": "ggn"}) if m.blockwise else (m, name, job)
+    if curvature != "hessian":
+        jobs = [(m, f"{name}_{curvature}", {**job, "curvature": curvature}) if m.blockwise else (m, name, job)
                 for m, name, job in jobs]
     blocks = parameter_blocks([(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad], spec)
     if not blocks:
