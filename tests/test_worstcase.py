@@ -168,3 +168,45 @@ def test_worst_case_defaults_shrink_to_the_data(tmp_path: Path, capsys: pytest.C
     assert sharpness_main([str(a), "--metrics", "worst_case", "--train-subset", "64", "--worst-m", "32",
                            "--worst-iterations", "2", "--out", str(tmp_path / "w64.h5")]) == 0
     assert "uses 64 of them (batches of 32)" in capsys.readouterr().out
+
+
+def test_the_authors_loop_on_a_linear_loss_follows_their_momentum() -> None:
+    """Issue 29 item 6: on f(w + δ) = f0 + gᵀδ over the ℓ∞ box the authors' iteration x_{k+1} = 0.75·z_{k+1} +
+    0.25·x_{k−1} (z_{k+1} = P(x_k + η·s ⊙ sign g), always the box's corner here) gives x_k = c_k·ρ s ⊙ sign g with
+    c₁ = c₂ = 0.75, c_k = 0.75 + 0.25·c_{k−2}: it approaches the corner without reaching it, while the Auto-PGD
+    paper's iteration (a second projection) sits on it. Their checks after the 0-based iterations 5, 9, 12, 15, 16,
+    18, 19 (N = 20), one later than Auto-PGD's."""
+    from minima.curvature.worstcase import authors_checkpoints, checkpoints
+
+    assert [k for k in authors_checkpoints(20) if k < 20] == [5, 9, 12, 15, 16, 18, 19]
+    assert [k - 1 for k in checkpoints(20) if k > 0] == [4, 8, 11, 14, 15, 17, 18]
+    torch.manual_seed(0)
+    w, g = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+
+    def linear(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        return 1.0 + float(g @ (x - w)), g.clone()
+
+    rho, full = 0.01, 0.01 * float((w.abs() * g.abs()).sum())
+    c = [0.0, 0.75]
+    for _ in range(19):
+        c.append(0.75 + 0.25 * c[-2])
+    theirs = apgd(linear, w, rho, iterations=20, loop="authors")
+    assert theirs.f_best - theirs.f0 == pytest.approx(max(c) * full, rel=1e-12) and max(c) < 1
+    ours = apgd(linear, w, rho, iterations=20, loop="apgd")
+    assert ours.f_best - ours.f0 == pytest.approx(full, rel=1e-12)
+    with pytest.raises(ValueError, match="unknown worst-case loop"):
+        apgd(linear, w, rho, loop="mine")
+
+
+def test_worst_case_results_record_their_loop(tmp_path: Path) -> None:
+    """The authors' loop is the default and keeps the plain result name; the Auto-PGD paper's is ``…_apgd``; every
+    result records its loop."""
+    ds = toy_dataset()
+    a = toy_checkpoint(tmp_path / "a.pt", 1, ds)
+    out = tmp_path / "w.h5"
+    base = [str(a), "--metrics", "worst_case", "--worst-m", "32", "--worst-n", "64", "--worst-iterations", "4",
+            "--out", str(out)]
+    assert sharpness_main(base) == 0 and sharpness_main([*base, "--worst-loop", "apgd"]) == 0
+    rows = {r["metric"]: r for r in results.load_sharpness(out)}
+    assert {name: r["loop"] for name, r in rows.items()} == {
+        "worst_adaptive_linf_rho0.002_m32_n64": "authors", "worst_adaptive_linf_rho0.002_m32_n64_apgd": "apgd"}

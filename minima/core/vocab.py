@@ -78,6 +78,8 @@ TraceMethod = Literal["hutchinson", "hutchpp"]
 WorstNorm = Literal["linf", "l2"]
 #: The ℓ2 ascent step of worst-case sharpness: invariant (scaled coordinates) or the authors'.
 L2Step = Literal["invariant", "authors"]
+#: The iteration of worst-case sharpness: the authors' code's, or the Auto-PGD paper's.
+WorstLoop = Literal["authors", "apgd"]
 #: N(0, σ²) as defined, or Dziugaite et al.'s code's N(0, (σ²)²).
 PacBayesConvention = Literal["paper", "authors"]
 #: The curvature operator: the Hessian, the generalised Gauss–Newton matrix (GGN), the empirical Fisher (``ef``, the

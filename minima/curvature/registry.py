@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from minima.core import distributed
-from minima.core.vocab import EigenWhich, L2Step, PacBayesConvention, TraceMethod, WorstNorm, check_choice
+from minima.core.vocab import (
+    EigenWhich,
+    L2Step,
+    PacBayesConvention,
+    TraceMethod,
+    WorstLoop,
+    WorstNorm,
+    check_choice,
+)
 from minima.curvature.alphasharp import AlphaSearch, alpha_sharpness
 from minima.curvature.blocks import flat_index
 from minima.curvature.hessian import (
@@ -528,7 +536,7 @@ def _worst_case(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[
               ) if distributed.world_size() > 1 else None
     r = worst_case_sharpness([s.value_and_grad for s in subs], x, job["rho"], m=job["m"], n=job["n"],
                              norm=job["norm"], adaptive=job["adaptive"], iterations=job["iterations"],
-                             l2_step=job["l2_step"], reduce=reduce)
+                             l2_step=job["l2_step"], reduce=reduce, loop=job.get("loop", "apgd"))
     return {"value": r.sharpness, **asdict(r), "bn_mode_used": "eval"}
 
 
@@ -561,10 +569,16 @@ def _worst_jobs(p: Mapping[str, Any]) -> list[Job]:
     check_batches(n, m)  # refused with the request, before any work
     kind = ("adaptive_" if p["worst_adaptive"] else "") + p["worst_norm"]
     step = "_authors" if p["worst_norm"] == "l2" and p["worst_l2_step"] == "authors" else ""
+    check_choice("--worst-loop", p["worst_loop"], WorstLoop)
     extra = {"logit_norm": True} if p["worst_logit_norm"] else {}  # absent when off: earlier results still resume
-    return [(f"worst_{kind}{step}{'_lognorm' if extra else ''}_rho{p['worst_rho']:g}_m{p['worst_m']}_n{p['worst_n']}",
+    # the authors' loop (the default) keeps the plain name; results of the Auto-PGD paper's loop end in _apgd. The
+    # loop is in every job, so a result computed before the choice existed (the apgd loop, no "loop") is redone.
+    loop = "_apgd" if p["worst_loop"] == "apgd" else ""
+    return [(f"worst_{kind}{step}{'_lognorm' if extra else ''}_rho{p['worst_rho']:g}_m{p['worst_m']}_n{p['worst_n']}"
+             f"{loop}",
              {"rho": p["worst_rho"], "norm": p["worst_norm"], "adaptive": p["worst_adaptive"], "m": p["worst_m"],
-              "n": p["worst_n"], "iterations": p["worst_iterations"], "l2_step": p["worst_l2_step"], **extra})]
+              "n": p["worst_n"], "iterations": p["worst_iterations"], "l2_step": p["worst_l2_step"], **extra,
+              "loop": p["worst_loop"]})]
 
 
 def _pacbayes_jobs(p: Mapping[str, Any]) -> list[Job]:
@@ -681,13 +695,17 @@ register(Metric(
         Param("worst_iterations", int, 20, "Auto-PGD iterations per batch"),
         Param("worst_l2_step", L2Step, "invariant", "ℓ2 ascent step: normalised in the scaled coordinates "
               "(invariant), or g/‖g‖ ⊙ |w| with a Euclidean projection (the authors' code; not invariant)"),
+        Param("worst_loop", WorstLoop, "authors", "the iteration: the authors' code's (tml-epfl/sharpness-vs-"
+              "generalization, so numbers compare with the paper's tables: momentum 0.75·z + 0.25·x_{k−1}, checks one "
+              "iteration later, halving moves only the gradient's point) or the Auto-PGD paper's (apgd; results end "
+              "in _apgd)"),
         Param("worst_logit_norm", bool, False, "normalise each sample's logits to unit length before the loss "
               "(Andriushchenko et al.'s option: the measure ignores the scale of the last layer)"),
     ),
     jobs=_worst_jobs, compute=_worst_case,
     cost=lambda job: {"grad_image": (job["iterations"] + 1) * job["n"],
                       "apgd_iteration": job["iterations"] * (job["n"] // job["m"])},
-    fields=("sharpness", "stderr", "batches", "m", "n", "rho", "norm", "adaptive", "l2_step", "iterations",
+    fields=("sharpness", "stderr", "batches", "m", "n", "rho", "norm", "adaptive", "l2_step", "iterations", "loop",
             "f0_mean", "f_max_mean", "seconds", "bn_mode_used"),
 ))
 
