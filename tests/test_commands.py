@@ -89,9 +89,9 @@ def test_requests_are_generated_from_the_same_fields() -> None:
 
 def test_unknown_metric_lists_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown metric 'bogus'; choose from \['adaptive', 'alpha_sharpness', "
-                                         r"'average', 'density', "
+                                         r"'average', 'density', 'diagonal', "
                                          r"'gradient_noise', 'hessian', 'keskar', 'norms', 'pacbayes', 'trace', "
-                                         r"'worst_case'\]"):
+                                         r"'trace_sq', 'worst_case'\]"):
         metrics.get_metric("bogus")
     with pytest.raises(ValueError, match="already registered"):
         metrics.register(metrics.REGISTRY["trace"])
@@ -115,9 +115,12 @@ def test_every_registered_metric_returns_its_declared_fields() -> None:
              "worst_logit_norm": False, "norm_measures": (), "norms_init": None, "norms_adjust": True,
              "noise_batch": 16, "pacbayes_measures": (), "pacbayes_init": None, "pacbayes_draws": 3,
              "pacbayes_depth": 4, "pacbayes_drop": 0.1, "pacbayes_convention": "paper", "pacbayes_adjust": True,
-             "alpha_depth": 3, "alpha_steps": 2, "alpha_drop": 0.1}
-    variants = {"trace": [{"trace_method": "hutchpp"}],
-                "worst_case": [{"worst_norm": "l2"}, {"worst_logit_norm": True}]}
+             "alpha_depth": 3, "alpha_steps": 2, "alpha_drop": 0.1, "eig_which": "largest", "worst_loop": "authors",
+             "diag_probes": 4, "diag_exact_below": 0, "trace_sq_rtol": 0.5, "trace_sq_max_probes": 10}
+    variants = {"trace": [{"trace_method": "hutchpp"}], "hessian": [{"eig_which": "both"}],
+                "diagonal": [{"diag_exact_below": 1000}],
+                "worst_case": [{"worst_norm": "l2"}, {"worst_logit_norm": True}, {"worst_loop": "apgd"},
+                               {"worst_norm": "l2", "worst_l2_step": "authors"}]}
     for metric in metrics.REGISTRY.values():
         for change in [{}, *variants.get(metric.name, [])]:
             params = {p.name: {**small, **change}[p.name] for p in metric.params}
