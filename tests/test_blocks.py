@@ -120,6 +120,7 @@ def test_blocks_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "c.h5").exists()
 
 
+@pytest.mark.slow  # kept out of the one-minute fast suite
 def test_per_block_densities_are_drawn_as_small_multiples(tmp_path: Path) -> None:
     from minima.plot import main as plot_main
 

@@ -189,6 +189,7 @@ def test_a_stated_num_classes_is_accepted_when_it_matches_and_refused_otherwise(
         build_model(name, 7, trusted=trusted, **kwargs, num_classes=100)
 
 
+@pytest.mark.slow  # kept out of the one-minute fast suite
 def test_training_a_torchvision_model_with_num_classes_in_its_arguments(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture) -> None:
     from minima.train import main

@@ -54,6 +54,7 @@ def test_wandb_offline_writes_its_run_directory(tmp_path: Path, monkeypatch: pyt
     assert RunDir(run.path).status().state == "complete"
 
 
+@pytest.mark.slow  # kept out of the one-minute fast suite
 def test_mlflow_file_store_reads_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow")
     import mlflow
