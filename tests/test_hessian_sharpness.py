@@ -534,3 +534,30 @@ def test_curvature_ef_and_fisher_name_their_results(tmp_path: Path) -> None:
         assert row["metric"] == f"hessian_top1_{kind}" and row["value"] > 0
         if kind == "ef":
             assert row["value"] == pytest.approx(top, rel=1e-7)
+
+
+def test_keskar_phi_through_the_direct_lbfgsb_driver_equals_scipy_minimize(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29 item 5: φ with scipy's L-BFGS-B routine driven directly (no per-variable Python loops) equals φ with
+    ``scipy.optimize.minimize`` to the last bit — the same iterates, evaluations, iterations and message — on a
+    small network, in the full space and a random subspace, for two ε."""
+    from minima.curvature import lbfgsb, measures
+    from minima.curvature.measures import RandomSubspace, keskar_sharpness
+
+    assert lbfgsb._direct_works()  # the SciPy installed here takes the direct path
+    model, ds = _setup()
+    obj = _objective(model, ds)
+    x = obj.get_flat()
+    runs = {}
+    for driver in ("direct", "minimize"):
+        if driver == "minimize":
+            monkeypatch.setattr(measures, "minimize_box", lambda f, x0, lo, hi, maxiter: lbfgsb._with_minimize(
+                f, x0, lo, hi, maxiter=maxiter, maxfun=15000, maxcor=10, ftol=2.220446049250313e-09, gtol=1e-5,
+                maxls=20))
+        runs[driver] = [keskar_sharpness(obj.value_and_grad, x, eps, subspace=sub, maxiter=10)
+                        for eps in (1e-3, 5e-3) for sub in (None, RandomSubspace(obj.numel, 4, seed=0))]
+    for a, b in zip(runs["direct"], runs["minimize"], strict=True):
+        assert (a.phi, a.f_max, a.function_evals, a.iterations, a.message) == (
+            b.phi, b.f_max, b.function_evals, b.iterations, b.message)
+    assert any(r.iterations > 1 for r in runs["direct"])
+    with pytest.raises(ValueError, match="lower bounds is greater"):
+        lbfgsb.minimize_box(lambda y: (0.0, y), np.zeros(2), np.ones(2), np.zeros(2))

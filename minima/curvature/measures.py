@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import Bounds, minimize
+
+from minima.curvature.lbfgsb import minimize_box
 
 ValueAndGrad = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 
@@ -166,10 +167,9 @@ def keskar_sharpness(
         return -float(f), -pull_back(g).cpu().numpy()
 
     hw = half_width.cpu().numpy()
-    # a Bounds object, not n (lo, hi) pairs: scipy then converts the n bounds element by element in Python once
-    # instead of twice (seconds per call for millions of parameters; the same bounds, the same iterates)
-    res = minimize(negative, np.zeros_like(hw), jac=True, method="L-BFGS-B", bounds=Bounds(-hw, hw),
-                   options={"maxiter": maxiter})
+    # scipy's L-BFGS-B routine driven without scipy's per-variable Python loops (minima.curvature.lbfgsb): the same
+    # iterates as minimize(method="L-BFGS-B"), in a fraction of the time for millions of parameters
+    res = minimize_box(negative, np.zeros_like(hw), -hw, hw, maxiter=maxiter)
     # The best value seen (L-BFGS-B's final iterate is normally it; line searches can overshoot).
     f_max = max(best["f"], -float(res.fun))
     return KeskarResult(
@@ -191,8 +191,7 @@ def keskar_overheads(n: int, device: torch.device | str = "cpu", probe: int = 20
     probe = min(probe, n)
     hw = np.full(probe, 1e-3)
     t0 = time.perf_counter()
-    minimize(lambda y: (0.5 * float(y @ y), y), np.zeros(probe), jac=True, method="L-BFGS-B", bounds=Bounds(-hw, hw),
-             options={"maxiter": 2})
+    minimize_box(lambda y: (0.5 * float(y @ y), y), np.zeros(probe), -hw, hw, maxiter=2)
     lbfgsb = (time.perf_counter() - t0) * n / probe
     width = 4
     t0 = time.perf_counter()
