@@ -48,8 +48,8 @@ def test_c1_pooling_is_keras_same_padding() -> None:
 
 
 def test_build_model_errors_list_choices() -> None:
-    choices = (r"\['c1', 'c2', 'c3', 'c4', 'fc_tanh', 'mlp', 'mobilenet_v2', 'vgg11', 'vgg11_bn', 'wide_resnet', "
-               r"'wrn16_8'\]")
+    choices = (r"\['c1', 'c2', 'c3', 'c4', 'fc_tanh', 'mlp', 'mobilenet_v2', 'nin', 'vgg11', 'vgg11_bn', "
+               r"'wide_resnet', 'wrn16_8'\]")
     with pytest.raises(ValueError, match=rf"unknown model 'resnet'.*{choices}.*torchvision:NAME"):
         models.build_model("resnet")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['depth'\].*valid arguments"):
@@ -121,3 +121,24 @@ def test_fc_tanh_is_cohen_et_al_s_network() -> None:
     with pytest.raises(ValueError, match="unknown activation 'sigmoid'"):
         models.build_model("mlp", activation="sigmoid")
 
+
+
+@pytest.mark.parametrize(("depth", "width"), [(2, 8), (3, 2), (4, 1)])
+def test_nin_is_dziugaites_network(depth: int, width: int) -> None:
+    """Issue 26: the NiN of the generalisation studies — its parameter count in closed form (c = 25·width channels:
+    a first block 3·9·c + c + 2(c² + c) + 3·2c, every further block 9c² + c + 2(c² + c) + 3·2c, the head
+    10c + 10 + 2·10), spatial size halved per block, logits ≥ 0 (its head ends in ReLU before the pooling),
+    BatchNorm after every convolution."""
+    c = 25 * width
+    first = 3 * 9 * c + c + 2 * (c * c + c) + 3 * 2 * c
+    later = 9 * c * c + c + 2 * (c * c + c) + 3 * 2 * c
+    model = models.build_model("nin", depth=depth, width=width).eval()
+    assert models.count_parameters(model) == first + (depth - 1) * later + 10 * c + 10 + 2 * 10
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == len(norms) == 3 * depth + 1
+    assert [m.stride[0] for m in convs] == [2, 1, 1] * depth + [1]
+    with torch.no_grad():
+        features = model.blocks(torch.randn(2, 3, 32, 32))
+        out = model(torch.randn(2, 3, 32, 32))
+    assert features.shape[-1] == -(-32 // 2 ** depth) and out.shape == (2, 10) and bool((out >= 0).all())

@@ -5,6 +5,7 @@ through submitit (its debug executor end to end, a fake ``sbatch`` for the scrip
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -332,3 +333,19 @@ def test_zoo_help_and_a_bad_study_are_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "missing.toml does not exist" in done.stderr
     assert not (ROOT / "runs" / "zoo" / "missing").exists()
+
+
+@pytest.mark.parametrize(("name", "runs", "model"), [("generalisation-quick", 16, "mlp"),
+                                                     ("generalisation-cpu", 162, "mlp"),
+                                                     ("generalisation-paper", 162, "nin")])
+def test_the_generalisation_presets_resolve_whole(tmp_path: Path, name: str, runs: int, model: str) -> None:
+    """Issue 26's quick, cpu and paper presets are complete requests: every run resolves (and builds its model)
+    before anything is trained; the paper preset is Dziugaite et al.'s NiN trained to cross-entropy 0.01."""
+    from minima.models import build_model
+
+    study = load_study(Path(__file__).resolve().parents[1] / "experiments" / "studies" / f"{name}.toml",
+                       tmp_path / "pool")
+    assert len(study.runs) == runs and {r.config.model for r in study.runs} == {model}
+    assert {r.config.target_loss for r in study.runs} == {0.01}
+    for kwargs in {json.dumps(r.config.model_kwargs or {}, sort_keys=True) for r in study.runs}:
+        build_model(model, num_classes=10, **json.loads(kwargs))

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from minima.models.trust import ModelSpecError, check_trusted
-from minima.models.zoo import C1, C2, MLP, VGG11BN, WideResNet, fc_tanh, mobilenet_v2, vgg11, wrn16_8
+from minima.models.zoo import C1, C2, MLP, VGG11BN, NiN, WideResNet, fc_tanh, mobilenet_v2, vgg11, wrn16_8
 
 UNSET: Any = object()  # "num_classes not passed": the model arguments' own num_classes, else 10
 
@@ -55,6 +55,8 @@ REGISTRY: dict[str, ModelInfo] = {info.name: info for info in (
               "initialisation (10,961,370 parameters)"),
     ModelInfo("wide_resnet", WideResNet, (3, 32, 32), 10, True, "WideResNet-d-k (depth = 6n + 4, width k)"),
     ModelInfo("mobilenet_v2", mobilenet_v2, (3, 32, 32), 10, True, "torchvision MobileNetV2, stride-1 stem"),
+    ModelInfo("nin", NiN, (3, 32, 32), 10, True, "Network-in-Network of Jiang et al.'s and Dziugaite et al.'s "
+              "generalisation studies (depth blocks of 25 × width channels; depth 2, width 8: 531,030 parameters)"),
 )}
 TORCHVISION_PREFIX = "torchvision:"
 

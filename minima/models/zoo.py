@@ -265,6 +265,37 @@ def wrn16_8(num_classes: int = 10, dropout: float = 0.0) -> WideResNet:
     return WideResNet(num_classes, depth=16, width=8, dropout=dropout)
 
 
+def _nin_block(inplanes: int, planes: int) -> nn.Sequential:
+    """conv 3×3 stride 2 → BN → ReLU → conv 1×1 → BN → ReLU → conv 1×1 → BN → ReLU (biases kept, as theirs)."""
+    layers: list[nn.Module] = []
+    for k, (cin, kernel, stride) in enumerate(((inplanes, 3, 2), (planes, 1, 1), (planes, 1, 1))):
+        layers += [nn.Conv2d(cin, planes, kernel, stride=stride, padding=1 if k == 0 else 0), nn.BatchNorm2d(planes),
+                   nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class NiN(nn.Module):
+    """The Network-in-Network CNN of Jiang et al. (2020) and Dziugaite et al. (2020)'s generalisation studies:
+    ``depth`` blocks (:func:`_nin_block`: a strided 3×3 convolution, then two 1×1, each with BatchNorm and ReLU) of
+    ``base_width × width`` channels, then a 1×1 convolution to the classes → BatchNorm → ReLU → global average pool.
+    As in nitarshan/robust-generalization-measures the logits pass a ReLU (they are ≥ 0); 25 × 8 channels and depth
+    2 are its defaults."""
+
+    def __init__(self, num_classes: int = 10, depth: int = 2, width: int = 8, base_width: int = 25,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        if depth < 1 or width < 1 or base_width < 1:
+            raise ValueError(f"NiN needs depth, width and base_width ≥ 1; got {depth}, {width}, {base_width}")
+        channels = base_width * width
+        self.blocks = nn.Sequential(*(_nin_block(in_channels if i == 0 else channels, channels) for i in range(depth)))
+        self.head = nn.Sequential(nn.Conv2d(channels, num_classes, 1), nn.BatchNorm2d(num_classes), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits (non-negative: the head ends in a ReLU before the pooling) of a batch of images."""
+        return self.head(self.blocks(x))
+
+
 def mobilenet_v2(num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
     """MobileNetV2 of torchvision adapted to 32×32 inputs: the stem convolution has stride 1 instead of 2
     (otherwise a CIFAR image is 1×1 after the fourth stage). Parameter names and shapes are torchvision's,
