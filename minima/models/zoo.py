@@ -266,7 +266,7 @@ def wrn16_8(num_classes: int = 10, dropout: float = 0.0) -> WideResNet:
 
 
 def _nin_block(inplanes: int, planes: int) -> nn.Sequential:
-    """conv 3×3 stride 2 → BN → ReLU → conv 1×1 → BN → ReLU → conv 1×1 → BN → ReLU (biases kept, as theirs)."""
+    """One NiN block: conv 3×3 stride 2 → BN → ReLU → conv 1×1 → BN → ReLU → conv 1×1 → BN → ReLU (biases kept)."""
     layers: list[nn.Module] = []
     for k, (cin, kernel, stride) in enumerate(((inplanes, 3, 2), (planes, 1, 1), (planes, 1, 1))):
         layers += [nn.Conv2d(cin, planes, kernel, stride=stride, padding=1 if k == 0 else 0), nn.BatchNorm2d(planes),
@@ -276,7 +276,7 @@ def _nin_block(inplanes: int, planes: int) -> nn.Sequential:
 
 class NiN(nn.Module):
     """The Network-in-Network CNN of Jiang et al. (2020) and Dziugaite et al. (2020)'s generalisation studies:
-    ``depth`` blocks (:func:`_nin_block`: a strided 3×3 convolution, then two 1×1, each with BatchNorm and ReLU) of
+    ``depth`` blocks (a strided 3×3 convolution, then two 1×1, each with BatchNorm and ReLU) of
     ``base_width × width`` channels, then a 1×1 convolution to the classes → BatchNorm → ReLU → global average pool.
     As in nitarshan/robust-generalization-measures the logits pass a ReLU (they are ≥ 0); 25 × 8 channels and depth
     2 are its defaults."""
