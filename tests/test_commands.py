@@ -116,9 +116,10 @@ def test_every_registered_metric_returns_its_declared_fields() -> None:
              "noise_batch": 16, "pacbayes_measures": (), "pacbayes_init": None, "pacbayes_draws": 3,
              "pacbayes_depth": 4, "pacbayes_drop": 0.1, "pacbayes_convention": "paper", "pacbayes_adjust": True,
              "alpha_depth": 3, "alpha_steps": 2, "alpha_drop": 0.1, "eig_which": "largest", "worst_loop": "authors",
-             "diag_probes": 4, "diag_exact_below": 0, "trace_sq_rtol": 0.5, "trace_sq_max_probes": 10}
+             "diag_probes": 4, "diag_exact_below": 0, "diag_method": "hutchinson", "trace_sq_rtol": 0.5,
+             "trace_sq_max_probes": 10}
     variants = {"trace": [{"trace_method": "hutchpp"}], "hessian": [{"eig_which": "both"}],
-                "diagonal": [{"diag_exact_below": 1000}],
+                "diagonal": [{"diag_exact_below": 1000}, {"diag_method": "xdiag"}],
                 "worst_case": [{"worst_norm": "l2"}, {"worst_logit_norm": True}, {"worst_loop": "apgd"},
                                {"worst_norm": "l2", "worst_l2_step": "authors"}]}
     for metric in metrics.REGISTRY.values():

@@ -72,6 +72,8 @@ CurveKind = Literal["bezier", "polychain"]
 #: Which end of the spectrum an eigenvalue metric finds: the algebraically largest, the smallest (negative ones
 #: included: saddles, non-convexity), or both.
 EigenWhich = Literal["largest", "smallest", "both"]
+#: Diagonal estimator: Hutchinson's z ⊙ Hz, or XDiag (exchangeable, with a sketch of the top of the spectrum).
+DiagMethod = Literal["hutchinson", "xdiag"]
 #: Trace estimator: Hutchinson or Hutch++.
 TraceMethod = Literal["hutchinson", "hutchpp"]
 #: The set of worst-case sharpness: an ℓ∞ box or an ℓ2 ellipsoid.

@@ -24,6 +24,7 @@ import torch
 
 from minima.core import distributed
 from minima.core.vocab import (
+    DiagMethod,
     EigenWhich,
     L2Step,
     PacBayesConvention,
@@ -48,6 +49,7 @@ from minima.curvature.hessian import (
     spectral_density,
     squared_frobenius,
     top_eigenvalues,
+    xdiag_diagonal,
 )
 from minima.curvature.measures import RandomSubspace, adaptive_sharpness, average_sharpness, keskar_sharpness
 from minima.curvature.objective import DatasetObjective, FixedBatches
@@ -287,7 +289,10 @@ def _tensor_sizes(obj: DatasetObjective, job: Mapping[str, Any]) -> list[tuple[s
 
 def _diagonal(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[str, Any], seed: int
               ) -> dict[str, Any]:
-    r = hessian_diagonal(_operator(obj, job, seed), probes=job["probes"], exact_below=job["exact_below"], seed=seed)
+    op = _operator(obj, job, seed)
+    r = (xdiag_diagonal(op, products=job["probes"], seed=seed)
+         if job.get("method") == "xdiag" and op.shape[0] > job["exact_below"] else
+         hessian_diagonal(op, probes=job["probes"], exact_below=job["exact_below"], seed=seed))
     per_tensor, start = {}, 0
     for name, size in _tensor_sizes(obj, job):
         part, err = r.diagonal[start:start + size], r.stderr[start:start + size]
@@ -300,18 +305,29 @@ def _diagonal(obj: DatasetObjective, x: torch.Tensor, f0: float, job: Mapping[st
 
 
 def _diagonal_jobs(p: Mapping[str, Any]) -> list[Job]:
+    check_choice("--diag-method", p["diag_method"], DiagMethod)
     if p["diag_probes"] < 2 or p["diag_exact_below"] < 0:
         raise ValueError(f"--diag-probes must be ≥ 2 and --diag-exact-below ≥ 0; got {p['diag_probes']}, "
                          f"{p['diag_exact_below']}")
+    if p["diag_method"] == "xdiag":
+        if p["diag_probes"] % 2 or p["diag_probes"] < 4:
+            raise ValueError(f"--diag-method xdiag takes an even --diag-probes ≥ 4 (half sketch, half probes); got "
+                             f"{p['diag_probes']}")
+        return [(f"diagonal_xdiag{p['diag_probes']}", {"probes": p["diag_probes"], "exact_below":
+                                                       p["diag_exact_below"], "method": "xdiag"})]
     return [(f"diagonal_probes{p['diag_probes']}", {"probes": p["diag_probes"],
                                                     "exact_below": p["diag_exact_below"]})]
 
 
 register(Metric(
-    name="diagonal", summary="the Hessian diagonal by Hutchinson's estimator (exact on small blocks), its standard "
-    "errors and per-tensor sums (value: Σ diag², the diagonal's squared norm)",
+    name="diagonal", summary="the Hessian diagonal by Hutchinson's estimator or XDiag (exact on small blocks), its "
+    "standard errors and per-tensor sums (value: Σ diag², the diagonal's squared norm)",
     params=(
-        Param("diag_probes", int, 100, "Rademacher probes of the diagonal estimator", "products"),
+        Param("diag_probes", int, 100, "products of the diagonal estimator (Hutchinson: its Rademacher probes; XDiag: "
+              "half sketch, half probes)", "products"),
+        Param("diag_method", DiagMethod, "hutchinson", "hutchinson (z ⊙ Hz) or xdiag (Epperly, Tropp & Webber 2024: "
+              "exact on a sketch of the top of the spectrum, exchangeable; far smaller error when a few eigenvalues "
+              "dominate)"),
         Param("diag_exact_below", int, 0, "compute the diagonal exactly (one product per coordinate) for an operator "
               "(a block, with --blocks) of at most this many parameters; 0: never"),
     ),
