@@ -120,6 +120,34 @@ def project_l2_bisection(delta: torch.Tensor, s: torch.Tensor, rho: float) -> to
     return out
 
 
+Move = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _moves(w: torch.Tensor, rho: float, norm: str, adaptive: bool, l2_step: str, authors: bool) -> tuple[Move, Move]:
+    """(projection onto the set, ascent direction from a gradient) of both loops, with s = |w| or 1. ℓ∞: the box
+    and s ⊙ sign(g). ℓ2 ``invariant``: the scaled ball and s ⊙ u/‖u‖, u = g ⊙ s. ℓ2 ``authors``: g/‖g‖ ⊙ s with the
+    Euclidean projection — in the authors' loop (``authors``) their g/(‖g‖ + 10⁻¹²) and, on the adaptive ellipsoid,
+    their bisection."""
+    s = w.abs() if adaptive else torch.ones_like(w)
+
+    def project(d: torch.Tensor) -> torch.Tensor:
+        if norm == "linf":
+            return project_linf(d, s, rho)
+        if l2_step == "invariant":
+            return project_l2_scaled(d, s, rho)
+        return project_l2_bisection(d, s, rho) if authors and adaptive else project_l2_euclidean(d, s, rho)
+
+    def step(g: torch.Tensor) -> torch.Tensor:
+        if norm == "linf":
+            return s * torch.sign(g)
+        if l2_step == "invariant":
+            u = g * s
+            return s * u / max(float(u.norm()), 1e-300)
+        return g / ((float(g.norm()) + 1e-12) if authors else max(float(g.norm()), 1e-300)) * s
+
+    return project, step
+
+
 @dataclass(frozen=True)
 class AscentResult:
     """One maximisation: the loss at w, the best loss found, the gradient evaluations used."""
@@ -144,21 +172,7 @@ def apgd(value_and_grad: ValueAndGrad, w: torch.Tensor, rho: float, *, norm: str
         return authors_loop(value_and_grad, w, rho, norm=norm, adaptive=adaptive, iterations=iterations,
                             l2_step=l2_step)
     w = w.to(torch.float64)
-    s = w.abs() if adaptive else torch.ones_like(w)
-
-    def project(d: torch.Tensor) -> torch.Tensor:
-        if norm == "linf":
-            return project_linf(d, s, rho)
-        return project_l2_scaled(d, s, rho) if l2_step == "invariant" else project_l2_euclidean(d, s, rho)
-
-    def step(g: torch.Tensor) -> torch.Tensor:
-        if norm == "linf":
-            return s * torch.sign(g)
-        if l2_step == "invariant":
-            u = g * s
-            return s * u / max(float(u.norm()), 1e-300)
-        return g / max(float(g.norm()), 1e-300) * s
-
+    project, step = _moves(w, rho, norm, adaptive, l2_step, authors=False)
     f0, g = value_and_grad(w)
     eta = 2.0 * rho
     x_prev = x = torch.zeros_like(w)
@@ -194,23 +208,7 @@ def authors_loop(value_and_grad: ValueAndGrad, w: torch.Tensor, rho: float, *, n
     η·g/(‖g‖ + 10⁻¹²) ⊙ s with their projection (``l2_step="authors"``: the sphere, or on the adaptive ellipsoid
     their bisection, :func:`project_l2_bisection`) or ours."""
     w = w.to(torch.float64)
-    s = w.abs() if adaptive else torch.ones_like(w)
-
-    def project(d: torch.Tensor) -> torch.Tensor:
-        if norm == "linf":
-            return project_linf(d, s, rho)
-        if l2_step == "invariant":
-            return project_l2_scaled(d, s, rho)
-        return project_l2_bisection(d, s, rho) if adaptive else project_l2_euclidean(d, s, rho)
-
-    def step(g: torch.Tensor) -> torch.Tensor:
-        if norm == "linf":
-            return s * torch.sign(g)
-        if l2_step == "invariant":
-            u = g * s
-            return s * u / max(float(u.norm()), 1e-300)
-        return g / (float(g.norm()) + 1e-12) * s
-
+    project, step = _moves(w, rho, norm, adaptive, l2_step, authors=True)
     f0, g = value_and_grad(w)
     delta = prev = torch.zeros_like(w)
     best, best_g = f0, g
