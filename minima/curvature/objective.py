@@ -236,31 +236,14 @@ class DatasetObjective:
         MSE), positive semi-definite; equal to the Hessian when the logits are linear in θ. One forward-mode and one
         reverse-mode pass per batch (``torch.func.jvp`` and ``vjp``), in the function f is defined on (BatchNorm mode,
         folding)."""
-        v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64, device=self.device))
-        parts = self.data.sum(lambda i, x, y: self._batch_ggn(x, v), self.params, self.batches)
-        self.evaluations["hvp"] += 1
-        if self.observer is not None:
-            self.observer("hvp")
-        return self._flat(parts)
+        return self._output_vp(vector, self._ggn_weights)
 
-    def _batch_ggn(self, x: torch.Tensor, v: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        buffers = dict(self.model.named_buffers())
-        primals = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
-
-        def logits_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(self.model, (params, buffers), (x,))
-
-        with self._function():
-            logits, jv = jvp(logits_of, (primals,), (dict(zip(self.names, v, strict=True)),))
-            jv = jv.to(torch.float64)
-            if self.loss == "mse":  # ½‖f − y‖²: H_out = I
-                u = jv
-            else:
-                prob = torch.softmax(logits.to(torch.float64), dim=1)
-                u = prob * jv - prob * (prob * jv).sum(dim=1, keepdim=True)  # H_out · (J v), per sample
-            _, pull = vjp(logits_of, primals)
-            (out,) = pull((u / self.count).to(logits.dtype))
-        return tuple(out[n] for n in self.names)
+    def _ggn_weights(self, index: int, y: torch.Tensor, z: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
+        """H_out·(J v) per sample: J v itself for MSE, (diag p − p pᵀ)(J v) for cross-entropy."""
+        if self.loss == "mse":  # ½‖f − y‖²: H_out = I
+            return jv
+        prob = torch.softmax(z, dim=1)
+        return prob * jv - prob * (prob * jv).sum(dim=1, keepdim=True)
 
     def fisher_vp(self, vector: torch.Tensor, kind: str = "empirical", seed: int = 0) -> torch.Tensor:
         """F(θ)·v for a Fisher matrix F = (1/N) Σ_i g_i g_iᵀ, g_i = J_iᵀ r_i the gradient of sample i's loss in θ
@@ -273,38 +256,53 @@ class DatasetObjective:
         g_iᵀv = r_iᵀ(J_i v), then Jᵀ of the weights r_i·(r_iᵀ J_i v)/N."""
         if kind not in ("empirical", "mc"):
             raise ValueError(f"unknown Fisher kind {kind!r}; choose 'empirical' or 'mc'")
+
+        def weights(index: int, y: torch.Tensor, z: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
+            r = self._loss_gradient(index, y, z, kind, seed)
+            return r * (r * jv).sum(dim=1, keepdim=True)  # r_i (r_iᵀ J_i v), per sample
+
+        return self._output_vp(vector, weights)
+
+    def _loss_gradient(self, index: int, y: torch.Tensor, z: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+        """r_i, the gradient of sample i's loss in its logits z_i, at the data's label or (``mc``) one drawn from the
+        model with a generator seeded by (``seed``, rank, batch ``index``)."""
+        draw = (torch.Generator().manual_seed((seed * 1_000_003 + distributed.process_rank()) * 1_000_003 + index)
+                if kind == "mc" else None)
+        if self.loss == "mse":  # ½‖f − y‖²: r = f − y
+            target = (torch.nn.functional.one_hot(y, z.shape[1]).to(z.dtype) if draw is None else
+                      z + torch.randn(z.shape, generator=draw, dtype=torch.float64).to(z.device))
+            return z - target
+        prob = torch.softmax(z, dim=1)
+        labels = y if draw is None else torch.multinomial(prob.cpu(), 1, generator=draw)[:, 0].to(z.device)
+        return prob - torch.nn.functional.one_hot(labels, z.shape[1]).to(z.dtype)
+
+    def _output_vp(self, vector: torch.Tensor,
+                   weights: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(1/N) Σ_i J_iᵀ u_i with u_i = ``weights(batch index, labels, logits, J v)`` per sample (float64): the
+        product of every matrix of the form Jᵀ M J (the GGN, the Fisher matrices), one forward-mode and one
+        reverse-mode pass per batch (``torch.func.jvp`` and ``vjp``) in the function f is defined on (BatchNorm
+        mode, folding); counted as one Hessian-vector product."""
         v = self.split_flat(torch.as_tensor(vector, dtype=torch.float64, device=self.device))
-        parts = self.data.sum(lambda i, x, y: self._batch_fisher(i, x, y, v, kind, seed), self.params, self.batches)
+        tangents = dict(zip(self.names, v, strict=True))
+        buffers = dict(self.model.named_buffers())
+        primals = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
+
+        def batch(index: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            def logits_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+                return functional_call(self.model, (params, buffers), (x,))
+
+            with self._function():
+                logits, jv = jvp(logits_of, (primals,), (tangents,))
+                u = weights(index, y, logits.to(torch.float64), jv.to(torch.float64))
+                _, pull = vjp(logits_of, primals)
+                (out,) = pull((u / self.count).to(logits.dtype))
+            return tuple(out[n] for n in self.names)
+
+        parts = self.data.sum(batch, self.params, self.batches)
         self.evaluations["hvp"] += 1
         if self.observer is not None:
             self.observer("hvp")
         return self._flat(parts)
-
-    def _batch_fisher(self, index: int, x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor], kind: str,
-                      seed: int) -> tuple[torch.Tensor, ...]:
-        buffers = dict(self.model.named_buffers())
-        primals = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
-
-        def logits_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(self.model, (params, buffers), (x,))
-
-        with self._function():
-            logits, jv = jvp(logits_of, (primals,), (dict(zip(self.names, v, strict=True)),))
-            jv, z = jv.to(torch.float64), logits.to(torch.float64)
-            draw = torch.Generator().manual_seed((seed * 1_000_003 + distributed.process_rank()) * 1_000_003 + index)
-            if self.loss == "mse":  # ½‖f − y‖²: r = f − y
-                target = (torch.nn.functional.one_hot(y, z.shape[1]).to(z.dtype) if kind == "empirical" else
-                          z + torch.randn(z.shape, generator=draw, dtype=torch.float64).to(z.device))
-                r = z - target
-            else:
-                prob = torch.softmax(z, dim=1)
-                labels = y if kind == "empirical" else torch.multinomial(prob.cpu(), 1, generator=draw)[:, 0].to(
-                    z.device)
-                r = prob - torch.nn.functional.one_hot(labels, z.shape[1]).to(z.dtype)
-            u = r * (r * jv).sum(dim=1, keepdim=True)  # r_i (r_iᵀ J_i v), per sample
-            _, pull = vjp(logits_of, primals)
-            (out,) = pull((u / self.count).to(logits.dtype))
-        return tuple(out[n] for n in self.names)
 
     def _gradient_graph(self, index: int, x: torch.Tensor, y: torch.Tensor,
                         store: bool) -> tuple[tuple[torch.Tensor, ...], bool]:
