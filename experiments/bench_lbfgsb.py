@@ -46,12 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     direct = measures.minimize_box
-    scipy_path = lambda f, x0, lo, hi, maxiter: lbfgsb._with_minimize(  # noqa: E731
-        f, x0, lo, hi, maxiter=maxiter, maxfun=15000, maxcor=10, ftol=2.220446049250313e-09, gtol=1e-5, maxls=20)
     print(f"[bench_lbfgsb] {obj.numel:,} parameters, {args.train} images, BN batch, ε = 1e-3, 10 iterations; "
           f"direct driver available: {lbfgsb._direct_works()}")
     results, seconds = {}, {}
-    for name, driver in (("minimize", scipy_path), ("direct", direct)):
+    for name, driver in (("minimize", lbfgsb._with_minimize), ("direct", direct)):
         measures.minimize_box = driver
         try:
             best = float("inf")

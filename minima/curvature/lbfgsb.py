@@ -16,6 +16,7 @@ each evaluation moves x to the device and the gradient back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ except ImportError:  # pragma: no cover - every SciPy has them
     DIRECT = False
 
 FunAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
+#: SciPy's L-BFGS-B defaults, which :func:`minimize_box` shares.
+_DEFAULTS = {"maxiter": 15000, "maxfun": 15000, "maxcor": 10, "ftol": 2.220446049250313e-09, "gtol": 1e-5, "maxls": 20}
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,20 @@ class BoxResult:
 
 
 def minimize_box(fun_and_grad: FunAndGrad, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray, *,
-                 maxiter: int = 15000, maxfun: int = 15000, maxcor: int = 10, ftol: float = 2.220446049250313e-09,
-                 gtol: float = 1e-5, maxls: int = 20) -> BoxResult:
+                 maxiter: int = _DEFAULTS["maxiter"], maxfun: int = _DEFAULTS["maxfun"],
+                 maxcor: int = _DEFAULTS["maxcor"], ftol: float = _DEFAULTS["ftol"], gtol: float = _DEFAULTS["gtol"],
+                 maxls: int = _DEFAULTS["maxls"]) -> BoxResult:
     """Minimise ``fun_and_grad`` (x ↦ (f, ∇f), float64) over lower ≤ x ≤ upper from ``x0`` by L-BFGS-B, exactly as
     ``scipy.optimize.minimize(..., method="L-BFGS-B", bounds=Bounds(lower, upper), options=...)`` with the same
     options does (its defaults are these), without its per-variable Python work."""
-    if not _direct_works():
-        return _with_minimize(fun_and_grad, x0, lower, upper, maxiter=maxiter, maxfun=maxfun, maxcor=maxcor,
-                              ftol=ftol, gtol=gtol, maxls=maxls)
+    options = {"maxiter": maxiter, "maxfun": maxfun, "maxcor": maxcor, "ftol": ftol, "gtol": gtol, "maxls": maxls}
+    run = _direct if _direct_works() else _with_minimize
+    return run(fun_and_grad, x0, lower, upper, **options)
+
+
+def _direct(fun_and_grad: FunAndGrad, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray, *, maxiter: int,
+            maxfun: int, maxcor: int, ftol: float, gtol: float, maxls: int) -> BoxResult:
+    """:func:`minimize_box` through the compiled routine itself: ``minimize``'s driver loop, its set-up vectorised."""
     lower = np.asarray(lower, dtype=np.float64)
     upper = np.asarray(upper, dtype=np.float64)
     n = x0.size
@@ -113,28 +122,20 @@ def minimize_box(fun_and_grad: FunAndGrad, x0: np.ndarray, lower: np.ndarray, up
                      message=f"{_STATUS[task[0]]}: {_TASK[task[1]]}", success=task[0] == 4 and not limited)
 
 
-_CHECKED: list[bool] = []
-
-
+@functools.cache
 def _direct_works() -> bool:
     """Whether driving the compiled routine directly gives ``minimize``'s answer, checked once per process on a small
     bounded quadratic (a SciPy whose routine takes other arguments fails here and is left to ``minimize``)."""
-    if not _CHECKED:
-        ok = DIRECT
-        if ok:
-            c = np.array([3.0, -2.0, 0.5, 1.5])
-            problem = (lambda y: (float(0.5 * y @ y - c @ y), y - c), np.zeros(4), -np.ones(4), np.ones(4))
-            try:
-                _CHECKED.append(True)  # let the check itself take the direct path
-                ours = minimize_box(*problem)
-                theirs = _with_minimize(*problem, maxiter=15000, maxfun=15000, maxcor=10,
-                                        ftol=2.220446049250313e-09, gtol=1e-5, maxls=20)
-                ok = bool(np.array_equal(ours.x, theirs.x) and ours.nfev == theirs.nfev and ours.nit == theirs.nit)
-            except (TypeError, ValueError, IndexError):
-                ok = False
-            _CHECKED.clear()
-        _CHECKED.append(ok)
-    return _CHECKED[0]
+    if not DIRECT:
+        return False
+    c = np.array([3.0, -2.0, 0.5, 1.5])
+    problem = (lambda y: (float(0.5 * y @ y - c @ y), y - c), np.zeros(4), -np.ones(4), np.ones(4))
+    try:
+        ours = _direct(*problem, **_DEFAULTS)
+    except (TypeError, ValueError, IndexError):
+        return False
+    theirs = _with_minimize(*problem, **_DEFAULTS)
+    return bool(np.array_equal(ours.x, theirs.x) and ours.nfev == theirs.nfev and ours.nit == theirs.nit)
 
 
 def _evaluate(fun_and_grad: FunAndGrad, x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -145,7 +146,8 @@ def _evaluate(fun_and_grad: FunAndGrad, x: np.ndarray) -> tuple[float, np.ndarra
 
 def _with_minimize(fun_and_grad: FunAndGrad, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray,
                    **options: float) -> BoxResult:
-    """The same minimisation through ``scipy.optimize.minimize`` (where the compiled routine differs)."""
+    """The same minimisation through ``scipy.optimize.minimize`` (where the compiled routine differs); options not
+    given take SciPy's defaults, the same as :data:`_DEFAULTS`."""
     res = minimize(fun_and_grad, x0, jac=True, method="L-BFGS-B", bounds=Bounds(lower, upper), options=options)
     return BoxResult(x=res.x, fun=float(res.fun), nfev=int(res.nfev), nit=int(res.nit), message=str(res.message),
                      success=bool(res.success))
