@@ -346,7 +346,7 @@ def _checkpoint_colours(densities: list[dict]) -> dict[str, str]:
 
 def _draw_densities(ax: Axes, densities: list[dict], width: float, colours: dict[str, str]) -> float:
     """The broadened densities on ``ax`` (log y, both extreme Ritz values dotted and labelled); returns σ."""
-    from minima.curvature.hessian import broadened
+    from minima.curvature.hessian import broadened, negative_mass
 
     lo = min(float(np.min(d["nodes"])) for d in densities)
     hi = max(float(np.max(d["nodes"])) for d in densities)
@@ -356,7 +356,7 @@ def _draw_densities(ax: Axes, densities: list[dict], width: float, colours: dict
     for d in densities:
         dens = broadened(np.asarray(d["nodes"]), np.asarray(d["weights"]), grid, sigma)
         color = colours[str(d["checkpoint_label"])]
-        below = float(np.sum(np.asarray(d["weights"])[np.asarray(d["nodes"]) < 0]))
+        below = negative_mass(np.asarray(d["nodes"]), np.asarray(d["weights"]))
         ax.plot(grid, np.maximum(dens, 1e-12), color=color, lw=1.2,
                 label=f"{d['checkpoint_label']} ({int(d['probes'])} probes × {int(d['steps'])} steps, "
                       f"n = {int(d['dimension']):,}; spectral mass below 0: {100 * below:.2g} %)")
