@@ -113,12 +113,12 @@ def _minima_names() -> dict[str, str]:
     found: dict[str, str] = {}
     for info in pkgutil.walk_packages(minima.__path__, "minima."):
         module = importlib.import_module(info.name)
+        assigned = {**getattr(module, "__annotations__", {}), **_defined(module)}  # parsed once per module
         for name, value in list(vars(module).items()):
             if name.startswith("_"):
                 continue
             home = getattr(value, "__module__", None)
-            defined_here = name in getattr(module, "__annotations__", {}) or name in _defined(module)
-            if home == info.name or (home in (None, "typing") and defined_here):
+            if home == info.name or (home in (None, "typing") and name in assigned):
                 found.setdefault(name, f"{info.name}.{name}")
     return found
 
