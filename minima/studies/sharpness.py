@@ -240,7 +240,9 @@ def recorded(req: MeasureOptions) -> bool:
     if not out.exists() or not all(Path(c).exists() for c in req.checkpoints):
         return False
     have = {(r["checkpoint_label"], r["metric"]) for r in results.load_sharpness(out)}
-    ckpts = [ckpt_io.load_checkpoint(c) for c in req.checkpoints]
+    ckpts = [ckpt_io.load_checkpoint(req.checkpoints[0])]
+    if req.train_subset is None and req.data is None:  # the measured count comes from every checkpoint's record
+        ckpts += [ckpt_io.load_checkpoint(c) for c in req.checkpoints[1:]]
     model = ckpt_io.model_from_checkpoint(ckpts[0], req.trust_import)
     want = {(label, name) for label in unique_labels(req.checkpoints)
             for _, name, _ in block_jobs(result_jobs(req, measured_images(req, ckpts)), model, req.blocks,
